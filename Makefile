@@ -1,0 +1,35 @@
+# softmine: `make demo` and `make test` work on a fresh clone (they run `setup` first).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.setup-stamp
+
+.PHONY: setup demo test lint bench ablation noise clean \
+        reproduce-cub reproduce-cars reproduce-mars reproduce-ilidsvid
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/softmine-train experiment=demo
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff format --check src tests scripts
+
+bench: setup
+	@for b in scripts/bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+reproduce-cub reproduce-cars reproduce-mars reproduce-ilidsvid: setup
+	@echo "$@ needs the dataset under data/ and a GPU; it is added by the 'models and training at paper scale' issue." >&2; exit 2
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache .ruff_cache

@@ -1,0 +1,36 @@
+"""Shared command-line behaviour: user errors become one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from softmine.errors import SoftmineError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_USER_ERROR = 2
+
+
+def debug_enabled() -> bool:
+    """``SOFTMINE_DEBUG=1`` shows full tracebacks instead of one-line errors."""
+    return os.environ.get("SOFTMINE_DEBUG", "").lower() in ("1", "true", "yes")
+
+
+def user_errors_exit(func: F) -> F:
+    """Turn a :class:`SoftmineError` into ``error: <message>`` on stderr and exit code 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except SoftmineError as e:
+            if debug_enabled():
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(EXIT_USER_ERROR)
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,32 @@
+"""Building objects from Hydra configs with errors a user can act on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from softmine.errors import ConfigError, SoftmineError
+
+
+def build(node: DictConfig, what: str, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate(node, **kwargs)``, re-raising our own errors unwrapped.
+
+    Hydra wraps every constructor error; a :class:`SoftmineError` inside is raised
+    as it is, anything else becomes a :class:`ConfigError` naming the config group.
+    """
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause: BaseException | None = e
+        while cause is not None:
+            if isinstance(cause, SoftmineError):
+                raise cause from None
+            cause = cause.__cause__
+        msg = str(e).strip().splitlines()
+        raise ConfigError(
+            f"could not build `{what}` from its config: {' '.join(msg)} "
+            "(set SOFTMINE_DEBUG=1 for the traceback)"
+        ) from e

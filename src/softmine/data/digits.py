@@ -1,0 +1,87 @@
+"""scikit-learn's bundled handwritten digits (1,797 real 8x8 images, 10 classes).
+
+Ships inside scikit-learn, so every command that uses it runs with no download.
+Two protocols:
+
+* ``half``: a fixed, seeded split of each class's images into halves, the first
+  half for training, the second for retrieval testing (same classes).
+* ``zeroshot``: classes 0-4 for training, 5-9 for testing (class-disjoint, the
+  protocol CUB-200-2011 and Cars196 use).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from softmine.errors import ConfigError
+
+PROTOCOLS = ("half", "zeroshot")
+SPLITS = ("train", "test")
+
+
+class Digits(Dataset):
+    """The digits images as (1, 8, 8) float tensors in [0, 1] with integer labels.
+
+    Args:
+        root: unused (the data ship with scikit-learn); kept so every dataset takes it.
+        split: ``train`` or ``test``.
+        protocol: ``half`` or ``zeroshot`` (see module docstring).
+        split_seed: seed of the per-class split in the ``half`` protocol; fixed by
+            default so the test set never changes with the training seed.
+        transform: optional callable applied to each image tensor.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        split: str = "train",
+        protocol: str = "half",
+        split_seed: int = 0,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        from sklearn.datasets import load_digits
+
+        if split not in SPLITS:
+            raise ConfigError(f"digits split must be one of {SPLITS}, got {split!r}")
+        if protocol not in PROTOCOLS:
+            raise ConfigError(f"digits protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        bunch = load_digits()
+        images = bunch.images.astype(np.float32) / 16.0
+        targets = bunch.target.astype(np.int64)
+        if protocol == "half":
+            rng = np.random.default_rng(split_seed)
+            keep = []
+            for c in np.unique(targets):
+                idx = rng.permutation(np.flatnonzero(targets == c))
+                half = (len(idx) + 1) // 2
+                keep.append(idx[:half] if split == "train" else idx[half:])
+            index = np.sort(np.concatenate(keep))
+        else:
+            in_train = targets < 5
+            index = np.flatnonzero(in_train if split == "train" else ~in_train)
+        self.images = torch.from_numpy(images[index]).unsqueeze(1)
+        self.targets = targets[index]
+        self.split, self.protocol, self.transform = split, protocol, transform
+        self.classes = np.unique(self.targets)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Integer label of every sample, shape (n,)."""
+        return self.targets
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x = self.images[i]
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, int(self.targets[i])

@@ -1,0 +1,117 @@
+"""P x K batch sampler: P classes with K samples each in every batch.
+
+Epoch semantics: at the start of epoch ``e`` each class's indices are shuffled
+(with a generator seeded by ``(seed, e)``) and cut into chunks of K (the last
+chunk is completed from the start of the same shuffled list, so every sample is
+seen once per epoch). Batches are then drawn by picking P distinct classes, with
+probability proportional to their remaining chunks, and taking one chunk from
+each, until fewer than P classes have chunks left. The order therefore depends
+only on ``(seed, epoch)``: an epoch can be replayed exactly, and resumed part-way
+with :meth:`PKSampler.set_epoch` (``start_batch``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+from torch.utils.data import Sampler
+
+from softmine.errors import ConfigError
+
+
+class PKSampler(Sampler[list[int]]):
+    """Yields lists of P*K dataset indices: P classes x K samples per class.
+
+    Args:
+        labels: label of every dataset item.
+        num_classes: P, classes per batch.
+        num_samples: K, samples per class in a batch.
+        seed: base seed; epoch ``e`` uses ``(seed, e)``.
+        allow_replacement: let classes with fewer than K items fill their K slots by
+            sampling with replacement; by default such classes are an error.
+        rank, world_size: for distributed training, each rank takes every
+            ``world_size``-th batch, so ranks see disjoint batches of the same epoch.
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[int] | np.ndarray,
+        num_classes: int,
+        num_samples: int,
+        seed: int = 0,
+        allow_replacement: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        labels = np.asarray(labels)
+        if num_classes < 1 or num_samples < 1:
+            raise ConfigError(
+                f"sampler.num_classes (P={num_classes}) and sampler.num_samples "
+                f"(K={num_samples}) must both be >= 1"
+            )
+        if num_samples < 2:
+            raise ConfigError(
+                "sampler.num_samples (K) must be >= 2: with one sample per class a batch "
+                "has no positive pair"
+            )
+        classes, counts = np.unique(labels, return_counts=True)
+        if len(classes) < num_classes:
+            raise ConfigError(
+                f"sampler.num_classes (P={num_classes}) is larger than the {len(classes)} "
+                f"classes in the training set; lower sampler.num_classes"
+            )
+        small = classes[counts < num_samples]
+        if len(small) and not allow_replacement:
+            raise ConfigError(
+                f"{len(small)} of {len(classes)} training classes have fewer than "
+                f"K={num_samples} samples (smallest has {counts.min()}, e.g. class {small[0]}); "
+                f"lower sampler.num_samples or set sampler.allow_replacement=true"
+            )
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"sampler rank {rank} must lie in [0, world_size={world_size})")
+        self.P, self.K = int(num_classes), int(num_samples)
+        self.seed = int(seed)
+        self.allow_replacement = allow_replacement
+        self.rank, self.world_size = rank, world_size
+        self.by_class = [np.flatnonzero(labels == c) for c in classes]
+        self.epoch = 0
+        self.start_batch = 0
+        self._cache: tuple[int, list[list[int]]] | None = None
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Choose the epoch to draw, and skip its first ``start_batch`` batches (for resuming)."""
+        self.epoch = int(epoch)
+        self.start_batch = int(start_batch)
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """All batches of ``epoch`` across every rank, in order (cached per epoch)."""
+        if self._cache is not None and self._cache[0] == epoch:
+            return self._cache[1]
+        rng = np.random.default_rng([self.seed, epoch])
+        queues: list[list[np.ndarray]] = []
+        for idx in self.by_class:
+            perm = rng.permutation(idx)
+            if len(perm) < self.K:
+                perm = np.concatenate([perm, rng.choice(idx, self.K - len(perm), replace=True)])
+            n_chunks = len(perm) // self.K + (len(perm) % self.K > 0)
+            padded = np.resize(perm, n_chunks * self.K)
+            queues.append(list(padded.reshape(n_chunks, self.K)))
+        batches = []
+        remaining = np.array([len(q) for q in queues], dtype=np.float64)
+        while (remaining > 0).sum() >= self.P:
+            chosen = rng.choice(len(queues), self.P, replace=False, p=remaining / remaining.sum())
+            batches.append(np.concatenate([queues[c].pop() for c in chosen]).tolist())
+            remaining[chosen] -= 1
+        self._cache = (epoch, batches)
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self.epoch_batches(self.epoch)
+        mine = batches[self.rank :: self.world_size]
+        n = len(batches) // self.world_size
+        yield from mine[self.start_batch : n]
+        self.start_batch = 0
+
+    def __len__(self) -> int:
+        return len(self.epoch_batches(self.epoch)) // self.world_size - self.start_batch

@@ -1,0 +1,87 @@
+"""``softmine-eval``: evaluate a finished run, a checkpoint, or saved embeddings.
+
+Examples::
+
+    softmine-eval outputs/2026-11-28/12-00-00                # run folder: its last checkpoint
+    softmine-eval outputs/.../checkpoints/last.pt           # a checkpoint file
+    softmine-eval embeddings.npz                             # arrays `embeddings` and `labels`
+
+Prints the metrics as JSON; ``--out FILE`` also writes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from softmine.cli import user_errors_exit
+from softmine.config import build
+from softmine.engine.embed import extract_embeddings
+from softmine.engine.setup import resolve_device
+from softmine.engine.trainer import CHECKPOINT_DIR
+from softmine.errors import SoftmineError
+from softmine.evaluation import retrieval_metrics
+
+
+def _find_checkpoint(path: Path) -> Path:
+    if path.is_dir():
+        ckpt = path / CHECKPOINT_DIR / "last.pt"
+        if not ckpt.exists():
+            raise SoftmineError(f"no checkpoint at {ckpt}; is {path} a softmine run folder?")
+        return ckpt
+    if not path.exists():
+        raise SoftmineError(f"{path} does not exist; give a run folder, a .pt checkpoint or a .npz")
+    return path
+
+
+def evaluate_embeddings_file(path: Path, ks: list[int]) -> dict[str, float]:
+    """Metrics of an ``.npz`` holding ``embeddings`` (n, d) and ``labels`` (n,)."""
+    data = np.load(path)
+    missing = {"embeddings", "labels"} - set(data.files)
+    if missing:
+        raise SoftmineError(f"{path} lacks array(s) {sorted(missing)}; save them with np.savez")
+    return retrieval_metrics(data["embeddings"], data["labels"], ks)
+
+
+def evaluate_checkpoint(path: Path, device: str = "auto") -> dict[str, float]:
+    """Rebuild the model and test split from the checkpoint's config and evaluate it."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if "config" not in state or "model" not in state:
+        raise SoftmineError(f"{path} is not a softmine checkpoint (no 'config'/'model' entries)")
+    cfg = OmegaConf.create(state["config"])
+    dev = resolve_device(device)
+    model = build(cfg.backbone, "backbone")
+    model.load_state_dict(state["model"])
+    model.to(dev)
+    test_set = build(cfg.dataset.test, "dataset.test")
+    emb, labels = extract_embeddings(
+        model, test_set, device=dev, batch_size=int(cfg.trainer.eval_batch_size)
+    )
+    return retrieval_metrics(emb, labels, list(cfg.evaluation.ks))
+
+
+@user_errors_exit
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="softmine-eval", description=__doc__.split("\n")[0])
+    parser.add_argument("path", type=Path, help="run folder, checkpoint (.pt) or embeddings (.npz)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    parser.add_argument("--ks", default="1,2,4,8", help="comma-separated K of Recall@K (npz only)")
+    parser.add_argument("--out", type=Path, help="also write the metrics to this JSON file")
+    args = parser.parse_args(argv)
+    if args.path.suffix == ".npz":
+        metrics = evaluate_embeddings_file(args.path, [int(k) for k in args.ks.split(",")])
+    else:
+        metrics = evaluate_checkpoint(_find_checkpoint(args.path), args.device)
+    text = json.dumps(metrics, indent=2, sort_keys=True)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""``softmine-train``: the Hydra app that trains an embedding and evaluates it by retrieval.
+
+Examples::
+
+    softmine-train                                   # OSM+CAA on digits
+    softmine-train loss=contrastive trainer.epochs=5
+    softmine-train -m loss=osm_caa,contrastive seed=0,1,2   # sweep; writes summary.csv
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from softmine.cli import user_errors_exit
+from softmine.engine import Trainer
+
+CONFIG_DIR = str((Path(__file__).parent / "configs").resolve())
+
+
+@user_errors_exit
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Train and evaluate in the current Hydra run folder; returns the final metrics."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    return Trainer(cfg, run_dir).fit()
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float:
+    metrics = run(cfg)
+    return float(metrics.get("map@r", metrics.get("mAP", 0.0)))
+
+
+if __name__ == "__main__":
+    main()
