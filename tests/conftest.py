@@ -28,3 +28,22 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.Comp
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
+
+def compose(overrides: list[str] | None = None):
+    """The composed training config (as ``softmine-train`` would build it), for in-process tests."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from softmine.train import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=overrides or [])
+
+
+FAST_DIGITS = [
+    "trainer.progress_bar=false",
+    "trainer.tensorboard=false",
+    "sampler.num_classes=5",
+    "sampler.num_samples=4",
+]

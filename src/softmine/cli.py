@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from softmine.errors import SoftmineError
+from softmine.errors import Interrupted, SoftmineError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -21,12 +21,18 @@ def debug_enabled() -> bool:
 
 
 def user_errors_exit(func: F) -> F:
-    """Turn a :class:`SoftmineError` into ``error: <message>`` on stderr and exit code 2."""
+    """Turn a :class:`SoftmineError` into ``error: <message>`` on stderr and exit code 2.
+
+    An :class:`Interrupted` run prints how to resume and exits with 128 + the signal number.
+    """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
+        except Interrupted as e:
+            print(str(e), file=sys.stderr)
+            sys.exit(128 + e.signum)
         except SoftmineError as e:
             if debug_enabled():
                 raise

@@ -15,3 +15,15 @@ class ConfigError(SoftmineError, ValueError):
 
 class DataError(SoftmineError):
     """A dataset that is missing, incomplete or unreadable."""
+
+
+class TrainingError(SoftmineError):
+    """Training cannot go on (a non-finite loss or gradient, say); the last good checkpoint is kept."""
+
+
+class Interrupted(SoftmineError):
+    """The run was stopped by SIGINT/SIGTERM after saving a checkpoint it can resume from."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum

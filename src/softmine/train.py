@@ -9,6 +9,7 @@ Examples::
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import hydra
@@ -24,6 +25,8 @@ CONFIG_DIR = str((Path(__file__).parent / "configs").resolve())
 @user_errors_exit
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train and evaluate in the current Hydra run folder; returns the final metrics."""
+    if cfg.get("debug"):
+        os.environ["SOFTMINE_DEBUG"] = "1"
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     return Trainer(cfg, run_dir).fit()
 

@@ -53,3 +53,25 @@ class SummaryCallback(Callback):
             return
         df.to_csv(sweep_dir / "summary.csv", index=False)
         log.info("wrote %s (%d runs)", sweep_dir / "summary.csv", len(df))
+
+
+class RunFolderCheck(Callback):
+    """Before Hydra creates the run (or sweep) folder, prove it is writable: one line and exit 2 if not."""
+
+    def _check(self, folder: str) -> None:
+        import sys
+
+        from softmine.engine.validate import check_writable
+        from softmine.errors import ConfigError
+
+        try:
+            check_writable(Path(folder))
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.sweep.dir)

@@ -1,7 +1,11 @@
-"""The training loop: P x K batches -> embedding net -> loss -> optimizer, then retrieval evaluation.
+"""The training loop: P x K batches -> embedding net -> loss -> optimizer, then evaluation.
 
 Everything is built from the Hydra config with ``_target_`` instantiation; the
-trainer only wires the pieces together, logs, evaluates and checkpoints.
+trainer wires the pieces together, logs, evaluates, checkpoints and resumes.
+
+Training length: ``trainer.epochs`` passes over the sampler's batches, or, when
+``trainer.max_iters`` is set, exactly that many iterations (epochs then only
+mark where the sampler reshuffles and where ``trainer.eval_every`` counts).
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ import inspect
 import json
 import logging
 import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +26,21 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from softmine.config import build
+from softmine.engine.checkpoint import (
+    BEST,
+    LAST,
+    capture_rng_state,
+    load_checkpoint,
+    load_state_checked,
+    restore_rng_state,
+    save_atomic,
+)
 from softmine.engine.embed import extract_embeddings, raw_inputs
-from softmine.engine.logger import CSVLogger
+from softmine.engine.logger import RunLogger
 from softmine.engine.setup import resolve_device, seed_everything
-from softmine.errors import ConfigError
+from softmine.engine.signals import GracefulInterrupt
+from softmine.engine.validate import validate_config
+from softmine.errors import ConfigError, Interrupted, TrainingError
 from softmine.evaluation import retrieval_metrics
 
 log = logging.getLogger(__name__)
@@ -31,6 +48,26 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
 TRAIN_LOG_FILE = "train_log.csv"
 CHECKPOINT_DIR = "checkpoints"
+LOSS_PIECES = ("l_pos", "l_neg", "ce")
+
+
+@dataclass
+class TrainState:
+    """Where the run is: enough, with the RNG states, to resume it exactly."""
+
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0  # current epoch (0-based)
+    batch: int = 0  # batches of the current epoch already consumed
+    sums: dict[str, float] = field(
+        default_factory=dict
+    )  # running sums of this epoch's logged values
+    batches_in_epoch: int = 0
+    skipped_steps: int = 0  # steps skipped for non-finite values (on_nonfinite=skip)
+    best: float | None = None  # best monitored metric so far
+    metrics: dict[str, float] = field(default_factory=dict)  # latest evaluation
+    baselines: dict[str, dict[str, float]] = field(default_factory=dict)
+    finished: bool = False
+    log_rows: int = 0  # rows in train_log.csv when this state was saved
 
 
 def _loss_kwargs(loss_cfg: DictConfig, num_classes: int, embedding_dim: int) -> dict[str, Any]:
@@ -46,6 +83,8 @@ def _loss_kwargs(loss_cfg: DictConfig, num_classes: int, embedding_dim: int) -> 
 def _check_train_labels(labels: np.ndarray) -> int:
     """Training labels must be 0..C-1 (the classifier's rows); returns C."""
     classes = np.unique(labels)
+    if len(classes) == 0:
+        raise ConfigError("the training set is empty; check dataset.root and the split")
     if classes.min() != 0 or classes.max() != len(classes) - 1:
         raise ConfigError(
             "training labels must be contiguous 0..C-1 "
@@ -55,17 +94,31 @@ def _check_train_labels(labels: np.ndarray) -> int:
     return len(classes)
 
 
+def _pair_weight_means(weights: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Mean mining weight over positive and negative pairs (for logging)."""
+    same = labels[:, None] == labels[None, :]
+    off = ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    pos, neg = same & off, ~same
+    out = {}
+    if pos.any():
+        out["osm_weight_pos"] = float(weights[pos].mean())
+    if neg.any():
+        out["osm_weight_neg"] = float(weights[neg].mean())
+    return out
+
+
 class Trainer:
     """Builds model, loss, optimizer, data and sampler from ``cfg`` and trains in ``run_dir``."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        validate_config(cfg, self.run_dir)
         tcfg = cfg.trainer
-        if int(tcfg.epochs) < 1:
-            raise ConfigError(f"trainer.epochs must be >= 1 (got {tcfg.epochs})")
         self.device = resolve_device(tcfg.device)
-        seed_everything(int(cfg.seed), bool(tcfg.get("deterministic", False)))
+        seed_everything(int(cfg.seed), bool(tcfg.deterministic))
+        self.ckpt_dir = self.run_dir / CHECKPOINT_DIR
+        self._check_run_folder()
 
         self.train_set = build(cfg.dataset.train, "dataset.train")
         self.test_set = build(cfg.dataset.test, "dataset.test")
@@ -73,25 +126,102 @@ class Trainer:
         self.num_classes = _check_train_labels(labels)
 
         self.model = build(cfg.backbone, "backbone").to(self.device)
+        self.channels_last = bool(tcfg.channels_last) and self.device.type == "cuda"
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         emb_dim = int(cfg.backbone.embedding_dim)
         self.loss_fn = build(
             cfg.loss, "loss", **_loss_kwargs(cfg.loss, self.num_classes, emb_dim)
         ).to(self.device)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        params += [p for p in self.loss_fn.parameters() if p.requires_grad]
-        self.optimizer = build(cfg.optimizer, "optimizer")(params)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.params += [p for p in self.loss_fn.parameters() if p.requires_grad]
+        self.optimizer = build(cfg.optimizer, "optimizer")(self.params)
 
         self.sampler = build(cfg.sampler, "sampler", labels=labels, seed=int(cfg.seed))
+        self.batches_per_epoch = len(self.sampler)
+        if self.batches_per_epoch == 0:
+            raise ConfigError(
+                "the sampler produces no batch: the training set is too small for "
+                f"P={self.sampler.P} x K={self.sampler.K}; lower sampler.num_classes or num_samples"
+            )
+        self.total_steps = (
+            int(tcfg.max_iters)
+            if tcfg.max_iters is not None
+            else int(tcfg.epochs) * self.batches_per_epoch
+        )
+        self.scheduler = build(cfg.scheduler, "scheduler")(self.optimizer, self.total_steps)
+        self.loader_generator = torch.Generator()
         self.loader = DataLoader(
             self.train_set,
             batch_sampler=self.sampler,
             num_workers=int(tcfg.num_workers),
             persistent_workers=int(tcfg.num_workers) > 0,
+            pin_memory=self.device.type == "cuda",
+            generator=self.loader_generator,
+        )
+        precision = str(tcfg.precision)
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=precision == "fp16" and self.device.type == "cuda"
         )
         self._loss_details = "return_details" in inspect.signature(self.loss_fn.forward).parameters
-        self.logger = CSVLogger(self.run_dir / TRAIN_LOG_FILE)
-        self.step = 0
+        self.state = TrainState()
+        self.logger = RunLogger(self.run_dir, TRAIN_LOG_FILE, tensorboard=tcfg.tensorboard)
 
+    # ---------------------------------------------------------------- run folder / resume
+    def _check_run_folder(self) -> None:
+        """Never overwrite a finished (or resumable) run unless asked to resume it."""
+        if self.cfg.resume:
+            return
+        taken = [p for p in (self.run_dir / METRICS_FILE, self.ckpt_dir / LAST) if p.exists()]
+        if taken:
+            raise ConfigError(
+                f"the run folder {self.run_dir} already holds a run ({taken[0].name}); "
+                "continue it with resume=true, or pick a new folder with hydra.run.dir=..."
+            )
+
+    def _state_dict(self) -> dict[str, Any]:
+        self.state.log_rows = len(self.logger)
+        return {
+            "format": 1,
+            "model": self.model.state_dict(),
+            "loss": self.loss_fn.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "train_state": asdict(self.state),
+            "rng": capture_rng_state(),
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+        }
+
+    def save_checkpoint(self, name: str = LAST) -> Path:
+        """Write a checkpoint atomically into ``checkpoints/``."""
+        return save_atomic(self._state_dict(), self.ckpt_dir / name)
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore everything :meth:`save_checkpoint` wrote, checking it fits this config."""
+        ckpt = load_checkpoint(path)
+        missing = {"model", "loss", "optimizer", "train_state", "rng"} - set(ckpt)
+        if missing:
+            raise ConfigError(
+                f"{path} is not a softmine training checkpoint (lacks {sorted(missing)})"
+            )
+        load_state_checked(self.model, ckpt["model"], "model", path)
+        load_state_checked(self.loss_fn, ckpt["loss"], "loss (class vectors / classifier)", path)
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise ConfigError(
+                f"checkpoint {path} holds optimizer state for other parameters ({e}); "
+                "resume with the config it was trained with"
+            ) from None
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.state = TrainState(**ckpt["train_state"])
+        restore_rng_state(ckpt["rng"])
+        self.logger.truncate(self.state.log_rows)
+
+    # ---------------------------------------------------------------- evaluation
     def evaluate(self, model: torch.nn.Module | None = None) -> dict[str, float]:
         """Retrieval metrics of ``model`` (default: the trained one) on the test split."""
         emb, labels = extract_embeddings(
@@ -111,92 +241,190 @@ class Trainer:
             "untrained network": self.evaluate(),
         }
 
-    def train_epoch(self, epoch: int) -> dict[str, float]:
-        """One pass over the sampler's batches; returns the epoch's mean loss pieces."""
-        self.model.train()
-        self.loss_fn.train()
-        self.sampler.set_epoch(epoch)
-        sums: dict[str, float] = {}
-        n_batches, n_images, t0 = 0, 0, time.perf_counter()
-        bar = tqdm(
-            self.loader,
-            desc=f"epoch {epoch + 1}/{self.cfg.trainer.epochs}",
-            leave=False,
-            disable=not self.cfg.trainer.progress_bar,
-        )
-        for x, y in bar:
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            emb = self.model(x)
-            if self._loss_details:
-                loss, details = self.loss_fn(emb, y, return_details=True)
-            else:
-                loss, details = self.loss_fn(emb, y), {}
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.step += 1
-            n_batches += 1
-            n_images += len(y)
-            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-            for k in ("l_pos", "l_neg", "ce"):
-                if k in details:
-                    sums[k] = sums.get(k, 0.0) + float(details[k])
-            if "attention" in details:
-                sums["attention"] = sums.get("attention", 0.0) + float(details["attention"].mean())
-            rate = n_images / max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix(loss=f"{float(loss.detach()):.4f}", img_s=f"{rate:.0f}")
-        if n_batches == 0:
-            raise ConfigError(
-                "the sampler produced no batch: the training set is too small for "
-                f"P={self.sampler.P} x K={self.sampler.K}; lower sampler.num_classes or num_samples"
-            )
-        out = {k: v / n_batches for k, v in sums.items()}
-        out["images_per_s"] = n_images / max(time.perf_counter() - t0, 1e-9)
-        return out
+    # ---------------------------------------------------------------- one step
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
-    def save_checkpoint(self, epoch: int) -> Path:
-        """Write ``checkpoints/last.pt`` atomically (temporary file, then rename)."""
-        path = self.run_dir / CHECKPOINT_DIR / "last.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = {
-            "epoch": epoch,
-            "step": self.step,
-            "model": self.model.state_dict(),
-            "loss": self.loss_fn.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "config": OmegaConf.to_container(self.cfg, resolve=True),
-        }
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)
-        return path
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """Forward, backward and optimizer step on one batch; returns the values to log."""
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            emb = self.model(x)
+        if self._loss_details:
+            loss, details = self.loss_fn(emb.float(), y, return_details=True)
+        else:
+            loss, details = self.loss_fn(emb.float(), y), {}
+        values = {"loss": float(loss.detach())}
+        values.update({k: float(details[k]) for k in LOSS_PIECES if k in details})
+        if "attention" in details:
+            values["attention"] = float(details["attention"].float().mean())
+        if "weights" in details:
+            values.update(_pair_weight_means(details["weights"], y))
+        if not np.isfinite(values["loss"]):
+            return self._nonfinite("loss", values)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        clip = self.cfg.trainer.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(self.params, float(clip) if clip else float("inf"))
+        if not torch.isfinite(norm) and not self.scaler.is_enabled():
+            return self._nonfinite("gradient", values)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        values["grad_norm"] = float(norm)
+        return values
+
+    def _nonfinite(self, what: str, values: dict[str, float]) -> dict[str, float]:
+        pieces = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
+        if self.cfg.trainer.on_nonfinite == "skip":
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.skipped_steps += 1
+            log.warning(
+                "non-finite %s at step %d (%s); step skipped", what, self.state.step + 1, pieces
+            )
+            return {}
+        last = self.ckpt_dir / LAST
+        kept = (
+            f"the last good checkpoint is {last}"
+            if last.exists()
+            else "no checkpoint was written yet"
+        )
+        raise TrainingError(
+            f"non-finite {what} at step {self.state.step + 1} ({pieces}); {kept}. "
+            "Lower the learning rate, or set trainer.on_nonfinite=skip to skip such steps"
+        )
+
+    # ---------------------------------------------------------------- the loop
+    def _done(self) -> bool:
+        t = self.cfg.trainer
+        if t.max_iters is not None:
+            return self.state.step >= int(t.max_iters)
+        return self.state.epoch >= int(t.epochs)
+
+    def _end_epoch(self, t_epoch: float) -> None:
+        """Log the epoch's means, evaluate when due, then move to the next epoch."""
+        s, t = self.state, self.cfg.trainer
+        row: dict[str, Any] = {"epoch": s.epoch + 1, "step": s.step}
+        if s.batches_in_epoch:
+            row.update({k: v / s.batches_in_epoch for k, v in s.sums.items()})
+        row["lr"] = self.optimizer.param_groups[0]["lr"]
+        row["epoch_time_s"] = t_epoch
+        s.epoch += 1
+        s.batch, s.sums, s.batches_in_epoch = 0, {}, 0
+        every = int(t.eval_every)
+        if self._done() or (every > 0 and s.epoch % every == 0):
+            s.metrics = self.evaluate()
+            row.update(s.metrics)
+            self._track_best()
+        self.logger.log(row)
+        shown = "".join(f" {k} {v:.4f}" for k, v in s.metrics.items() if k in row)
+        log.info(
+            "epoch %d step %d loss %.4f%s", s.epoch, s.step, row.get("loss", float("nan")), shown
+        )
+
+    def _track_best(self) -> None:
+        t = self.cfg.trainer
+        if not t.save_best:
+            return
+        value = self.state.metrics.get(str(t.monitor))
+        if value is None:
+            raise ConfigError(
+                f"trainer.monitor={t.monitor!r} is not among the metrics {sorted(self.state.metrics)}"
+            )
+        if self.state.best is None or value > self.state.best:
+            self.state.best = value
+            self.save_checkpoint(BEST)
 
     def fit(self) -> dict[str, float]:
-        """Train for ``trainer.epochs`` epochs, evaluate, write metrics.json; returns the metrics."""
-        tcfg = self.cfg.trainer
-        base = self.baselines() if tcfg.baselines else None
-        metrics: dict[str, float] = {}
-        t_start = time.perf_counter()
-        for epoch in range(int(tcfg.epochs)):
-            row: dict[str, Any] = {"epoch": epoch + 1, "step": self.step}
-            row.update(self.train_epoch(epoch))
-            row["step"] = self.step
-            row["lr"] = self.optimizer.param_groups[0]["lr"]
-            last = epoch + 1 == int(tcfg.epochs)
-            every = int(tcfg.eval_every)
-            evaluated = last or (every > 0 and (epoch + 1) % every == 0)
-            if evaluated:
-                metrics = self.evaluate()
-                row.update(metrics)
-            row["elapsed_s"] = time.perf_counter() - t_start
-            self.logger.log(row)
-            shown = "".join(f" {k} {v:.4f}" for k, v in metrics.items()) if evaluated else ""
-            log.info("epoch %d/%d loss %.4f%s", epoch + 1, tcfg.epochs, row["loss"], shown)
-            self.save_checkpoint(epoch + 1)
-        write_metrics(self.run_dir, metrics)
-        if base is not None:
-            print(format_table({**base, "trained embedding": metrics}))
-        return metrics
+        """Train (resuming if asked), evaluate, write metrics.json; returns the final metrics."""
+        t = self.cfg.trainer
+        last = self.ckpt_dir / LAST
+        if self.cfg.resume and last.exists():
+            self.load_checkpoint(last)
+            log.info(
+                "resumed from %s at step %d (epoch %d)", last, self.state.step, self.state.epoch + 1
+            )
+            if self.state.finished and (self.run_dir / METRICS_FILE).exists():
+                log.info("this run had already finished; its metrics are unchanged")
+                return json.loads((self.run_dir / METRICS_FILE).read_text())
+        elif self.cfg.resume:
+            log.info(
+                "resume=true but no checkpoint in %s yet: starting from scratch", self.ckpt_dir
+            )
+        if t.baselines and not self.state.baselines:
+            self.state.baselines = self.baselines()
+
+        every = int(t.checkpoint_every)
+        with GracefulInterrupt() as interrupt:
+            while not self._done():
+                s = self.state
+                self.sampler.set_epoch(s.epoch, start_batch=s.batch)
+                self.loader_generator.manual_seed(int(self.cfg.seed) * 1_000_003 + s.epoch)
+                t0, n_images = time.perf_counter(), 0
+                bar = tqdm(
+                    self.loader,
+                    desc=f"epoch {s.epoch + 1}",
+                    initial=s.batch,
+                    total=self.batches_per_epoch,
+                    leave=False,
+                    disable=not t.progress_bar,
+                )
+                for x, y in bar:
+                    values = self.train_step(x, y)
+                    s.step += 1
+                    s.batch += 1
+                    n_images += len(y)
+                    if values:
+                        s.batches_in_epoch += 1
+                        for k, v in values.items():
+                            s.sums[k] = s.sums.get(k, 0.0) + v
+                        rate = n_images / max(time.perf_counter() - t0, 1e-9)
+                        bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{rate:.0f}")
+                        if int(t.log_every) > 0 and s.step % int(t.log_every) == 0:
+                            self.logger.log({"epoch": s.epoch + 1, "step": s.step, **values})
+                    if self._done():
+                        break
+                    if every > 0 and s.step % every == 0:
+                        self.save_checkpoint()
+                    if interrupt.requested:
+                        self._stop_interrupted(interrupt.signum or 2)
+                bar.close()
+                self._end_epoch(time.perf_counter() - t0)
+                if interrupt.requested and not self._done():
+                    self._stop_interrupted(interrupt.signum or 2)
+
+        if not self.state.metrics:
+            self.state.metrics = self.evaluate()
+        self.state.finished = True
+        self.save_checkpoint()
+        write_metrics(self.run_dir, self.state.metrics)
+        self._report_bad_images()
+        if self.state.baselines:
+            print(format_table({**self.state.baselines, "trained embedding": self.state.metrics}))
+        self.logger.close()
+        return self.state.metrics
+
+    def _stop_interrupted(self, signum: int) -> None:
+        path = self.save_checkpoint()
+        self.logger.close()
+        raise Interrupted(
+            f"interrupted at step {self.state.step}: checkpoint saved to {path}. Resume with the "
+            f"same command plus: resume=true hydra.run.dir={self.run_dir}",
+            signum,
+        )
+
+    def _report_bad_images(self) -> None:
+        bad = getattr(self.train_set, "bad_images", None)
+        if bad:
+            log.warning(
+                "%d unreadable training images were skipped: %s", len(bad), sorted(bad)[:10]
+            )
 
 
 def write_metrics(run_dir: Path, metrics: dict[str, float]) -> Path:
