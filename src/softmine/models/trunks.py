@@ -1,0 +1,156 @@
+"""Feature trunks from torchvision and timm: an ImageNet classifier with its classifier removed."""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from typing import Any
+from urllib.error import URLError
+
+from torch import Tensor, nn
+
+from softmine.errors import ConfigError, DataError
+from softmine.models.normalization import InputNormalize
+
+
+def _check_pretrained(pretrained: object) -> None:
+    if not isinstance(pretrained, bool | str) and pretrained is not None:
+        raise ConfigError(
+            f"backbone.pretrained must be true, false or a weights name (got {pretrained!r})"
+        )
+
+
+def _strip_classifier(model: nn.Module) -> int:
+    """Replace the model's last ``nn.Linear`` (its classifier) by Identity; returns its in_features."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ConfigError(f"{type(model).__name__} has no nn.Linear classifier to remove")
+    name, linear = linears[-1]
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, nn.Identity())
+    return linear.in_features
+
+
+def _drop_aux_heads(model: nn.Module) -> None:
+    """Remove auxiliary classifiers (GoogLeNet ``aux1/aux2``, Inception-v3 ``AuxLogits``).
+
+    With them gone the model returns a plain tensor in training mode too, and DDP
+    sees no parameters without gradients.
+    """
+    if getattr(model, "aux_logits", False):
+        model.aux_logits = False
+        for attr in ("aux1", "aux2", "AuxLogits"):
+            if hasattr(model, attr):
+                setattr(model, attr, None)
+
+
+class TorchvisionTrunk(nn.Module):
+    """Any torchvision classification model by name, with its classifier removed.
+
+    Args:
+        arch: model name in ``torchvision.models.list_models(module=torchvision.models)``,
+            e.g. ``resnet18``, ``resnet50``, ``googlenet``.
+        pretrained: ``True``: the ImageNet weights torchvision recommends (``DEFAULT``);
+            a string: a member of the model's weights enum (e.g. ``IMAGENET1K_V1``);
+            ``False``: random init. Weights are downloaded once into the torch hub cache.
+        **kwargs: passed to the torchvision model constructor.
+
+    ``out_features`` is the input size of the removed classifier (512 for ResNet-18,
+    2048 for ResNet-50, 1024 for GoogLeNet). Inputs are RGB images normalised with the
+    ImageNet mean and std (the backbone configs do that with their ``input_norm``;
+    GoogLeNet with pretrained weights re-maps that input internally itself).
+    """
+
+    def __init__(self, arch: str, pretrained: bool | str = False, **kwargs: Any) -> None:
+        super().__init__()
+        import torchvision.models as tvm
+
+        _check_pretrained(pretrained)
+        names = tvm.list_models(module=tvm)
+        if arch not in names:
+            raise ConfigError(
+                f"unknown torchvision model {arch!r}; choose one of {', '.join(names)}"
+            )
+        weights = None
+        if pretrained:
+            enum = tvm.get_model_weights(arch)
+            key = "DEFAULT" if pretrained is True else str(pretrained)
+            if key not in enum.__members__:
+                raise ConfigError(
+                    f"{arch} has no weights {key!r}; choose true or one of {list(enum.__members__)}"
+                )
+            weights = enum[key]
+        try:
+            with warnings.catch_warnings():
+                # GoogLeNet warns that its default init will change; irrelevant here.
+                warnings.filterwarnings("ignore", category=FutureWarning)
+                model = tvm.get_model(arch, weights=weights, **kwargs)
+        except (URLError, OSError) as e:
+            raise DataError(
+                f"could not download the {arch} weights {weights} ({e}); without internet access "
+                "put the file in the torch hub cache ($TORCH_HOME/hub/checkpoints) or set "
+                "backbone.pretrained=false"
+            ) from e
+        _drop_aux_heads(model)
+        self.out_features = _strip_classifier(model)
+        self.arch, self.weights = arch, None if weights is None else str(weights)
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+
+class TimmTrunk(nn.Module):
+    """Any timm model by name, without classifier (timm is an optional dependency).
+
+    Args:
+        name: a name in ``timm.list_models()``, e.g. ``resnet50``, ``convnext_tiny``,
+            ``vit_small_patch16_224``.
+        pretrained: download the model's default pretrained weights (Hugging Face hub).
+        normalize_input: normalise RGB [0, 1] input with the mean and std of the model's
+            own pretrained config (these differ between timm models), so the backbone
+            config leaves ``input_norm`` empty.
+        **kwargs: passed to ``timm.create_model``.
+
+    ``out_features`` is the size of the pooled features timm returns with ``num_classes=0``.
+    """
+
+    def __init__(
+        self, name: str, pretrained: bool = False, normalize_input: bool = True, **kwargs: Any
+    ) -> None:
+        super().__init__()
+        try:
+            import timm
+        except ImportError as e:
+            raise ConfigError(
+                "backbone=timm needs the optional package timm; install it with "
+                "`pip install 'softmine[timm]'` (or `pip install timm`)"
+            ) from e
+        if not isinstance(pretrained, bool):
+            raise ConfigError(
+                f"backbone.pretrained must be true or false for timm (got {pretrained!r})"
+            )
+        if not timm.is_model(name):
+            close = difflib.get_close_matches(str(name), timm.list_models(), n=8, cutoff=0.6)
+            hint = f"similar names: {', '.join(close)}" if close else "see timm.list_models()"
+            raise ConfigError(f"unknown timm model {name!r}; {hint}")
+        try:
+            model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+        except (URLError, OSError) as e:
+            raise DataError(
+                f"could not download the pretrained weights of timm model {name} ({e}); "
+                "set backbone.pretrained=false or make the Hugging Face hub reachable"
+            ) from e
+        self.out_features = int(getattr(model, "head_hidden_size", None) or model.num_features)
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        self.input_norm: nn.Module = nn.Identity()
+        if normalize_input:
+            self.input_norm = InputNormalize(
+                mean=cfg.get("mean", (0.485, 0.456, 0.406)),
+                std=cfg.get("std", (0.229, 0.224, 0.225)),
+            )
+        self.name = name
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(self.input_norm(x))

@@ -1,0 +1,114 @@
+"""Reading pretrained weights from a file or URL and loading them with clear errors."""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.error import URLError
+
+import torch
+from torch import Tensor, nn
+
+from softmine.errors import DataError
+
+_WRAPPER_KEYS = ("state_dict", "model")
+
+
+def is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
+
+
+def read_state_dict(source: str) -> dict[str, Tensor]:
+    """A state dict from a local file or an ``http(s)://`` URL (cached by torch.hub).
+
+    Checkpoint wrappers (``{"state_dict": ...}`` or ``{"model": ...}``) are unwrapped
+    and a DataParallel ``module.`` prefix is stripped.
+    """
+    source = str(source)
+    try:
+        if is_url(source):
+            obj = torch.hub.load_state_dict_from_url(source, map_location="cpu", progress=True)
+        else:
+            path = Path(source).expanduser()
+            if not path.is_file():
+                raise DataError(
+                    f"pretrained weights file {str(path)!r} does not exist; give an existing "
+                    ".pth file, a URL, or backbone.pretrained=true for the default weights"
+                )
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (URLError, OSError) as e:
+        raise DataError(
+            f"could not fetch pretrained weights from {source} ({e}); without internet access, "
+            "download the file elsewhere and set backbone.pretrained=/path/to/file.pth, "
+            "or train from scratch with backbone.pretrained=false"
+        ) from e
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as e:  # not a checkpoint file
+        raise DataError(f"{source} is not a readable PyTorch weights file ({e})") from e
+    for key in _WRAPPER_KEYS:
+        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise DataError(f"{source} does not hold a state dict (a mapping of names to tensors)")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_matching_state_dict(
+    model: nn.Module,
+    state: Mapping[str, Tensor],
+    *,
+    source: str = "weights",
+    skip_prefixes: tuple[str, ...] = (),
+    new_prefixes: tuple[str, ...] = (),
+) -> None:
+    """Copy ``state`` into ``model``, requiring every key and shape to match.
+
+    Args:
+        skip_prefixes: keys of ``state`` the model does not have on purpose (a dropped
+            classifier, unbuilt modules); ignored.
+        new_prefixes: keys of the model that ``state`` cannot have (new layers); they
+            keep their initialisation.
+
+    BatchNorm ``num_batches_tracked`` counters may be absent (files from old PyTorch),
+    and a tensor stored with extra singleton dimensions, e.g. BatchNorm statistics
+    saved as (1, C) instead of (C,), is reshaped, since its values are the same.
+    Anything else missing, unexpected or mis-shaped raises a :class:`DataError`.
+    """
+    own = model.state_dict()
+    to_load: dict[str, Tensor] = {}
+    unexpected, mismatched = [], []
+    for k, v in state.items():
+        if k.startswith(skip_prefixes):
+            continue
+        if k not in own:
+            unexpected.append(k)
+            continue
+        target = own[k].shape
+        if v.shape != target:
+            if v.numel() == own[k].numel() and v.squeeze().shape == own[k].squeeze().shape:
+                v = v.reshape(target)
+            else:
+                mismatched.append(f"{k}: file {tuple(v.shape)} vs model {tuple(target)}")
+                continue
+        to_load[k] = v
+    missing = [
+        k
+        for k in own
+        if k not in to_load
+        and not k.startswith(new_prefixes)
+        and not k.endswith("num_batches_tracked")
+    ]
+    if unexpected or missing or mismatched:
+        parts = []
+        for what, keys in (
+            ("unexpected", unexpected),
+            ("missing", missing),
+            ("mis-shaped", mismatched),
+        ):
+            if keys:
+                parts.append(f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})")
+        raise DataError(
+            f"the weights in {source} do not fit {type(model).__name__}: {'; '.join(parts)}; "
+            "check that the file holds weights of this architecture"
+        )
+    model.load_state_dict(to_load, strict=False)
