@@ -1,0 +1,208 @@
+"""Check a downloaded dataset: files present, counts equal to the published statistics, images readable.
+
+The logic behind ``scripts/check_data.py DATASET ROOT``. Every dataset is
+loaded with the same classes training uses (so a copy that passes here loads
+there), the counts are compared with :attr:`Source.stats`, and every image
+(or a random sample of them) is decoded.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from softmine.data.cars import Cars196
+from softmine.data.cub import CUB200
+from softmine.data.ilidsvid import ILIDSVID
+from softmine.data.images import BadImageError, read_rgb
+from softmine.data.mars import MARS, read_tracks
+from softmine.data.prid2011 import PRID2011
+from softmine.data.sources import SOURCES
+from softmine.errors import ConfigError, DataError
+
+
+@dataclass
+class Report:
+    """Outcome of a check: one line per finding, each passed or failed."""
+
+    dataset: str
+    root: str
+    lines: list[tuple[bool, str]] = field(default_factory=list)
+
+    def add(self, ok: bool, message: str) -> None:
+        self.lines.append((ok, message))
+
+    @property
+    def ok(self) -> bool:
+        return all(ok for ok, _ in self.lines)
+
+    def render(self) -> str:
+        problems = sum(not ok for ok, _ in self.lines)
+        head = f"{SOURCES[self.dataset].name} at {Path(self.root).resolve()}"
+        body = [f"  [{'ok' if ok else 'FAIL'}] {msg}" for ok, msg in self.lines]
+        tail = "all checks passed" if not problems else f"{problems} problem(s) found"
+        return "\n".join([head, *body, tail])
+
+
+def _compare(report: Report, counts: dict[str, int], expected: dict[str, int]) -> None:
+    for key, value in counts.items():
+        want = expected.get(key)
+        if want is None:
+            report.add(True, f"{key}: {value:,}")
+        elif value == want:
+            report.add(True, f"{key}: {value:,} (published: {want:,})")
+        else:
+            report.add(False, f"{key}: {value:,}, but the published count is {want:,}")
+
+
+def _decode(path: str) -> str | None:
+    try:
+        read_rgb(path)
+    except BadImageError as e:
+        return str(e)
+    return None
+
+
+def check_images(
+    report: Report, paths: Iterable[str], sample: int | None = None, workers: int = 1
+) -> None:
+    """Check every path exists, then decode all (or a seeded random ``sample``) of them."""
+    todo = sorted(set(paths))
+    missing = [p for p in todo if not os.path.isfile(p)]
+    if missing:
+        report.add(
+            False, f"{len(missing):,} of {len(todo):,} image files missing, e.g. {missing[0]}"
+        )
+        absent = set(missing)
+        todo = [p for p in todo if p not in absent]
+    else:
+        report.add(True, f"all {len(todo):,} image files present")
+    total = len(todo)
+    if sample is not None and sample < total:
+        todo = sorted(random.Random(0).sample(todo, sample))
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            errors = [e for e in pool.map(_decode, todo, chunksize=256) if e]
+    else:
+        errors = [e for e in map(_decode, todo) if e]
+    scope = f"{len(todo):,} randomly chosen of {total:,}" if len(todo) < total else f"all {total:,}"
+    if not errors:
+        report.add(True, f"{scope} present images decode")
+        return
+    report.add(False, f"{len(errors):,} of {scope} present images do not decode:")
+    for e in errors[:10]:
+        report.add(False, f"  {e}")
+    if len(errors) > 10:
+        report.add(False, f"  ... and {len(errors) - 10:,} more")
+
+
+Counts = dict[str, int]
+
+
+def _image_set(
+    cls: type[CUB200] | type[Cars196], root: str, report: Report
+) -> tuple[Counts, list[str]]:
+    # skip: missing images are counted below (check_images) instead of stopping here
+    train, test = (cls(root, split, on_bad_image="skip") for split in ("train", "test"))
+    if isinstance(train, Cars196):
+        report.add(True, f"distribution: {train.layout}")
+    cls(root, "train", crop=True, on_bad_image="skip")
+    report.add(True, "index files and bounding boxes present and consistent")
+    counts = {
+        "images": len(train) + len(test),
+        "classes": train.num_classes + test.num_classes,
+        "train_images": len(train),
+        "test_images": len(test),
+    }
+    listed = [p for p, _ in train.samples + test.samples]
+    return counts, listed + sorted(train.bad_images | test.bad_images)
+
+
+def _frames(*sets: MARS | ILIDSVID | PRID2011) -> list[str]:
+    return [f for s in sets for frames, _, _ in s.tracklets for f in frames]
+
+
+def _mars(root: str, report: Report) -> tuple[Counts, list[str]]:
+    train, query = MARS(root, "train"), MARS(root, "query")
+    gallery = MARS(root, "gallery")
+    torchreid = MARS(root, "gallery", gallery_includes_query=False)
+    train_names, _ = read_tracks(Path(root), "train")
+    test_names, test_info = read_tracks(Path(root), "test")
+    report.add(True, "info/ files present and consistent with each other")
+    counts = {
+        "train_frames": len(train_names),
+        "test_frames": len(test_names),
+        "train_tracklets": len(train),
+        "train_identities": train.num_classes,
+        "test_tracklets": len(test_info),
+        "query_tracklets": len(query),
+        "gallery_tracklets": len(gallery),
+        "gallery_tracklets_without_query": len(torchreid),
+    }
+    frames = [
+        str(Path(root) / f"bbox_{part}" / n[:4] / n)
+        for part, names in (("train", train_names), ("test", test_names))
+        for n in names
+    ]
+    return counts, frames
+
+
+def _people_splits(
+    cls: type[ILIDSVID] | type[PRID2011], root: str, report: Report
+) -> tuple[Counts, list[str]]:
+    train = cls(root, "train", split_id=0)
+    query, gallery = cls(root, "query", split_id=0), cls(root, "gallery", split_id=0)
+    n_splits = 1
+    while True:
+        try:
+            cls(root, "query", split_id=n_splits)
+        except ConfigError:
+            break
+        n_splits += 1
+    report.add(True, f"sequence folders and split file present; all {n_splits} splits load")
+    counts = {
+        "identities": train.num_classes + query.num_classes,
+        "tracklets": len(train) + len(query) + len(gallery),
+        "splits": n_splits,
+        "train_identities": train.num_classes,
+        "test_identities": query.num_classes,
+    }
+    return counts, _frames(train, query, gallery)
+
+
+CHECKS: dict[str, Callable[[str, Report], tuple[Counts, list[str]]]] = {
+    "cub": lambda root, r: _image_set(CUB200, root, r),
+    "cars196": lambda root, r: _image_set(Cars196, root, r),
+    "mars": _mars,
+    "ilidsvid": lambda root, r: _people_splits(ILIDSVID, root, r),
+    "prid2011": lambda root, r: _people_splits(PRID2011, root, r),
+}
+
+
+def check(
+    dataset: str,
+    root: str | Path,
+    expected: dict[str, int] | None = None,
+    sample: int | None = None,
+    workers: int = 1,
+) -> Report:
+    """Check the copy of ``dataset`` (a config name: cub, cars196, mars, ilidsvid, prid2011) at ``root``.
+
+    ``expected`` replaces the published counts (for fake copies in tests);
+    ``sample`` decodes only that many randomly chosen images.
+    """
+    if dataset not in CHECKS:
+        raise ConfigError(f"unknown dataset {dataset!r}; choose one of {sorted(CHECKS)}")
+    report = Report(dataset, str(root))
+    try:
+        counts, paths = CHECKS[dataset](str(root), report)
+    except DataError as e:
+        report.add(False, str(e))
+        return report
+    _compare(report, counts, SOURCES[dataset].stats if expected is None else expected)
+    check_images(report, paths, sample, workers)
+    return report

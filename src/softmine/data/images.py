@@ -1,0 +1,189 @@
+"""Image reading shared by the real datasets, and the base class of the image sets (CUB, Cars).
+
+Images are decoded with Pillow to RGB. An unreadable file is a
+:class:`BadImageError` (a :class:`~softmine.errors.DataError`) that names the
+file. What a dataset does about it is its ``on_bad_image`` policy:
+
+* ``error`` (default): raise, naming the file;
+* ``skip``: use the next readable image of the same class instead (cyclically,
+  in dataset order), so a P x K batch keeps its label structure; the path is
+  added to the dataset's ``bad_images`` set and logged once. Files missing at
+  construction are dropped up front under ``skip`` (and also recorded).
+  ``bad_images`` lives in the process that loads the images: with DataLoader
+  workers each worker keeps its own set, the warning in the log is the record.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from softmine.data.sources import Source, missing_files
+from softmine.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+BAD_IMAGE_POLICIES = ("error", "skip")
+IMAGE_SPLITS = ("train", "test")
+
+Box = tuple[float, float, float, float]
+
+
+class BadImageError(DataError):
+    """An image file that is missing or cannot be decoded; the message names the file."""
+
+
+def read_rgb(path: str, box: Box | None = None) -> Image.Image:
+    """Decode ``path`` to an RGB image, cropped to ``box`` = (left, top, right, bottom) if given.
+
+    The box is in Pillow's convention (0-based, right/bottom exclusive); it is
+    rounded outwards and clipped to the image, and ignored if nothing is left.
+    """
+    try:
+        with Image.open(path) as im:
+            img = im.convert("RGB")
+    except FileNotFoundError as e:
+        raise BadImageError(f"image file {path} does not exist") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadImageError(
+            f"cannot decode image {path} ({e}); re-download or re-extract it, or set "
+            "dataset.on_bad_image=skip to use another image of the same class instead"
+        ) from e
+    if box is not None:
+        w, h = img.size
+        left, top = max(0, math.floor(box[0])), max(0, math.floor(box[1]))
+        right, bottom = min(w, math.ceil(box[2])), min(h, math.ceil(box[3]))
+        if right > left and bottom > top:
+            img = img.crop((left, top, right, bottom))
+    return img
+
+
+def check_policy(on_bad_image: str) -> str:
+    if on_bad_image not in BAD_IMAGE_POLICIES:
+        raise ConfigError(
+            f"dataset.on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}"
+        )
+    return on_bad_image
+
+
+def check_split(source: Source, split: str, allowed: Sequence[str]) -> str:
+    if split not in allowed:
+        raise ConfigError(f"{source.name} split must be one of {tuple(allowed)}, got {split!r}")
+    return split
+
+
+class ImageDataset(Dataset):
+    """Labelled image files with an optional crop box each; the shared half of CUB200 and Cars196.
+
+    Subclasses parse their index files, then call :meth:`_setup` with
+    ``(path, class_id)`` pairs. Labels are the class ids remapped to ``0..C-1`` in
+    ascending class-id order, so ``labels`` is contiguous in every split (what the
+    trainer needs); ``classes[label]`` gives the published class id back.
+
+    Attributes:
+        samples: ``(image path, label)`` per item, in the dataset's published order.
+        labels: int64 array of the labels, shape (n,).
+        classes: published class ids (1-based) of labels ``0..C-1``.
+        class_names: published class names of labels ``0..C-1``.
+        boxes: Pillow crop box per item, or None when not cropping.
+        bad_images: paths skipped under ``on_bad_image=skip`` (in this process).
+    """
+
+    source: ClassVar[Source]
+
+    def __init__(self, transform: Callable[[Any], Any] | None, on_bad_image: str) -> None:
+        self.transform = transform
+        self.on_bad_image = check_policy(on_bad_image)
+        self.bad_images: set[str] = set()
+
+    def _setup(
+        self,
+        items: Sequence[tuple[str, int]],
+        boxes: Sequence[Box] | None,
+        class_names: dict[int, str],
+        listed_in: str,
+    ) -> None:
+        """Check the files exist, drop or reject missing ones, remap class ids to 0..C-1."""
+        missing = [i for i, (p, _) in enumerate(items) if not os.path.isfile(p)]
+        if missing and self.on_bad_image == "error":
+            raise missing_files(self.source, [items[i][0] for i in missing], listed_in)
+        if missing:
+            log.warning(
+                "%s: skipping %d missing image file(s), e.g. %s",
+                self.source.name,
+                len(missing),
+                items[missing[0]][0],
+            )
+            self.bad_images.update(items[i][0] for i in missing)
+            keep = sorted(set(range(len(items))) - set(missing))
+            items = [items[i] for i in keep]
+            boxes = None if boxes is None else [boxes[i] for i in keep]
+        if not items:
+            raise DataError(f"{self.source.name}: the {self.split} split has no images")
+        class_ids = np.array([c for _, c in items], dtype=np.int64)
+        self.classes = np.unique(class_ids)
+        self.class_names = [class_names.get(int(c), str(c)) for c in self.classes]
+        labels = np.searchsorted(self.classes, class_ids)
+        self.samples = [(p, int(y)) for (p, _), y in zip(items, labels, strict=True)]
+        self.boxes = None if boxes is None else list(boxes)
+        self._labels = labels
+        order = np.argsort(labels, kind="stable")
+        self._class_members = np.split(order, np.cumsum(np.bincount(labels))[:-1])
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Integer label of every sample, shape (n,), contiguous 0..C-1."""
+        return self._labels
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, i: int) -> Image.Image:
+        """The (cropped) RGB image of item ``i``; raises BadImageError naming the file."""
+        box = None if self.boxes is None else self.boxes[i]
+        return read_rgb(self.samples[i][0], box)
+
+    def _load_or_substitute(self, i: int) -> Image.Image:
+        try:
+            return self.load(i)
+        except BadImageError:
+            if self.on_bad_image == "error":
+                raise
+            self._record_bad(i)
+        members = self._class_members[self.samples[i][1]]
+        start = int(np.searchsorted(members, i))
+        for j in np.roll(members, -start - 1)[:-1]:
+            if self.samples[int(j)][0] in self.bad_images:
+                continue
+            try:
+                return self.load(int(j))
+            except BadImageError:
+                self._record_bad(int(j))
+        raise DataError(
+            f"{self.source.name}: no readable image left in class "
+            f"{self.classes[self.samples[i][1]]} ({len(members)} files, e.g. {self.samples[i][0]})"
+        )
+
+    def _record_bad(self, i: int) -> None:
+        path = self.samples[i][0]
+        if path not in self.bad_images:
+            self.bad_images.add(path)
+            log.warning("%s: skipping unreadable image %s", self.source.name, path)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        """(image, label): a Pillow RGB image, or whatever ``transform`` makes of it."""
+        img = self._load_or_substitute(i)
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.samples[i][1]

@@ -1,0 +1,268 @@
+"""Where each real dataset is published, how it must be laid out, and its published statistics.
+
+Every loader checks its files through :func:`require`, so a missing or
+incomplete download always fails with one :class:`~softmine.errors.DataError`
+sentence that names the missing file, where it was looked for, the expected
+layout and where the set is published.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from softmine.errors import DataError
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a user needs to know to obtain one dataset and unpack it correctly.
+
+    Attributes:
+        name: the dataset's published name.
+        config: its ``dataset=`` config name.
+        folder: the default ``dataset.root`` (relative to the launch directory).
+        url: where the publisher distributes it.
+        layout: the expected files under ``dataset.root``, in one line.
+        stats: the published counts that :mod:`softmine.data.check` compares against.
+    """
+
+    name: str
+    config: str
+    folder: str
+    url: str
+    layout: str
+    stats: dict[str, int] = field(default_factory=dict)
+
+    def where(self) -> str:
+        """The end of every data error: expected layout and where the set is published."""
+        return (
+            f"Expected layout: dataset.root (default {self.folder}, relative to the "
+            f"directory the command is launched from) holds {self.layout}. "
+            f"{self.name} is published at {self.url}; unpack it unchanged so that "
+            f"dataset.root holds those files. "
+            f"Check a copy with `python scripts/check_data.py {self.config} ROOT`."
+        )
+
+
+CUB = Source(
+    name="CUB-200-2011",
+    config="cub",
+    folder="data/CUB_200_2011",
+    url="https://www.vision.caltech.edu/datasets/cub_200_2011/ (CUB_200_2011.tgz)",
+    layout=(
+        "images/NNN.Class_Name/*.jpg, images.txt, image_class_labels.txt, classes.txt, "
+        "train_test_split.txt, bounding_boxes.txt"
+    ),
+    stats={"images": 11788, "classes": 200, "train_images": 5864, "test_images": 5924},
+)
+
+CARS = Source(
+    name="Cars196 (Stanford Cars)",
+    config="cars196",
+    folder="data/cars196",
+    url=(
+        "http://ai.stanford.edu/~jkrause/cars/car_dataset.html (car_ims.tgz + cars_annos.mat, "
+        "or cars_train.tgz + cars_test.tgz + car_devkit.tgz + cars_test_annos_withlabels.mat)"
+    ),
+    layout=(
+        "either car_ims/000001.jpg... and cars_annos.mat, or cars_train/*.jpg, cars_test/*.jpg, "
+        "devkit/cars_train_annos.mat, devkit/cars_meta.mat and "
+        "cars_test_annos_withlabels.mat (at the root or in devkit/)"
+    ),
+    stats={"images": 16185, "classes": 196, "train_images": 8054, "test_images": 8131},
+)
+
+MARS_SOURCE = Source(
+    name="MARS",
+    config="mars",
+    folder="data/mars",
+    url=(
+        "https://zheng-lab-anu.github.io/Project/project_mars.html (bbox_train.zip, "
+        "bbox_test.zip) with the info/ folder of https://github.com/liangzheng06/MARS-evaluation"
+    ),
+    layout=(
+        "bbox_train/PPPP/PPPPCcTttttFfff.jpg, bbox_test/PPPP/..., info/train_name.txt, "
+        "info/test_name.txt, info/tracks_train_info.mat, info/tracks_test_info.mat, "
+        "info/query_IDX.mat"
+    ),
+    stats={
+        "train_frames": 509914,
+        "test_frames": 681089,
+        "train_tracklets": 8298,
+        "train_identities": 625,
+        "test_tracklets": 12180,
+        "query_tracklets": 1980,
+        "gallery_tracklets": 11310,
+        "gallery_tracklets_without_query": 9330,
+    },
+)
+
+ILIDSVID_SOURCE = Source(
+    name="iLIDS-VID",
+    config="ilidsvid",
+    folder="data/ilids-vid",
+    url=(
+        "https://xiatian-zhu.github.io/downloads_qmul_iLIDS-VID_ReID_dataset.html (iLIDS-VID.tar)"
+    ),
+    layout=(
+        "i-LIDS-VID/sequences/cam1/personNNN/cam1_personNNN_FFFFF.png, "
+        "i-LIDS-VID/sequences/cam2/personNNN/..., "
+        "train-test people splits/train_test_splits_ilidsvid.mat"
+    ),
+    stats={
+        "identities": 300,
+        "tracklets": 600,
+        "splits": 10,
+        "train_identities": 150,
+        "test_identities": 150,
+    },
+)
+
+PRID_SOURCE = Source(
+    name="PRID2011",
+    config="prid2011",
+    folder="data/prid2011",
+    url=(
+        "https://www.tugraz.at/institute/icg/research/team-bischof/lrs/downloads/PRID11/ "
+        "(prid_2011.zip); the split file train_test_splits_prid.mat ships in the "
+        "'train-test people splits' folder of iLIDS-VID.tar"
+    ),
+    layout=(
+        "prid_2011/multi_shot/cam_a/person_NNNN/NNNN.png, "
+        "prid_2011/multi_shot/cam_b/person_NNNN/NNNN.png, and train_test_splits_prid.mat "
+        "(at the root, in 'train-test people splits/', or in "
+        "../ilids-vid/train-test people splits/)"
+    ),
+    stats={
+        "identities": 178,
+        "tracklets": 356,
+        "splits": 10,
+        "train_identities": 89,
+        "test_identities": 89,
+    },
+)
+
+SOURCES: dict[str, Source] = {
+    s.config: s for s in (CUB, CARS, MARS_SOURCE, ILIDSVID_SOURCE, PRID_SOURCE)
+}
+
+
+def check_root(source: Source, root: str | Path) -> Path:
+    """``root`` as a Path; a DataError if the folder does not exist."""
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise DataError(
+            f"{source.name}: dataset folder {path.resolve()} does not exist "
+            f"(dataset.root={root}). {source.where()}"
+        )
+    return path
+
+
+def require(source: Source, path: Path, what: str = "file") -> Path:
+    """``path`` if it exists; otherwise a DataError naming it and the expected layout."""
+    exists = path.is_dir() if what == "folder" else path.is_file()
+    if not exists:
+        raise DataError(
+            f"{source.name}: missing {what} '{path.name}' (looked for {path.resolve()}). "
+            f"{source.where()}"
+        )
+    return path
+
+
+def require_any(source: Source, candidates: Sequence[Path], what: str = "file") -> Path:
+    """The first existing path of ``candidates``; otherwise a DataError listing all of them."""
+    for path in candidates:
+        if path.is_file():
+            return path
+    looked = ", ".join(str(p.resolve()) for p in candidates)
+    raise DataError(
+        f"{source.name}: missing {what} '{candidates[0].name}' (looked for {looked}). "
+        f"{source.where()}"
+    )
+
+
+def missing_files(source: Source, paths: Sequence[str], listed_in: str) -> DataError:
+    """The error for files that an index lists but that are not on disk."""
+    return DataError(
+        f"{source.name}: {len(paths)} file(s) listed in {listed_in} are missing, "
+        f"e.g. {paths[0]}; the download or extraction is incomplete. {source.where()}"
+    )
+
+
+def read_lines(source: Source, path: Path) -> list[str]:
+    """Non-empty, stripped lines of a required text file."""
+    require(source, path)
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def read_table(source: Source, path: Path, columns: int) -> list[list[str]]:
+    """Whitespace-separated rows with exactly ``columns`` fields (the last one may not split)."""
+    rows = []
+    for n, line in enumerate(read_lines(source, path), start=1):
+        row = line.split(maxsplit=columns - 1)
+        if len(row) != columns:
+            raise DataError(
+                f"{source.name}: {path} line {n} has {len(row)} field(s), expected {columns}: "
+                f"{line!r}; the file is damaged. {source.where()}"
+            )
+        rows.append(row)
+    return rows
+
+
+def load_mat(source: Source, path: Path, variables: Sequence[str]) -> dict[str, Any]:
+    """The named variables of a required MATLAB .mat file (scipy.io.loadmat)."""
+    from scipy.io import loadmat
+
+    require(source, path)
+    try:
+        mat = loadmat(str(path))
+    except Exception as e:  # scipy raises several types for damaged files
+        raise DataError(
+            f"{source.name}: cannot read {path} as a MATLAB .mat file ({e}); "
+            f"re-download it. {source.where()}"
+        ) from e
+    absent = [v for v in variables if v not in mat]
+    if absent:
+        present = sorted(k for k in mat if not k.startswith("__"))
+        raise DataError(
+            f"{source.name}: {path} has no variable(s) {absent} (it has {present}); "
+            f"it is not the published file. {source.where()}"
+        )
+    return {v: mat[v] for v in variables}
+
+
+def mat_struct_field(source: Source, path: Path, array: np.ndarray, name: str) -> list[Any]:
+    """Field ``name`` of every element of a MATLAB struct array, unwrapped to scalars/strings."""
+    if array.dtype.names is None or name not in array.dtype.names:
+        fields = array.dtype.names or ()
+        raise DataError(
+            f"{source.name}: the struct array in {path} has no field '{name}' "
+            f"(fields: {list(fields)}); it is not the published file. {source.where()}"
+        )
+    return [mat_value(v) for v in array[name].ravel()]
+
+
+def mat_value(value: Any) -> Any:
+    """A MATLAB cell/scalar as loadmat returns it (nested 1x1 arrays) -> a Python scalar or str."""
+    while isinstance(value, np.ndarray):
+        if value.dtype.kind == "U":
+            return str(value.item()) if value.size == 1 else "".join(value.ravel().tolist())
+        if value.size != 1:
+            return value
+        value = value.item() if value.dtype != object else value.ravel()[0]
+    return value.item() if isinstance(value, np.generic) else value
+
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that orders embedded numbers numerically (frame 9 before frame 10)."""
+    return tuple(int(t) if t.isdigit() else t for t in _DIGITS.split(name))

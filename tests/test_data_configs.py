@@ -1,0 +1,244 @@
+"""The dataset configs build working datasets; check_data.py; the CLI's data error."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from torch.utils.data import DataLoader
+
+from softmine.config import build
+from softmine.data import PKSampler
+from softmine.data.check import check
+from softmine.data.fakes import BUILDERS
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = str(REPO / "configs")
+MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+
+
+def _cfg(*overrides: str):
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+@pytest.fixture(scope="module")
+def fakes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("data")
+    folders = {
+        "cub": "CUB_200_2011",
+        "cars196": "cars196",
+        "mars": "mars",
+        "ilidsvid": "ilids-vid",
+        "prid2011": "prid2011",
+    }
+    return {name: BUILDERS[name](base / folder) for name, folder in folders.items()}
+
+
+@pytest.mark.parametrize(
+    ("name", "root"),
+    [
+        ("cub", "data/CUB_200_2011"),
+        ("cars196", "data/cars196"),
+        ("mars", "data/mars"),
+        ("ilidsvid", "data/ilids-vid"),
+        ("prid2011", "data/prid2011"),
+    ],
+)
+def test_default_roots(name: str, root: str) -> None:
+    assert _cfg(f"dataset={name}").dataset.root == root
+
+
+@pytest.mark.parametrize("name", ["cub", "cars196"])
+def test_image_configs_build_normalised_224_crops(fakes: dict[str, Path], name: str) -> None:
+    cfg = _cfg(f"dataset={name}", f"dataset.root={fakes[name]}")
+    train, test = build(cfg.dataset.train, "train"), build(cfg.dataset.test, "test")
+    x, y = train[0]
+    assert x.shape == (3, 224, 224) and x.dtype == torch.float32 and y == 0
+    t, _ = test[0]
+    assert t.shape == (3, 224, 224)
+    # test transform: resize + centre crop of the fake gradient, normalised with ImageNet stats
+    raw = t * STD[:, None, None] + MEAN[:, None, None]
+    assert raw.min() >= -1e-4 and raw.max() <= 1 + 1e-4
+    big = build(
+        _cfg(
+            f"dataset={name}", f"dataset.root={fakes[name]}", "dataset.transform.crop_size=227"
+        ).dataset.test,
+        "test",
+    )
+    assert big[0][0].shape == (3, 227, 227)
+
+
+def test_image_config_trains_through_a_pk_loader(fakes: dict[str, Path]) -> None:
+    cfg = _cfg("dataset=cub", f"dataset.root={fakes['cub']}", "dataset.crop=true")
+    train = build(cfg.dataset.train, "train")
+    sampler = PKSampler(train.labels, num_classes=2, num_samples=3, seed=0)
+    x, y = next(iter(DataLoader(train, batch_sampler=sampler)))
+    assert x.shape == (6, 3, 224, 224) and sorted(y.tolist()) == [0, 0, 0, 1, 1, 1]
+
+
+@pytest.mark.parametrize("name", ["mars", "ilidsvid", "prid2011"])
+def test_video_configs_build_train_query_gallery(fakes: dict[str, Path], name: str) -> None:
+    cfg = _cfg(f"dataset={name}", f"dataset.root={fakes[name]}", "dataset.seq_len=4")
+    assert "test" not in cfg.dataset
+    clip, label = build(cfg.dataset.train, "train")[0]
+    assert clip.shape == (4, 3, 256, 128) and clip.dtype == torch.float32 and label == 0
+    query, gallery = build(cfg.dataset.query, "query"), build(cfg.dataset.gallery, "gallery")
+    clip, pid, camid = query[0]
+    frames = len(query.tracklets[0][0])
+    assert clip.shape == (-(-frames // 4), 4, 3, 256, 128) and camid == query.camids[0]
+    assert set(query.pids.tolist()) <= set(gallery.pids.tolist())
+
+
+def test_mars_gallery_switch(fakes: dict[str, Path]) -> None:
+    root = f"dataset.root={fakes['mars']}"
+    official = build(_cfg("dataset=mars", root).dataset.gallery, "gallery")
+    variant = build(
+        _cfg("dataset=mars", root, "dataset.gallery_includes_query=false").dataset.gallery, "g"
+    )
+    assert len(official) == 10 and len(variant) == 5
+
+
+def test_identity_sampler_config_over_video_labels(fakes: dict[str, Path]) -> None:
+    cfg = _cfg(
+        "dataset=ilidsvid",
+        f"dataset.root={fakes['ilidsvid']}",
+        "sampler=identity",
+        "sampler.num_classes=2",
+    )
+    train = build(cfg.dataset.train, "train")
+    sampler = build(cfg.sampler, "sampler", labels=train.labels, seed=0)
+    batches = list(sampler)
+    assert batches and all(
+        len(b) == 8 for b in batches
+    )  # 2 identities x 4 tracklets (with repeats)
+
+
+def test_transform_group_can_be_swapped(fakes: dict[str, Path]) -> None:
+    cfg = _cfg(
+        "dataset=cub",
+        f"dataset.root={fakes['cub']}",
+        "dataset/transform=reid",
+        "dataset.transform.erasing=0",
+    )
+    x, _ = build(cfg.dataset.train, "train")[0]
+    assert x.shape == (3, 256, 128)
+
+
+# ------------------------------------------------------------------- check_data
+
+
+def _script(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "check_data.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_check_data_reports_counts_against_the_published_ones(
+    fakes: dict[str, Path], tmp_path: Path
+) -> None:
+    res = _script("cub", str(fakes["cub"]), "--workers", "1", cwd=tmp_path)
+    assert res.returncode == 1
+    assert "train_images: 6, but the published count is 5,864" in res.stdout
+    assert (
+        "all 12 image files present" in res.stdout and "all 12 present images decode" in res.stdout
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "counts"),
+    [
+        ("cub", {"images": 12, "classes": 4, "train_images": 6, "test_images": 6}),
+        ("cars196", {"images": 12, "classes": 4, "train_images": 6, "test_images": 6}),
+        (
+            "mars",
+            {
+                "train_tracklets": 7,
+                "train_identities": 3,
+                "test_tracklets": 12,
+                "query_tracklets": 5,
+                "gallery_tracklets": 10,
+                "gallery_tracklets_without_query": 5,
+                "train_frames": 27,
+                "test_frames": 40,
+            },
+        ),
+        (
+            "ilidsvid",
+            {
+                "identities": 8,
+                "tracklets": 16,
+                "splits": 3,
+                "train_identities": 4,
+                "test_identities": 4,
+            },
+        ),
+        (
+            "prid2011",
+            {
+                "identities": 4,
+                "tracklets": 8,
+                "splits": 3,
+                "train_identities": 2,
+                "test_identities": 2,
+            },
+        ),
+    ],
+)
+def test_check_passes_a_complete_copy(fakes: dict[str, Path], name: str, counts: dict) -> None:
+    report = check(name, fakes[name], expected=counts)
+    assert report.ok, report.render()
+
+
+def test_check_names_corrupt_and_missing_files(fakes: dict[str, Path], tmp_path: Path) -> None:
+    copy = shutil.copytree(fakes["mars"], tmp_path / "mars")
+    bad = copy / "bbox_test/00-1/00-1C1T0001F001.jpg"  # a junk frame: only the check reads it
+    bad.write_bytes(b"not an image")
+    gone = copy / "bbox_train/0007/0007C5T0001F004.jpg"
+    gone.unlink()
+    report = check("mars", copy, expected={})
+    text = report.render()
+    assert not report.ok
+    assert f"1 of 67 image files missing, e.g. {gone}" in text
+    assert str(bad) in text and "1 of all 66 present images do not decode" in text
+
+
+def test_check_data_missing_root_is_one_clear_failure(tmp_path: Path) -> None:
+    res = _script("prid2011", str(tmp_path / "nope"), cwd=tmp_path)
+    assert res.returncode == 1
+    assert "[FAIL] PRID2011: dataset folder" in res.stdout and "tugraz.at" in res.stdout
+    assert "Traceback" not in res.stderr
+
+
+# -------------------------------------------------------------------- the CLI
+
+
+def test_train_on_a_missing_dataset_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "SOFTMINE_DEBUG": ""}
+    res = subprocess.run(
+        [sys.executable, "-m", "softmine.train", "dataset=cub", "dataset.root=/nowhere"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    msg = errors[0]
+    assert "CUB-200-2011: dataset folder /nowhere does not exist" in msg
+    assert "images.txt" in msg and "vision.caltech.edu" in msg
