@@ -9,8 +9,10 @@ file. What a dataset does about it is its ``on_bad_image`` policy:
   in dataset order), so a P x K batch keeps its label structure; the path is
   added to the dataset's ``bad_images`` set and logged once. Files missing at
   construction are dropped up front under ``skip`` (and also recorded).
-  ``bad_images`` lives in the process that loads the images: with DataLoader
-  workers each worker keeps its own set, the warning in the log is the record.
+  ``bad_images`` lives in the process that loads the images (each DataLoader
+  worker keeps its own set); every process also appends the path to the file
+  ``bad_image_log`` when one is set, which is how the trainer counts and reports
+  the skipped files of all workers at the end of a run.
 """
 
 from __future__ import annotations
@@ -79,6 +81,23 @@ def check_split(source: Source, split: str, allowed: Sequence[str]) -> str:
     return split
 
 
+def note_bad_image(dataset: Any, path: str, what: str) -> None:
+    """Record a skipped file once: in ``dataset.bad_images``, the log, and ``dataset.bad_image_log``.
+
+    ``bad_image_log`` (a file path the trainer sets, or None) collects the skipped
+    paths of every DataLoader worker process, one per line, so the run can count
+    and report them at the end.
+    """
+    if path in dataset.bad_images:
+        return
+    dataset.bad_images.add(path)
+    log.warning("%s: skipping unreadable %s %s", dataset.source.name, what, path)
+    log_file = getattr(dataset, "bad_image_log", None)
+    if log_file:
+        with open(log_file, "a") as f:
+            f.write(path + "\n")
+
+
 class ImageDataset(Dataset):
     """Labelled image files with an optional crop box each; the shared half of CUB200 and Cars196.
 
@@ -102,6 +121,7 @@ class ImageDataset(Dataset):
         self.transform = transform
         self.on_bad_image = check_policy(on_bad_image)
         self.bad_images: set[str] = set()
+        self.bad_image_log: str | None = None
 
     def _setup(
         self,
@@ -176,10 +196,7 @@ class ImageDataset(Dataset):
         )
 
     def _record_bad(self, i: int) -> None:
-        path = self.samples[i][0]
-        if path not in self.bad_images:
-            self.bad_images.add(path)
-            log.warning("%s: skipping unreadable image %s", self.source.name, path)
+        note_bad_image(self, self.samples[i][0], "image")
 
     def __getitem__(self, i: int) -> tuple[Any, int]:
         """(image, label): a Pillow RGB image, or whatever ``transform`` makes of it."""

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from softmine.data.images import BadImageError, check_policy, read_rgb
+from softmine.data.images import BadImageError, check_policy, note_bad_image, read_rgb
 from softmine.data.sources import Source
 from softmine.errors import ConfigError, DataError
 
@@ -120,6 +120,7 @@ class VideoDataset(Dataset):
         self.transform = transform
         self.on_bad_image = check_policy(on_bad_image)
         self.bad_images: set[str] = set()
+        self.bad_image_log: str | None = None
 
     def _setup(self, tracklets: Sequence[Tracklet]) -> None:
         if not tracklets:
@@ -156,9 +157,7 @@ class VideoDataset(Dataset):
             except BadImageError:
                 if self.on_bad_image == "error":
                     raise
-                if path not in self.bad_images:
-                    self.bad_images.add(path)
-                    log.warning("%s: skipping unreadable frame %s", self.source.name, path)
+                note_bad_image(self, path, "frame")
         raise DataError(f"{self.source.name}: no readable frame in the tracklet of {frames[0]}")
 
     def load_clip(self, i: int) -> torch.Tensor:

@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
 TRAIN_LOG_FILE = "train_log.csv"
 CHECKPOINT_DIR = "checkpoints"
-LOSS_PIECES = ("l_pos", "l_neg", "ce")
+BAD_IMAGES_FILE = "bad_images.txt"
+LOSS_PIECES = ("l_pos", "l_neg", "ce", "frame_ce")
 
 
 @dataclass
@@ -70,12 +71,12 @@ class TrainState:
     log_rows: int = 0  # rows in train_log.csv when this state was saved
 
 
-def _loss_kwargs(loss_cfg: DictConfig, num_classes: int, embedding_dim: int) -> dict[str, Any]:
-    """Fill the run-time sizes a loss config leaves open (``num_classes``, ``embedding_dim``)."""
+def _run_time_sizes(node: DictConfig, num_classes: int, embedding_dim: int) -> dict[str, Any]:
+    """Fill the sizes a loss or backbone config leaves open (``num_classes``, ``embedding_dim``: null)."""
     extra: dict[str, Any] = {}
-    if "num_classes" in loss_cfg and loss_cfg.get("num_classes") is None:
+    if "num_classes" in node and node.get("num_classes") is None:
         extra["num_classes"] = num_classes
-    if "embedding_dim" in loss_cfg and loss_cfg.get("embedding_dim") is None:
+    if "embedding_dim" in node and node.get("embedding_dim") is None:
         extra["embedding_dim"] = embedding_dim
     return extra
 
@@ -125,13 +126,17 @@ class Trainer:
         labels = np.asarray(self.train_set.labels)
         self.num_classes = _check_train_labels(labels)
 
-        self.model = build(cfg.backbone, "backbone").to(self.device)
+        emb_dim = int(cfg.backbone.embedding_dim)
+        self.model = build(
+            cfg.backbone, "backbone", **_run_time_sizes(cfg.backbone, self.num_classes, emb_dim)
+        ).to(self.device)
+        # Video models pool frames with class-aware attention and train a frame classifier.
+        self.video = hasattr(self.model, "frame_loss")
         self.channels_last = bool(tcfg.channels_last) and self.device.type == "cuda"
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        emb_dim = int(cfg.backbone.embedding_dim)
         self.loss_fn = build(
-            cfg.loss, "loss", **_loss_kwargs(cfg.loss, self.num_classes, emb_dim)
+            cfg.loss, "loss", **_run_time_sizes(cfg.loss, self.num_classes, emb_dim)
         ).to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.params += [p for p in self.loss_fn.parameters() if p.requires_grad]
@@ -150,6 +155,8 @@ class Trainer:
             else int(tcfg.epochs) * self.batches_per_epoch
         )
         self.scheduler = build(cfg.scheduler, "scheduler")(self.optimizer, self.total_steps)
+        if hasattr(self.train_set, "bad_image_log"):
+            self.train_set.bad_image_log = str(self.run_dir / BAD_IMAGES_FILE)
         self.loader_generator = torch.Generator()
         self.loader = DataLoader(
             self.train_set,
@@ -253,12 +260,20 @@ class Trainer:
         y = y.to(self.device, non_blocking=True)
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
+        model_details: dict[str, torch.Tensor] = {}
         with self._autocast():
-            emb = self.model(x)
+            if self.video:
+                emb, model_details = self.model(x, y, return_details=True)
+            else:
+                emb = self.model(x)
         if self._loss_details:
             loss, details = self.loss_fn(emb.float(), y, return_details=True)
         else:
             loss, details = self.loss_fn(emb.float(), y), {}
+        if self.video:
+            frame_ce = self.model.frame_loss(model_details, y)
+            loss = loss + frame_ce
+            details = {**details, "frame_ce": frame_ce.detach()}
         values = {"loss": float(loss.detach())}
         values.update({k: float(details[k]) for k in LOSS_PIECES if k in details})
         if "attention" in details:
