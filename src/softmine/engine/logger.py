@@ -17,10 +17,14 @@ class RunLogger:
         run_dir: the run folder.
         csv_name: file name of the CSV log.
         tensorboard: ``auto`` (use it when installed), ``true`` (require it) or ``false``.
+        enabled: False keeps rows in memory only (ranks other than 0 under torch.distributed).
     """
 
-    def __init__(self, run_dir: Path, csv_name: str, tensorboard: str | bool = "auto") -> None:
+    def __init__(
+        self, run_dir: Path, csv_name: str, tensorboard: str | bool = "auto", enabled: bool = True
+    ) -> None:
         self.path = Path(run_dir) / csv_name
+        self.enabled = enabled
         self.rows: list[dict[str, Any]] = []
         if self.path.exists():
             with self.path.open(newline="") as f:
@@ -62,6 +66,8 @@ class RunLogger:
                     self.writer.add_scalar(k, v, int(row["step"]))
 
     def _write(self) -> None:
+        if not self.enabled:
+            return
         fields: list[str] = []
         for r in self.rows:
             fields.extend(k for k in r if k not in fields)

@@ -10,11 +10,10 @@ mark where the sampler reshuffles and where ``trainer.eval_every`` counts).
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
+import signal
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -35,8 +35,10 @@ from softmine.engine.checkpoint import (
     restore_rng_state,
     save_atomic,
 )
+from softmine.engine.distributed import DistEnv, any_rank, barrier, gather_shards, shard
 from softmine.engine.embed import extract_embeddings, raw_inputs
 from softmine.engine.logger import RunLogger
+from softmine.engine.objective import Objective
 from softmine.engine.setup import resolve_device, seed_everything
 from softmine.engine.signals import GracefulInterrupt
 from softmine.engine.validate import validate_config
@@ -116,7 +118,10 @@ class Trainer:
         self.run_dir = Path(run_dir)
         validate_config(cfg, self.run_dir)
         tcfg = cfg.trainer
+        self.dist = DistEnv.current()
         self.device = resolve_device(tcfg.device)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
         seed_everything(int(cfg.seed), bool(tcfg.deterministic))
         self.ckpt_dir = self.run_dir / CHECKPOINT_DIR
         self._check_run_folder()
@@ -130,8 +135,6 @@ class Trainer:
         self.model = build(
             cfg.backbone, "backbone", **_run_time_sizes(cfg.backbone, self.num_classes, emb_dim)
         ).to(self.device)
-        # Video models pool frames with class-aware attention and train a frame classifier.
-        self.video = hasattr(self.model, "frame_loss")
         self.channels_last = bool(tcfg.channels_last) and self.device.type == "cuda"
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -142,7 +145,14 @@ class Trainer:
         self.params += [p for p in self.loss_fn.parameters() if p.requires_grad]
         self.optimizer = build(cfg.optimizer, "optimizer")(self.params)
 
-        self.sampler = build(cfg.sampler, "sampler", labels=labels, seed=int(cfg.seed))
+        shard_args = (
+            {"rank": self.dist.rank, "world_size": self.dist.world_size}
+            if self.dist.enabled
+            else {}
+        )
+        self.sampler = build(
+            cfg.sampler, "sampler", labels=labels, seed=int(cfg.seed), **shard_args
+        )
         self.batches_per_epoch = len(self.sampler)
         if self.batches_per_epoch == 0:
             raise ConfigError(
@@ -167,13 +177,23 @@ class Trainer:
             generator=self.loader_generator,
         )
         precision = str(tcfg.precision)
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=precision == "fp16" and self.device.type == "cuda"
         )
-        self._loss_details = "return_details" in inspect.signature(self.loss_fn.forward).parameters
+        self.objective: torch.nn.Module = Objective(self.model, self.loss_fn, autocast_dtype)
+        if self.dist.enabled:
+            self.objective = DistributedDataParallel(
+                self.objective,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            )
         self.state = TrainState()
-        self.logger = RunLogger(self.run_dir, TRAIN_LOG_FILE, tensorboard=tcfg.tensorboard)
+        self.logger = RunLogger(
+            self.run_dir,
+            TRAIN_LOG_FILE,
+            tensorboard=tcfg.tensorboard if self.dist.is_main else False,
+            enabled=self.dist.is_main,
+        )
 
     # ---------------------------------------------------------------- run folder / resume
     def _check_run_folder(self) -> None:
@@ -202,8 +222,11 @@ class Trainer:
         }
 
     def save_checkpoint(self, name: str = LAST) -> Path:
-        """Write a checkpoint atomically into ``checkpoints/``."""
-        return save_atomic(self._state_dict(), self.ckpt_dir / name)
+        """Write a checkpoint atomically into ``checkpoints/`` (rank 0 only under torch.distributed)."""
+        path = self.ckpt_dir / name
+        if self.dist.is_main:
+            save_atomic(self._state_dict(), path)
+        return path
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore everything :meth:`save_checkpoint` wrote, checking it fits this config."""
@@ -233,11 +256,12 @@ class Trainer:
         """Retrieval metrics of ``model`` (default: the trained one) on the test split."""
         emb, labels = extract_embeddings(
             model or self.model,
-            self.test_set,
+            shard(self.test_set, self.dist),
             device=self.device,
             batch_size=int(self.cfg.trainer.eval_batch_size),
             num_workers=int(self.cfg.trainer.num_workers),
         )
+        emb, labels = gather_shards((emb, labels), len(self.test_set), self.dist)
         return retrieval_metrics(emb, labels, self.cfg.evaluation.ks)
 
     def baselines(self) -> dict[str, dict[str, float]]:
@@ -249,37 +273,19 @@ class Trainer:
         }
 
     # ---------------------------------------------------------------- one step
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
-
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """Forward, backward and optimizer step on one batch; returns the values to log."""
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        model_details: dict[str, torch.Tensor] = {}
-        with self._autocast():
-            if self.video:
-                emb, model_details = self.model(x, y, return_details=True)
-            else:
-                emb = self.model(x)
-        if self._loss_details:
-            loss, details = self.loss_fn(emb.float(), y, return_details=True)
-        else:
-            loss, details = self.loss_fn(emb.float(), y), {}
-        if self.video:
-            frame_ce = self.model.frame_loss(model_details, y)
-            loss = loss + frame_ce
-            details = {**details, "frame_ce": frame_ce.detach()}
+        loss, details = self.objective(x, y)
         values = {"loss": float(loss.detach())}
         values.update({k: float(details[k]) for k in LOSS_PIECES if k in details})
         if "attention" in details:
             values["attention"] = float(details["attention"].float().mean())
         if "weights" in details:
-            values.update(_pair_weight_means(details["weights"], y))
+            values.update(_pair_weight_means(details["weights"], details["labels"]))
         if not np.isfinite(values["loss"]):
             return self._nonfinite("loss", values)
         self.optimizer.zero_grad(set_to_none=True)
@@ -407,20 +413,22 @@ class Trainer:
                         break
                     if every > 0 and s.step % every == 0:
                         self.save_checkpoint()
-                    if interrupt.requested:
-                        self._stop_interrupted(interrupt.signum or 2)
+                    if any_rank(interrupt.requested, self.device):
+                        self._stop_interrupted(interrupt.signum or signal.SIGINT)
                 bar.close()
                 self._end_epoch(time.perf_counter() - t0)
-                if interrupt.requested and not self._done():
-                    self._stop_interrupted(interrupt.signum or 2)
+                if any_rank(interrupt.requested, self.device) and not self._done():
+                    self._stop_interrupted(interrupt.signum or signal.SIGINT)
 
         if not self.state.metrics:
             self.state.metrics = self.evaluate()
         self.state.finished = True
         self.save_checkpoint()
-        write_metrics(self.run_dir, self.state.metrics)
+        if self.dist.is_main:
+            write_metrics(self.run_dir, self.state.metrics)
+        barrier()
         self._report_bad_images()
-        if self.state.baselines:
+        if self.state.baselines and self.dist.is_main:
             print(format_table({**self.state.baselines, "trained embedding": self.state.metrics}))
         self.logger.close()
         return self.state.metrics

@@ -1,0 +1,63 @@
+"""The training objective as one module, so DDP synchronises model and loss parameters together."""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import nullcontext
+
+import torch
+from torch import Tensor, nn
+
+from softmine.engine.distributed import gather_tensor, gather_with_grad
+
+
+class Objective(nn.Module):
+    """batch -> embeddings -> (global batch) -> loss, plus the video frame-classifier loss.
+
+    Under torch.distributed the embeddings and labels of all ranks are gathered
+    (differentiably) before the loss, so every rank computes the loss of the whole
+    global batch.
+
+    Args:
+        model: the embedding network; a video model (with ``frame_loss``) is called
+            with the labels so it can pool frames with class-aware attention.
+        loss_fn: a metric-learning loss ``(embeddings, labels) -> loss``, optionally
+            accepting ``return_details=True``.
+        autocast_dtype: bf16 / fp16 autocast for the model forward (the losses
+            compute in float32 themselves), or None.
+    """
+
+    def __init__(
+        self, model: nn.Module, loss_fn: nn.Module, autocast_dtype: torch.dtype | None = None
+    ):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+        self.autocast_dtype = autocast_dtype
+        self.video = hasattr(model, "frame_loss")
+        self.loss_details = "return_details" in inspect.signature(loss_fn.forward).parameters
+
+    def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        ctx = (
+            torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
+            else nullcontext()
+        )
+        model_details: dict[str, Tensor] = {}
+        with ctx:
+            if self.video:
+                emb, model_details = self.model(x, y, return_details=True)
+            else:
+                emb = self.model(x)
+        emb_all = gather_with_grad(emb.float())
+        y_all = gather_tensor(y)
+        if self.loss_details:
+            loss, details = self.loss_fn(emb_all, y_all, return_details=True)
+        else:
+            loss, details = self.loss_fn(emb_all, y_all), {}
+        details = dict(details)
+        details["labels"] = y_all
+        if self.video:
+            frame_ce = self.model.frame_loss(model_details, y)
+            loss = loss + frame_ce
+            details["frame_ce"] = frame_ce.detach()
+        return loss, details
