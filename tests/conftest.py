@@ -32,13 +32,9 @@ def repo() -> Path:
 
 def compose(overrides: list[str] | None = None):
     """The composed training config (as ``softmine-train`` would build it), for in-process tests."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from softmine.config import compose_config
 
-    from softmine.train import CONFIG_DIR
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=overrides or [])
+    return compose_config(overrides)
 
 
 FAST_DIGITS = [

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pathlib import Path
+
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -30,3 +32,14 @@ def build(node: DictConfig, what: str, **kwargs: Any) -> Any:
             f"could not build `{what}` from its config: {' '.join(msg)} "
             "(set SOFTMINE_DEBUG=1 for the traceback)"
         ) from e
+
+
+CONFIG_DIR = str((Path(__file__).parent / "configs").resolve())
+
+
+def compose_config(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
+    """The config ``softmine-train`` would build for these overrides (for scripts, notebooks, tests)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name=config_name, overrides=overrides or [])

@@ -19,10 +19,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from softmine.cli import user_errors_exit
+from softmine.config import CONFIG_DIR
 from softmine.engine import Trainer
 from softmine.engine.distributed import DistEnv, init_from_env, run_stamp
 
-CONFIG_DIR = str((Path(__file__).parent / "configs").resolve())
 OmegaConf.register_new_resolver("run_stamp", run_stamp, replace=True)
 
 

@@ -35,6 +35,9 @@ class Digits(Dataset):
         transform: optional callable applied to each image tensor.
     """
 
+    #: All images live in memory: DataLoader worker processes would only add overhead.
+    in_memory = True
+
     def __init__(
         self,
         root: str | None = None,

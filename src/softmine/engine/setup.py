@@ -37,3 +37,15 @@ def resolve_device(name: str) -> torch.device:
             "trainer.device=cuda but no CUDA GPU is visible; use trainer.device=auto or cpu"
         )
     return torch.device(name)
+
+
+def resolve_num_workers(value: int | str, dataset: object) -> int:
+    """``auto``: no worker processes for in-memory sets (``dataset.in_memory``), else min(8, CPUs)."""
+    if str(value) == "auto":
+        if getattr(dataset, "in_memory", False):
+            return 0
+        return min(8, os.cpu_count() or 1)
+    n = int(value)
+    if n < 0:
+        raise ConfigError(f"trainer.num_workers must be >= 0 or auto (got {n})")
+    return n

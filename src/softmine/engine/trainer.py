@@ -39,7 +39,7 @@ from softmine.engine.distributed import DistEnv, any_rank, barrier, gather_shard
 from softmine.engine.embed import extract_embeddings, raw_inputs
 from softmine.engine.logger import RunLogger
 from softmine.engine.objective import Objective
-from softmine.engine.setup import resolve_device, seed_everything
+from softmine.engine.setup import resolve_device, resolve_num_workers, seed_everything
 from softmine.engine.signals import GracefulInterrupt
 from softmine.engine.validate import validate_config
 from softmine.errors import ConfigError, Interrupted, TrainingError
@@ -167,12 +167,13 @@ class Trainer:
         self.scheduler = build(cfg.scheduler, "scheduler")(self.optimizer, self.total_steps)
         if hasattr(self.train_set, "bad_image_log"):
             self.train_set.bad_image_log = str(self.run_dir / BAD_IMAGES_FILE)
+        self.num_workers = resolve_num_workers(tcfg.num_workers, self.train_set)
         self.loader_generator = torch.Generator()
         self.loader = DataLoader(
             self.train_set,
             batch_sampler=self.sampler,
-            num_workers=int(tcfg.num_workers),
-            persistent_workers=int(tcfg.num_workers) > 0,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
             pin_memory=self.device.type == "cuda",
             generator=self.loader_generator,
         )
@@ -259,7 +260,7 @@ class Trainer:
             shard(self.test_set, self.dist),
             device=self.device,
             batch_size=int(self.cfg.trainer.eval_batch_size),
-            num_workers=int(self.cfg.trainer.num_workers),
+            num_workers=self.num_workers,
         )
         emb, labels = gather_shards((emb, labels), len(self.test_set), self.dist)
         return retrieval_metrics(emb, labels, self.cfg.evaluation.ks)
