@@ -195,10 +195,13 @@ def _loop_ce_attention(f, y, vecs, scale):
     return ce, torch.stack(att)
 
 
+@pytest.mark.parametrize("detach", [True, False])
 @pytest.mark.parametrize("osm,caa", [(True, True), (False, True), (True, False), (False, False)])
-def test_module_matches_loop_with_cross_entropy(osm: bool, caa: bool) -> None:
+def test_module_matches_loop_with_cross_entropy(osm: bool, caa: bool, detach: bool) -> None:
     f, y = _batch(4, BATCHES["uneven"], dim=6)
-    loss_fn = OSMCAALoss(num_classes=8, embedding_dim=6, osm=osm, caa=caa, scale=2.0).double()
+    loss_fn = OSMCAALoss(
+        num_classes=8, embedding_dim=6, osm=osm, caa=caa, scale=2.0, detach_weights=detach
+    ).double()
     with torch.no_grad():
         loss_fn.class_vectors.normal_(generator=torch.Generator().manual_seed(5))
     f1 = f.clone().requires_grad_()
@@ -208,9 +211,8 @@ def test_module_matches_loop_with_cross_entropy(osm: bool, caa: bool) -> None:
     f2 = f.clone().requires_grad_()
     v2 = loss_fn.class_vectors.detach().clone().requires_grad_()
     ce, att = _loop_ce_attention(f2, y, v2, 2.0)
-    pair = loop_pair_loss(
-        f2, y, att.detach() if caa else None, margin=1.2, sigma=0.8, lam=0.5, osm=osm, detach=True
-    )
+    a = (att.detach() if detach else att) if caa else None
+    pair = loop_pair_loss(f2, y, a, margin=1.2, sigma=0.8, lam=0.5, osm=osm, detach=detach)
     ref = pair + ce
     ref.backward()
     assert float(got) == pytest.approx(float(ref), rel=REL)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from softmine.errors import ConfigError
 from softmine.losses.pairwise import (
@@ -200,6 +201,7 @@ class _FusedOSMCAA(torch.autograd.Function):
         return loss, means, ce, attention, w
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_loss: Tensor, *_: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         z, r, rc, m4 = ctx.saved_tensors
         n = ctx.n
