@@ -123,7 +123,7 @@ class _FusedOSMCAA(torch.autograd.Function):
     G = ce_weight * scale * (softmax - onehot) / n, and dL/dc = G^T x. Backward is
     therefore one matmul [-4M, G] @ [x; c], one G^T @ x and the two normalisation
     backwards (g - u (u . g)) / |.|. Outputs: loss and, without gradient,
-    2 (l_pos, l_neg), ce (or None), attention (or None), w (n, n).
+    (l_pos, l_neg) as one (2,) tensor, ce (or None), attention (or None), w (n, n).
     """
 
     @staticmethod
