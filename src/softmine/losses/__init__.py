@@ -1,10 +1,43 @@
-"""Metric-learning losses: OSM + CAA (paper and authors' forms) and baselines."""
+"""Metric-learning losses: OSM + CAA (paper and authors' forms) and the baselines it is compared with.
 
+Each loss is a function (the vectorised core) plus a thin ``nn.Module`` that the
+``loss/`` config group instantiates.
+"""
+
+from softmine.losses.contrastive import ContrastiveHardLoss, contrastive_hard_loss
+from softmine.losses.lifted import LiftedStructureLoss, lifted_structure_loss
+from softmine.losses.multi_similarity import MultiSimilarityLoss, multi_similarity_loss
+from softmine.losses.normsoftmax import NormSoftmaxLoss, normalized_softmax_loss
 from softmine.losses.osm_caa import (
     OSMCAALoss,
+    OSMCAAOfficialLoss,
     caa_attention,
     class_logits,
     weighted_contrastive_loss,
 )
+from softmine.losses.triplet import (
+    TripletBatchHardLoss,
+    TripletSemiHardLoss,
+    triplet_batchhard_loss,
+    triplet_semihard_loss,
+)
 
-__all__ = ["OSMCAALoss", "caa_attention", "class_logits", "weighted_contrastive_loss"]
+__all__ = [
+    "ContrastiveHardLoss",
+    "LiftedStructureLoss",
+    "MultiSimilarityLoss",
+    "NormSoftmaxLoss",
+    "OSMCAALoss",
+    "OSMCAAOfficialLoss",
+    "TripletBatchHardLoss",
+    "TripletSemiHardLoss",
+    "caa_attention",
+    "class_logits",
+    "contrastive_hard_loss",
+    "lifted_structure_loss",
+    "multi_similarity_loss",
+    "normalized_softmax_loss",
+    "triplet_batchhard_loss",
+    "triplet_semihard_loss",
+    "weighted_contrastive_loss",
+]

@@ -1,7 +1,8 @@
-"""Online Soft Mining + Class-Aware Attention weighted contrastive loss.
+"""Online Soft Mining + Class-Aware Attention weighted contrastive loss, paper and released forms.
 
 Wang, Hua, Kodirov, Hu, Robertson. "Deep Metric Learning by Online Soft Mining
 and Class-Aware Attention". AAAI 2019. https://arxiv.org/abs/1811.01459
+Authors' Caffe code: https://github.com/XinshaoAmosWang/OSM_CAA_WeightedContrastiveLoss
 
 For L2-normalised embeddings x_i and all ordered pairs i != j with distance
 d_ij = ||x_i - x_j||:
@@ -12,28 +13,38 @@ d_ij = ||x_i - x_j||:
 * w_ij = s_ij * a_ij, detached by default (weights are mining scores).
 * L_P = 1/2 sum_pos w d^2 / sum_pos w,  L_N = 1/2 sum_neg w max(0, margin - d)^2 / sum_neg w,
   L = (1 - lam) L_P + lam L_N.  An empty (or all-zero-weight) term is 0, never NaN.
+
+With detached weights (the default) loss and gradient are written out by hand
+(:class:`_FusedOSMCAA`): one matmul gives the Gram matrix and the class logits,
+the backward pass is one matmul plus the classifier's, and no autograd graph is
+built for the (n, n) intermediates. Attached weights use plain autograd
+(:func:`_pair_terms`); both are tested against float64 loops.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from softmine.errors import ConfigError
+from softmine.losses.pairwise import (
+    EPS,
+    TINY_SQ_DIST,
+    check_inputs,
+    full_precision,
+    safe_sqrt,
+    same_label,
+    to_float32,
+    unit_rows,
+    unit_sq_distances,
+)
 
-_EPS = 1e-12
 ATTENTION_MODES = ("softmax_cosine", "gaussian_prob")
-
-
-def _check_inputs(embeddings: Tensor, labels: Tensor) -> None:
-    if embeddings.dim() != 2:
-        raise ValueError(f"embeddings must be (n, dim), got shape {tuple(embeddings.shape)}")
-    if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
-        raise ValueError(
-            f"labels must be (n,) matching embeddings (n={embeddings.shape[0]}), "
-            f"got shape {tuple(labels.shape)}"
-        )
 
 
 def check_loss_hparams(margin: float, sigma: float, lam: float) -> None:
@@ -46,21 +57,165 @@ def check_loss_hparams(margin: float, sigma: float, lam: float) -> None:
         raise ConfigError(f"loss.lam must lie in [0, 1] (got {lam}); the paper uses 0.5")
 
 
-def pairwise_sq_distances(x: Tensor) -> Tensor:
-    """Squared Euclidean distances of the rows of ``x`` (n, n), clamped at 0, exact 0 on the diagonal."""
-    sq = x.pow(2).sum(1)
-    d2 = (sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)).clamp_min(0.0)
-    return d2 * (1.0 - torch.eye(x.shape[0], dtype=x.dtype, device=x.device))
+def _pair_terms(
+    x: Tensor,
+    same: Tensor,
+    attention: Tensor | None,
+    margin: float,
+    sigma: float,
+    lam: float,
+    osm: bool,
+) -> tuple[Tensor, ...]:
+    """Loss pieces of unit rows ``x``: (loss, l_pos, l_neg, w).
+
+    Plain autograd, used when the weights stay attached; the detached default runs
+    :class:`_FusedOSMCAA`, which must give the same values.
+    """
+    d2 = unit_sq_distances(x)
+    d = safe_sqrt(d2)
+    hinge = (margin - d).clamp_min(0.0)
+    if osm:
+        w = torch.where(same, torch.exp(d2 * (-1.0 / (sigma * sigma))), hinge)
+    else:
+        w = torch.ones_like(d2)
+    if attention is not None:
+        w = w * torch.minimum(attention[:, None], attention[None, :])
+    w = w * (1.0 - torch.eye(x.shape[0], dtype=x.dtype, device=x.device))
+    w_pos = torch.where(same, w, 0.0)
+    w_neg = torch.where(same, 0.0, w)
+    l_pos = 0.5 * _ratio((w_pos * d2).sum(), w_pos.sum())
+    l_neg = 0.5 * _ratio((w_neg * hinge.square()).sum(), w_neg.sum())
+    loss = (1.0 - lam) * l_pos + lam * l_neg
+    return loss, l_pos, l_neg, w
 
 
-def osm_weights(
-    d2: Tensor, pos_mask: Tensor, neg_mask: Tensor, *, margin: float, sigma: float
-) -> Tensor:
-    """OSM pair weights: exp(-d^2/sigma^2) on positives, max(0, margin - d) on negatives, 0 elsewhere."""
-    d = d2.clamp_min(_EPS).sqrt()
-    pos = torch.exp(-d2 / (sigma * sigma))
-    neg = (margin - d).clamp_min(0.0)
-    return torch.where(pos_mask, pos, torch.where(neg_mask, neg, torch.zeros_like(d2)))
+def _ratio(num: Tensor, den: Tensor) -> Tensor:
+    """num / den, and 0 (with zero gradient, not a huge one) where den == 0."""
+    ok = den > 0
+    return torch.where(ok, num / torch.where(ok, den, 1.0), 0.0)
+
+
+@dataclass(frozen=True)
+class _Setting:
+    """Hyperparameters of one call of :class:`_FusedOSMCAA`."""
+
+    margin: float
+    sigma: float
+    lam: float
+    osm: bool
+    caa: bool = False
+    ce_weight: float = 0.0
+    scale: float = 1.0
+
+
+class _FusedOSMCAA(torch.autograd.Function):
+    """Detached-weight OSM(+CAA)(+CE) loss of raw embeddings, forward and gradient by hand.
+
+    Inputs: embeddings e (n, dim); class vectors C (K, dim) or None (no classifier);
+    attention (n,) or None (used when there is no classifier to read it from);
+    labels (n,); a :class:`_Setting`.
+
+    Forward: x = e / |e|, c = C / |C|, one matmul x @ [x; c]^T gives the Gram matrix
+    and the cosine logits; the pair loss, the CE and the attention follow elementwise.
+    With the weights w fixed, dL/dd2_ij = (1-lam)/(2 S_P) w_ij on positives and
+    -lam/(2 S_N) w_ij h_ij / d_ij on negatives (h = max(0, margin - d); 0 where d = 0),
+    and d2_ij = 2 - 2 x_i . x_j, so dL/dx = -4 M x (M symmetric) + G c with
+    G = ce_weight * scale * (softmax - onehot) / n, and dL/dc = G^T x. Backward is
+    therefore one matmul [-4M, G] @ [x; c], one G^T @ x and the two normalisation
+    backwards (g - u (u . g)) / |.|. Outputs: loss and, without gradient,
+    (l_pos, l_neg) as one (2,) tensor, ce (or None), attention (or None), w (n, n).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        emb: Tensor,
+        class_vectors: Tensor | None,
+        attention: Tensor | None,
+        labels: Tensor,
+        cfg: _Setting,
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor]:
+        n = emb.shape[0]
+        k = 0 if class_vectors is None else class_vectors.shape[0]
+        # z = [x; c], written in place: unit embeddings, then unit class vectors
+        z = emb.new_empty(n + k, emb.shape[1])
+        r = torch.linalg.vector_norm(emb, dim=1, keepdim=True).clamp_min_(EPS)
+        x = torch.div(emb, r, out=z[:n])
+        rc = log_p = p_y = ce = None
+        if class_vectors is not None:
+            rc = torch.linalg.vector_norm(class_vectors, dim=1, keepdim=True).clamp_min_(EPS)
+            torch.div(class_vectors, rc, out=z[n:])
+        prod = x @ z.T  # (n, n + k): Gram matrix, then cosine logits
+        if class_vectors is not None:
+            logits = prod[:, n:] if cfg.scale == 1.0 else prod[:, n:] * cfg.scale
+            log_p = logits.log_softmax(dim=1)
+            lp_y = log_p.gather(1, labels[:, None])
+            ce = lp_y.mean().neg_()
+            p_y = lp_y.exp()
+            if cfg.caa:
+                attention = p_y.view(n)
+
+        same = labels[:, None] == labels[None, :]
+        d2 = torch.threshold_(torch.rsub(prod[:, :n], 2.0, alpha=2.0), TINY_SQ_DIST, 0.0)
+        d = d2.sqrt()
+        hinge = torch.rsub(d, cfg.margin).clamp_min_(0.0)
+        if cfg.osm:
+            w = torch.where(same, d2.mul(-1.0 / (cfg.sigma * cfg.sigma)).exp_(), hinge)
+        else:
+            w = torch.ones_like(d2)
+        if attention is not None:
+            w.mul_(torch.minimum(attention[:, None], attention[None, :]))
+        w.fill_diagonal_(0.0)
+        w_pos = torch.where(same, w, 0.0)
+        w_neg = w - w_pos
+        sums = torch.stack(
+            [
+                torch.dot(w_pos.view(-1), d2.view(-1)),
+                torch.dot(w_neg.view(-1), hinge.square().view(-1)),
+                w_pos.sum(),
+                w_neg.sum(),
+            ]
+        )
+        inv = sums[2:].clamp_min(EPS).reciprocal_()
+        means = sums[:2].mul_(inv).mul_(0.5)  # (l_pos, l_neg)
+        loss = torch.lerp(means[0], means[1], cfg.lam)
+        if ce is not None:
+            loss = loss.add_(ce, alpha=cfg.ce_weight)
+
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            # m4 = [-4 M, G]: -4 M is -2 (1-lam) w / S_P on positives and
+            # +2 lam w h / (d S_N) on negatives; G = ce_weight * scale * (softmax - onehot) / n
+            m4 = emb.new_empty(n, n + k)
+            q = w_neg.mul_(hinge).div_(d).nan_to_num_(0.0, 0.0, 0.0).mul_(inv[1] * (2.0 * cfg.lam))
+            torch.mul(w_pos, inv[0] * (-2.0 * (1.0 - cfg.lam)), out=m4[:, :n]).add_(q)
+            if log_p is not None:
+                g = torch.exp(log_p, out=m4[:, n:]).scatter_(1, labels[:, None], p_y - 1.0)
+                g.mul_(cfg.ce_weight * cfg.scale / n)
+            ctx.save_for_backward(z, r, rc, m4)
+            ctx.n = n
+        ctx.mark_non_differentiable(means, w)
+        if ce is not None:
+            ctx.mark_non_differentiable(ce)
+        if attention is not None:
+            ctx.mark_non_differentiable(attention)
+        return loss, means, ce, attention, w
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_loss: Tensor, *_: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        z, r, rc, m4 = ctx.saved_tensors
+        n = ctx.n
+        x = z[:n]
+        gx = m4 @ z
+        dot = torch.linalg.vecdot(x, gx, dim=1).unsqueeze_(1)
+        grad_e = torch.addcmul(gx, x, dot, value=-1.0).mul_(g_loss / r)
+        grad_c = None
+        if rc is not None and ctx.needs_input_grad[1]:
+            c = z[n:]
+            gc = m4[:, n:].T @ x
+            dot = torch.linalg.vecdot(c, gc, dim=1).unsqueeze_(1)
+            grad_c = torch.addcmul(gc, c, dot, value=-1.0).mul_(g_loss / rc)
+        return grad_e, grad_c, None, None, None
 
 
 def weighted_contrastive_loss(
@@ -75,55 +230,80 @@ def weighted_contrastive_loss(
     detach_weights: bool = True,
     return_details: bool = False,
 ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
-    """OSM (+ optional CAA) weighted contrastive loss of one mini-batch (paper form).
+    """OSM (+ optional CAA) weighted contrastive loss of one mini-batch (paper form, Eq. 1-6).
 
     Args:
         embeddings: (n, dim) features; L2-normalised here, so any scale works.
         labels: (n,) integer class labels.
         attention: per-sample class-aware attention a_i, shape (n,), or None for no CAA.
+            Pair attention is min(a_i, a_j).
         margin: alpha, the negative margin on the unit sphere (0 < margin <= 2 is meaningful).
         sigma: OSM Gaussian width for positives, exp(-d^2 / sigma^2).
         lam: lambda, weight of the negative term; the positive term gets 1 - lam.
         osm: soft-mine pairs; False gives every pair weight 1 (plain contrastive).
-        detach_weights: stop gradients through the weights (the paper's mining scores).
-        return_details: also return a dict with ``l_pos``, ``l_neg`` and the (n, n) ``weights``.
+        detach_weights: no gradient through the weights (OSM scores and attention),
+            as mining scores in the paper; False lets it flow through both.
+        return_details: also return ``{"l_pos", "l_neg", "weights"}`` (weights: (n, n)
+            w_ij, 0 on the diagonal), all detached.
 
     Returns:
-        The scalar loss (float32, computed in at least float32 even under autocast).
+        The scalar loss, computed in float32 (float64 for float64 input), also under autocast.
     """
-    _check_inputs(embeddings, labels)
-    dtype = torch.promote_types(embeddings.dtype, torch.float32)
-    with torch.autocast(device_type=embeddings.device.type, enabled=False):
-        x = F.normalize(embeddings.to(dtype), dim=1)
-        n = x.shape[0]
-        d2 = pairwise_sq_distances(x)
-        same = labels[:, None] == labels[None, :]
-        off_diag = ~torch.eye(n, dtype=torch.bool, device=x.device)
-        pos_mask = same & off_diag
-        neg_mask = ~same
-
-        if osm:
-            w = osm_weights(d2, pos_mask, neg_mask, margin=margin, sigma=sigma)
-        else:
-            w = (pos_mask | neg_mask).to(dtype)
-        if attention is not None:
-            if attention.shape != (n,):
-                raise ValueError(f"attention must have shape ({n},), got {tuple(attention.shape)}")
-            a = attention.to(dtype)
-            w = w * torch.minimum(a[:, None], a[None, :])
+    check_inputs(embeddings, labels)
+    n = embeddings.shape[0]
+    if attention is not None and attention.shape != (n,):
+        raise ValueError(f"attention must have shape ({n},), got {tuple(attention.shape)}")
+    with full_precision(embeddings):
         if detach_weights:
-            w = w.detach()
-
-        d = d2.clamp_min(_EPS).sqrt()
-        hinge = (margin - d).clamp_min(0.0)
-        w_pos = w * pos_mask
-        w_neg = w * neg_mask
-        l_pos = 0.5 * (w_pos * d2).sum() / w_pos.sum().clamp_min(_EPS)
-        l_neg = 0.5 * (w_neg * hinge.pow(2)).sum() / w_neg.sum().clamp_min(_EPS)
-        loss = (1.0 - lam) * l_pos + lam * l_neg
+            a = None if attention is None else to_float32(attention.detach())
+            loss, means, _, _, w = _FusedOSMCAA.apply(
+                to_float32(embeddings), None, a, labels, _Setting(margin, sigma, lam, osm)
+            )
+            l_pos, l_neg = means
+        else:
+            a = None if attention is None else to_float32(attention)
+            x = unit_rows(embeddings)
+            loss, l_pos, l_neg, w = _pair_terms(x, same_label(labels), a, margin, sigma, lam, osm)
     if return_details:
         return loss, {"l_pos": l_pos.detach(), "l_neg": l_neg.detach(), "weights": w.detach()}
     return loss
+
+
+def gaussian(t: Tensor, mean: float, sigma: float) -> Tensor:
+    """exp(-(t - mean)^2 / (2 sigma^2)), the unnormalised Gaussian of the authors' Caffe layers."""
+    return torch.exp((t - mean).square() * (-0.5 / (sigma * sigma)))
+
+
+def true_class_log_prob(logits: Tensor, labels: Tensor) -> Tensor:
+    """log softmax(logits)[i, y_i], shape (n,)."""
+    return logits.log_softmax(dim=1).gather(1, labels.long()[:, None]).squeeze(1)
+
+
+def class_logits(
+    embeddings: Tensor,
+    class_vectors: Tensor,
+    *,
+    mode: str = "softmax_cosine",
+    scale: float = 1.0,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """Classifier logits (n, num_classes) in at least float32.
+
+    ``softmax_cosine`` (paper): scale * cos(f_i, c_k). ``gaussian_prob`` (authors'
+    code): the plain linear layer f_i . W_k + b_k.
+    """
+    if mode not in ATTENTION_MODES:
+        raise ConfigError(f"unknown attention mode {mode!r}; choose one of {ATTENTION_MODES}")
+    with full_precision(embeddings):
+        w = to_float32(class_vectors)
+        if mode == "softmax_cosine":
+            return _cosine_logits(unit_rows(embeddings), w, scale)
+        return F.linear(to_float32(embeddings), w, None if bias is None else to_float32(bias))
+
+
+def _cosine_logits(x: Tensor, class_vectors: Tensor, scale: float) -> Tensor:
+    logits = x @ F.normalize(class_vectors, dim=1, eps=EPS).T
+    return logits if scale == 1.0 else logits * scale
 
 
 def caa_attention(
@@ -144,55 +324,35 @@ def caa_attention(
         ``gaussian_prob`` (authors' released code): p_i = softmax_k(f_i . W_k + b_k)[y_i]
             from a plain linear classifier, a_i = exp(-(p_i - 1)^2 / (2 gaussian_sigma^2)).
     """
-    _check_inputs(embeddings, labels)
+    check_inputs(embeddings, labels)
     if class_vectors.dim() != 2 or class_vectors.shape[1] != embeddings.shape[1]:
         raise ValueError(
             f"class_vectors must be (num_classes, {embeddings.shape[1]}), "
             f"got {tuple(class_vectors.shape)}"
         )
     logits = class_logits(embeddings, class_vectors, mode=mode, scale=scale, bias=bias)
-    p = logits.softmax(dim=1).gather(1, labels.long()[:, None]).squeeze(1)
+    p = true_class_log_prob(logits, labels).exp()
     if mode == "softmax_cosine":
         return p
-    return torch.exp(-(p - 1.0).pow(2) / (2.0 * gaussian_sigma**2))
-
-
-def class_logits(
-    embeddings: Tensor,
-    class_vectors: Tensor,
-    *,
-    mode: str = "softmax_cosine",
-    scale: float = 1.0,
-    bias: Tensor | None = None,
-) -> Tensor:
-    """Classifier logits (n, num_classes): scaled cosine (paper) or plain linear (authors' code)."""
-    if mode not in ATTENTION_MODES:
-        raise ConfigError(f"unknown attention mode {mode!r}; choose one of {ATTENTION_MODES}")
-    dtype = torch.promote_types(embeddings.dtype, torch.float32)
-    with torch.autocast(device_type=embeddings.device.type, enabled=False):
-        f = embeddings.to(dtype)
-        w = class_vectors.to(dtype)
-        if mode == "softmax_cosine":
-            return scale * F.normalize(f, dim=1) @ F.normalize(w, dim=1).T
-        logits = f @ w.T
-        return logits if bias is None else logits + bias.to(dtype)
+    return gaussian(p, 1.0, gaussian_sigma)
 
 
 class OSMCAALoss(nn.Module):
-    """OSM + CAA loss that owns its class vectors; returns the total training loss.
+    """OSM + CAA loss, paper form, owning its class vectors; returns the total training loss.
 
-    total = weighted_contrastive_loss(...) + ce_weight * CE(scale * cos(x, c), y)
+    total = weighted_contrastive_loss(x, y, a) + ce_weight * CE(scale * cos(x, c), y),
+    with a_i = softmax_k(scale * cos(x_i, c_k))[y_i] when ``caa`` is on.
 
     The cross-entropy term trains the class vectors, since the (detached) attention
-    alone gives them no gradient.
+    alone gives them no gradient. Logits and attention come from one log-softmax.
 
     Args:
         num_classes: number of training classes (labels must be 0..num_classes-1).
         embedding_dim: dimension of the embeddings.
         margin, sigma, lam: see :func:`weighted_contrastive_loss`.
         osm: soft mining on/off.  caa: class-aware attention on/off.
-        ce_weight: weight of the classifier cross-entropy (ignored when CAA is off
-            and ``ce_weight`` would only train unused vectors: it is still added if > 0).
+        ce_weight: weight of the classifier cross-entropy; 0 skips it (and, with CAA
+            off, the classifier entirely). CAA with detached weights needs it > 0.
         scale: multiplies the cosine logits (1 in the paper).
         detach_weights: stop gradients through OSM/CAA weights.
     """
@@ -213,8 +373,16 @@ class OSMCAALoss(nn.Module):
     ) -> None:
         super().__init__()
         check_loss_hparams(margin, sigma, lam)
-        if num_classes is None or num_classes < 1:
-            raise ConfigError(f"loss.num_classes must be >= 1 (got {num_classes})")
+        _check_sizes(num_classes, embedding_dim)
+        if ce_weight < 0:
+            raise ConfigError(f"loss.ce_weight must be >= 0 (got {ce_weight})")
+        if caa and ce_weight == 0 and detach_weights:
+            raise ConfigError(
+                "loss.caa=true with detached weights needs loss.ce_weight > 0: the "
+                "cross-entropy is what trains the class vectors the attention is read from"
+            )
+        if not scale > 0:
+            raise ConfigError(f"loss.scale must be > 0 (got {scale}); the paper uses 1")
         self.margin, self.sigma, self.lam = margin, sigma, lam
         self.osm, self.caa = osm, caa
         self.ce_weight, self.scale = ce_weight, scale
@@ -224,27 +392,176 @@ class OSMCAALoss(nn.Module):
     def forward(
         self, embeddings: Tensor, labels: Tensor, return_details: bool = False
     ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
-        logits = class_logits(embeddings, self.class_vectors, scale=self.scale)
-        attention = None
-        if self.caa:
-            p = logits.softmax(dim=1).gather(1, labels.long()[:, None]).squeeze(1)
-            attention = p
-        pair_loss, details = weighted_contrastive_loss(
-            embeddings,
-            labels,
-            attention,
-            margin=self.margin,
-            sigma=self.sigma,
-            lam=self.lam,
-            osm=self.osm,
-            detach_weights=self.detach_weights,
-            return_details=True,
-        )
-        ce = F.cross_entropy(logits, labels.long()) if self.ce_weight > 0 else logits.new_zeros(())
-        loss = pair_loss + self.ce_weight * ce
+        """Total loss of a batch; with ``return_details`` also ``{l_pos, l_neg, ce, attention, weights}``.
+
+        ``attention`` is present only when CAA is on, ``ce`` only when ce_weight > 0.
+        """
+        check_inputs(embeddings, labels)
+        labels = labels.long()
+        with full_precision(embeddings):
+            e = to_float32(embeddings)
+            vectors = to_float32(self.class_vectors)
+            if self.detach_weights:
+                setting = _Setting(
+                    self.margin,
+                    self.sigma,
+                    self.lam,
+                    self.osm,
+                    self.caa,
+                    self.ce_weight,
+                    self.scale,
+                )
+                loss, means, ce, attention, w = _FusedOSMCAA.apply(
+                    e, vectors if self.ce_weight > 0 else None, None, labels, setting
+                )
+                if not return_details:
+                    return loss
+                l_pos, l_neg = means
+            else:
+                loss, l_pos, l_neg, ce, attention, w = self._attached(e, vectors, labels)
         if not return_details:
             return loss
-        details["ce"] = ce.detach()
+        details = {"l_pos": l_pos.detach(), "l_neg": l_neg.detach(), "weights": w.detach()}
+        if ce is not None:
+            details["ce"] = ce.detach()
         if attention is not None:
             details["attention"] = attention.detach()
         return loss, details
+
+    def _attached(self, e: Tensor, vectors: Tensor, labels: Tensor) -> tuple[Tensor | None, ...]:
+        """Plain-autograd form: gradients also flow through the OSM weights and the attention."""
+        x = unit_rows(e)
+        attention = ce = None
+        if self.caa or self.ce_weight > 0:
+            log_p = true_class_log_prob(_cosine_logits(x, vectors, self.scale), labels)
+            if self.ce_weight > 0:
+                ce = -log_p.mean()
+            if self.caa:
+                attention = log_p.exp()
+        loss, l_pos, l_neg, w = _pair_terms(
+            x, same_label(labels), attention, self.margin, self.sigma, self.lam, self.osm
+        )
+        if ce is not None:
+            loss = loss + self.ce_weight * ce
+        return loss, l_pos, l_neg, ce, attention, w
+
+
+class OSMCAAOfficialLoss(nn.Module):
+    """OSM + CAA as in the authors' released Caffe code (CUB/Cars/MARS/LPW prototxts).
+
+    * positive weight exp(-d^2 / (2 sigma^2)) (Caffe's Gaussian; = the paper form with
+      sigma * sqrt(2)); negative weight max(0, margin - d); pair attention min(a_i, a_j);
+      weights detached; L = (1 - lam) L_P + lam L_N, each normalised by its own weight sum;
+    * attention a_i = exp(-(p_i - 1)^2 / (2 attention_sigma^2)), p_i = softmax(W f_i + b)[y_i]
+      from a separate linear classifier with bias;
+    * that classifier is trained by a sample-weighted cross-entropy
+      -sum_i v_i log p_i, v_i = g_i / sum_j g_j, g_i = exp(-(p_i - ce_mean)^2 / (2 ce_sigma^2)),
+      v detached, with loss weight ``ce_weight``;
+    * ``divide_by_pairs``: the released layer wraps Caffe's ContrastiveLoss, whose backward
+      divides by the number of pairs, so the effective pair loss is L / (n (n - 1) / 2).
+
+    Deviation: the authors feed the classifier the backbone feature (GoogLeNet pool5).
+    Our models hand the loss only the embedding, so by default the classifier reads the
+    embedding; pass ``features=`` to ``forward`` (and set ``feature_dim``) to use another tensor.
+
+    Args:
+        num_classes: number of training classes (labels 0..num_classes-1).
+        embedding_dim: dimension of the embeddings.
+        feature_dim: input size of the classifier; None = embedding_dim.
+        margin: negative margin (1.2 in all released prototxts).
+        sigma: Caffe-convention Gaussian width of the positive weights (0.8 CUB/Cars,
+            1.0 MARS, 0.6 LPW).
+        lam: weight of the negative term (0.5 in the released layer).
+        attention_sigma: width of the attention Gaussian around p = 1 (0.68).
+        ce_mean, ce_sigma: centre and width of the cross-entropy sample weights (0.5, 0.18).
+        ce_weight: loss weight of the weighted cross-entropy (1).
+        divide_by_pairs: scale the pair loss by 1 / (n (n-1) / 2) as the released code does.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_dim: int,
+        *,
+        feature_dim: int | None = None,
+        margin: float = 1.2,
+        sigma: float = 0.8,
+        lam: float = 0.5,
+        attention_sigma: float = 0.68,
+        ce_mean: float = 0.5,
+        ce_sigma: float = 0.18,
+        ce_weight: float = 1.0,
+        divide_by_pairs: bool = True,
+    ) -> None:
+        super().__init__()
+        check_loss_hparams(margin, sigma, lam)
+        _check_sizes(num_classes, embedding_dim)
+        for name, value in (("attention_sigma", attention_sigma), ("ce_sigma", ce_sigma)):
+            if not value > 0:
+                raise ConfigError(f"loss.{name} must be > 0 (got {value})")
+        if ce_weight < 0:
+            raise ConfigError(f"loss.ce_weight must be >= 0 (got {ce_weight})")
+        in_features = embedding_dim if feature_dim is None else feature_dim
+        if int(in_features) < 1:
+            raise ConfigError(f"loss.feature_dim must be >= 1 (got {feature_dim})")
+        self.margin, self.sigma, self.lam = margin, sigma, lam
+        self.attention_sigma, self.ce_mean, self.ce_sigma = attention_sigma, ce_mean, ce_sigma
+        self.ce_weight, self.divide_by_pairs = ce_weight, divide_by_pairs
+        self.classifier = nn.Linear(int(in_features), num_classes, bias=True)
+        nn.init.xavier_uniform_(self.classifier.weight)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        return_details: bool = False,
+        *,
+        features: Tensor | None = None,
+    ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+        """Total loss; ``features`` (n, feature_dim) feeds the classifier instead of the embedding."""
+        check_inputs(embeddings, labels)
+        f = embeddings if features is None else features
+        if f.dim() != 2 or f.shape[0] != embeddings.shape[0]:
+            raise ValueError(
+                f"features must be ({embeddings.shape[0]}, dim), got shape {tuple(f.shape)}"
+            )
+        if f.shape[1] != self.classifier.in_features:
+            raise ValueError(
+                f"the classifier reads {self.classifier.in_features} features, got {f.shape[1]}: "
+                "set loss.feature_dim to the size of the tensor passed as `features`"
+            )
+        labels = labels.long()
+        with full_precision(embeddings):
+            logits = F.linear(
+                to_float32(f), to_float32(self.classifier.weight), to_float32(self.classifier.bias)
+            )
+            log_p = true_class_log_prob(logits, labels)
+            p = log_p.detach().exp()
+            attention = gaussian(p, 1.0, self.attention_sigma)
+            v = gaussian(p, self.ce_mean, self.ce_sigma)
+            ce = -(v * log_p).sum() / v.sum()
+            setting = _Setting(self.margin, self.sigma * math.sqrt(2.0), self.lam, osm=True)
+            loss, means, _, _, w = _FusedOSMCAA.apply(
+                to_float32(embeddings), None, attention, labels, setting
+            )
+            n = embeddings.shape[0]
+            if self.divide_by_pairs and n > 1:
+                loss = loss / (n * (n - 1) / 2)
+            loss = loss + self.ce_weight * ce
+        if not return_details:
+            return loss
+        return loss, {
+            "l_pos": means[0],
+            "l_neg": means[1],
+            "ce": ce.detach(),
+            "attention": attention,
+            "weights": w,
+        }
+
+
+def _check_sizes(num_classes: int | None, embedding_dim: int | None) -> None:
+    if num_classes is None or int(num_classes) < 1:
+        raise ConfigError(f"loss.num_classes must be >= 1 (got {num_classes})")
+    if embedding_dim is None or int(embedding_dim) < 1:
+        raise ConfigError(f"loss.embedding_dim must be >= 1 (got {embedding_dim})")

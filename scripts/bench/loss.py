@@ -1,0 +1,217 @@
+"""Forward+backward time of ``OSMCAALoss`` against two baselines measured in the same run.
+
+(a) a vectorised plain contrastive loss (no mining, no attention, no classifier);
+(b) a port in the style of the widely copied public PyTorch port of OSM+CAA, which
+    gathers the class-aware attention with a Python loop over samples (written
+    here for the comparison; its value equals ours, which the script checks).
+
+Targets (issue #3): OSMCAALoss <= 1.1x (a); >= 3.5x faster than (b) at n = 56,
+>= 6x at n = 512. Batches are P x K with d = 512 and 100 classes. Also printed:
+OSMCAALoss with attached weights, whose gradients are those of (b) (the port
+detaches nothing).
+
+    python scripts/bench/loss.py                 # CPU, ~1 minute
+    python scripts/bench/loss.py --device cuda
+
+On CPU it runs one thread and times process CPU time by default, so that other
+processes on a shared machine do not count (``--wall``, ``--threads`` to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from softmine.losses import OSMCAALoss
+
+SIZES = ((56, 4), (180, 4), (512, 8))  # (n, K): P = n / K classes per batch
+DIM = 512
+NUM_CLASSES = 100
+TARGET_A = 1.1
+TARGET_B = {56: 3.5, 512: 6.0}
+
+
+def plain_contrastive(emb: Tensor, labels: Tensor, margin: float = 1.2, lam: float = 0.5) -> Tensor:
+    """(a): every pair weight 1; L = (1-lam) 1/2 mean_pos d^2 + lam 1/2 mean_neg max(0, m - d)^2."""
+    x = F.normalize(emb, dim=1)
+    n = x.shape[0]
+    d2 = (2.0 - 2.0 * (x @ x.T)).clamp_min(0.0)
+    d = d2.clamp_min(1e-12).sqrt()
+    same = labels[:, None] == labels[None, :]
+    pos = (same & ~torch.eye(n, dtype=torch.bool, device=x.device)).float()
+    neg = (~same).float()
+    l_pos = 0.5 * (pos * d2).sum() / pos.sum().clamp_min(1.0)
+    l_neg = 0.5 * (neg * (margin - d).clamp_min(0.0).pow(2)).sum() / neg.sum().clamp_min(1.0)
+    return (1.0 - lam) * l_pos + lam * l_neg
+
+
+class LoopPort(nn.Module):
+    """(b): OSM+CAA as the public port writes it, attention gathered one sample at a time.
+
+    Same quantity as ``OSMCAALoss`` (cosine-softmax attention, OSM weights, CE on the
+    class vectors); nothing is detached.
+    """
+
+    def __init__(self, class_vectors: Tensor, alpha: float = 1.2, lam: float = 0.5) -> None:
+        super().__init__()
+        self.embd = nn.Parameter(class_vectors.detach().T.clone())  # (d, C), as in the port
+        self.alpha, self.lam, self.osm_sigma = alpha, lam, 0.8
+
+    def forward(self, x: Tensor, labels: Tensor) -> Tensor:
+        x = F.normalize(x, p=2, dim=1)
+        n = x.size(0)
+        dist = torch.pow(x, 2).sum(dim=1, keepdim=True).expand(n, n)
+        dist = dist + dist.t()
+        dist = torch.addmm(dist, x, x.t(), beta=1, alpha=-2)
+        dist = dist.clamp(min=1e-12).sqrt()
+        s = torch.exp(-1.0 * torch.pow(dist, 2) / (self.osm_sigma * self.osm_sigma))
+        s_ = torch.clamp(self.alpha - dist, min=0.0)
+        p_mask = labels.expand(n, n).eq(labels.expand(n, n).t()).float()
+        n_mask = 1 - p_mask
+        s = s * p_mask + s_ * n_mask
+        embd = F.normalize(self.embd, p=2, dim=0)
+        logits = torch.mm(x, embd)
+        denominator = torch.sum(torch.exp(logits), 1)
+        att = []
+        for i in range(n):
+            att.append(torch.exp(torch.dot(x[i], embd[:, labels[i]])) / denominator[i])
+        atten_class = torch.stack(att)
+        a = torch.min(atten_class.expand(n, n), atten_class.view(-1, 1).expand(n, n))
+        w = s * a
+        off = 1 - torch.eye(n, n, device=x.device)
+        w_p = w * p_mask * off
+        w_n = w * n_mask * off
+        l_p = 1.0 / 2 * torch.sum(w_p * torch.pow(dist, 2)) / torch.sum(w_p)
+        l_n = 1.0 / 2 * torch.sum(w_n * torch.pow(s_, 2)) / torch.sum(w_n)
+        return (1 - self.lam) * l_p + self.lam * l_n + F.cross_entropy(logits, labels)
+
+
+def clustered_embeddings(labels: Tensor, seed: int) -> Tensor:
+    """Class clusters around correlated centres, so positives and negatives both lie near the margin.
+
+    (Independent Gaussian vectors in 512-d are all ~sqrt(2) apart: every negative would
+    be outside the margin and the port would return NaN.)
+    """
+    g = torch.Generator().manual_seed(seed)
+    p = int(labels.max()) + 1
+    base = torch.randn(DIM, generator=g)
+    centres = base / base.norm() + torch.randn(p, DIM, generator=g) / DIM**0.5
+    return centres[labels.cpu()] + 0.6 * torch.randn(len(labels), DIM, generator=g) / DIM**0.5
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(
+    steps: dict[str, Callable[[], None]],
+    device: torch.device,
+    budget_s: float,
+    clock: Callable[[], float],
+) -> dict[str, float]:
+    """Median seconds per call of each step; calls are interleaved in rounds so load drifts hit all."""
+    for step in steps.values():  # warm-up
+        for _ in range(3):
+            step()
+    sync(device)
+    per_round = {}
+    for name, step in steps.items():  # calls per round so that one block takes >= ~10 ms
+        t0 = clock()
+        step()
+        sync(device)
+        per_round[name] = max(1, int(0.01 / max(clock() - t0, 1e-6)))
+    samples: dict[str, list[float]] = {k: [] for k in steps}
+    t_end = time.perf_counter() + budget_s
+    while time.perf_counter() < t_end or min(len(v) for v in samples.values()) < 5:
+        for name, step in steps.items():
+            k = per_round[name]
+            t0 = clock()
+            for _ in range(k):
+                step()
+            sync(device)
+            samples[name].append((clock() - t0) / k)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def make_step(fn: Callable[[Tensor, Tensor], Tensor], emb: Tensor, labels: Tensor, params):
+    def step() -> None:
+        for p in params:
+            p.grad = None
+        fn(emb, labels).backward()
+
+    return step
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    ap.add_argument("--budget", type=float, default=6.0, help="seconds of timing per batch size")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--wall", action="store_true", help="CPU: wall-clock instead of CPU time")
+    args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cpu_time = device.type == "cpu" and not args.wall
+    clock = time.process_time if cpu_time else time.perf_counter
+    print(
+        f"device {device}, threads {torch.get_num_threads()}, torch {torch.__version__}, "
+        f"timer: {'process CPU time' if cpu_time else 'wall clock'}"
+    )
+    print(f"d = {DIM}, {NUM_CLASSES} classes; median ms per forward+backward\n")
+    print(
+        f"{'n':>5} {'OSMCAA':>8} {'(a) plain':>10} {'(b) port':>9} {'OSMCAA/(a)':>11}"
+        f" {'(b)/OSMCAA':>11}   targets"
+    )
+    diag = []
+    for n, k in SIZES:
+        labels = torch.arange(n // k).repeat_interleave(k).to(device)
+        emb = clustered_embeddings(labels, n).to(device).requires_grad_()
+        ours = OSMCAALoss(NUM_CLASSES, DIM).to(device)
+        attached = OSMCAALoss(NUM_CLASSES, DIM, detach_weights=False).to(device)
+        attached.load_state_dict(ours.state_dict())
+        osm_only = OSMCAALoss(NUM_CLASSES, DIM, caa=False, ce_weight=0.0).to(device)
+        port = LoopPort(ours.class_vectors).to(device)
+        with torch.no_grad():
+            diff = abs(float(ours(emb, labels)) - float(port(emb, labels)))
+        assert diff < 1e-4, f"port and OSMCAALoss disagree by {diff}"
+        steps = {
+            "ours": make_step(ours, emb, labels, [emb, *ours.parameters()]),
+            "plain": make_step(plain_contrastive, emb, labels, [emb]),
+            "port": make_step(port, emb, labels, [emb, *port.parameters()]),
+            "attached": make_step(attached, emb, labels, [emb, *attached.parameters()]),
+            "osm_only": make_step(osm_only, emb, labels, [emb, *osm_only.parameters()]),
+        }
+        t = time_steps(steps, device, args.budget, clock)
+        r_a, r_b = t["ours"] / t["plain"], t["port"] / t["ours"]
+        want_b = TARGET_B.get(n)
+        verdict = f"(a) <= {TARGET_A}x: {'met' if r_a <= TARGET_A else 'NOT MET'}"
+        if want_b is not None:
+            verdict += f"; (b) >= {want_b}x: {'met' if r_b >= want_b else 'NOT MET'}"
+        print(
+            f"{n:>5} {1e3 * t['ours']:>8.3f} {1e3 * t['plain']:>10.3f} {1e3 * t['port']:>9.3f}"
+            f" {r_a:>10.2f}x {r_b:>10.1f}x   {verdict}"
+        )
+        diag.append((n, t))
+    print(
+        "\nwhere the time goes: OSM only = OSMCAALoss(caa=False, ce_weight=0), no classifier;"
+        "\nattached = OSMCAALoss(detach_weights=False), autograd through the weights like (b)"
+    )
+    print(f"{'n':>5} {'OSM only':>9} {'OSM only/(a)':>13} {'attached':>9} {'(b)/attached':>13}")
+    for n, t in diag:
+        print(
+            f"{n:>5} {1e3 * t['osm_only']:>9.3f} {t['osm_only'] / t['plain']:>12.2f}x"
+            f" {1e3 * t['attached']:>9.3f} {t['port'] / t['attached']:>12.1f}x"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

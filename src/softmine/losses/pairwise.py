@@ -1,0 +1,90 @@
+"""Shared pieces of the pair-based losses: float32 inputs, unit-sphere distances, label masks.
+
+Every loss in :mod:`softmine.losses` works on the (n, n) matrix of pairwise
+quantities built from one Gram matrix ``x @ x.T``; no (n, n, dim) tensor is
+ever formed. All of them compute in at least float32, also under autocast.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+EPS = 1e-12
+"""Floor of every denominator (weight sums, norms); a term whose weights sum to 0 is 0."""
+
+TINY_SQ_DIST = 1e-12
+"""Squared distances at or below this count as 0 (d < 1e-6 is rounding noise of the Gram form)."""
+
+
+def check_inputs(embeddings: Tensor, labels: Tensor) -> None:
+    """Raise ``ValueError`` unless ``embeddings`` is (n, dim) and ``labels`` is (n,)."""
+    if embeddings.dim() != 2:
+        raise ValueError(f"embeddings must be (n, dim), got shape {tuple(embeddings.shape)}")
+    if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+        raise ValueError(
+            f"labels must be (n,) matching embeddings (n={embeddings.shape[0]}), "
+            f"got shape {tuple(labels.shape)}"
+        )
+
+
+def full_precision(t: Tensor) -> AbstractContextManager:
+    """A context that turns autocast off on ``t``'s device, so the loss runs in the dtype we choose.
+
+    A no-op context when autocast is not on (entering autocast costs a few microseconds).
+    """
+    device = t.device.type
+    if device in ("cpu", "cuda") and not torch.is_autocast_enabled(device):
+        return nullcontext()
+    return torch.autocast(device_type=device, enabled=False)
+
+
+def to_float32(t: Tensor) -> Tensor:
+    """``t`` in float32, or float64 if it already is (half and bfloat16 are promoted)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def unit_rows(embeddings: Tensor) -> Tensor:
+    """Rows L2-normalised in at least float32 (call inside :func:`full_precision`)."""
+    return F.normalize(to_float32(embeddings), dim=1, eps=EPS)
+
+
+def same_label(labels: Tensor) -> Tensor:
+    """(n, n) bool, True where y_i == y_j, diagonal included."""
+    return labels[:, None] == labels[None, :]
+
+
+def unit_sq_distances(x: Tensor) -> Tensor:
+    """Squared distances (n, n) between unit rows: ``2 - 2 x_i . x_j``, set to 0 at or below
+    :data:`TINY_SQ_DIST` (so also never negative).
+
+    Exact on the sphere; through the normalisation's backward its gradient equals
+    that of ``||x_i - x_j||^2``. Entries on the diagonal are rounding noise (~0).
+    """
+    return torch.threshold(torch.rsub(x @ x.T, 2.0, alpha=2.0), TINY_SQ_DIST, 0.0)
+
+
+def safe_sqrt(d2: Tensor) -> Tensor:
+    """``sqrt(d2)``, exactly 0 (with zero gradient) where ``d2 <= TINY_SQ_DIST``, never NaN.
+
+    Same values as ``d2.sqrt()`` of :func:`unit_sq_distances` output, with a finite gradient.
+    """
+    big = d2 > TINY_SQ_DIST
+    return torch.where(big, d2.clamp_min(TINY_SQ_DIST).sqrt(), 0.0)
+
+
+def masked_log1p_sum_exp(z: Tensor, mask: Tensor) -> Tensor:
+    """Row-wise ``log(1 + sum_{j: mask_ij} exp(z_ij))``, stable, finite for empty rows (gives 0).
+
+    Args:
+        z: (n, m) logits.
+        mask: (n, m) bool; entries outside the mask get no value and no gradient.
+    """
+    neg_inf = torch.tensor(float("-inf"), dtype=z.dtype, device=z.device)
+    zm = torch.where(mask, z, neg_inf)
+    m = zm.amax(dim=1, keepdim=True).clamp_min(0.0).detach()
+    s = torch.exp(-m).squeeze(1) + torch.exp(zm - m).sum(dim=1)
+    return m.squeeze(1) + torch.log(s)

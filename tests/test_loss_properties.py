@@ -1,0 +1,148 @@
+"""Properties every loss config must have: builds from its YAML, float32 under autocast,
+no (n, n, dim) tensor, and the trainer's conventions (sizes filled, details keys)."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from softmine.config import build
+from softmine.losses import weighted_contrastive_loss
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "loss"
+NAMES = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+NUM_CLASSES, DIM = 5, 24
+
+
+def _build(name: str) -> torch.nn.Module:
+    """Instantiate ``loss=<name>`` the way the trainer does (sizes filled when left null)."""
+    cfg = OmegaConf.load(CONFIG_DIR / f"{name}.yaml")
+    if "defaults" in cfg:  # ablation presets extend osm_caa.yaml
+        base = OmegaConf.load(CONFIG_DIR / "osm_caa.yaml")
+        cfg = OmegaConf.merge(base, {k: v for k, v in cfg.items() if k != "defaults"})
+    extra = {k: v for k, v in (("num_classes", NUM_CLASSES), ("embedding_dim", DIM)) if k in cfg}
+    return build(cfg, "loss", **extra)
+
+
+def _batch(n: int = 20, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, DIM, generator=g), torch.arange(n) % NUM_CLASSES
+
+
+def test_all_issue_config_names_exist() -> None:
+    wanted = {
+        "osm_caa",
+        "osm_caa_official",
+        "osm",
+        "caa",
+        "contrastive",
+        "contrastive_hard",
+        "triplet_semihard",
+        "triplet_batchhard",
+        "lifted",
+        "multi_similarity",
+        "normsoftmax",
+    }
+    assert wanted <= set(NAMES)
+
+
+def test_every_option_has_a_comment() -> None:
+    for name in NAMES:
+        for line in (CONFIG_DIR / f"{name}.yaml").read_text().splitlines():
+            if line and not line.startswith(("#", " ", "-", "defaults", "_target_")):
+                assert "#" in line, f"{name}.yaml: option without a comment: {line!r}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_config_builds_and_trains(name: str) -> None:
+    loss_fn = _build(name)
+    emb, y = _batch()
+    emb.requires_grad_()
+    if "return_details" in inspect.signature(loss_fn.forward).parameters:
+        loss, details = loss_fn(emb, y, return_details=True)
+        assert {"l_pos", "l_neg"} <= set(details)
+        for key in ("l_pos", "l_neg", "ce"):
+            if key in details:
+                assert math.isfinite(float(details[key]))
+    else:
+        loss = loss_fn(emb, y)
+    loss.backward()
+    assert loss.dim() == 0 and math.isfinite(float(loss))
+    assert torch.isfinite(emb.grad).all() and float(emb.grad.abs().sum()) > 0
+    for p in loss_fn.parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all()
+
+
+def _autocast_dtypes() -> list[torch.dtype]:
+    dtypes = [torch.bfloat16]
+    try:
+        with torch.autocast("cpu", dtype=torch.float16):
+            ok = torch.nn.Linear(2, 2)(torch.ones(1, 2)).dtype == torch.float16
+    except (RuntimeError, AssertionError):
+        ok = False
+    return dtypes + ([torch.float16] if ok else [])
+
+
+@pytest.mark.parametrize("dtype", _autocast_dtypes())
+@pytest.mark.parametrize("name", NAMES)
+def test_autocast_gives_float32_loss_without_nan(name: str, dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, DIM)
+    loss_fn = _build(name)
+    x, y = torch.randn(20, 16), torch.arange(20) % NUM_CLASSES
+    with torch.autocast("cpu", dtype=dtype):
+        emb = head(x)
+        assert emb.dtype == dtype  # the loss really receives low-precision input
+        loss = loss_fn(emb, y)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert math.isfinite(float(loss))
+    assert all(torch.isfinite(p.grad).all() for p in head.parameters())
+    # same value as the float32 loss of the same (rounded) embeddings
+    ref = _build(name)
+    ref.load_state_dict(loss_fn.state_dict())
+    assert float(loss) == pytest.approx(float(ref(emb.detach().float(), y)), rel=1e-5, abs=1e-6)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an op produces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_no_n_by_n_by_dim_tensor(name: str) -> None:
+    n = 16
+    loss_fn = _build(name)
+    emb, y = _batch(n)
+    emb.requires_grad_()
+    with _LargestTensor() as probe:
+        loss_fn(emb, y).backward()
+    # the largest legitimate tensors are (n + classes, dim) and (n, n); (n, n, dim) is 16x more
+    assert probe.largest <= max((n + NUM_CLASSES) * DIM, n * n, NUM_CLASSES * DIM)
+
+
+def test_functional_loss_under_autocast_matches_float32() -> None:
+    emb, y = _batch()
+    a = torch.rand(len(y))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = torch.nn.functional.linear(emb, torch.eye(DIM))
+        got = weighted_contrastive_loss(low, y, a)
+    ref = weighted_contrastive_loss(low.float(), y, a)
+    assert got.dtype == torch.float32
+    assert float(got) == pytest.approx(float(ref), rel=1e-6)
