@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 
 @torch.no_grad()
@@ -27,6 +27,59 @@ def extract_embeddings(
         labels.append(torch.as_tensor(y))
     model.train(was_training)
     return torch.cat(feats).numpy(), torch.cat(labels).numpy().astype(np.int64)
+
+
+@torch.no_grad()
+def extract_reid_embeddings(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    device: torch.device,
+    frame_batch_size: int = 64,
+    num_workers: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(embeddings (n, d), pids (n,), camids (n,)) of a re-ID query or gallery set.
+
+    Items are ``(input, pid, camid)``. Images are embedded by ``model``. Video
+    clips, (T, C, H, W) or chunked (N, T, C, H, W) whole tracklets, are embedded
+    frame by frame in batches of ``frame_batch_size`` and pooled over the real frames
+    of the tracklet (chunk padding dropped) with the model's test-time pooling (mean
+    or max), then L2-normalised: a 920-frame tracklet never has to fit at once.
+    """
+    import torch.nn.functional as F
+
+    from softmine.evaluation.video import pool_tracklet_features
+
+    was_training = model.training
+    model.eval()
+    frame_fn = getattr(model, "frame_embeddings", None)
+    mode = getattr(model, "eval_pooling", "mean")
+    if mode not in ("mean", "max"):
+        mode = "mean"
+    indices = dataset.indices if isinstance(dataset, Subset) else range(len(dataset))
+    base = dataset.dataset if isinstance(dataset, Subset) else dataset
+    tracklets = getattr(base, "tracklets", None)
+    loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=num_workers)
+    feats, pids, camids = [], [], []
+    for i, (x, pid, camid) in zip(indices, loader, strict=True):
+        x = x[0]
+        if x.dim() == 3:  # one image
+            feats.append(model(x[None].to(device)).float().cpu()[0])
+        else:
+            frames = x.flatten(0, 1) if x.dim() == 5 else x
+            if tracklets is not None and x.dim() == 5:
+                frames = frames[: len(tracklets[i][0])]
+            fn = frame_fn if frame_fn is not None else model
+            pooled = pool_tracklet_features(fn, frames, frame_batch_size, mode, device=device)
+            feats.append(F.normalize(pooled, dim=0).cpu())
+        pids.append(int(pid))
+        camids.append(int(camid))
+    model.train(was_training)
+    return (
+        torch.stack(feats).numpy(),
+        np.asarray(pids, dtype=np.int64),
+        np.asarray(camids, dtype=np.int64),
+    )
 
 
 def raw_inputs(dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:

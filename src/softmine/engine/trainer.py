@@ -36,14 +36,14 @@ from softmine.engine.checkpoint import (
     save_atomic,
 )
 from softmine.engine.distributed import DistEnv, any_rank, barrier, gather_shards, shard
-from softmine.engine.embed import extract_embeddings, raw_inputs
+from softmine.engine.embed import extract_embeddings, extract_reid_embeddings, raw_inputs
 from softmine.engine.logger import RunLogger
 from softmine.engine.objective import Objective
 from softmine.engine.setup import resolve_device, resolve_num_workers, seed_everything
 from softmine.engine.signals import GracefulInterrupt
 from softmine.engine.validate import validate_config
 from softmine.errors import ConfigError, Interrupted, TrainingError
-from softmine.evaluation import retrieval_metrics
+from softmine.evaluation import reid_metrics, retrieval_metrics
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class Trainer:
         self._check_run_folder()
 
         self.train_set = build(cfg.dataset.train, "dataset.train")
-        self.test_set = build(cfg.dataset.test, "dataset.test")
+        self._build_eval_sets()
         labels = np.asarray(self.train_set.labels)
         self.num_classes = _check_train_labels(labels)
 
@@ -253,20 +253,57 @@ class Trainer:
         self.logger.truncate(self.state.log_rows)
 
     # ---------------------------------------------------------------- evaluation
+    def _build_eval_sets(self) -> None:
+        """A ``test`` node: leave-one-out retrieval; ``query`` + ``gallery`` nodes: re-ID."""
+        d = self.cfg.dataset
+        if "test" in d:
+            self.protocol = "retrieval"
+            self.test_set = build(d.test, "dataset.test")
+        elif "query" in d and "gallery" in d:
+            self.protocol = "reid"
+            self.query_set = build(d.query, "dataset.query")
+            self.gallery_set = build(d.gallery, "dataset.gallery")
+        else:
+            raise ConfigError(
+                "the dataset config needs a `test` node (retrieval) or `query` and `gallery` "
+                "nodes (re-identification)"
+            )
+
+    def _reid_embeddings(self, model: torch.nn.Module, dataset) -> tuple[np.ndarray, ...]:
+        parts = extract_reid_embeddings(
+            model,
+            shard(dataset, self.dist),
+            device=self.device,
+            frame_batch_size=int(self.cfg.evaluation.frame_batch_size),
+            num_workers=self.num_workers,
+        )
+        return gather_shards(parts, len(dataset), self.dist)
+
     def evaluate(self, model: torch.nn.Module | None = None) -> dict[str, float]:
-        """Retrieval metrics of ``model`` (default: the trained one) on the test split."""
+        """Metrics of ``model`` (default: the trained one): retrieval on ``test``, or re-ID."""
+        model = model or self.model
+        ecfg = self.cfg.evaluation
+        if self.protocol == "reid":
+            q, q_pids, q_cams = self._reid_embeddings(model, self.query_set)
+            g, g_pids, g_cams = self._reid_embeddings(model, self.gallery_set)
+            return reid_metrics(
+                q, q_pids, q_cams, g, g_pids, g_cams,
+                ranks=tuple(ecfg.ranks), ap=str(ecfg.ap), rerank=bool(ecfg.rerank),
+            )
         emb, labels = extract_embeddings(
-            model or self.model,
+            model,
             shard(self.test_set, self.dist),
             device=self.device,
             batch_size=int(self.cfg.trainer.eval_batch_size),
             num_workers=self.num_workers,
         )
         emb, labels = gather_shards((emb, labels), len(self.test_set), self.dist)
-        return retrieval_metrics(emb, labels, self.cfg.evaluation.ks)
+        return retrieval_metrics(emb, labels, ecfg.ks)
 
     def baselines(self) -> dict[str, dict[str, float]]:
         """Metrics of raw inputs and of the untrained network on the same test split."""
+        if self.protocol != "retrieval":
+            raise ConfigError("trainer.baselines needs a retrieval test split (a `test` node)")
         x, y = raw_inputs(self.test_set)
         return {
             "raw pixels": retrieval_metrics(x, y, self.cfg.evaluation.ks),

@@ -234,6 +234,14 @@ class VideoEmbeddingNet(EmbeddingNet):
             details["frame_weights"] = w / w.sum(dim=1, keepdim=True)
         return out, details
 
+    def frame_embeddings(self, frames: Tensor) -> Tensor:
+        """(n, D) embeddings of n single frames (n, C, H, W), before pooling and L2 normalisation.
+
+        Test-time evaluation pools these over all frames of a tracklet (in batches of
+        frames), then normalises, as :meth:`forward` does for one clip.
+        """
+        return self.embed(self.trunk_features(frames))
+
     def frame_loss(self, details: dict[str, Tensor], labels: Tensor) -> Tensor:
         """Cross-entropy of the frame classifier against the clip labels of its frames.
 

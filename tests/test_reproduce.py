@@ -1,0 +1,87 @@
+"""The paper-scale experiments run through on fake data in the real layouts (CPU, 2 iterations)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from softmine.data.fakes import make_cars, make_cub, make_ilidsvid, make_mars
+from tests.conftest import REPO, run_cli
+
+COMMON = [
+    "trainer.max_iters=2",
+    "backbone.pretrained=false",
+    "trainer.device=cpu",
+    "trainer.num_workers=0",
+    "trainer.progress_bar=false",
+    "trainer.tensorboard=false",
+]
+# Small inputs keep BN-Inception fast on the CPU (its inception_4e branch needs >= 96 px).
+IMAGE = ["dataset.transform.resize=100", "dataset.transform.crop_size=96"]
+VIDEO = [
+    "dataset.transform.height=96",
+    "dataset.transform.width=96",
+    "evaluation.frame_batch_size=8",
+]
+
+CASES = {
+    "reproduce_cub": (lambda r: make_cub(r, num_classes=16, images_per_class=7), IMAGE),
+    "reproduce_cars": (lambda r: make_cars(r, num_classes=16, images_per_class=7), IMAGE),
+    "reproduce_mars": (make_mars, VIDEO),
+    "reproduce_ilidsvid": (make_ilidsvid, VIDEO),
+}
+RETRIEVAL = {"recall@1", "recall@2", "recall@4", "recall@8", "map@r", "nmi"}
+REID = {"cmc@1", "cmc@5", "cmc@10", "cmc@20", "mAP"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", sorted(CASES))
+def test_reproduce_experiment_runs_on_fake_data(tmp_path: Path, experiment: str) -> None:
+    make, size = CASES[experiment]
+    root = make(tmp_path / "data")
+    run_dir = tmp_path / "run"
+    res = run_cli(
+        [
+            "softmine.train",
+            f"experiment={experiment}",
+            f"dataset.root={root}",
+            f"hydra.run.dir={run_dir}",
+            *COMMON,
+            *size,
+        ],
+        tmp_path,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    expected = REID if "mars" in experiment or "ilidsvid" in experiment else RETRIEVAL
+    assert expected <= set(metrics)
+    assert all(0.0 <= metrics[k] <= 1.0 for k in expected)
+    cfg = (run_dir / ".hydra" / "config.yaml").read_text()
+    assert "seed: 123" in cfg and "OSMCAAOfficialLoss" in cfg
+
+
+@pytest.mark.parametrize("experiment", sorted(CASES))
+def test_reproduce_without_data_is_the_clear_data_error(tmp_path: Path, experiment: str) -> None:
+    res = run_cli(
+        ["softmine.train", f"experiment={experiment}", f"dataset.root={tmp_path / 'nowhere'}"],
+        tmp_path,
+    )
+    assert res.returncode == 2
+    assert res.stderr.startswith("error: ") and "does not exist" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_make_reproduce_cub_without_data(tmp_path: Path) -> None:
+    res = subprocess.run(
+        ["make", "-s", "-C", str(REPO), "reproduce-cub", f"ARGS=dataset.root={tmp_path / 'none'}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode != 0
+    assert "error: CUB-200-2011: dataset folder" in res.stderr
+    assert "Traceback" not in res.stderr
