@@ -11,6 +11,13 @@ Peak memory is the growth of the process's peak resident set (VmHWM in
 /proc/self/status) over its resident set just before the measured call, after
 resetting the peak with ``/proc/self/clear_refs``: it counts every allocation,
 numpy's, faiss's C++ index and BLAS scratch alike, which tracemalloc would miss.
+glibc's malloc is first told to serve every block over 128 KiB by mmap and to
+return freed memory at once (``mallopt``), so memory freed by one measurement
+cannot be silently reused by the next and hide its peak. Timings are the best of
+interleaved repeats. faiss runs single-threaded by default (``--threads``), for the
+floor and for us alike: on a shared CPU its OpenMP threads wait on each other
+whenever one is descheduled, which makes multi-threaded timings swing by 2x from
+run to run, while single-threaded ones repeat to within a few percent.
 
 Run: ``python scripts/bench/eval.py`` (about 1-2 minutes on 2 CPU cores).
 """
@@ -18,6 +25,7 @@ Run: ``python scripts/bench/eval.py`` (about 1-2 minutes on 2 CPU cores).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +37,16 @@ from softmine.evaluation import cmc_map, evaluate_reid, recall_at_k
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _fixed_malloc() -> None:
+    """mmap every block over 128 KiB and trim freed memory at once (glibc; no-op elsewhere)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD (fixed: no dynamic raising)
+    libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
 
 
 def _kib(field: str) -> int:
@@ -51,7 +69,8 @@ def measure(fn: Callable[[], object]) -> tuple[float, float, object]:
 def bench_recall(n: int, d: int, repeats: int) -> bool:
     rng = np.random.default_rng(0)
     labels = rng.integers(0, n // 50, n)
-    x = (rng.normal(size=(n // 50, d))[labels] + rng.normal(size=(n, d))).astype(np.float32)
+    centers = rng.normal(size=(n // 50, d))
+    x = (centers[labels] + 1.5 * rng.normal(size=(n, d))).astype(np.float32)
     xn = x.copy()
     faiss.normalize_L2(xn)
 
@@ -153,8 +172,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=50_000, help="items of the Recall@K benchmark")
     parser.add_argument("--repeats", type=int, default=2, help="timed repeats (best is kept)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="faiss OpenMP threads (0: faiss's default)"
+    )
     parser.add_argument("--rerank", action="store_true", help="also time re-ranking at MARS size")
     args = parser.parse_args()
+    _fixed_malloc()
+    if args.threads > 0:
+        faiss.omp_set_num_threads(args.threads)
+    print(f"faiss threads: {faiss.omp_get_max_threads()}")
     ok = bench_recall(args.n, 128, args.repeats)
     ok &= bench_cmc_map(args.repeats, args.rerank)
     print("targets met" if ok else "TARGETS MISSED")

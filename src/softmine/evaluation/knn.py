@@ -121,13 +121,25 @@ def build_flat_index(
     will be searched) is within :data:`GPU_MAX_K`; otherwise on the CPU.
     """
     base = as_array(base)
-    index = faiss.IndexFlatIP(base.shape[1])
+    n, d = base.shape
+    index = faiss.IndexFlatIP(d)
     gpu = resolve_faiss_device(device)
     if gpu is not None and (k is None or k <= GPU_MAX_K):
         index = faiss.index_cpu_to_gpu(_gpu_resources(gpu), gpu, index)
-    for start in range(0, base.shape[0], add_chunk):
-        chunk = base[start : start + add_chunk]
-        index.add(normalized_rows(chunk) if normalize else _finite(chunk))
+        for start in range(0, n, add_chunk):
+            chunk = base[start : start + add_chunk]
+            index.add(normalized_rows(chunk) if normalize else _finite(chunk))
+        return index
+    # CPU: size the flat storage (row-major float32, IndexFlat's layout) once and fill it in
+    # place, instead of growing it add by add (each growth copies and briefly doubles it).
+    index.codes.resize(n * d * 4)
+    storage = faiss.rev_swig_ptr(index.codes.data(), n * d * 4).view(np.float32).reshape(n, d)
+    for start in range(0, n, add_chunk):
+        rows = storage[start : start + add_chunk]
+        rows[:] = _finite(base[start : start + add_chunk])
+        if normalize:
+            faiss.normalize_L2(rows)
+    index.ntotal = n
     return index
 
 

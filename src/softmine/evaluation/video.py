@@ -66,9 +66,9 @@ def _embed(embed: Embed, batch: torch.Tensor, device: torch.device | str | None)
 def pool_tracklet_features(
     embed: Embed,
     frames: torch.Tensor | Iterable[torch.Tensor],
-    *,
     batch_size: int = 64,
     mode: PoolMode = "mean",
+    *,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """(d,) float32 feature of one tracklet: the mean or element-wise max of its frames' features.
