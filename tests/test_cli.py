@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import run_cli
 
 FAST = ["trainer.progress_bar=false", "sampler.num_classes=5", "sampler.num_samples=4"]
-METRIC_KEYS = {"recall@1", "recall@2", "recall@4", "recall@8", "map@r", "nmi"}
+METRIC_KEYS = {"recall@1", "recall@2", "recall@4", "recall@8", "map@r", "r_precision", "nmi"}
 
 
 def _only_run_dir(root: Path) -> Path:

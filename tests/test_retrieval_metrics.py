@@ -1,11 +1,24 @@
-"""Retrieval metrics against hand-worked examples and an independent float64 loop."""
+"""Retrieval metrics and the k-NN layer against hand-worked examples and an independent float64 loop."""
 
 from __future__ import annotations
 
+import tracemalloc
+
+import faiss
 import numpy as np
 import pytest
 
-from softmine.evaluation import knn_search, map_at_r, nmi, recall_at_k
+from softmine.errors import ConfigError
+from softmine.evaluation import (
+    knn,
+    knn_search,
+    map_at_r,
+    nmi,
+    r_precision,
+    ranking_metrics,
+    recall_at_k,
+    retrieval_metrics,
+)
 from softmine.evaluation.knn import as_float32
 
 
@@ -48,11 +61,12 @@ def test_map_at_r_hand_example() -> None:
     assert map_at_r(x, y) == pytest.approx((0.5 + 0.5 + 0.25) / 3)
 
 
-def _loop_reference(x: np.ndarray, y: np.ndarray, ks: tuple[int, ...]) -> tuple[dict, float]:
+def _loop_reference(x: np.ndarray, y: np.ndarray, ks: tuple[int, ...]) -> tuple[dict, float, float]:
+    """Recall@K, MAP@R and R-Precision by sorting every query's neighbours in float64."""
     x = x / np.linalg.norm(x, axis=1, keepdims=True)
     n = len(y)
     recalls = {k: 0.0 for k in ks}
-    aps = []
+    aps, rps = [], []
     for q in range(n):
         sims = [(float(x[q] @ x[j]), j) for j in range(n) if j != q]
         order = [j for _, j in sorted(sims, key=lambda t: -t[0])]
@@ -66,19 +80,82 @@ def _loop_reference(x: np.ndarray, y: np.ndarray, ks: tuple[int, ...]) -> tuple[
                     hits += 1
                     ap += hits / i
             aps.append(ap / r)
-    return recalls, float(np.mean(aps))
+            rps.append(hits / r)
+    return recalls, float(np.mean(aps)), float(np.mean(rps))
 
 
-def test_against_float64_loop_on_random_data() -> None:
-    rng = np.random.default_rng(0)
+def _tie_free(x: np.ndarray) -> None:
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    gaps = np.diff(np.sort(xn @ xn.T, axis=1), axis=1)
+    assert gaps.min() > 1e-6, "test data must be free of (float32) ties"
+
+
+@pytest.mark.parametrize("chunk_size", [None, 7])
+def test_against_float64_loop_on_random_data(chunk_size: int | None) -> None:
+    rng = np.random.default_rng(8)
     x = rng.normal(size=(120, 16))
     y = rng.integers(0, 6, size=120)
-    ks = (1, 2, 4, 8)
-    ref_recall, ref_map = _loop_reference(x, y, ks)
-    got = recall_at_k(x, y, ks)
+    y[:3] = 99  # a class with few items; and one singleton below
+    y[3] = 100
+    _tie_free(x)
+    ks = (1, 2, 3, 4, 8, 16)
+    ref_recall, ref_map, ref_rp = _loop_reference(x, y, ks)
+    got = ranking_metrics(x, y, ks, chunk_size=chunk_size)
     for k in ks:
-        assert got[k] == pytest.approx(ref_recall[k], abs=1e-9)
-    assert map_at_r(x, y) == pytest.approx(ref_map, abs=1e-6)
+        assert got[f"recall@{k}"] == pytest.approx(ref_recall[k], abs=1e-9)
+    assert got["map@r"] == pytest.approx(ref_map, abs=1e-9)
+    assert got["r_precision"] == pytest.approx(ref_rp, abs=1e-9)
+    assert recall_at_k(x, y, ks) == pytest.approx(ref_recall, abs=1e-9)
+    assert map_at_r(x, y) == pytest.approx(ref_map, abs=1e-9)
+    assert r_precision(x, y) == pytest.approx(ref_rp, abs=1e-9)
+
+
+def test_retrieval_metrics_keys() -> None:
+    rng = np.random.default_rng(3)
+    m = retrieval_metrics(rng.normal(size=(40, 4)), rng.integers(0, 4, 40), (1, 2))
+    assert set(m) == {"recall@1", "recall@2", "map@r", "r_precision", "nmi"}
+
+
+def test_no_n_by_n_matrix_is_materialised() -> None:
+    # 12,000 items: an N x N float32 matrix would take 576 MB; numpy allocations must
+    # stay at the size of the inputs and a chunk of results (the index is faiss's).
+    rng = np.random.default_rng(0)
+    n, d = 12_000, 4
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    y = rng.integers(0, 1_500, n)
+    tracemalloc.start()
+    try:
+        ranking_metrics(x, y, (1, 2, 4, 8))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.02 * n * n * 4, f"peak numpy allocation {peak / 2**20:.0f} MiB"
+
+
+def test_gpu_path_is_used_when_faiss_has_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No GPU here: stand-ins record that the CPU index is handed to faiss's GPU converter.
+    moved = []
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1, raising=False)
+    monkeypatch.setattr(faiss, "StandardGpuResources", object, raising=False)
+    monkeypatch.setattr(
+        faiss, "index_cpu_to_gpu", lambda res, dev, idx: moved.append(dev) or idx, raising=False
+    )
+    monkeypatch.setattr(knn, "_GPU_RESOURCES", {})
+    x = np.random.default_rng(0).normal(size=(50, 4))
+    _, on_gpu = knn_search(x, k=3, exclude_self=True, device="auto")
+    assert moved == [0]
+    _, on_cpu = knn_search(x, k=3, exclude_self=True, device="cpu")
+    np.testing.assert_array_equal(on_gpu, on_cpu)
+    big = np.random.default_rng(1).normal(size=(knn.GPU_MAX_K + 10, 4))
+    knn_search(big[:5], big, k=knn.GPU_MAX_K + 1, device="cuda:0")  # k too large for the GPU
+    assert moved == [0]
+
+
+def test_cuda_without_faiss_gpu_is_a_config_error() -> None:
+    if knn.faiss_gpu_available():
+        pytest.skip("this faiss has a GPU")
+    with pytest.raises(ConfigError, match="faiss-gpu"):
+        knn_search(np.ones((3, 2)), k=1, device="cuda")
 
 
 def test_nmi_perfect_clusters_and_tensor_inputs() -> None:
@@ -95,5 +172,9 @@ def test_nmi_perfect_clusters_and_tensor_inputs() -> None:
 def test_bad_inputs_are_clear() -> None:
     with pytest.raises(ValueError, match="2-D"):
         recall_at_k(np.zeros(5), np.zeros(5))
+    with pytest.raises(ValueError, match="whole numbers"):
+        recall_at_k(np.ones((3, 2)), np.array([0.5, 1.0, 2.0]))
+    with pytest.raises(ValueError, match="3 embeddings but 2 labels"):
+        recall_at_k(np.ones((3, 2)), np.array([0, 1]))
     with pytest.raises(ValueError, match="NaN"):
         recall_at_k(np.full((3, 2), np.nan), np.zeros(3))

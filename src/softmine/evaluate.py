@@ -5,8 +5,12 @@ Examples::
     softmine-eval outputs/2026-11-28/12-00-00                # run folder: its last checkpoint
     softmine-eval outputs/.../checkpoints/last.pt           # a checkpoint file
     softmine-eval embeddings.npz                             # arrays `embeddings` and `labels`
+    softmine-eval reid.npz --ap market --rerank              # re-ID query/gallery arrays
 
-Prints the metrics as JSON; ``--out FILE`` also writes them.
+An ``.npz`` holds either ``embeddings`` (n, d) and ``labels`` (n,) for leave-one-out
+retrieval, or the re-ID arrays ``query`` (q, d), ``query_pids``, ``query_camids``,
+``gallery`` (g, d), ``gallery_pids``, ``gallery_camids`` for CMC/mAP under the
+Market-1501/MARS rules. Prints the metrics as JSON; ``--out FILE`` also writes them.
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ from softmine.config import build
 from softmine.engine.embed import extract_embeddings
 from softmine.engine.setup import resolve_device
 from softmine.engine.trainer import CHECKPOINT_DIR
-from softmine.errors import SoftmineError
-from softmine.evaluation import retrieval_metrics
+from softmine.errors import DataError, SoftmineError
+from softmine.evaluation import reid_metrics, retrieval_metrics
 
 
 def _find_checkpoint(path: Path) -> Path:
@@ -39,13 +43,32 @@ def _find_checkpoint(path: Path) -> Path:
     return path
 
 
-def evaluate_embeddings_file(path: Path, ks: list[int]) -> dict[str, float]:
-    """Metrics of an ``.npz`` holding ``embeddings`` (n, d) and ``labels`` (n,)."""
-    data = np.load(path)
-    missing = {"embeddings", "labels"} - set(data.files)
-    if missing:
-        raise SoftmineError(f"{path} lacks array(s) {sorted(missing)}; save them with np.savez")
-    return retrieval_metrics(data["embeddings"], data["labels"], ks)
+RETRIEVAL_ARRAYS = ("embeddings", "labels")
+REID_ARRAYS = ("query", "query_pids", "query_camids", "gallery", "gallery_pids", "gallery_camids")
+
+
+def evaluate_embeddings_file(
+    path: Path, ks: list[int], *, ap: str = "standard", rerank: bool = False
+) -> dict[str, float]:
+    """Metrics of an ``.npz`` of retrieval arrays (``embeddings``, ``labels``) or re-ID arrays."""
+    try:
+        data = np.load(path)
+    except (OSError, ValueError) as e:
+        raise DataError(
+            f"cannot read {path} as an .npz archive ({e}); save it with np.savez"
+        ) from e
+    files = set(data.files)
+    try:
+        if set(REID_ARRAYS) <= files:
+            return reid_metrics(*(data[k] for k in REID_ARRAYS), ap=ap, rerank=rerank)
+        if set(RETRIEVAL_ARRAYS) <= files:
+            return retrieval_metrics(data["embeddings"], data["labels"], ks)
+    except ValueError as e:  # inconsistent arrays: a data problem, reported in one line
+        raise DataError(f"{path}: {e}") from e
+    raise SoftmineError(
+        f"{path} holds arrays {sorted(files)}; it needs either {list(RETRIEVAL_ARRAYS)} "
+        f"(retrieval) or {list(REID_ARRAYS)} (re-ID); save them with np.savez"
+    )
 
 
 def evaluate_checkpoint(path: Path, device: str = "auto") -> dict[str, float]:
@@ -71,10 +94,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("path", type=Path, help="run folder, checkpoint (.pt) or embeddings (.npz)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     parser.add_argument("--ks", default="1,2,4,8", help="comma-separated K of Recall@K (npz only)")
+    parser.add_argument(
+        "--ap",
+        default="standard",
+        choices=["standard", "market"],
+        help="re-ID AP: standard (non-interpolated) or market (official MATLAB trapezoid)",
+    )
+    parser.add_argument("--rerank", action="store_true", help="re-ID: k-reciprocal re-ranking")
     parser.add_argument("--out", type=Path, help="also write the metrics to this JSON file")
     args = parser.parse_args(argv)
     if args.path.suffix == ".npz":
-        metrics = evaluate_embeddings_file(args.path, [int(k) for k in args.ks.split(",")])
+        ks = [int(k) for k in args.ks.split(",")]
+        metrics = evaluate_embeddings_file(args.path, ks, ap=args.ap, rerank=args.rerank)
     else:
         metrics = evaluate_checkpoint(_find_checkpoint(args.path), args.device)
     text = json.dumps(metrics, indent=2, sort_keys=True)

@@ -1,6 +1,40 @@
-"""Evaluation: faiss k-NN search and retrieval metrics."""
+"""Evaluation: faiss k-NN search, retrieval metrics, re-ID protocols, re-ranking, tracklet pooling."""
 
-from softmine.evaluation.knn import knn_search
-from softmine.evaluation.retrieval import map_at_r, nmi, recall_at_k, retrieval_metrics
+from softmine.evaluation.knn import faiss_gpu_available, iter_knn, knn_search
+from softmine.evaluation.reid import (
+    ReIDResult,
+    cmc_map,
+    evaluate_reid,
+    evaluate_reid_distmat,
+    reid_metrics,
+)
+from softmine.evaluation.rerank import k_reciprocal_distances
+from softmine.evaluation.retrieval import (
+    map_at_r,
+    nmi,
+    r_precision,
+    ranking_metrics,
+    recall_at_k,
+    retrieval_metrics,
+)
+from softmine.evaluation.video import extract_tracklet_features, pool_tracklet_features
 
-__all__ = ["knn_search", "map_at_r", "nmi", "recall_at_k", "retrieval_metrics"]
+__all__ = [
+    "ReIDResult",
+    "cmc_map",
+    "evaluate_reid",
+    "evaluate_reid_distmat",
+    "extract_tracklet_features",
+    "faiss_gpu_available",
+    "iter_knn",
+    "k_reciprocal_distances",
+    "knn_search",
+    "map_at_r",
+    "nmi",
+    "pool_tracklet_features",
+    "r_precision",
+    "ranking_metrics",
+    "recall_at_k",
+    "reid_metrics",
+    "retrieval_metrics",
+]

@@ -1,6 +1,11 @@
-"""Retrieval metrics for deep metric learning (leave-one-out on one labelled set).
+"""Retrieval metrics of deep metric learning, leave-one-out on one labelled test set.
 
-Each query is every test sample in turn; the database is all other test samples.
+Each test item is a query in turn; its database is every other test item, ranked by
+cosine similarity (exact faiss search, see :mod:`softmine.evaluation.knn`). The query
+itself is excluded by index, so an exact duplicate of it still counts as a neighbour.
+All ranking metrics come from one chunked search with ``k = max(max K, largest R)``,
+where R of a query is the number of other items with its label; memory stays bounded
+by the chunk size times that k (never an N x N matrix).
 """
 
 from __future__ import annotations
@@ -11,43 +16,132 @@ import faiss
 import numpy as np
 from sklearn.metrics import normalized_mutual_info_score
 
-from softmine.evaluation.knn import ArrayLike, as_float32, as_labels, knn_search
+from softmine.evaluation.knn import (
+    ArrayLike,
+    as_array,
+    as_labels,
+    iter_knn,
+    normalized_rows,
+    resolve_faiss_device,
+)
+
+
+def _checked(embeddings: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    x, y = as_array(embeddings), as_labels(labels)
+    if len(x) != len(y):
+        raise ValueError(f"{len(x)} embeddings but {len(y)} labels; they must match one to one")
+    if len(x) < 2:
+        raise ValueError(f"leave-one-out retrieval needs at least 2 items, got {len(x)}")
+    return x, y
+
+
+def _ks(ks: Iterable[int]) -> list[int]:
+    out = sorted({int(k) for k in ks})
+    if out and out[0] < 1:
+        raise ValueError(f"every K of Recall@K must be >= 1, got {out}")
+    return out
+
+
+def ranking_metrics(
+    embeddings: ArrayLike,
+    labels: ArrayLike,
+    ks: Iterable[int] = (1, 2, 4, 8),
+    *,
+    with_r: bool = True,
+    device: str = "auto",
+    chunk_size: int | None = None,
+) -> dict[str, float]:
+    """``recall@K`` for each K and, with ``with_r``, ``map@r`` and ``r_precision``, from one search.
+
+    Definitions (cosine similarity, query excluded by index, R = number of other items
+    with the query's label):
+
+    - ``recall@K``: fraction of all queries with at least one same-label item among their K
+      nearest neighbours (the metric-learning definition; a query whose label has no other
+      item counts as a miss).
+    - ``r_precision``: mean over queries with R > 0 of (same-label items among the R nearest) / R.
+    - ``map@r``: mean over queries with R > 0 of (1/R) sum_{i<=R} P(i) rel(i), where rel(i) says
+      whether the i-th neighbour has the query's label and P(i) is the precision of the first i
+      (Musgrave et al., A Metric Learning Reality Check, ECCV 2020).
+    """
+    x, y = _checked(embeddings, labels)
+    ks = _ks(ks)
+    _, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
+    r = counts[inverse] - 1
+    k = max([*ks, int(r.max()) if with_r else 0, 1])
+    hits = np.zeros(len(ks), dtype=np.int64)
+    ap_sum = rp_sum = 0.0
+    for start, _, idx in iter_knn(x, k=k, exclude_self=True, device=device, chunk_size=chunk_size):
+        stop = start + len(idx)
+        rel = y[idx] == y[start:stop, None]
+        if ks:
+            first = np.where(rel.any(1), rel.argmax(1), np.iinfo(np.int64).max)
+            hits += (first[:, None] < np.asarray(ks)[None, :]).sum(0)
+        if with_r:
+            rr = r[start:stop]
+            rel &= np.arange(idx.shape[1])[None, :] < rr[:, None]
+            cum = np.cumsum(rel, axis=1, dtype=np.int64)
+            precision_at_hits = np.where(rel, cum / np.arange(1, idx.shape[1] + 1), 0.0)
+            valid = rr > 0
+            ap_sum += float((precision_at_hits.sum(1)[valid] / rr[valid]).sum())
+            rp_sum += float((cum[:, -1][valid] / rr[valid]).sum())
+    out = {f"recall@{kk}": float(h) / len(y) for kk, h in zip(ks, hits, strict=True)}
+    if with_r:
+        n_valid = int((r > 0).sum())
+        out["map@r"] = ap_sum / n_valid if n_valid else 0.0
+        out["r_precision"] = rp_sum / n_valid if n_valid else 0.0
+    return out
 
 
 def recall_at_k(
     embeddings: ArrayLike, labels: ArrayLike, ks: Sequence[int] = (1, 2, 4, 8)
 ) -> dict[int, float]:
     """Recall@K: fraction of queries with at least one same-label item among their K nearest others."""
-    x, y = as_float32(embeddings), as_labels(labels)
-    ks = sorted({int(k) for k in ks})
-    _, idx = knn_search(x, k=ks[-1], exclude_self=True)
-    hits = y[idx] == y[:, None]
-    first = np.where(hits.any(1), hits.argmax(1), np.iinfo(np.int64).max)
-    return {k: float((first < k).mean()) for k in ks}
+    ks = _ks(ks)
+    m = ranking_metrics(embeddings, labels, ks, with_r=False)
+    return {k: m[f"recall@{k}"] for k in ks}
 
 
 def map_at_r(embeddings: ArrayLike, labels: ArrayLike) -> float:
-    """MAP@R (Musgrave et al. 2020): mean over queries of (1/R) sum_{i<=R} P(i) rel(i), R = same-label others."""
-    x, y = as_float32(embeddings), as_labels(labels)
-    _, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
-    r = counts[inverse] - 1
-    valid = r > 0
-    if not valid.any():
-        return 0.0
-    _, idx = knn_search(x, k=int(r.max()), exclude_self=True)
-    rel = (y[idx] == y[:, None]) & (np.arange(idx.shape[1])[None, :] < r[:, None])
-    precision = np.cumsum(rel, axis=1) / np.arange(1, idx.shape[1] + 1)
-    ap = (precision * rel).sum(1)[valid] / r[valid]
-    return float(ap.mean())
+    """MAP@R: mean over queries with R>0 of (1/R) sum_{i<=R} P(i) rel(i), R = same-label others."""
+    return ranking_metrics(embeddings, labels, (), with_r=True)["map@r"]
 
 
-def nmi(embeddings: ArrayLike, labels: ArrayLike, seed: int = 0, niter: int = 50) -> float:
-    """NMI between labels and faiss k-means clusters (k = number of classes, arithmetic mean normaliser)."""
-    x, y = as_float32(embeddings), as_labels(labels)
+def r_precision(embeddings: ArrayLike, labels: ArrayLike) -> float:
+    """R-Precision: mean over queries with R>0 of (same-label items among the R nearest others) / R."""
+    return ranking_metrics(embeddings, labels, (), with_r=True)["r_precision"]
+
+
+def nmi(
+    embeddings: ArrayLike,
+    labels: ArrayLike,
+    seed: int = 0,
+    niter: int = 50,
+    device: str = "auto",
+) -> float:
+    """NMI(labels, faiss k-means of the L2-normalised embeddings, k = #classes), arithmetic-mean normaliser.
+
+    Plain (Euclidean) k-means, ``niter`` iterations from one seeded initialisation on all
+    points (no subsampling); score by ``sklearn.metrics.normalized_mutual_info_score``
+    with ``average_method="arithmetic"``.
+    """
+    x, y = _checked(embeddings, labels)
     k = len(np.unique(y))
     if k < 2:
         return 1.0
-    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, verbose=False, spherical=True)
+    x = normalized_rows(x)
+    km = faiss.Kmeans(
+        x.shape[1],
+        k,
+        niter=niter,
+        nredo=1,
+        seed=seed,
+        verbose=False,
+        spherical=False,
+        min_points_per_centroid=1,
+        max_points_per_centroid=len(x),
+        gpu=resolve_faiss_device(device) is not None,
+    )
     km.train(x)
     _, assign = km.index.search(x, 1)
     return float(normalized_mutual_info_score(y, assign[:, 0], average_method="arithmetic"))
@@ -56,8 +150,7 @@ def nmi(embeddings: ArrayLike, labels: ArrayLike, seed: int = 0, niter: int = 50
 def retrieval_metrics(
     embeddings: ArrayLike, labels: ArrayLike, ks: Iterable[int] = (1, 2, 4, 8)
 ) -> dict[str, float]:
-    """The flat dict written to ``metrics.json``: ``recall@K`` for each K, ``map@r`` and ``nmi``."""
-    out = {f"recall@{k}": v for k, v in recall_at_k(embeddings, labels, tuple(ks)).items()}
-    out["map@r"] = map_at_r(embeddings, labels)
+    """The flat dict written to ``metrics.json``: ``recall@K`` for each K, ``map@r``, ``r_precision``, ``nmi``."""
+    out = ranking_metrics(embeddings, labels, ks, with_r=True)
     out["nmi"] = nmi(embeddings, labels)
     return out

@@ -1,0 +1,68 @@
+"""``softmine-eval`` on saved embeddings: retrieval and re-ID archives, and clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from softmine.evaluate import main
+from softmine.evaluation import reid_metrics, retrieval_metrics
+
+
+def _reid_arrays(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(8, 6)) * 2
+    qp, gp = rng.integers(1, 8, 12), rng.integers(-1, 8, 60)
+    return {
+        "query": centers[qp] + rng.normal(size=(12, 6)),
+        "query_pids": qp,
+        "query_camids": rng.integers(0, 3, 12),
+        "gallery": centers[np.abs(gp)] + rng.normal(size=(60, 6)),
+        "gallery_pids": gp,
+        "gallery_camids": rng.integers(0, 3, 60),
+    }
+
+
+def test_reid_npz(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    arrays = _reid_arrays()
+    path = tmp_path / "reid.npz"
+    np.savez(path, **arrays)
+    main([str(path), "--ap", "market", "--out", str(tmp_path / "m.json")])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((tmp_path / "m.json").read_text())
+    want = reid_metrics(*arrays.values(), ap="market")
+    assert printed == pytest.approx(want)
+    assert set(printed) == {"cmc@1", "cmc@5", "cmc@10", "cmc@20", "mAP", "num_skipped_queries"}
+    main([str(path), "--rerank"])
+    assert json.loads(capsys.readouterr().out) == pytest.approx(
+        reid_metrics(*arrays.values(), rerank=True)
+    )
+
+
+def test_retrieval_npz(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(50, 4)), rng.integers(0, 5, 50)
+    np.savez(tmp_path / "e.npz", embeddings=x, labels=y)
+    main([str(tmp_path / "e.npz"), "--ks", "1,3"])
+    got = json.loads(capsys.readouterr().out)
+    assert got == pytest.approx(retrieval_metrics(x, y, [1, 3]))
+
+
+def test_bad_archives_exit_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    np.savez(tmp_path / "odd.npz", foo=np.zeros(3))
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "odd.npz")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "needs either" in err and err.count("\n") == 1
+    arrays = _reid_arrays()
+    arrays["query_pids"] = arrays["query_pids"][:5]
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "bad.npz")])
+    assert e.value.code == 2 and "query_pids has 5 entries" in capsys.readouterr().err
