@@ -121,7 +121,9 @@ def main() -> None:
     print(f"  bare JPEG decoding (1 process):      {bare:8.1f} images/s")
     print(f"  CUB200 + DML transform + DataLoader: {piped:8.1f} images/s")
     print(f"  ratio pipeline / bare decoding:      {piped / bare:8.2f}x   (target >= 0.90)")
-    print("training steps, reproduce-CUB model (BN-Inception, 1024-d authors' embedding, 8x7 batch)")
+    print(
+        "training steps, reproduce-CUB model (BN-Inception, 1024-d authors' embedding, 8x7 batch)"
+    )
     cpu = train_steps(cfg, torch.device("cpu"), "32", args.steps)
     print(f"  CPU, precision 32:                   {cpu:8.1f} images/s")
     if torch.cuda.is_available():

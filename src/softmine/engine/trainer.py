@@ -287,8 +287,15 @@ class Trainer:
             q, q_pids, q_cams = self._reid_embeddings(model, self.query_set)
             g, g_pids, g_cams = self._reid_embeddings(model, self.gallery_set)
             return reid_metrics(
-                q, q_pids, q_cams, g, g_pids, g_cams,
-                ranks=tuple(ecfg.ranks), ap=str(ecfg.ap), rerank=bool(ecfg.rerank),
+                q,
+                q_pids,
+                q_cams,
+                g,
+                g_pids,
+                g_cams,
+                ranks=tuple(ecfg.ranks),
+                ap=str(ecfg.ap),
+                rerank=bool(ecfg.rerank),
             )
         emb, labels = extract_embeddings(
             model,
