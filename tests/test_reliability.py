@@ -249,3 +249,52 @@ def test_debug_switch_shows_the_traceback(tmp_path: Path) -> None:
     res = run_cli(["softmine.train", "loss.margin=0", "debug=true", *FAST_DIGITS[:2]], tmp_path)
     assert res.returncode != 0
     assert "Traceback" in res.stderr or "ConfigError" in res.stderr
+
+
+def _cub_with_corrupt_image(tmp_path: Path) -> tuple[Path, Path]:
+    from softmine.data.fakes import make_cub
+
+    root = make_cub(tmp_path / "CUB_200_2011", num_classes=8, images_per_class=6)
+    bad = sorted((root / "images").glob("001.*/*.jpg"))[1]
+    bad.write_bytes(b"not a jpeg")
+    return root, bad
+
+
+BAD_IMAGE_RUN = [
+    "softmine.train",
+    "dataset=cub",
+    "trainer.epochs=2",
+    "trainer.device=cpu",
+    "trainer.progress_bar=false",
+    "trainer.tensorboard=false",
+    "sampler.num_classes=2",
+    "sampler.num_samples=3",
+    "backbone.trunk.in_channels=3",
+    "dataset.transform.resize=16",
+    "dataset.transform.crop_size=16",
+]
+
+
+@pytest.mark.slow
+def test_corrupt_training_image_is_named_or_skipped_and_reported(tmp_path: Path) -> None:
+    root, bad = _cub_with_corrupt_image(tmp_path)
+    res = run_cli(
+        [*BAD_IMAGE_RUN, f"dataset.root={root}", f"hydra.run.dir={tmp_path / 'a'}"], tmp_path
+    )
+    assert res.returncode == 2 and str(bad) in res.stderr and "Traceback" not in res.stderr
+    assert "on_bad_image=skip" in res.stderr  # the message names the way out
+    run_dir = tmp_path / "b"
+    res = run_cli(
+        [
+            *BAD_IMAGE_RUN,
+            f"dataset.root={root}",
+            f"hydra.run.dir={run_dir}",
+            "data.on_bad_image=skip",
+            "trainer.num_workers=2",  # skipped files are collected across worker processes
+        ],
+        tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "1 unreadable training files were skipped" in res.stdout
+    assert (run_dir / "bad_images.txt").read_text() == f"{bad}\n"
+    assert (run_dir / "metrics.json").exists()

@@ -62,6 +62,12 @@ def test_reproduce_experiment_runs_on_fake_data(tmp_path: Path, experiment: str)
     assert all(0.0 <= metrics[k] <= 1.0 for k in expected)
     cfg = (run_dir / ".hydra" / "config.yaml").read_text()
     assert "seed: 123" in cfg and "OSMCAAOfficialLoss" in cfg
+    # softmine-eval rebuilds the model and the run's own protocol from the checkpoint
+    ev = run_cli(["softmine.evaluate", str(run_dir), "--device", "cpu"], tmp_path)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    again = json.loads(ev.stdout)
+    for k in expected - {"nmi"}:
+        assert again[k] == pytest.approx(metrics[k], abs=1e-6), k
 
 
 @pytest.mark.parametrize("experiment", sorted(CASES))

@@ -20,6 +20,16 @@ def debug_enabled() -> bool:
     return os.environ.get("SOFTMINE_DEBUG", "").lower() in ("1", "true", "yes")
 
 
+def user_message(e: BaseException) -> str:
+    """The error's own sentence; unwraps the worker traceback that DataLoader workers add."""
+    msg = str(e)
+    if "Original Traceback (most recent call last):" in msg:
+        last = [line for line in msg.splitlines() if line.strip()][-1]
+        head, sep, rest = last.partition(": ")
+        msg = rest if sep and type(e).__name__ in head else last
+    return msg.strip()
+
+
 def user_errors_exit(func: F) -> F:
     """Turn a :class:`SoftmineError` into ``error: <message>`` on stderr and exit code 2.
 
@@ -36,7 +46,7 @@ def user_errors_exit(func: F) -> F:
         except SoftmineError as e:
             if debug_enabled():
                 raise
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {user_message(e)}", file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)
 
     return wrapper  # type: ignore[return-value]

@@ -20,14 +20,14 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from omegaconf import OmegaConf
 
 from softmine.cli import user_errors_exit
 from softmine.config import build
-from softmine.engine.embed import extract_embeddings
+from softmine.engine.checkpoint import load_checkpoint, load_state_checked
+from softmine.engine.evaluator import Evaluator
 from softmine.engine.setup import resolve_device
-from softmine.engine.trainer import CHECKPOINT_DIR
+from softmine.engine.trainer import CHECKPOINT_DIR, run_time_sizes
 from softmine.errors import DataError, SoftmineError
 from softmine.evaluation import reid_metrics, retrieval_metrics
 
@@ -72,20 +72,22 @@ def evaluate_embeddings_file(
 
 
 def evaluate_checkpoint(path: Path, device: str = "auto") -> dict[str, float]:
-    """Rebuild the model and test split from the checkpoint's config and evaluate it."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """Rebuild the model and evaluation split(s) from the checkpoint's config and evaluate it.
+
+    Uses the run's own protocol: leave-one-out retrieval, or re-ID query/gallery.
+    """
+    state = load_checkpoint(path)
     if "config" not in state or "model" not in state:
         raise SoftmineError(f"{path} is not a softmine checkpoint (no 'config'/'model' entries)")
     cfg = OmegaConf.create(state["config"])
     dev = resolve_device(device)
-    model = build(cfg.backbone, "backbone")
-    model.load_state_dict(state["model"])
-    model.to(dev)
-    test_set = build(cfg.dataset.test, "dataset.test")
-    emb, labels = extract_embeddings(
-        model, test_set, device=dev, batch_size=int(cfg.trainer.eval_batch_size)
+    evaluator = Evaluator(cfg, dev)
+    sizes = run_time_sizes(
+        cfg.backbone, int(state.get("num_classes", 0)) or None, int(cfg.backbone.embedding_dim)
     )
-    return retrieval_metrics(emb, labels, list(cfg.evaluation.ks))
+    model = build(cfg.backbone, "backbone", **sizes)
+    load_state_checked(model, state["model"], "model", path)
+    return evaluator.evaluate(model.to(dev))
 
 
 @user_errors_exit

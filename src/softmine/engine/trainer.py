@@ -35,15 +35,16 @@ from softmine.engine.checkpoint import (
     restore_rng_state,
     save_atomic,
 )
-from softmine.engine.distributed import DistEnv, any_rank, barrier, gather_shards, shard
-from softmine.engine.embed import extract_embeddings, extract_reid_embeddings, raw_inputs
+from softmine.engine.distributed import DistEnv, any_rank, barrier
+from softmine.engine.embed import raw_inputs
+from softmine.engine.evaluator import Evaluator
 from softmine.engine.logger import RunLogger
 from softmine.engine.objective import Objective
 from softmine.engine.setup import resolve_device, resolve_num_workers, seed_everything
 from softmine.engine.signals import GracefulInterrupt
 from softmine.engine.validate import validate_config
 from softmine.errors import ConfigError, Interrupted, TrainingError
-from softmine.evaluation import reid_metrics, retrieval_metrics
+from softmine.evaluation import retrieval_metrics
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class TrainState:
     log_rows: int = 0  # rows in train_log.csv when this state was saved
 
 
-def _run_time_sizes(node: DictConfig, num_classes: int, embedding_dim: int) -> dict[str, Any]:
+def run_time_sizes(node: DictConfig, num_classes: int, embedding_dim: int) -> dict[str, Any]:
     """Fill the sizes a loss or backbone config leaves open (``num_classes``, ``embedding_dim``: null)."""
     extra: dict[str, Any] = {}
     if "num_classes" in node and node.get("num_classes") is None:
@@ -127,19 +128,19 @@ class Trainer:
         self._check_run_folder()
 
         self.train_set = build(cfg.dataset.train, "dataset.train")
-        self._build_eval_sets()
+        self.evaluator = Evaluator(cfg, self.device, dist=self.dist)
         labels = np.asarray(self.train_set.labels)
         self.num_classes = _check_train_labels(labels)
 
         emb_dim = int(cfg.backbone.embedding_dim)
         self.model = build(
-            cfg.backbone, "backbone", **_run_time_sizes(cfg.backbone, self.num_classes, emb_dim)
+            cfg.backbone, "backbone", **run_time_sizes(cfg.backbone, self.num_classes, emb_dim)
         ).to(self.device)
         self.channels_last = bool(tcfg.channels_last) and self.device.type == "cuda"
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.loss_fn = build(
-            cfg.loss, "loss", **_run_time_sizes(cfg.loss, self.num_classes, emb_dim)
+            cfg.loss, "loss", **run_time_sizes(cfg.loss, self.num_classes, emb_dim)
         ).to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.params += [p for p in self.loss_fn.parameters() if p.requires_grad]
@@ -168,6 +169,7 @@ class Trainer:
         if hasattr(self.train_set, "bad_image_log"):
             self.train_set.bad_image_log = str(self.run_dir / BAD_IMAGES_FILE)
         self.num_workers = resolve_num_workers(tcfg.num_workers, self.train_set)
+        self.evaluator.num_workers = self.num_workers
         self.loader_generator = torch.Generator()
         self.loader = DataLoader(
             self.train_set,
@@ -212,6 +214,7 @@ class Trainer:
         self.state.log_rows = len(self.logger)
         return {
             "format": 1,
+            "num_classes": self.num_classes,
             "model": self.model.state_dict(),
             "loss": self.loss_fn.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -253,65 +256,15 @@ class Trainer:
         self.logger.truncate(self.state.log_rows)
 
     # ---------------------------------------------------------------- evaluation
-    def _build_eval_sets(self) -> None:
-        """A ``test`` node: leave-one-out retrieval; ``query`` + ``gallery`` nodes: re-ID."""
-        d = self.cfg.dataset
-        if "test" in d:
-            self.protocol = "retrieval"
-            self.test_set = build(d.test, "dataset.test")
-        elif "query" in d and "gallery" in d:
-            self.protocol = "reid"
-            self.query_set = build(d.query, "dataset.query")
-            self.gallery_set = build(d.gallery, "dataset.gallery")
-        else:
-            raise ConfigError(
-                "the dataset config needs a `test` node (retrieval) or `query` and `gallery` "
-                "nodes (re-identification)"
-            )
-
-    def _reid_embeddings(self, model: torch.nn.Module, dataset) -> tuple[np.ndarray, ...]:
-        parts = extract_reid_embeddings(
-            model,
-            shard(dataset, self.dist),
-            device=self.device,
-            frame_batch_size=int(self.cfg.evaluation.frame_batch_size),
-            num_workers=self.num_workers,
-        )
-        return gather_shards(parts, len(dataset), self.dist)
-
     def evaluate(self, model: torch.nn.Module | None = None) -> dict[str, float]:
         """Metrics of ``model`` (default: the trained one): retrieval on ``test``, or re-ID."""
-        model = model or self.model
-        ecfg = self.cfg.evaluation
-        if self.protocol == "reid":
-            q, q_pids, q_cams = self._reid_embeddings(model, self.query_set)
-            g, g_pids, g_cams = self._reid_embeddings(model, self.gallery_set)
-            return reid_metrics(
-                q,
-                q_pids,
-                q_cams,
-                g,
-                g_pids,
-                g_cams,
-                ranks=tuple(ecfg.ranks),
-                ap=str(ecfg.ap),
-                rerank=bool(ecfg.rerank),
-            )
-        emb, labels = extract_embeddings(
-            model,
-            shard(self.test_set, self.dist),
-            device=self.device,
-            batch_size=int(self.cfg.trainer.eval_batch_size),
-            num_workers=self.num_workers,
-        )
-        emb, labels = gather_shards((emb, labels), len(self.test_set), self.dist)
-        return retrieval_metrics(emb, labels, ecfg.ks)
+        return self.evaluator.evaluate(model or self.model)
 
     def baselines(self) -> dict[str, dict[str, float]]:
         """Metrics of raw inputs and of the untrained network on the same test split."""
-        if self.protocol != "retrieval":
+        if self.evaluator.protocol != "retrieval":
             raise ConfigError("trainer.baselines needs a retrieval test split (a `test` node)")
-        x, y = raw_inputs(self.test_set)
+        x, y = raw_inputs(self.evaluator.test_set)
         return {
             "raw pixels": retrieval_metrics(x, y, self.cfg.evaluation.ks),
             "untrained network": self.evaluate(),
@@ -488,11 +441,16 @@ class Trainer:
         )
 
     def _report_bad_images(self) -> None:
-        bad = getattr(self.train_set, "bad_images", None)
+        """Say how many unreadable training files were skipped (data.on_bad_image=skip)."""
+        path = self.run_dir / BAD_IMAGES_FILE
+        if not self.dist.is_main or not path.exists():
+            return
+        bad = sorted(set(path.read_text().split("\n")) - {""})
         if bad:
-            log.warning(
-                "%d unreadable training images were skipped: %s", len(bad), sorted(bad)[:10]
-            )
+            path.write_text("".join(p + "\n" for p in bad))
+            msg = f"{len(bad)} unreadable training files were skipped (listed in {path})"
+            log.warning(msg)
+            print(f"warning: {msg}")
 
 
 def write_metrics(run_dir: Path, metrics: dict[str, float]) -> Path:
@@ -508,8 +466,10 @@ def format_table(rows: dict[str, dict[str, float]]) -> str:
     """A small fixed-width table: one row per embedding, one column per metric."""
     cols = list(next(iter(rows.values())).keys())
     name_w = max(len(n) for n in rows) + 2
-    head = "".ljust(name_w) + "".join(c.rjust(11) for c in cols)
+    widths = [max(len(c), 7) + 2 for c in cols]
+    head = "".ljust(name_w) + "".join(c.rjust(w) for c, w in zip(cols, widths, strict=True))
     lines = [head, "-" * len(head)]
     for name, m in rows.items():
-        lines.append(name.ljust(name_w) + "".join(f"{m.get(c, float('nan')):11.4f}" for c in cols))
+        cells = (f"{m.get(c, float('nan')):{w}.4f}" for c, w in zip(cols, widths, strict=True))
+        lines.append(name.ljust(name_w) + "".join(cells))
     return "\n".join(lines)
