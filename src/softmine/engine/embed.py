@@ -8,6 +8,19 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 
+def to_model_input(x: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
+    """Move a batch to ``device``; uint8 images (0..255, as the image transforms give) become floats in [0, 1].
+
+    The conversion happens after the copy, on the device, so workers collate and
+    copy 4x fewer bytes.
+    """
+    if device is not None:
+        x = x.to(device, non_blocking=True)
+    if not x.is_floating_point():
+        x = x.float().div_(255.0)
+    return x
+
+
 @torch.no_grad()
 def extract_embeddings(
     model: nn.Module,
@@ -23,7 +36,7 @@ def extract_embeddings(
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     feats, labels = [], []
     for x, y in loader:
-        feats.append(model(x.to(device, non_blocking=True)).float().cpu())
+        feats.append(model(to_model_input(x, device)).float().cpu())
         labels.append(torch.as_tensor(y))
     model.train(was_training)
     return torch.cat(feats).numpy(), torch.cat(labels).numpy().astype(np.int64)
@@ -64,13 +77,15 @@ def extract_reid_embeddings(
     for i, (x, pid, camid) in zip(indices, loader, strict=True):
         x = x[0]
         if x.dim() == 3:  # one image
-            feats.append(model(x[None].to(device)).float().cpu()[0])
+            feats.append(model(to_model_input(x[None], device)).float().cpu()[0])
         else:
             frames = x.flatten(0, 1) if x.dim() == 5 else x
             if tracklets is not None and x.dim() == 5:
                 frames = frames[: len(tracklets[i][0])]
             fn = frame_fn if frame_fn is not None else model
-            pooled = pool_tracklet_features(fn, frames, frame_batch_size, mode, device=device)
+            pooled = pool_tracklet_features(
+                lambda f, fn=fn: fn(to_model_input(f, device)), frames, frame_batch_size, mode
+            )
             feats.append(F.normalize(pooled, dim=0).cpu())
         pids.append(int(pid))
         camids.append(int(camid))

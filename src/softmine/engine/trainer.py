@@ -36,7 +36,7 @@ from softmine.engine.checkpoint import (
     save_atomic,
 )
 from softmine.engine.distributed import DistEnv, any_rank, barrier
-from softmine.engine.embed import raw_inputs
+from softmine.engine.embed import raw_inputs, to_model_input
 from softmine.engine.evaluator import Evaluator
 from softmine.engine.logger import RunLogger
 from softmine.engine.objective import Objective
@@ -273,7 +273,7 @@ class Trainer:
     # ---------------------------------------------------------------- one step
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """Forward, backward and optimizer step on one batch; returns the values to log."""
-        x = x.to(self.device, non_blocking=True)
+        x = to_model_input(x, self.device)
         y = y.to(self.device, non_blocking=True)
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
