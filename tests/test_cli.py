@@ -90,3 +90,24 @@ def test_bad_sampler_is_one_line(tmp_path: Path) -> None:
     res = run_cli(["softmine.train", "sampler.num_classes=11", *FAST[:1]], tmp_path)
     assert res.returncode == 2
     assert "larger than the 10 classes" in res.stderr
+
+
+@pytest.mark.slow
+def test_local_parallel_launcher_runs_the_sweep(tmp_path: Path) -> None:
+    res = run_cli(
+        [
+            "softmine.train",
+            "-m",
+            "hydra/launcher=local",
+            "loss=osm,contrastive",
+            "trainer.epochs=1",
+            *FAST,
+        ],
+        tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Joblib.Parallel(n_jobs=2" in res.stdout + res.stderr
+    (summary,) = tmp_path.glob("multirun/*/*/summary.csv")
+    rows = list(csv.DictReader(summary.open()))
+    assert sorted(r["loss"] for r in rows) == ["contrastive", "osm"]
+    assert all(r["status"] == "ok" for r in rows)
