@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from softmine.config import build
+from softmine.engine.artifacts import write_run_artifacts
 from softmine.engine.checkpoint import (
     BEST,
     LAST,
@@ -419,6 +420,7 @@ class Trainer:
         self.state.finished = True
         self.save_checkpoint()
         write_metrics(self.run_dir, self.state.metrics)
+        write_run_artifacts(self)  # plots; attention.csv + attention_auc under label noise
         self._report_bad_images()
         if self.state.baselines:
             print(format_table({**self.state.baselines, "trained embedding": self.state.metrics}))
