@@ -28,6 +28,12 @@ lint: setup
 bench: setup
 	@for b in scripts/bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
+reproduce-cub reproduce-cars reproduce-mars reproduce-ilidsvid: setup
+	@echo "$@ needs the dataset under data/ and a GPU; it is added by the 'models and training at paper scale' issue." >&2; exit 2
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache .ruff_cache
+
 # The paper's ablation and its outlier claim on digits (each < 15 min on 2 CPU cores): a sweep,
 # then its table (report.md, printed) and plots in the sweep folder. ARGS adds overrides.
 ablation noise: setup
@@ -35,9 +41,3 @@ ablation noise: setup
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/softmine-train -m experiment=$@ hydra.sweep.dir=$$sweep $(ARGS) && \
 	$(BIN)/softmine-report $$sweep && \
 	echo "make $@: $$(( $$(date +%s) - start )) s; table and plots in $$sweep"
-
-reproduce-cub reproduce-cars reproduce-mars reproduce-ilidsvid: setup
-	@echo "$@ needs the dataset under data/ and a GPU; it is added by the 'models and training at paper scale' issue." >&2; exit 2
-
-clean:
-	rm -rf $(VENV) outputs multirun .pytest_cache .ruff_cache

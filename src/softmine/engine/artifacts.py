@@ -47,6 +47,12 @@ GRID_QUERIES, GRID_K = 6, 5  # retrieval grid: queries x results
 RECALL_KS = (1, 2, 4, 8, 16, 32)
 
 
+def _num_workers(trainer: Any) -> int:
+    """The trainer's resolved DataLoader worker count (``trainer.num_workers`` may be ``auto``)."""
+    resolved = getattr(trainer, "num_workers", None)
+    return int(resolved if resolved is not None else trainer.cfg.trainer.num_workers)
+
+
 def _is_main_process() -> bool:
     dist = torch.distributed
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
@@ -105,7 +111,7 @@ def _train_embeddings(trainer: Any, everything: bool) -> tuple[np.ndarray, np.nd
             data,
             device=trainer.device,
             batch_size=int(trainer.cfg.trainer.eval_batch_size),
-            num_workers=int(trainer.cfg.trainer.num_workers),
+            num_workers=_num_workers(trainer),
         )
     return emb, labels, index
 
@@ -196,7 +202,7 @@ def _plot_test_set(trainer: Any, out: Path, test_set: Any) -> None:
         test_set,
         device=trainer.device,
         batch_size=int(trainer.cfg.trainer.eval_batch_size),
-        num_workers=int(trainer.cfg.trainer.num_workers),
+        num_workers=_num_workers(trainer),
     )
     ks = [k for k in RECALL_KS if k < len(labels)]
     _attempt(
