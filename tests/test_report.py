@@ -127,3 +127,14 @@ def test_cli_exit_codes(sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit) as e:
         main([str(sweep), "-o", str(tmp_path / "r"), "--metrics", "nope"])
     assert e.value.code == 2
+
+
+def test_run_plots_are_drawn_from_the_files_a_run_leaves(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _write_run(run, ["loss=osm_caa"], {"map@r": 0.5})
+    pd.DataFrame({"attention": [0.9, 0.8, 0.1], "flipped": [False, False, True]}).to_csv(
+        run / "attention.csv", index=False
+    )
+    report([run], out=tmp_path / "out", run_plots=True)
+    assert (run / "plots" / "training_curves.png").stat().st_size > 0
+    assert (run / "plots" / "attention.png").stat().st_size > 0

@@ -110,9 +110,3 @@ class NoisyLabels(Dataset):
             object.__setattr__(self, name, value)
         else:
             setattr(self.dataset, name, value)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)

@@ -6,7 +6,8 @@
   (with the test transform, no augmentation), reads the attention the loss gives
   every sample, writes ``attention.csv`` (which samples were flipped, and their
   attention) and adds ``attention_auc`` to ``metrics.json``
-  (:mod:`softmine.engine.attention`); losses without attention get no AUC;
+  (:mod:`softmine.engine.attention`); for a loss without attention the CSV's
+  attention column is empty and there is no AUC;
 * with ``trainer.plots=true`` it writes the PNGs of :mod:`softmine.plots` into
   ``<run>/plots/``: ``training_curves``, ``recall_at_k``, ``retrieval_grid``
   (image sets), ``tsne``, ``osm_weights`` and ``attention``.
@@ -80,10 +81,15 @@ def write_run_artifacts(trainer: Any) -> dict[str, float]:
         trainer.loss_fn, torch.from_numpy(emb).to(device), torch.from_numpy(labels).to(device)
     )
     auc = None
-    if attention is not None and noisy:
+    if noisy:  # the record of the flips, with the attention each sample gets (if any)
         write_attention_csv(
-            run_dir, attention, labels, np.asarray(trainer.train_set.clean_labels), flipped
+            run_dir,
+            np.full(len(labels), np.nan) if attention is None else attention,
+            labels,
+            np.asarray(trainer.train_set.clean_labels),
+            flipped,
         )
+    if attention is not None and noisy:
         auc = attention_auc(attention, flipped)
         metrics["attention_auc"] = auc
         from softmine.engine.trainer import write_metrics

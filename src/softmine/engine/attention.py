@@ -93,7 +93,10 @@ def write_attention_csv(
     clean_labels: np.ndarray | None = None,
     flipped: np.ndarray | None = None,
 ) -> Path:
-    """``attention.csv``: one row per training sample (index, label used, clean label, flipped, attention)."""
+    """``attention.csv``: one row per training sample (index, label used, clean label, flipped, attention).
+
+    ``attention`` may be all NaN (a loss without attention): the file then records the flips only.
+    """
     n = len(attention)
     table = pd.DataFrame(
         {
