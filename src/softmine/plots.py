@@ -349,10 +349,12 @@ def plot_metric_bars(
     pos = np.arange(len(names))
     ax.bar(pos, means, yerr=err, capsize=4, color=QUERY)
     ax.set_xticks(pos, list(names), rotation=30, ha="right", fontsize=8)
-    finite = means[np.isfinite(means)]
-    if finite.size:
-        lo = float(finite.min() - (0 if err is None else err.max()))
-        ax.set_ylim(max(0.0, lo - 0.1 * (float(finite.max()) - lo + 1e-3)), None)
+    spread = np.zeros_like(means) if err is None else err
+    ok = np.isfinite(means)
+    if ok.any():  # zoom on the bars' range (from 0 if that is near), so small gaps show
+        lo, hi = float((means - spread)[ok].min()), float((means + spread)[ok].max())
+        pad = 0.1 * (hi - lo) + 1e-3
+        ax.set_ylim(max(0.0, lo - pad) if lo > 0 else lo - pad, hi + pad)
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
