@@ -54,6 +54,16 @@ def _num_workers(trainer: Any) -> int:
     return int(resolved if resolved is not None else trainer.cfg.trainer.num_workers)
 
 
+def _test_set(trainer: Any) -> Any:
+    """The retrieval test split (on the trainer or its evaluator); None for query/gallery sets."""
+    found = getattr(trainer, "test_set", None)
+    return (
+        found
+        if found is not None
+        else getattr(getattr(trainer, "evaluator", None), "test_set", None)
+    )
+
+
 def _is_main_process() -> bool:
     dist = torch.distributed
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
@@ -111,7 +121,7 @@ def _train_embeddings(trainer: Any, everything: bool) -> tuple[np.ndarray, np.nd
         rng = np.random.default_rng(int(trainer.cfg.seed))
         index = np.sort(rng.choice(n, size=MAX_TRAIN_POINTS, replace=False))
     data = train_set if len(index) == n else Subset(train_set, index.tolist())
-    with deterministic_transform(train_set, getattr(trainer, "test_set", None)):
+    with deterministic_transform(train_set, _test_set(trainer)):
         emb, labels = extract_embeddings(
             trainer.model,
             data,
@@ -151,7 +161,7 @@ def _plot_run(
         flipped = getattr(trainer.train_set, "flipped", None)
         flipped = None if flipped is None else np.asarray(flipped)[train_index]
         _attempt("attention", plots.plot_attention, attention, out / "attention.png", flipped, auc)
-    test_set = getattr(trainer, "test_set", None)
+    test_set = _test_set(trainer)
     if test_set is not None:
         _attempt("test-set plots", _plot_test_set, trainer, out, test_set)
 
