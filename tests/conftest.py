@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
+
+# One torch/BLAS thread per process: the suite starts training subprocesses on a 2-core
+# machine, and oversubscribed threads made them several times slower. Set before torch loads.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import subprocess  # noqa: E402
 import sys
 from pathlib import Path
 
@@ -39,6 +44,7 @@ def compose(overrides: list[str] | None = None):
 
 FAST_DIGITS = [
     "trainer.progress_bar=false",
+    "trainer.plots=false",
     "trainer.tensorboard=false",
     "sampler.num_classes=5",
     "sampler.num_samples=4",

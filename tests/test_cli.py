@@ -10,7 +10,12 @@ import pytest
 
 from tests.conftest import run_cli
 
-FAST = ["trainer.progress_bar=false", "sampler.num_classes=5", "sampler.num_samples=4"]
+FAST = [
+    "trainer.progress_bar=false",
+    "trainer.plots=false",
+    "sampler.num_classes=5",
+    "sampler.num_samples=4",
+]
 METRIC_KEYS = {"recall@1", "recall@2", "recall@4", "recall@8", "map@r", "r_precision", "nmi"}
 
 

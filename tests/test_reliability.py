@@ -267,6 +267,7 @@ BAD_IMAGE_RUN = [
     "trainer.device=cpu",
     "trainer.progress_bar=false",
     "trainer.tensorboard=false",
+    "trainer.plots=false",
     "sampler.num_classes=2",
     "sampler.num_samples=3",
     "backbone.trunk.in_channels=3",

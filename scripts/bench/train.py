@@ -108,6 +108,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=2, help="timed training steps on the CPU")
     parser.add_argument("--gpu-steps", type=int, default=20, help="timed training steps on a GPU")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=12,
+        help="passes over the 80 training images (input pipeline)",
+    )
     args = parser.parse_args()
     cfg = compose_config(["experiment=reproduce_cub", "backbone.pretrained=false"])
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,8 +121,8 @@ def main() -> None:
         paths = write_cub_sized_jpegs(root)
         train_files = [p for p in paths if int(p.parent.name[:3]) <= 4]
         workers = resolve_num_workers(cfg.trainer.num_workers, CUB200(str(root), "train"))
-        bare = bare_decode(train_files, repeats=3)
-        piped = pipeline(root, cfg, repeats=3, num_workers=workers)
+        bare = bare_decode(train_files, repeats=args.repeats)
+        piped = pipeline(root, cfg, repeats=args.repeats, num_workers=workers)
     print(f"input pipeline ({os.cpu_count()} CPUs, num_workers={workers})")
     print(f"  bare JPEG decoding (1 process):      {bare:8.1f} images/s")
     print(f"  CUB200 + DML transform + DataLoader: {piped:8.1f} images/s")

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from softmine.config import build
+from softmine.engine.artifacts import write_run_artifacts
 from softmine.engine.checkpoint import (
     BEST,
     LAST,
@@ -424,6 +425,7 @@ class Trainer:
         self.save_checkpoint()
         if self.dist.is_main:
             write_metrics(self.run_dir, self.state.metrics)
+            write_run_artifacts(self)  # plots; attention.csv + attention_auc under label noise
         barrier()
         self._report_bad_images()
         if self.state.baselines and self.dist.is_main:

@@ -1,0 +1,258 @@
+"""What a finished run leaves besides its metrics: plots, and the attention of noisy labels.
+
+:func:`write_run_artifacts` runs once at the end of :meth:`Trainer.fit`:
+
+* under label noise (``dataset.label_noise > 0``) it embeds the whole training set
+  (with the test transform, no augmentation), reads the attention the loss gives
+  every sample, writes ``attention.csv`` (which samples were flipped, and their
+  attention) and adds ``attention_auc`` to ``metrics.json``
+  (:mod:`softmine.engine.attention`); for a loss without attention the CSV's
+  attention column is empty and there is no AUC;
+* with ``trainer.plots=true`` it writes the PNGs of :mod:`softmine.plots` into
+  ``<run>/plots/``: ``training_curves``, ``recall_at_k``, ``retrieval_grid``
+  (image sets), ``tsne``, ``osm_weights`` and ``attention``.
+
+A plot that cannot be drawn (say, a test set whose items are not images) is
+skipped with a warning; it never fails a run that has already finished.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Subset
+
+from softmine.engine.attention import (
+    attention_auc,
+    deterministic_transform,
+    loss_details,
+    sample_attention,
+    write_attention_csv,
+)
+from softmine.engine.embed import extract_embeddings
+
+log = logging.getLogger(__name__)
+
+PLOTS_DIR = "plots"
+MAX_TRAIN_POINTS = 2000  # training samples embedded for the plots when there is no label noise
+PAIR_SAMPLES = 256  # samples whose pairs make the OSM-weight plot
+MAX_PAIRS = 4000  # pairs drawn per kind (positive / negative)
+TSNE_POINTS = 500  # test embeddings in the t-SNE map
+GRID_QUERIES, GRID_K = 6, 5  # retrieval grid: queries x results
+RECALL_KS = (1, 2, 4, 8, 16, 32)
+
+
+def _num_workers(trainer: Any) -> int:
+    """The trainer's resolved DataLoader worker count (``trainer.num_workers`` may be ``auto``)."""
+    resolved = getattr(trainer, "num_workers", None)
+    return int(resolved if resolved is not None else trainer.cfg.trainer.num_workers)
+
+
+def _test_set(trainer: Any) -> Any:
+    """The retrieval test split (on the trainer or its evaluator); None for query/gallery sets."""
+    found = getattr(trainer, "test_set", None)
+    return (
+        found
+        if found is not None
+        else getattr(getattr(trainer, "evaluator", None), "test_set", None)
+    )
+
+
+def _is_main_process() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def write_run_artifacts(trainer: Any) -> dict[str, float]:
+    """Attention under label noise and end-of-run plots for a finished ``Trainer``; returns its metrics.
+
+    Adds ``attention_auc`` to ``trainer.state.metrics`` (and rewrites ``metrics.json``)
+    when the training set has flipped labels and the loss has attention.
+    """
+    metrics = trainer.state.metrics
+    if not _is_main_process():
+        return metrics
+    plots = bool(trainer.cfg.trainer.get("plots", False))
+    flipped = getattr(trainer.train_set, "flipped", None)
+    noisy = flipped is not None and bool(np.any(flipped))
+    if not (plots or noisy):
+        return metrics
+    t0 = time.perf_counter()
+    run_dir = Path(trainer.run_dir)
+    emb, labels, index = _train_embeddings(trainer, everything=noisy)
+    device = trainer.device
+    attention = sample_attention(
+        trainer.loss_fn, torch.from_numpy(emb).to(device), torch.from_numpy(labels).to(device)
+    )
+    auc = None
+    if noisy:  # the record of the flips, with the attention each sample gets (if any)
+        write_attention_csv(
+            run_dir,
+            np.full(len(labels), np.nan) if attention is None else attention,
+            labels,
+            np.asarray(trainer.train_set.clean_labels),
+            flipped,
+        )
+    if attention is not None and noisy:
+        auc = attention_auc(attention, flipped)
+        metrics["attention_auc"] = auc
+        from softmine.engine.trainer import write_metrics
+
+        write_metrics(run_dir, metrics)
+        log.info("attention AUC (clean vs flipped labels): %.4f", auc)
+    if plots:
+        _plot_run(trainer, run_dir / PLOTS_DIR, emb, labels, attention, index, auc)
+        log.info("plots written to %s (%.1f s)", run_dir / PLOTS_DIR, time.perf_counter() - t0)
+    return metrics
+
+
+def _train_embeddings(trainer: Any, everything: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Embeddings and (training) labels of the training set, or of a seeded subset of it."""
+    train_set = trainer.train_set
+    n = len(train_set)
+    index = np.arange(n)
+    if not everything and n > MAX_TRAIN_POINTS:
+        rng = np.random.default_rng(int(trainer.cfg.seed))
+        index = np.sort(rng.choice(n, size=MAX_TRAIN_POINTS, replace=False))
+    data = train_set if len(index) == n else Subset(train_set, index.tolist())
+    with deterministic_transform(train_set, _test_set(trainer)):
+        emb, labels = extract_embeddings(
+            trainer.model,
+            data,
+            device=trainer.device,
+            batch_size=int(trainer.cfg.trainer.eval_batch_size),
+            num_workers=_num_workers(trainer),
+        )
+    return emb, labels, index
+
+
+def _attempt(name: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+    try:
+        fn(*args, **kwargs)
+    except Exception as e:  # a plot must never fail a finished run
+        log.warning("plot %s skipped: %s: %s", name, type(e).__name__, e)
+
+
+def _plot_run(
+    trainer: Any,
+    out: Path,
+    train_emb: np.ndarray,
+    train_labels: np.ndarray,
+    attention: np.ndarray | None,
+    train_index: np.ndarray,
+    auc: float | None,
+) -> None:
+    from softmine import plots
+
+    log_file = Path(trainer.run_dir) / "train_log.csv"
+    if log_file.exists():
+        _attempt(
+            "training_curves",
+            lambda: plots.plot_training_curves(pd.read_csv(log_file), out / "training_curves.png"),
+        )
+    _attempt("osm_weights", _plot_pair_weights, trainer, out, train_emb, train_labels)
+    if attention is not None:
+        flipped = getattr(trainer.train_set, "flipped", None)
+        flipped = None if flipped is None else np.asarray(flipped)[train_index]
+        _attempt("attention", plots.plot_attention, attention, out / "attention.png", flipped, auc)
+    test_set = _test_set(trainer)
+    if test_set is not None:
+        _attempt("test-set plots", _plot_test_set, trainer, out, test_set)
+
+
+def _plot_pair_weights(trainer: Any, out: Path, emb: np.ndarray, labels: np.ndarray) -> None:
+    """OSM weight against distance for the pairs of a seeded sample of training embeddings."""
+    from softmine import plots
+
+    rng = np.random.default_rng(int(trainer.cfg.seed))
+    pick = np.sort(rng.choice(len(emb), size=min(PAIR_SAMPLES, len(emb)), replace=False))
+    x = torch.from_numpy(emb[pick]).to(trainer.device)
+    y = torch.from_numpy(labels[pick]).to(trainer.device)
+    was_training = trainer.loss_fn.training
+    trainer.loss_fn.eval()
+    with torch.no_grad():
+        details = loss_details(trainer.loss_fn, x, y)
+    trainer.loss_fn.train(was_training)
+    if "weights" not in details:
+        log.info("plot osm_weights skipped: the loss %s has no pair weights", type(trainer.loss_fn))
+        return
+    w = details["weights"].float().cpu().numpy()
+    name = "OSM weight"
+    if "attention" in details:  # w_ij = s_ij * min(a_i, a_j): divide the attention out
+        a = details["attention"].float().cpu().numpy()
+        pair_a = np.minimum(a[:, None], a[None, :])
+        w = np.divide(w, pair_a, out=np.zeros_like(w), where=pair_a > 0)
+    unit = emb[pick] / np.maximum(np.linalg.norm(emb[pick], axis=1, keepdims=True), 1e-12)
+    d = np.sqrt(np.clip(2.0 - 2.0 * unit @ unit.T, 0.0, None))
+    same = labels[pick][:, None] == labels[pick][None, :]
+    upper = np.triu(np.ones_like(same), k=1)
+    chosen = []
+    for mask in (same & upper, ~same & upper):
+        rows, cols = np.nonzero(mask)
+        keep = rng.choice(len(rows), size=min(MAX_PAIRS, len(rows)), replace=False)
+        chosen.append((rows[keep], cols[keep]))
+    r = np.concatenate([c[0] for c in chosen])
+    c = np.concatenate([c[1] for c in chosen])
+    hp = {
+        k: getattr(trainer.loss_fn, k) for k in ("margin", "sigma") if hasattr(trainer.loss_fn, k)
+    }
+    title = f"{name} against pair distance"
+    if hp:
+        title += "\n" + ", ".join(f"{k}={v:g}" for k, v in hp.items())
+    plots.plot_pair_weights(d[r, c], w[r, c], same[r, c], out / "osm_weights.png", title=title)
+
+
+def _plot_test_set(trainer: Any, out: Path, test_set: Any) -> None:
+    """Recall@K curve, t-SNE map and (for image items) the retrieval grid of the test split."""
+    from softmine import plots
+    from softmine.evaluation import recall_at_k
+
+    emb, labels = extract_embeddings(
+        trainer.model,
+        test_set,
+        device=trainer.device,
+        batch_size=int(trainer.cfg.trainer.eval_batch_size),
+        num_workers=_num_workers(trainer),
+    )
+    ks = [k for k in RECALL_KS if k < len(labels)]
+    _attempt(
+        "recall_at_k",
+        plots.plot_recall_at_k,
+        {"trained": recall_at_k(emb, labels, ks)},
+        out / "recall_at_k.png",
+    )
+    seed = int(trainer.cfg.seed)
+
+    def tsne() -> None:
+        points, index = plots.tsne_map(emb, TSNE_POINTS, seed=seed)
+        title = f"t-SNE of {len(index)} test embeddings"
+        plots.plot_embedding_map(points, labels[index], out / "tsne.png", title=title)
+
+    _attempt("tsne", tsne)
+    _attempt("retrieval_grid", _retrieval_grid, test_set, emb, labels, out, seed)
+
+
+def _retrieval_grid(
+    test_set: Any, emb: np.ndarray, labels: np.ndarray, out: Path, seed: int
+) -> None:
+    from softmine import plots
+
+    first = test_set[0][0]
+    if not (isinstance(first, torch.Tensor) and first.dim() == 3 and first.shape[0] in (1, 3)):
+        log.info("plot retrieval_grid skipped: test items are not (C, H, W) images")
+        return
+    rng = np.random.default_rng(seed)
+    queries = np.sort(rng.choice(len(emb), size=min(GRID_QUERIES, len(emb)), replace=False))
+    unit = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    sims = unit[queries] @ unit.T
+    sims[np.arange(len(queries)), queries] = -np.inf  # a query never retrieves itself
+    k = min(GRID_K, len(emb) - 1)
+    neighbours = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    items = {int(i): test_set[int(i)][0].numpy() for i in {*queries, *neighbours.ravel()}}
+    plots.plot_retrieval_grid(items, labels, queries, neighbours, out / "retrieval_grid.png")

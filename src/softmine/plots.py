@@ -1,0 +1,362 @@
+"""Plots of one run and of a set of runs, written as PNG files.
+
+Each function takes plain arrays or tables, draws one figure with matplotlib's
+object API (``matplotlib.figure.Figure``: no pyplot, no display, the caller's
+backend is left alone) and writes it to ``path``, which it returns.
+
+One run (end of training, :mod:`softmine.engine.artifacts`): training curves,
+Recall@K against K, a retrieval grid, a t-SNE map of the test embeddings, OSM
+weight against pair distance and the CAA attention distribution. Several runs
+(:mod:`softmine.report`): a metric against a swept value (one line per
+configuration, error bars = std over seeds) or one bar per configuration.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+DPI = 100
+#: Column names of evaluation metrics (train_log.csv / metrics.json).
+METRIC_PATTERN = re.compile(r"^((recall|cmc|precision)@\d+|map@r|r_precision|nmi|mAP)$")
+LOSS_COLUMNS = ("loss", "l_pos", "l_neg", "ce", "frame_ce")
+WEIGHT_COLUMNS = ("osm_weight_pos", "osm_weight_neg", "attention")
+CORRECT, WRONG, QUERY = "#1a9641", "#d7191c", "#2b83ba"
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def _class_colors(n: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20" if n <= 20 else "turbo"]
+    return [cmap(i if n <= 20 else i / max(n - 1, 1)) for i in range(n)]
+
+
+def plot_training_curves(log: pd.DataFrame, path: str | Path) -> Path:
+    """Per-epoch curves from a ``train_log.csv`` table: losses, mining weights, lr, test metrics.
+
+    The learning-rate panel is left out when the rate never changes.
+    Rows without ``epoch_time_s`` (the per-iteration rows of ``trainer.log_every``)
+    are left out when the column exists. One panel per group that has data.
+    """
+    if "epoch" not in log:
+        raise ValueError("the training log has no `epoch` column")
+    rows = log[log["epoch_time_s"].notna()] if "epoch_time_s" in log else log
+    metric_cols = tuple(c for c in rows.columns if METRIC_PATTERN.match(str(c)))
+    groups = (
+        ("loss", LOSS_COLUMNS),
+        ("mean mining weight / attention", WEIGHT_COLUMNS),
+        ("learning rate", ("lr",)),
+        ("test metrics", metric_cols),
+    )
+    panels = [
+        (title, [c for c in cols if c in rows and rows[c].notna().any()]) for title, cols in groups
+    ]
+    if "lr" in rows and rows["lr"].dropna().nunique() <= 1:  # a constant rate: no panel
+        panels = [(t, cols) for t, cols in panels if t != "learning rate"]
+    panels = [(t, cols) for t, cols in panels if cols]
+    if not panels:
+        raise ValueError("the training log has no curve to draw")
+    fig = Figure(figsize=(4.0 * len(panels), 3.3), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, cols) in zip(axes, panels, strict=True):
+        for c in cols:
+            s = rows[["epoch", c]].dropna()
+            ax.plot(s["epoch"], s[c], marker="o", markersize=2.5, label=c)
+        if title == "learning rate" and (rows["lr"].dropna() > 0).all():
+            ax.set_yscale("log")
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_recall_at_k(
+    curves: Mapping[str, Mapping[int, float]], path: str | Path, title: str = "Recall@K"
+) -> Path:
+    """Recall@K against K (log2 axis), one line per named embedding."""
+    if not curves:
+        raise ValueError("no Recall@K curve given")
+    fig = Figure(figsize=(4.5, 3.5), layout="constrained")
+    ax = fig.subplots()
+    ks: set[int] = set()
+    for name, curve in curves.items():
+        k = np.array(sorted(curve), dtype=int)
+        ks.update(k.tolist())
+        ax.plot(k, [curve[i] for i in k], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(ks), [str(k) for k in sorted(ks)])
+    ax.set_xlabel("K")
+    ax.set_ylabel("Recall@K")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _as_rgb(x: np.ndarray) -> np.ndarray:
+    """(H, W, 3) float image in [0, 1] from (C, H, W) / (H, W) / (H, W, C), [0, 1] or 0..255.
+
+    Grey images are drawn dark on light (``1 - x``), as ink on paper.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 3 and x.shape[0] in (1, 3) and x.shape[-1] not in (1, 3):
+        x = np.moveaxis(x, 0, -1)
+    if x.ndim == 3 and x.shape[-1] == 1:
+        x = x[..., 0]
+    if x.size and x.max() > 1.0:
+        x = x / 255.0
+    x = np.clip(x, 0.0, 1.0)
+    if x.ndim == 2:
+        x = np.repeat((1.0 - x)[..., None], 3, axis=-1)
+    if x.ndim != 3 or x.shape[-1] != 3:
+        raise ValueError(f"cannot draw an image of shape {x.shape}")
+    return x
+
+
+def plot_retrieval_grid(
+    images: Mapping[int, np.ndarray] | Sequence[np.ndarray] | np.ndarray,
+    labels: np.ndarray,
+    queries: Sequence[int],
+    neighbours: np.ndarray,
+    path: str | Path,
+    tile: int = 64,
+) -> Path:
+    """Queries (first column, blue frame) and their nearest results, framed green (same class) or red.
+
+    The grid is one mosaic image (fast to draw): every item is scaled by nearest
+    neighbour to about ``tile`` pixels and framed; its label is written above it.
+
+    Args:
+        images: item index -> image, (C, H, W) or (H, W) in [0, 1] (or 0..255).
+        labels: (n,) labels of all items, indexed like ``images``.
+        queries: (q,) item indices of the queries.
+        neighbours: (q, k) item indices of each query's results, nearest first.
+    """
+    from matplotlib.colors import to_rgb
+
+    neighbours = np.asarray(neighbours)
+    labels = np.asarray(labels)
+    q, k = neighbours.shape
+    if len(queries) != q:
+        raise ValueError(f"{len(queries)} queries but {q} rows of neighbours")
+    h, w = _as_rgb(images[int(queries[0])]).shape[:2]
+    scale = max(1, round(tile / max(h, w)))
+    border, gap = max(2, tile // 16), max(4, tile // 6)
+    cell_h, cell_w = h * scale + 2 * border, w * scale + 2 * border
+    mosaic = np.ones((q * (cell_h + gap) + gap, (k + 1) * (cell_w + gap) + gap, 3), np.float32)
+    notes = []
+    for row, query in enumerate(queries):
+        cells = [(int(query), QUERY)] + [
+            (int(j), CORRECT if labels[j] == labels[query] else WRONG) for j in neighbours[row]
+        ]
+        for col, (item, color) in enumerate(cells):
+            img = _as_rgb(images[item])
+            if img.shape[:2] != (h, w):
+                raise ValueError(f"all images must have one size, got {img.shape[:2]} and {(h, w)}")
+            img = img.repeat(scale, axis=0).repeat(scale, axis=1)
+            top, left = gap + row * (cell_h + gap), gap + col * (cell_w + gap)
+            mosaic[top : top + cell_h, left : left + cell_w] = to_rgb(color)
+            mosaic[top + border : top + cell_h - border, left + border : left + cell_w - border] = (
+                img
+            )
+            name = f"query {labels[item]}" if col == 0 else str(labels[item])
+            notes.append((left + cell_w / 2, top - 1, name, color))
+    fig = Figure(figsize=(mosaic.shape[1] / DPI * 1.3, mosaic.shape[0] / DPI * 1.3 + 0.3))
+    ax = fig.add_axes((0.0, 0.06, 1.0, 0.94))
+    ax.imshow(mosaic, interpolation="nearest")
+    for x, y, name, color in notes:
+        ax.text(x, y, name, ha="center", va="bottom", fontsize=6, color=color)
+    ax.set_axis_off()
+    fig.legend(
+        handles=[Patch(color=CORRECT, label="same class"), Patch(color=WRONG, label="other class")],
+        loc="lower center",
+        ncol=2,
+        fontsize=7,
+        frameon=False,
+    )
+    return _save(fig, path)
+
+
+def tsne_map(
+    embeddings: np.ndarray, max_points: int = 500, seed: int = 0, max_iter: int = 500
+) -> tuple[np.ndarray, np.ndarray]:
+    """2-D t-SNE of at most ``max_points`` rows (seeded subsample): (points (m, 2), row indices (m,))."""
+    from sklearn.manifold import TSNE
+
+    x = np.asarray(embeddings, dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    index = np.sort(rng.choice(len(x), size=min(max_points, len(x)), replace=False))
+    perplexity = float(min(30.0, max(2.0, (len(index) - 1) / 3)))
+    tsne = TSNE(
+        n_components=2, perplexity=perplexity, init="pca", random_state=seed, max_iter=max_iter
+    )
+    return tsne.fit_transform(x[index]), index
+
+
+def plot_embedding_map(
+    points: np.ndarray, labels: np.ndarray, path: str | Path, title: str = "t-SNE of embeddings"
+) -> Path:
+    """Scatter of 2-D points (n, 2) coloured by class; a legend when there are at most 20 classes."""
+    points, labels = np.asarray(points), np.asarray(labels)
+    if points.ndim != 2 or points.shape[1] != 2 or len(points) != len(labels):
+        raise ValueError(
+            f"points must be (n, 2) with n labels, got {points.shape} and {labels.shape}"
+        )
+    classes = np.unique(labels)
+    colors = _class_colors(len(classes))
+    fig = Figure(figsize=(5.0, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for c, color in zip(classes, colors, strict=True):
+        sel = labels == c
+        ax.scatter(points[sel, 0], points[sel, 1], s=6, color=color, label=str(c))
+    if len(classes) <= 20:
+        ax.legend(fontsize=6, markerscale=2, loc="best", ncol=2)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_pair_weights(
+    distance: np.ndarray,
+    weight: np.ndarray,
+    positive: np.ndarray,
+    path: str | Path,
+    title: str = "OSM weight against pair distance",
+) -> Path:
+    """Mining weight of each pair against its distance, positives and negatives apart.
+
+    Args:
+        distance: (m,) pair distances d_ij.
+        weight: (m,) pair weights.
+        positive: (m,) bool, True for same-class pairs.
+    """
+    distance, weight = np.asarray(distance), np.asarray(weight)
+    positive = np.asarray(positive, dtype=bool)
+    fig = Figure(figsize=(5.0, 3.6), layout="constrained")
+    ax = fig.subplots()
+    for sel, name, color in ((positive, "positive", CORRECT), (~positive, "negative", WRONG)):
+        if sel.any():
+            ax.scatter(distance[sel], weight[sel], s=3, alpha=0.4, color=color, label=name)
+    ax.set_xlabel("pair distance d")
+    ax.set_ylabel("weight")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, markerscale=3)
+    return _save(fig, path)
+
+
+def plot_attention(
+    attention: np.ndarray,
+    path: str | Path,
+    flipped: np.ndarray | None = None,
+    auc: float | None = None,
+) -> Path:
+    """Histogram of per-sample attention; clean and flipped samples apart when ``flipped`` is given."""
+    attention = np.asarray(attention, dtype=np.float64)
+    bins = np.linspace(0.0, max(float(attention.max()), 1e-6), 41)
+    fig = Figure(figsize=(5.0, 3.6), layout="constrained")
+    ax = fig.subplots()
+    if flipped is None or not np.any(flipped):
+        ax.hist(attention, bins=bins, color=QUERY, label="all samples")
+    else:
+        flipped = np.asarray(flipped, dtype=bool)
+        ax.hist(attention[~flipped], bins=bins, color=CORRECT, alpha=0.6, label="clean label")
+        ax.hist(attention[flipped], bins=bins, color=WRONG, alpha=0.6, label="flipped label")
+    title = "class-aware attention of the training samples"
+    if auc is not None and np.isfinite(auc):
+        title += f"\nAUC clean vs flipped = {auc:.3f}"
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("attention a_i")
+    ax.set_ylabel("samples")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_metric_lines(
+    table: pd.DataFrame,
+    x: str,
+    y: str,
+    path: str | Path,
+    *,
+    line: str | None = None,
+    err: str | None = None,
+    xlabel: str | None = None,
+    ylabel: str | None = None,
+    title: str | None = None,
+) -> Path:
+    """``y`` against ``x`` with error bars ``err``, one line per value of the column ``line``."""
+    for col in (x, y, line, err):
+        if col is not None and col not in table:
+            raise ValueError(f"column {col!r} is not in the table ({list(table.columns)})")
+    groups = list(table.groupby(line, sort=False)) if line else [(y, table)]
+    many = len(groups) > 6  # then the legend goes to the right of the axes
+    fig = Figure(figsize=(8.5 if many else 5.5, 4.0), layout="constrained")
+    ax = fig.subplots()
+    for (name, part), color in zip(groups, _class_colors(len(groups)), strict=True):
+        part = part.sort_values(x)
+        yerr = part[err].fillna(0.0).to_numpy() if err else None
+        ax.errorbar(
+            part[x],
+            part[y],
+            yerr=yerr,
+            marker="o",
+            capsize=3,
+            label=str(name),
+            markersize=4 if len(part) <= 12 else 2,
+            color=color,
+        )
+    ax.set_xlabel(xlabel or x)
+    ax.set_ylabel(ylabel or y)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if many:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_metric_bars(
+    names: Sequence[str],
+    means: Sequence[float],
+    stds: Sequence[float] | None,
+    path: str | Path,
+    *,
+    ylabel: str = "",
+    title: str | None = None,
+) -> Path:
+    """One bar per configuration (mean) with its std as error bar."""
+    means = np.asarray(means, dtype=np.float64)
+    err = None if stds is None else np.nan_to_num(np.asarray(stds, dtype=np.float64))
+    fig = Figure(figsize=(max(4.0, 0.9 * len(names) + 1.5), 3.8), layout="constrained")
+    ax = fig.subplots()
+    pos = np.arange(len(names))
+    ax.bar(pos, means, yerr=err, capsize=4, color=QUERY)
+    ax.set_xticks(pos, list(names), rotation=30, ha="right", fontsize=8)
+    spread = np.zeros_like(means) if err is None else err
+    ok = np.isfinite(means)
+    if ok.any():  # zoom on the bars' range (from 0 if that is near), so small gaps show
+        lo, hi = float((means - spread)[ok].min()), float((means + spread)[ok].max())
+        pad = 0.1 * (hi - lo) + 1e-3
+        ax.set_ylim(max(0.0, lo - pad) if lo > 0 else lo - pad, hi + pad)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)

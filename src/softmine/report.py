@@ -1,0 +1,533 @@
+"""``softmine-report PATH...``: one table of finished runs, mean ± std over seeds, and its plots.
+
+Examples::
+
+    softmine-report multirun/noise/2026-11-28_13-00-00        # a sweep folder
+    softmine-report outputs/2026-11-28 multirun/ablation -o report/
+    softmine-report multirun/noise/... --x dataset.label_noise --metrics map@r attention_auc
+
+PATH is a run folder (it holds ``.hydra/``) or any folder above run folders (a
+sweep, ``outputs/``); every run below it is read: its overrides
+(``.hydra/overrides.yaml``), its dataset name and seed (``.hydra/config.yaml``)
+and its ``metrics.json`` (a run without one is counted as failed).
+
+Runs are grouped by the dataset and by the overrides whose values differ between
+runs, except ``seed`` (and ``hydra.*``): one row per configuration with the number
+of seeds ``n``, and per metric the mean and the sample standard deviation
+(ddof = 1; none for a single seed). For a dataset the paper reports on (CUB,
+Cars196, MARS) a row with the paper's numbers is added beside the measured ones.
+
+Written to OUT (default: PATH when one folder is given, else ``./report``):
+``report.md`` (also printed), ``report.csv``, and PNG plots: the main metric
+against a numeric swept key with error bars, one line per configuration of the
+other keys (or one bar per configuration when no numeric key varies), the same
+for ``attention_auc`` when runs have it, and the mean training loss per epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from softmine.cli import user_errors_exit
+from softmine.errors import ConfigError, DataError
+
+#: Numbers reported by Wang et al. (AAAI 2019, Tables 2-4), as fractions.
+REFERENCES: dict[str, dict[str, float]] = {
+    "cub": {"recall@1": 0.553, "recall@2": 0.673, "recall@4": 0.775, "recall@8": 0.858},
+    "cars196": {"recall@1": 0.742, "recall@2": 0.838, "recall@4": 0.902, "recall@8": 0.946},
+    "mars": {"cmc@1": 0.847, "cmc@5": 0.941, "cmc@10": 0.957, "cmc@20": 0.970, "mAP": 0.724},
+}
+REFERENCE_SOURCE = "paper (Wang et al. 2019)"
+MEASURED = "measured"
+IGNORED = ("seed",)  # overrides never used for grouping (besides hydra.*)
+METRIC_ORDER = re.compile(r"^(recall@|cmc@|precision@|map@r|r_precision|mAP|nmi|attention_auc)")
+MAIN_METRICS = ("map@r", "mAP", "recall@1", "cmc@1")
+STATUS_OK, STATUS_FAILED = "ok", "failed"
+
+
+# ----------------------------------------------------------------------------- reading runs
+
+
+def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
+    """Run folders (holding ``.hydra/overrides.yaml``) at or below each path, in path order."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise DataError(f"{path} does not exist; give a run folder or a sweep folder")
+        if (path / ".hydra" / "overrides.yaml").is_file():
+            runs = [path]
+        else:
+            runs = sorted(
+                (
+                    p.parent.parent
+                    for p in path.rglob("overrides.yaml")
+                    if p.parent.name == ".hydra"
+                ),
+                key=_natural_key,
+            )
+        if not runs:
+            raise DataError(
+                f"no run folder under {path} (a run folder holds .hydra/overrides.yaml, "
+                "written by softmine-train)"
+            )
+        found.extend(r for r in runs if r not in found)
+    return found
+
+
+def _natural_key(path: Path) -> list[Any]:
+    """Sort key that orders sweep job folders 0, 1, 2, ..., 10 (not 0, 1, 10, 2)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
+
+
+def _parse_overrides(items: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        key, _, value = str(item).partition("=")
+        out[key.lstrip("+~")] = value
+    return out
+
+
+def read_run(run_dir: Path) -> dict[str, Any]:
+    """One run as a flat dict: ``run``, ``status``, ``dataset``, ``seed``, its overrides and metrics."""
+    run_dir = Path(run_dir)
+    overrides = _parse_overrides(
+        yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+    )
+    config_file = run_dir / ".hydra" / "config.yaml"
+    config = yaml.safe_load(config_file.read_text()) if config_file.exists() else {}
+    config = config or {}
+    dataset = (config.get("dataset") or {}).get("name") or overrides.get("dataset", "")
+    row: dict[str, Any] = {
+        "run": str(run_dir),
+        "dataset": str(dataset),
+        "seed": overrides.get("seed", config.get("seed")),
+    }
+    row.update({f"override:{k}": v for k, v in overrides.items() if k != "seed"})
+    metrics_file = run_dir / "metrics.json"
+    if metrics_file.exists():
+        row.update(json.loads(metrics_file.read_text()))
+        row["status"] = STATUS_OK
+    else:
+        row["status"] = STATUS_FAILED
+    return row
+
+
+def load_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
+    """All runs at or below ``paths``, one row each (override columns are named ``override:KEY``)."""
+    return pd.DataFrame([read_run(d) for d in find_run_dirs(paths)])
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+
+def metric_columns(runs: pd.DataFrame) -> list[str]:
+    """The numeric metric columns of ``runs``, known metrics first in a fixed order."""
+    skip = {"run", "dataset", "seed", "status"}
+    cols = [
+        c
+        for c in runs.columns
+        if c not in skip
+        and not str(c).startswith("override:")
+        and pd.api.types.is_numeric_dtype(runs[c])
+    ]
+    known = [c for c in cols if METRIC_ORDER.match(c)]
+    known.sort(key=lambda c: (_metric_rank(c), _trailing_int(c)))
+    return known + [c for c in cols if c not in known]
+
+
+def _metric_rank(name: str) -> int:
+    for i, prefix in enumerate(
+        ("recall@", "cmc@", "precision@", "map@r", "r_precision", "mAP", "nmi", "attention_auc")
+    ):
+        if name.startswith(prefix):
+            return i
+    return 99
+
+
+def _trailing_int(name: str) -> int:
+    m = re.search(r"(\d+)$", name)
+    return int(m.group(1)) if m else 0
+
+
+def varying_keys(runs: pd.DataFrame, ignore: Iterable[str] = IGNORED) -> list[str]:
+    """Override keys whose value differs between runs (a missing override counts as a value)."""
+    ignore = set(ignore) | {"dataset"}  # the dataset name is its own column
+    keys = []
+    for col in runs.columns:
+        if not str(col).startswith("override:"):
+            continue
+        key = col.split(":", 1)[1]
+        if key in ignore or key.startswith("hydra."):
+            continue
+        if runs[col].fillna("\0").nunique() > 1:
+            keys.append(key)
+    return keys
+
+
+def _as_number(values: pd.Series) -> pd.Series | None:
+    """The series as floats if every non-missing value is a number, else None."""
+    num = pd.to_numeric(values, errors="coerce")
+    return num if num.notna().sum() == values.notna().sum() and values.notna().any() else None
+
+
+def aggregate(
+    runs: pd.DataFrame,
+    metrics: Sequence[str] | None = None,
+    ignore: Iterable[str] = IGNORED,
+) -> pd.DataFrame:
+    """One row per configuration: ``dataset``, the varying override keys, ``n``, ``seeds``,
+    ``failed`` and ``<metric>_mean`` / ``<metric>_std`` (ddof = 1, NaN for one seed).
+
+    Configurations keep the order of their first run; numeric keys sort ascending.
+    """
+    if runs.empty:
+        raise DataError("no runs to report")
+    metrics = list(metrics) if metrics is not None else metric_columns(runs)
+    missing = [m for m in metrics if m not in runs]
+    if missing:
+        raise ConfigError(f"metric(s) {missing} are in no run; available: {metric_columns(runs)}")
+    keys = varying_keys(runs, ignore)
+    frame = runs.copy()
+    cols = ["dataset"] + [f"override:{k}" for k in keys]
+    for c in cols:
+        frame[c] = frame[c].fillna("") if c in frame else ""
+    rows = []
+    for values, part in frame.groupby(cols, sort=False, dropna=False):
+        values = values if isinstance(values, tuple) else (values,)
+        ok = part[part["status"] == STATUS_OK]
+        row: dict[str, Any] = dict(zip(["dataset", *keys], values, strict=True))
+        row["source"] = MEASURED
+        row["n"] = len(ok)
+        row["seeds"] = ",".join(str(s) for s in _sorted_seeds(ok["seed"]))
+        row["failed"] = int((part["status"] != STATUS_OK).sum())
+        for m in metrics:
+            vals = pd.to_numeric(ok[m], errors="coerce").dropna() if m in ok else pd.Series()
+            row[f"{m}_mean"] = float(vals.mean()) if len(vals) else np.nan
+            row[f"{m}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else np.nan
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    order = []
+    for k in keys:
+        num = _as_number(table[k].replace("", np.nan))
+        if num is not None:
+            table[k] = num
+            order.append(k)
+        else:
+            first = {v: i for i, v in enumerate(dict.fromkeys(table[k]))}
+            table[f"_order:{k}"] = table[k].map(first)
+            order.append(f"_order:{k}")
+    dataset_order = {v: i for i, v in enumerate(dict.fromkeys(table["dataset"]))}
+    table["_order:dataset"] = table["dataset"].map(dataset_order)
+    table = table.sort_values(["_order:dataset", *order], kind="stable")
+    table = table.drop(columns=[c for c in table.columns if c.startswith("_order:")])
+    table.attrs["keys"] = keys
+    table.attrs["metrics"] = metrics
+    return table.reset_index(drop=True)
+
+
+def _sorted_seeds(seeds: pd.Series) -> list[Any]:
+    num = _as_number(seeds)
+    if num is not None:
+        return sorted(int(s) if float(s).is_integer() else s for s in num.dropna())
+    return sorted(str(s) for s in seeds.dropna())
+
+
+def with_references(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` plus, after the rows of each dataset in :data:`REFERENCES`, a row of the paper's numbers."""
+    keys, metrics = table.attrs.get("keys", []), table.attrs.get("metrics", [])
+    parts = []
+    for name, part in table.groupby("dataset", sort=False):
+        parts.append(part)
+        ref = REFERENCES.get(str(name))
+        shared = [m for m in metrics if ref and m in ref]
+        if shared:
+            row: dict[str, Any] = {"dataset": name, "source": REFERENCE_SOURCE}
+            row.update({k: "" for k in keys})
+            row.update({f"{m}_mean": ref[m] for m in shared})
+            parts.append(pd.DataFrame([row]))
+    out = pd.concat(parts, ignore_index=True)
+    out.attrs.update(table.attrs)
+    return out
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def _fmt(mean: float, std: float) -> str:
+    if not np.isfinite(mean):
+        return "–"
+    return f"{mean:.4f}" if not np.isfinite(std) else f"{mean:.4f} ± {std:.4f}"
+
+
+def _fmt_key(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}" if np.isfinite(value) else ""
+    return str(value)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """The table in Markdown: configuration columns, ``n``, then ``mean ± std`` per metric."""
+    keys, metrics = table.attrs.get("keys", []), table.attrs.get("metrics", [])
+    show_source = "source" in table and (table["source"] != MEASURED).any()
+    show_failed = "failed" in table and table["failed"].fillna(0).astype(int).gt(0).any()
+    head = ["dataset", *keys] + (["source"] if show_source else []) + ["n"]
+    head += ["failed"] if show_failed else []
+    head += list(metrics)
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for _, r in table.iterrows():
+        cells = [_fmt_key(r["dataset"])] + [_fmt_key(r[k]) for k in keys]
+        if show_source:
+            cells.append(str(r["source"]))
+        cells.append("" if pd.isna(r.get("n")) else str(int(r["n"])))
+        if show_failed:
+            cells.append("" if pd.isna(r.get("failed")) else str(int(r["failed"])))
+        cells += [_fmt(r.get(f"{m}_mean", np.nan), r.get(f"{m}_std", np.nan)) for m in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")
+
+
+def _config_label(table: pd.DataFrame, keys: Sequence[str]) -> pd.Series:
+    """A readable name per row from the given key columns (and the dataset when it varies)."""
+    cols = list(keys)
+    if table["dataset"].nunique() > 1:
+        cols = ["dataset", *cols]
+    if not cols:
+        return pd.Series(["all runs"] * len(table), index=table.index)
+    return table[cols].apply(
+        lambda r: ", ".join(
+            _fmt_key(r[c]) if len(cols) == 1 else f"{c}={_fmt_key(r[c])}" for c in cols
+        ),
+        axis=1,
+    )
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def numeric_key(table: pd.DataFrame) -> str | None:
+    """The first varying override key whose values are all numbers (the natural x axis)."""
+    for k in table.attrs.get("keys", []):
+        if pd.api.types.is_numeric_dtype(table[k]) and table[k].nunique() > 1:
+            return k
+    return None
+
+
+def plot_table(table: pd.DataFrame, out: Path, metric: str, x: str | None = None) -> Path | None:
+    """``metric`` against the numeric key ``x`` (one line per other configuration, error bars = std),
+    or one bar per configuration when there is no numeric key. None if the metric has no value."""
+    from softmine import plots
+
+    measured = table[table["source"] == MEASURED]
+    mean, std = f"{metric}_mean", f"{metric}_std"
+    if mean not in measured or measured[mean].notna().sum() == 0:
+        return None
+    measured = measured[measured[mean].notna()]
+    keys = table.attrs.get("keys", [])
+    x = x or numeric_key(table)
+    if x is not None:
+        if x not in keys:
+            raise ConfigError(f"--x {x} is not an override that varies; choose one of {keys}")
+        others = [k for k in keys if k != x]
+        data = measured.assign(_line=_config_label(measured, others))
+        return plots.plot_metric_lines(
+            data,
+            x,
+            mean,
+            out / f"{_slug(metric)}_vs_{_slug(x)}.png",
+            line="_line",
+            err=std,
+            ylabel=f"{metric} (mean ± std over seeds)",
+            title=f"{metric} against {x}",
+        )
+    names = _config_label(measured, keys)
+    return plots.plot_metric_bars(
+        list(names),
+        measured[mean].to_numpy(),
+        measured[std].to_numpy(),
+        out / f"{_slug(metric)}.png",
+        ylabel=f"{metric} (mean ± std over seeds)",
+        title=f"{metric} per configuration",
+    )
+
+
+def plot_training_loss(runs: pd.DataFrame, table: pd.DataFrame, out: Path) -> Path | None:
+    """Mean training loss per epoch of each configuration (std over seeds as error bars)."""
+    from softmine import plots
+
+    keys = table.attrs.get("keys", [])
+    ok = runs[runs["status"] == STATUS_OK]
+    if ok.empty:
+        return None
+    keyed = pd.DataFrame({"dataset": ok["dataset"]}, index=ok.index)
+    for k in keys:
+        col = ok.get(f"override:{k}", pd.Series("", index=ok.index)).fillna("")
+        num = _as_number(col.replace("", np.nan))
+        keyed[k] = col if num is None else num
+    names = _config_label(keyed, keys)
+    frames = []
+    for i, run in ok.iterrows():
+        log_file = Path(run["run"]) / "train_log.csv"
+        if not log_file.exists():
+            continue
+        log = pd.read_csv(log_file)
+        if "loss" not in log or "epoch" not in log:
+            continue
+        if "epoch_time_s" in log:
+            log = log[log["epoch_time_s"].notna()]
+        frames.append(pd.DataFrame({"epoch": log["epoch"], "value": log["loss"], "line": names[i]}))
+    if not frames:
+        return None
+    curves = (
+        pd.concat(frames, ignore_index=True)
+        .groupby(["line", "epoch"], sort=False)["value"]
+        .agg(loss_mean="mean", loss_std="std")
+        .reset_index()
+    )
+    return plots.plot_metric_lines(
+        curves,
+        "epoch",
+        "loss_mean",
+        out / "training_loss.png",
+        line="line",
+        err="loss_std",
+        ylabel="training loss (mean ± std over seeds)",
+        title="training loss per epoch",
+    )
+
+
+def plot_runs(runs: pd.DataFrame) -> int:
+    """Per-run plots from the files a run leaves (train_log.csv, attention.csv) where missing."""
+    from softmine import plots
+
+    drawn = 0
+    for run_dir in runs["run"]:
+        folder = Path(run_dir) / "plots"
+        log_file = Path(run_dir) / "train_log.csv"
+        if log_file.exists() and not (folder / "training_curves.png").exists():
+            plots.plot_training_curves(pd.read_csv(log_file), folder / "training_curves.png")
+            drawn += 1
+        att = Path(run_dir) / "attention.csv"
+        if att.exists() and not (folder / "attention.png").exists():
+            a = pd.read_csv(att)
+            plots.plot_attention(a["attention"], folder / "attention.png", a["flipped"])
+            drawn += 1
+    return drawn
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def main_metric(metrics: Sequence[str]) -> str | None:
+    for m in MAIN_METRICS:
+        if m in metrics:
+            return m
+    return metrics[0] if metrics else None
+
+
+def report(
+    paths: Sequence[str | Path],
+    out: str | Path | None = None,
+    metrics: Sequence[str] | None = None,
+    x: str | None = None,
+    ignore: Iterable[str] = IGNORED,
+    run_plots: bool = False,
+) -> tuple[pd.DataFrame, str, list[Path]]:
+    """Read, aggregate, write ``report.md`` / ``report.csv`` and the plots into ``out``.
+
+    Returns ``(table with reference rows, markdown, written files)``.
+    """
+    runs = load_runs(paths)
+    table = with_references(aggregate(runs, metrics, ignore))
+    if out is None:
+        out = paths[0] if len(paths) == 1 and Path(paths[0]).is_dir() else "report"
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    used = table.attrs["metrics"]
+    n_ok = int((runs["status"] == STATUS_OK).sum())
+    lines = [
+        "# softmine report",
+        "",
+        f"{n_ok} finished run(s)"
+        + (f", {len(runs) - n_ok} failed" if n_ok < len(runs) else "")
+        + f" from {', '.join(str(p) for p in paths)}.",
+        "Each row: one configuration; n = number of seeds; values are mean ± sample standard "
+        "deviation over the seeds (no ± for one seed).",
+    ]
+    if (table["source"] != MEASURED).any():
+        lines.append(
+            f"Rows marked `{REFERENCE_SOURCE}` are the numbers the paper reports, not runs."
+        )
+    markdown = "\n".join([*lines, "", to_markdown(table), ""])
+    written = [out / "report.md", out / "report.csv"]
+    written[0].write_text(markdown)
+    table.to_csv(written[1], index=False)
+    plot_metrics = [m for m in (main_metric(used), "attention_auc") if m in used]
+    for m in dict.fromkeys(plot_metrics):
+        path = plot_table(table, out, m, x)
+        if path is not None:
+            written.append(path)
+    loss_plot = plot_training_loss(runs, table, out)
+    if loss_plot is not None:
+        written.append(loss_plot)
+    if run_plots:
+        plot_runs(runs)
+    return table, markdown, written
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="softmine-report",
+        description="Tables (Markdown + CSV) and plots of finished runs: mean ± std over seeds, "
+        "one row per configuration (the overrides that vary, seed excluded).",
+    )
+    p.add_argument("paths", nargs="+", help="run folders, sweep folders, or folders above them")
+    p.add_argument("-o", "--out", help="output folder (default: PATH if one folder, else ./report)")
+    p.add_argument("--metrics", nargs="+", help="metrics to show (default: all in metrics.json)")
+    p.add_argument("--x", help="numeric override to plot against (default: the first that varies)")
+    p.add_argument(
+        "--ignore",
+        nargs="+",
+        default=[],
+        help="more override keys to leave out of the grouping (seed always is)",
+    )
+    p.add_argument(
+        "--run-plots",
+        action="store_true",
+        help="also draw each run's training curves / attention plot where missing",
+    )
+    return p
+
+
+@user_errors_exit
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _, markdown, written = report(
+        args.paths,
+        out=args.out,
+        metrics=args.metrics,
+        x=args.x,
+        ignore=(*IGNORED, *args.ignore),
+        run_plots=args.run_plots,
+    )
+    print(markdown)
+    print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Every plot function writes a non-empty PNG drawn from the data it is given."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.colors import to_rgb
+from PIL import Image
+
+from softmine import plots
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _pixels(path: Path) -> np.ndarray:
+    assert path.read_bytes()[:8] == PNG and path.stat().st_size > 1000
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def _count(img: np.ndarray, color: str, tol: int = 12) -> int:
+    rgb = np.array([round(255 * c) for c in to_rgb(color)])
+    return int((np.abs(img - rgb).max(axis=-1) <= tol).sum())
+
+
+def test_training_curves_depend_on_the_log(tmp_path: Path) -> None:
+    epochs = np.arange(1, 11)
+    log = pd.DataFrame(
+        {
+            "epoch": epochs,
+            "loss": 1 / epochs,
+            "l_pos": 0.5 / epochs,
+            "osm_weight_pos": epochs / 20,
+            "lr": 1e-3 * 0.9**epochs,
+            "epoch_time_s": 0.1,
+            "map@r": [np.nan] * 9 + [0.8],
+        }
+    )
+    a = _pixels(plots.plot_training_curves(log, tmp_path / "a.png"))
+    b = _pixels(plots.plot_training_curves(log.assign(loss=epochs / 3), tmp_path / "b.png"))
+    assert a.shape == b.shape and (a != b).any()
+    assert a.shape[1] > 3 * a.shape[0]  # four panels side by side (lr changes: it has one)
+    flat = plots.plot_training_curves(log.assign(lr=1e-3), tmp_path / "c.png")
+    assert _pixels(flat).shape[1] < a.shape[1]  # a constant rate gets no panel
+    with pytest.raises(ValueError, match="epoch"):
+        plots.plot_training_curves(pd.DataFrame({"loss": [1.0]}), tmp_path / "d.png")
+
+
+def test_recall_curve_depends_on_values(tmp_path: Path) -> None:
+    a = _pixels(plots.plot_recall_at_k({"x": {1: 0.5, 2: 0.7, 4: 0.9}}, tmp_path / "a.png"))
+    b = _pixels(plots.plot_recall_at_k({"x": {1: 0.1, 2: 0.2, 4: 0.95}}, tmp_path / "b.png"))
+    assert (a != b).any()
+
+
+def test_retrieval_grid_marks_correct_green_and_wrong_red(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    images = rng.random((12, 1, 8, 8)).astype(np.float32)
+    labels = np.array([0] * 6 + [1] * 6)
+    queries = [0, 6]
+    right = np.array([[1, 2, 3], [7, 8, 9]])  # same class as their query
+    wrong = np.array([[6, 7, 8], [0, 1, 2]])
+    good = _pixels(plots.plot_retrieval_grid(images, labels, queries, right, tmp_path / "g.png"))
+    bad = _pixels(plots.plot_retrieval_grid(images, labels, queries, wrong, tmp_path / "b.png"))
+    # frames: 6 result frames of one colour each (legend patches are the same in both)
+    assert _count(good, plots.CORRECT) > 3 * _count(bad, plots.CORRECT)
+    assert _count(bad, plots.WRONG) > 3 * _count(good, plots.WRONG)
+    rgb = plots.plot_retrieval_grid(
+        rng.random((12, 3, 8, 8)), labels, queries, right, tmp_path / "rgb.png"
+    )
+    assert (_pixels(rgb) != good).any()
+
+
+def test_tsne_keeps_separated_clusters_apart_and_the_map_shows_them(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 0.1, (60, 16)), rng.normal(5, 0.1, (60, 16))])
+    y = np.repeat([0, 1], 60)
+    points, index = plots.tsne_map(x, max_points=80, seed=0)
+    assert points.shape == (80, 2) and len(np.unique(index)) == 80
+    lab = y[index]
+    d = np.linalg.norm(points[:, None] - points[None], axis=-1)
+    np.fill_diagonal(d, np.inf)
+    assert np.array_equal(lab[d.argmin(1)], lab)  # every point's 2-D neighbour is of its class
+    a = _pixels(plots.plot_embedding_map(points, lab, tmp_path / "a.png"))
+    b = _pixels(plots.plot_embedding_map(points[::-1] * [1, -1], lab, tmp_path / "b.png"))
+    assert (a != b).any()
+    tab10 = ["#1f77b4", "#ff7f0e"]  # the colours of classes 0 and 1
+    assert _count(a, tab10[0], 30) > 50 and _count(a, tab10[1], 30) > 50
+
+
+def test_pair_weight_plot_depends_on_pairs(tmp_path: Path) -> None:
+    d = np.linspace(0, 2, 200)
+    pos = np.arange(200) % 2 == 0
+    a = _pixels(plots.plot_pair_weights(d, np.exp(-(d**2)), pos, tmp_path / "a.png"))
+    b = _pixels(plots.plot_pair_weights(d, np.exp(-(d**2)), ~pos, tmp_path / "b.png"))
+    c = _pixels(plots.plot_pair_weights(d, np.zeros(200), pos, tmp_path / "c.png"))
+    assert (a != b).any() and (a != c).any()
+
+
+def test_attention_histogram_splits_clean_and_flipped(tmp_path: Path) -> None:
+    att = np.linspace(0.0, 1.0, 300)
+    one = _pixels(plots.plot_attention(att, tmp_path / "a.png"))
+    split = _pixels(plots.plot_attention(att, tmp_path / "b.png", att < 0.3, auc=1.0))
+    assert _count(one, plots.QUERY) > 1000 and _count(split, plots.QUERY) < 100
+    assert (one != split).any()
+
+
+def test_metric_lines_and_bars_depend_on_values(tmp_path: Path) -> None:
+    table = pd.DataFrame(
+        {
+            "noise": [0.0, 0.2, 0.0, 0.2],
+            "loss": ["a", "a", "b", "b"],
+            "m": [0.9, 0.8, 0.9, 0.6],
+            "s": [0.01, 0.02, 0.0, 0.05],
+        }
+    )
+    a = _pixels(
+        plots.plot_metric_lines(table, "noise", "m", tmp_path / "a.png", line="loss", err="s")
+    )
+    b = _pixels(
+        plots.plot_metric_lines(
+            table.assign(m=[0.5, 0.9, 0.7, 0.7]),
+            "noise",
+            "m",
+            tmp_path / "b.png",
+            line="loss",
+            err="s",
+        )
+    )
+    assert (a != b).any()
+    with pytest.raises(ValueError, match="nope"):
+        plots.plot_metric_lines(table, "noise", "nope", tmp_path / "c.png")
+    c = _pixels(plots.plot_metric_bars(["a", "b"], [0.9, 0.5], [0.01, 0.1], tmp_path / "c.png"))
+    d = _pixels(plots.plot_metric_bars(["a", "b"], [0.5, 0.9], [0.01, 0.1], tmp_path / "d.png"))
+    assert (c != d).any()
