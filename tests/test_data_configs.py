@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -239,3 +240,19 @@ def test_train_on_a_missing_dataset_is_one_line_and_exit_2(tmp_path: Path) -> No
     msg = errors[0]
     assert "CUB-200-2011: dataset folder /nowhere does not exist" in msg
     assert "images.txt" in msg and "vision.caltech.edu" in msg
+
+
+@pytest.mark.parametrize("name", ["cub", "mars"])
+def test_label_noise_on_real_set_configs(fakes: dict[str, Path], name: str) -> None:
+    root = f"dataset.root={fakes[name]}"
+    clean = build(_cfg(f"dataset={name}", root).dataset.train, "train")
+    noisy = build(_cfg(f"dataset={name}", root, "dataset.label_noise=0.5").dataset.train, "train")
+    n = len(clean.labels)
+    assert int(noisy.flipped.sum()) == round(0.5 * n) and not clean.flipped.any()
+    assert (noisy.labels != clean.labels).sum() == round(0.5 * n)
+    i = int(np.flatnonzero(noisy.flipped)[0])
+    assert noisy[i][1] == noisy.labels[i] != clean.labels[i]  # items carry the noisy label
+    test_node = "test" if name == "cub" else "query"
+    a = build(_cfg(f"dataset={name}", root).dataset[test_node], "t")
+    b = build(_cfg(f"dataset={name}", root, "dataset.label_noise=0.5").dataset[test_node], "t")
+    assert np.array_equal(a.labels, b.labels)  # evaluation labels are never touched
