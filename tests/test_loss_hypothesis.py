@@ -6,22 +6,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from omegaconf import OmegaConf
 
-from softmine.config import build
-from tests.test_loss_properties import CONFIG_DIR, NAMES
+from tests.test_loss_properties import NAMES, _build
 
 SETTINGS = settings(max_examples=15, deadline=None, derandomize=True)
-
-
-def _build(name: str, num_classes: int, dim: int) -> torch.nn.Module:
-    cfg = OmegaConf.load(CONFIG_DIR / f"{name}.yaml")
-    if "defaults" in cfg:
-        base = OmegaConf.load(CONFIG_DIR / "osm_caa.yaml")
-        cfg = OmegaConf.merge(base, {k: v for k, v in cfg.items() if k != "defaults"})
-    extra = {k: v for k, v in (("num_classes", num_classes), ("embedding_dim", dim)) if k in cfg}
-    torch.manual_seed(0)
-    return build(cfg, "loss", **extra).double()
 
 
 # The released form's classifier reads the raw feature (a linear layer with bias), so its
@@ -48,7 +36,8 @@ def batches(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
 @given(batch=batches(), scale=st.floats(0.05, 20.0))
 def test_finite_and_invariant_to_order_and_scale(name: str, batch, scale: float) -> None:
     x, dup, y, k = batch
-    loss_fn = _build(name, num_classes=k, dim=x.shape[1])
+    torch.manual_seed(0)
+    loss_fn = _build(name, num_classes=k, dim=x.shape[1]).double()
     for data in (x, dup):  # finite values and gradients, duplicates included
         f = data.clone().requires_grad_(True)
         value = loss_fn(f, y)

@@ -20,13 +20,13 @@ NAMES = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 NUM_CLASSES, DIM = 5, 24
 
 
-def _build(name: str) -> torch.nn.Module:
+def _build(name: str, num_classes: int = NUM_CLASSES, dim: int = DIM) -> torch.nn.Module:
     """Instantiate ``loss=<name>`` the way the trainer does (sizes filled when left null)."""
     cfg = OmegaConf.load(CONFIG_DIR / f"{name}.yaml")
     if "defaults" in cfg:  # ablation presets extend osm_caa.yaml
         base = OmegaConf.load(CONFIG_DIR / "osm_caa.yaml")
         cfg = OmegaConf.merge(base, {k: v for k, v in cfg.items() if k != "defaults"})
-    extra = {k: v for k, v in (("num_classes", NUM_CLASSES), ("embedding_dim", DIM)) if k in cfg}
+    extra = {k: v for k, v in (("num_classes", num_classes), ("embedding_dim", dim)) if k in cfg}
     return build(cfg, "loss", **extra)
 
 
