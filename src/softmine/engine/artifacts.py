@@ -35,6 +35,7 @@ from softmine.engine.attention import (
     sample_attention,
     write_attention_csv,
 )
+from softmine.engine.distributed import DistEnv
 from softmine.engine.embed import extract_embeddings
 
 log = logging.getLogger(__name__)
@@ -55,18 +56,8 @@ def _num_workers(trainer: Any) -> int:
 
 
 def _test_set(trainer: Any) -> Any:
-    """The retrieval test split (on the trainer or its evaluator); None for query/gallery sets."""
-    found = getattr(trainer, "test_set", None)
-    return (
-        found
-        if found is not None
-        else getattr(getattr(trainer, "evaluator", None), "test_set", None)
-    )
-
-
-def _is_main_process() -> bool:
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    """The retrieval test split of the trainer's evaluator; None for query/gallery sets."""
+    return getattr(trainer.evaluator, "test_set", None)
 
 
 def write_run_artifacts(trainer: Any) -> dict[str, float]:
@@ -76,7 +67,7 @@ def write_run_artifacts(trainer: Any) -> dict[str, float]:
     when the training set has flipped labels and the loss has attention.
     """
     metrics = trainer.state.metrics
-    if not _is_main_process():
+    if not DistEnv.current().is_main:
         return metrics
     plots = bool(trainer.cfg.trainer.get("plots", False))
     flipped = getattr(trainer.train_set, "flipped", None)

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from softmine.engine.setup import resolve_device
 from softmine.errors import ConfigError
+from softmine.losses.osm_caa import check_loss_hparams
 
 PRECISIONS = ("32", "bf16", "fp16")
 ON_NONFINITE = ("stop", "skip")
@@ -43,15 +44,7 @@ def check_writable(folder: Path) -> None:
 
 def validate_config(cfg: DictConfig, run_dir: Path | None = None) -> None:
     """Check the values that would otherwise fail late or silently."""
-    loss = cfg.get("loss")
-    margin, sigma, lam = (_num(cfg, f"loss.{k}") for k in ("margin", "sigma", "lam"))
-    if loss is not None:
-        if margin is not None and margin <= 0:
-            raise ConfigError(f"loss.margin must be > 0 (got {margin}); the paper uses 1.2")
-        if sigma is not None and sigma <= 0:
-            raise ConfigError(f"loss.sigma must be > 0 (got {sigma}); the paper uses 0.8")
-        if lam is not None and not 0.0 <= lam <= 1.0:
-            raise ConfigError(f"loss.lam must lie in [0, 1] (got {lam}); the paper uses 0.5")
+    check_loss_hparams(*(_num(cfg, f"loss.{k}") for k in ("margin", "sigma", "lam")))
     dim = _num(cfg, "backbone.embedding_dim")
     if dim is None or dim <= 0 or dim != int(dim):
         raise ConfigError(

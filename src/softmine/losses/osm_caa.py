@@ -47,13 +47,15 @@ from softmine.losses.pairwise import (
 ATTENTION_MODES = ("softmax_cosine", "gaussian_prob")
 
 
-def check_loss_hparams(margin: float, sigma: float, lam: float) -> None:
-    """Raise a :class:`ConfigError` naming the bad value and the fix."""
-    if not margin > 0:
+def check_loss_hparams(
+    margin: float | None, sigma: float | None = None, lam: float | None = None
+) -> None:
+    """Raise a :class:`ConfigError` naming the bad value and the fix (None: not used, not checked)."""
+    if margin is not None and not margin > 0:
         raise ConfigError(f"loss.margin must be > 0 (got {margin}); the paper uses 1.2")
-    if not sigma > 0:
+    if sigma is not None and not sigma > 0:
         raise ConfigError(f"loss.sigma must be > 0 (got {sigma}); the paper uses 0.8")
-    if not 0.0 <= lam <= 1.0:
+    if lam is not None and not 0.0 <= lam <= 1.0:
         raise ConfigError(f"loss.lam must lie in [0, 1] (got {lam}); the paper uses 0.5")
 
 
