@@ -73,7 +73,7 @@ def test_config_builds_and_trains(name: str) -> None:
     else:
         loss = loss_fn(emb, y)
     loss.backward()
-    assert loss.dim() == 0 and math.isfinite(float(loss))
+    assert loss.dim() == 0 and math.isfinite(float(loss.detach()))
     assert torch.isfinite(emb.grad).all() and float(emb.grad.abs().sum()) > 0
     for p in loss_fn.parameters():
         assert p.grad is None or torch.isfinite(p.grad).all()
@@ -146,3 +146,26 @@ def test_functional_loss_under_autocast_matches_float32() -> None:
     ref = weighted_contrastive_loss(low.float(), y, a)
     assert got.dtype == torch.float32
     assert float(got) == pytest.approx(float(ref), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_float64_embeddings_with_float32_parameters(name: str) -> None:
+    """A float32 loss module on float64 embeddings computes in float64 and equals the all-float64 loss."""
+    x, y = _batch(seed=3)
+    torch.manual_seed(0)
+    loss32 = _build(name)
+    loss64 = _build(name).double()
+    loss64.load_state_dict({k: v.double() for k, v in loss32.state_dict().items()})
+    x1, x2 = x.double().requires_grad_(), x.double().requires_grad_()
+    got, ref = loss32(x1, y), loss64(x2, y)
+    got.backward()
+    ref.backward()
+    assert got.dtype == torch.float64
+    assert float(got.detach()) == pytest.approx(float(ref.detach()), rel=1e-9, abs=1e-12)
+    assert torch.allclose(x1.grad, x2.grad, rtol=1e-9, atol=1e-12)
+    for (pname, p32), p64 in zip(loss32.named_parameters(), loss64.parameters(), strict=True):
+        if p64.grad is None:  # unused by this config (e.g. class vectors with ce_weight 0)
+            assert p32.grad is None, pname
+            continue
+        assert p32.grad is not None and p32.grad.dtype == torch.float32, pname
+        assert torch.allclose(p32.grad.double(), p64.grad, rtol=1e-5, atol=1e-7), pname

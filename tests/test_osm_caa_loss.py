@@ -20,6 +20,9 @@ from softmine.losses import (
     weighted_contrastive_loss,
 )
 
+# float(loss) on a graph-carrying scalar is what these checks mean to do
+pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
+
 REL = 1e-6
 F64 = torch.float64
 
@@ -100,7 +103,7 @@ def test_value_and_gradient_match_float64_loop(
     a2 = None if a is None else a.clone().requires_grad_()
     ref = loop_pair_loss(f2, y, a2, detach=detach, **kw)
 
-    assert float(got) == pytest.approx(float(ref), rel=REL, abs=1e-300)
+    assert float(got.detach()) == pytest.approx(float(ref.detach()), rel=REL, abs=1e-300)
     ins1 = [f1] + ([a1] if a1 is not None else [])
     ins2 = [f2] + ([a2] if a2 is not None else [])
     grads1 = torch.autograd.grad(got, ins1, allow_unused=True)
@@ -220,6 +223,73 @@ def test_module_matches_loop_with_cross_entropy(osm: bool, caa: bool, detach: bo
     assert _rel_err(f1.grad, f2.grad) < REL
     assert _rel_err(loss_fn.class_vectors.grad, v2.grad) < REL
     assert ("attention" in det) == caa
+
+
+def _module_and_loop_reference(seed: int):
+    """An OSMCAALoss (scale 2, double) and the float64 loop's loss and gradients for one batch."""
+    f, y = _batch(seed, BATCHES["pk"], dim=6)
+    loss_fn = OSMCAALoss(num_classes=4, embedding_dim=6, scale=2.0).double()
+    with torch.no_grad():
+        loss_fn.class_vectors.normal_(generator=torch.Generator().manual_seed(seed + 1))
+    f2 = f.clone().requires_grad_()
+    v2 = loss_fn.class_vectors.detach().clone().requires_grad_()
+    ce, att = _loop_ce_attention(f2, y, v2, 2.0)
+    ref = ce + loop_pair_loss(
+        f2, y, att.detach(), margin=1.2, sigma=0.8, lam=0.5, osm=True, detach=True
+    )
+    gf, gv = torch.autograd.grad(ref, [f2, v2])
+    return loss_fn, f, y, float(ref.detach()), gf, gv
+
+
+def test_gradient_scales_with_upstream_and_survives_retain_graph() -> None:
+    loss_fn, f, y, ref, gf, gv = _module_and_loop_reference(11)
+    f1 = f.clone().requires_grad_()
+    scaled = 0.7 * loss_fn(f1, y)
+    scaled.backward(retain_graph=True)
+    scaled.backward()  # a second pass through the same graph accumulates the same gradient
+    assert _rel_err(f1.grad, 1.4 * gf) < REL
+    assert _rel_err(loss_fn.class_vectors.grad, 1.4 * gv) < REL
+
+
+def test_gradient_when_only_one_input_needs_it() -> None:
+    loss_fn, f, y, ref, gf, gv = _module_and_loop_reference(12)
+    f1 = f.clone().requires_grad_()
+    loss_fn.class_vectors.requires_grad_(False)  # frozen classifier
+    loss_fn(f1, y).backward()
+    assert _rel_err(f1.grad, gf) < REL and loss_fn.class_vectors.grad is None
+    loss_fn.class_vectors.requires_grad_(True)
+    loss_fn(f.clone(), y).backward()  # fixed embeddings: only the classifier learns
+    assert _rel_err(loss_fn.class_vectors.grad, gv) < REL
+
+
+def test_no_grad_value_and_no_double_backward() -> None:
+    loss_fn, f, y, ref, _, _ = _module_and_loop_reference(13)
+    with torch.no_grad():
+        assert float(loss_fn(f, y)) == pytest.approx(ref, rel=REL)
+    f1 = f.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="detach_weights=False"):
+        torch.autograd.grad(loss_fn(f1, y), [f1], create_graph=True)
+
+
+def test_mixed_precision_inputs_compute_in_the_wider_dtype() -> None:
+    loss_fn, f, y, ref, gf, gv = _module_and_loop_reference(14)  # float64 throughout
+    f1 = f.clone().requires_grad_()
+    loss_fn.float()  # float32 class vectors, float64 embeddings
+    with torch.no_grad():
+        v64 = loss_fn.class_vectors.double()
+    loss = loss_fn(f1, y)
+    loss.backward()
+    assert loss.dtype == F64 and loss_fn.class_vectors.grad.dtype == torch.float32
+    # the reference with the same (float32-rounded) class vectors, all in float64
+    ref_fn = OSMCAALoss(num_classes=4, embedding_dim=6, scale=2.0).double()
+    with torch.no_grad():
+        ref_fn.class_vectors.copy_(v64)
+    f2 = f.clone().requires_grad_()
+    ref_loss = ref_fn(f2, y)
+    ref_loss.backward()
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-12)
+    assert _rel_err(f1.grad, f2.grad) < 1e-12
+    assert _rel_err(loss_fn.class_vectors.grad.double(), ref_fn.class_vectors.grad) < 1e-6
 
 
 def test_module_without_classifier_has_no_ce() -> None:

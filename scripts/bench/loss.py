@@ -5,6 +5,9 @@
     gathers the class-aware attention with a Python loop over samples (written
     here for the comparison; its value equals ours, which the script checks).
 
+Also timed: (a) plus the same cosine classifier's cross-entropy in plain autograd
+("(a)+cls"), the like-for-like baseline for the classifier OSMCAALoss trains.
+
 Targets (issue #3): OSMCAALoss <= 1.1x (a); >= 3.5x faster than (b) at n = 56,
 >= 6x at n = 512. Batches are P x K with d = 512 and 100 classes. Also printed:
 OSMCAALoss with attached weights, whose gradients are those of (b) (the port
@@ -49,6 +52,22 @@ def plain_contrastive(emb: Tensor, labels: Tensor, margin: float = 1.2, lam: flo
     l_pos = 0.5 * (pos * d2).sum() / pos.sum().clamp_min(1.0)
     l_neg = 0.5 * (neg * (margin - d).clamp_min(0.0).pow(2)).sum() / neg.sum().clamp_min(1.0)
     return (1.0 - lam) * l_pos + lam * l_neg
+
+
+class PlainWithClassifier(nn.Module):
+    """(a) plus the classifier OSMCAALoss trains: CE on cosine logits to the same class vectors.
+
+    Same arithmetic as OSMCAALoss without the soft weights and attention, in plain
+    autograd; the like-for-like baseline for the classifier's three n x K x d products.
+    """
+
+    def __init__(self, class_vectors: Tensor) -> None:
+        super().__init__()
+        self.class_vectors = nn.Parameter(class_vectors.detach().clone())
+
+    def forward(self, emb: Tensor, labels: Tensor) -> Tensor:
+        logits = F.normalize(emb, dim=1) @ F.normalize(self.class_vectors, dim=1).T
+        return plain_contrastive(emb, labels) + F.cross_entropy(logits, labels)
 
 
 class LoopPort(nn.Module):
@@ -179,6 +198,7 @@ def main() -> int:
         attached.load_state_dict(ours.state_dict())
         osm_only = OSMCAALoss(NUM_CLASSES, DIM, caa=False, ce_weight=0.0).to(device)
         port = LoopPort(ours.class_vectors).to(device)
+        plain_cls = PlainWithClassifier(ours.class_vectors).to(device)
         with torch.no_grad():
             diff = abs(float(ours(emb, labels)) - float(port(emb, labels)))
         assert diff < 1e-4, f"port and OSMCAALoss disagree by {diff}"
@@ -188,6 +208,7 @@ def main() -> int:
             "port": make_step(port, emb, labels, [emb, *port.parameters()]),
             "attached": make_step(attached, emb, labels, [emb, *attached.parameters()]),
             "osm_only": make_step(osm_only, emb, labels, [emb, *osm_only.parameters()]),
+            "plain_cls": make_step(plain_cls, emb, labels, [emb, *plain_cls.parameters()]),
         }
         t = time_steps(steps, device, args.budget, clock)
         r_a, r_b = t["ours"] / t["plain"], t["port"] / t["ours"]
@@ -202,13 +223,19 @@ def main() -> int:
         diag.append((n, t))
     print(
         "\nwhere the time goes: OSM only = OSMCAALoss(caa=False, ce_weight=0), no classifier;"
-        "\nattached = OSMCAALoss(detach_weights=False), autograd through the weights like (b)"
+        "\nattached = OSMCAALoss(detach_weights=False), autograd through the weights like (b);"
+        "\n(a)+cls = (a) plus the same cosine classifier's cross-entropy (the work OSMCAALoss adds"
+        "\nto a pair loss: three n x K x d matmuls), the like-for-like baseline"
     )
-    print(f"{'n':>5} {'OSM only':>9} {'OSM only/(a)':>13} {'attached':>9} {'(b)/attached':>13}")
+    print(
+        f"{'n':>5} {'OSM only':>9} {'OSM only/(a)':>13} {'attached':>9} {'(b)/attached':>13}"
+        f" {'(a)+cls':>8} {'OSMCAA/((a)+cls)':>17}"
+    )
     for n, t in diag:
         print(
             f"{n:>5} {1e3 * t['osm_only']:>9.3f} {t['osm_only'] / t['plain']:>12.2f}x"
             f" {1e3 * t['attached']:>9.3f} {t['port'] / t['attached']:>12.1f}x"
+            f" {1e3 * t['plain_cls']:>8.3f} {t['ours'] / t['plain_cls']:>16.2f}x"
         )
     return 0
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from softmine.errors import ConfigError
-from softmine.losses.pairwise import EPS, check_inputs, full_precision, to_float32, unit_rows
+from softmine.losses.pairwise import EPS, check_inputs, common_float, full_precision, unit_rows
 
 
 def normalized_softmax_loss(
@@ -36,8 +36,8 @@ def normalized_softmax_loss(
             f"got {tuple(class_weights.shape)}"
         )
     with full_precision(embeddings):
-        w = F.normalize(to_float32(class_weights), dim=1, eps=EPS)
-        logits = unit_rows(embeddings) @ w.T / temperature
+        e, w = common_float(embeddings, class_weights)
+        logits = unit_rows(e) @ F.normalize(w, dim=1, eps=EPS).T / temperature
         return F.cross_entropy(logits, labels.long())
 
 

@@ -16,26 +16,27 @@ d_ij = ||x_i - x_j||:
 
 With detached weights (the default) loss and gradient are written out by hand
 (:class:`_FusedOSMCAA`): one matmul gives the Gram matrix and the class logits,
-the backward pass is one matmul plus the classifier's, and no autograd graph is
-built for the (n, n) intermediates. Attached weights use plain autograd
+the gradient is one more matmul (plus one for the class vectors), formed during
+the forward pass, and no autograd graph is built for the (n, n) intermediates. Attached weights use plain autograd
 (:func:`_pair_terms`); both are tested against float64 loops.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from softmine.errors import ConfigError
 from softmine.losses.pairwise import (
     EPS,
     TINY_SQ_DIST,
     check_inputs,
+    common_float,
     full_precision,
     safe_sqrt,
     same_label,
@@ -110,22 +111,39 @@ class _Setting:
     scale: float = 1.0
 
 
+@functools.lru_cache(maxsize=64)
+def _constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small constant tensor, built once per (values, dtype, device); never written to."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
 class _FusedOSMCAA(torch.autograd.Function):
     """Detached-weight OSM(+CAA)(+CE) loss of raw embeddings, forward and gradient by hand.
 
-    Inputs: embeddings e (n, dim); class vectors C (K, dim) or None (no classifier);
+    Inputs: embeddings E (n, dim); class vectors C (K, dim) or None (no classifier);
     attention (n,) or None (used when there is no classifier to read it from);
-    labels (n,); a :class:`_Setting`.
+    labels (n,); a :class:`_Setting`; ``want_grad`` (False under ``torch.no_grad``,
+    where no gradient work is done).
 
-    Forward: x = e / |e|, c = C / |C|, one matmul x @ [x; c]^T gives the Gram matrix
-    and the cosine logits; the pair loss, the CE and the attention follow elementwise.
-    With the weights w fixed, dL/dd2_ij = (1-lam)/(2 S_P) w_ij on positives and
-    -lam/(2 S_N) w_ij h_ij / d_ij on negatives (h = max(0, margin - d); 0 where d = 0),
-    and d2_ij = 2 - 2 x_i . x_j, so dL/dx = -4 M x (M symmetric) + G c with
-    G = ce_weight * scale * (softmax - onehot) / n, and dL/dc = G^T x. Backward is
-    therefore one matmul [-4M, G] @ [x; c], one G^T @ x and the two normalisation
-    backwards (g - u (u . g)) / |.|. Outputs: loss and, without gradient,
-    (l_pos, l_neg) as one (2,) tensor, ce (or None), attention (or None), w (n, n).
+    Forward: one matmul E @ [E; C]^T gives the raw Gram matrix and class scores;
+    scaling its rows by 1/|E_i| and its columns by [1/|E|; 1/|C|] gives the cosines
+    (Gram matrix of the unit rows x, and the cosine logits) without normalising an
+    (n, dim) or (K, dim) tensor. The pair loss, the CE and the attention follow
+    elementwise on (n, n + K).
+
+    Gradient, formed in the forward pass while its inputs are in cache (the backward
+    only multiplies it by the incoming scalar): with the weights w fixed,
+    dL/dd2_ij = (1-lam)/(2 S_P) w_ij on positives and -lam/(2 S_N) w_ij h_ij / d_ij on
+    negatives (h = max(0, margin - d); 0 where d = 0), and d2_ij = 2 - 2 x_i . x_j, so
+    dL/dx = A [x; c] with A = [-4 M, G] (M symmetric, G = ce_weight * scale *
+    (softmax - onehot) / n) and dL/dc = G^T x. The normalisation backward
+    dL/dE_i = (g_i - x_i (x_i . g_i)) / |E_i| needs x_i . g_i = sum_j A_ij cos_ij, an
+    (n, n + K) product, so it folds into A (its diagonal, then the same row and column
+    scales) and the whole embedding gradient is one matmul A' @ [E; C]. The class
+    vectors get dL/dC = A'_c^T E - (c . g) / |C|^2 * C: one matmul and one fused update.
+
+    Outputs: loss and, without gradient, (l_pos, l_neg) as one (2,) tensor, ce (or
+    None), attention (or None), w (n, n).
     """
 
     @staticmethod
@@ -136,88 +154,98 @@ class _FusedOSMCAA(torch.autograd.Function):
         attention: Tensor | None,
         labels: Tensor,
         cfg: _Setting,
+        want_grad: bool,
     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor]:
+        ctx.set_materialize_grads(False)  # no zero-filled grads for the logging outputs
         n = emb.shape[0]
-        k = 0 if class_vectors is None else class_vectors.shape[0]
-        # z = [x; c], written in place: unit embeddings, then unit class vectors
-        z = emb.new_empty(n + k, emb.shape[1])
-        r = torch.linalg.vector_norm(emb, dim=1, keepdim=True).clamp_min_(EPS)
-        x = torch.div(emb, r, out=z[:n])
-        rc = log_p = p_y = ce = None
+        z = emb if class_vectors is None else torch.cat((emb, class_vectors))
+        cos = emb @ z.T  # (n, n + k) raw products, made cosines in place
+        inv = torch.linalg.vector_norm(z, dim=1).clamp_min_(EPS).reciprocal_()  # 1 / |z_j|
+        inv_rows = inv[:n, None]
+        cos.mul_(inv_rows).mul_(inv)
+        lab = labels[:, None]
+        log_p = p_y = ce = None
         if class_vectors is not None:
-            rc = torch.linalg.vector_norm(class_vectors, dim=1, keepdim=True).clamp_min_(EPS)
-            torch.div(class_vectors, rc, out=z[n:])
-        prod = x @ z.T  # (n, n + k): Gram matrix, then cosine logits
-        if class_vectors is not None:
-            logits = prod[:, n:] if cfg.scale == 1.0 else prod[:, n:] * cfg.scale
+            logits = cos[:, n:] if cfg.scale == 1.0 else cos[:, n:] * cfg.scale
             log_p = logits.log_softmax(dim=1)
-            lp_y = log_p.gather(1, labels[:, None])
-            ce = lp_y.mean().neg_()
-            p_y = lp_y.exp()
+            ce = F.nll_loss(log_p, labels)
+            p_y = log_p.gather(1, lab).exp_()
             if cfg.caa:
                 attention = p_y.view(n)
 
-        same = labels[:, None] == labels[None, :]
-        d2 = torch.threshold_(torch.rsub(prod[:, :n], 2.0, alpha=2.0), TINY_SQ_DIST, 0.0)
+        same = lab == labels
+        d2 = torch.threshold_(torch.rsub(cos[:, :n], 2.0, alpha=2.0), TINY_SQ_DIST, 0.0)
         d = d2.sqrt()
         hinge = torch.rsub(d, cfg.margin).clamp_min_(0.0)
         if cfg.osm:
-            w = torch.where(same, d2.mul(-1.0 / (cfg.sigma * cfg.sigma)).exp_(), hinge)
+            w = d2.mul(-1.0 / (cfg.sigma * cfg.sigma)).exp_()
+            torch.where(same, w, hinge, out=w)
         else:
             w = torch.ones_like(d2)
         if attention is not None:
-            w.mul_(torch.minimum(attention[:, None], attention[None, :]))
+            w.mul_(torch.minimum(attention[:, None], attention))
         w.fill_diagonal_(0.0)
         w_pos = torch.where(same, w, 0.0)
         w_neg = w - w_pos
+        s_pos, s_neg = w_pos.sum(), w_neg.sum()
+        wh_neg = w_neg.mul_(hinge)  # w h on negatives, reused by the gradient
         sums = torch.stack(
-            [
-                torch.dot(w_pos.view(-1), d2.view(-1)),
-                torch.dot(w_neg.view(-1), hinge.square().view(-1)),
-                w_pos.sum(),
-                w_neg.sum(),
-            ]
+            (
+                torch.vdot(w_pos.view(-1), d2.view(-1)),
+                torch.vdot(wh_neg.view(-1), hinge.view(-1)),
+                s_pos,
+                s_neg,
+            )
         )
-        inv = sums[2:].clamp_min(EPS).reciprocal_()
-        means = sums[:2].mul_(inv).mul_(0.5)  # (l_pos, l_neg)
-        loss = torch.lerp(means[0], means[1], cfg.lam)
+        inv_s = sums[2:].clamp_min_(EPS).reciprocal_()  # (1 / S_P, 1 / S_N)
+        means = sums[:2].mul_(inv_s).mul_(0.5)  # (l_pos, l_neg)
+        consts = _constant(
+            (1.0 - cfg.lam, cfg.lam, -2.0 * (1.0 - cfg.lam), 2.0 * cfg.lam), emb.dtype, emb.device
+        )
+        loss = torch.vdot(means, consts[:2])
         if ce is not None:
             loss = loss.add_(ce, alpha=cfg.ce_weight)
 
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            # m4 = [-4 M, G]: -4 M is -2 (1-lam) w / S_P on positives and
-            # +2 lam w h / (d S_N) on negatives; G = ce_weight * scale * (softmax - onehot) / n
-            m4 = emb.new_empty(n, n + k)
-            q = w_neg.mul_(hinge).div_(d).nan_to_num_(0.0, 0.0, 0.0).mul_(inv[1] * (2.0 * cfg.lam))
-            torch.mul(w_pos, inv[0] * (-2.0 * (1.0 - cfg.lam)), out=m4[:, :n]).add_(q)
-            if log_p is not None:
-                g = torch.exp(log_p, out=m4[:, n:]).scatter_(1, labels[:, None], p_y - 1.0)
+        ctx.has_grad_c = False
+        if want_grad and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            # pair block of A: -2 (1-lam) w / S_P on positives, 2 lam w h / (d S_N) on negatives
+            coef = inv_s * consts[2:]
+            a = emb.new_empty(cos.shape)
+            whd_neg = wh_neg.div_(d).nan_to_num_(0.0, 0.0, 0.0)  # w h / d, 0 where d = 0
+            torch.mul(w_pos, coef[0], out=a[:, :n]).addcmul_(whd_neg, coef[1])
+            g = None
+            if log_p is not None:  # class block: G = ce_weight * scale * (softmax - onehot) / n
+                g = torch.exp(log_p, out=a[:, n:]).scatter_(1, lab, p_y - 1.0)
                 g.mul_(cfg.ce_weight * cfg.scale / n)
-            ctx.save_for_backward(z, r, rc, m4)
-            ctx.n = n
-        ctx.mark_non_differentiable(means, w)
-        if ce is not None:
-            ctx.mark_non_differentiable(ce)
-        if attention is not None:
-            ctx.mark_non_differentiable(attention)
+                # (c_k . dL/dc_k) / |C_k|^2, for the class vectors' normalisation backward
+                c_dot = torch.linalg.vecdot(g, cos[:, n:], dim=0).mul_(inv[n:].square())
+            # x_i . dL/dx_i = sum_j a_ij cos_ij; a_ii = 0 (w_ii = 0), so the projection
+            # -x_i (x_i . dL/dx_i) becomes a_ii; then 1/|E_i| on rows, 1/|z_j| on columns
+            a.diagonal().sub_(torch.linalg.vecdot(a, cos))
+            a.mul_(inv_rows).mul_(inv)
+            grad_e = a @ z
+            if g is not None and ctx.needs_input_grad[1]:
+                grad_c = torch.mm(g.T, emb).addcmul_(class_vectors, c_dot[:, None], value=-1.0)
+                ctx.has_grad_c = True
+                ctx.save_for_backward(grad_e, grad_c)
+            else:
+                ctx.save_for_backward(grad_e)
+        ctx.mark_non_differentiable(*(t for t in (means, ce, attention, w) if t is not None))
         return loss, means, ce, attention, w
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, g_loss: Tensor, *_: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        z, r, rc, m4 = ctx.saved_tensors
-        n = ctx.n
-        x = z[:n]
-        gx = m4 @ z
-        dot = torch.linalg.vecdot(x, gx, dim=1).unsqueeze_(1)
-        grad_e = torch.addcmul(gx, x, dot, value=-1.0).mul_(g_loss / r)
-        grad_c = None
-        if rc is not None and ctx.needs_input_grad[1]:
-            c = z[n:]
-            gc = m4[:, n:].T @ x
-            dot = torch.linalg.vecdot(c, gc, dim=1).unsqueeze_(1)
-            grad_c = torch.addcmul(gc, c, dot, value=-1.0).mul_(g_loss / rc)
-        return grad_e, grad_c, None, None, None
+    def backward(ctx, g_loss: Tensor | None, *_: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        if torch.is_grad_enabled():  # create_graph=True: the saved gradient has no graph
+            raise RuntimeError(
+                "the OSM loss with detached weights gives first derivatives only; "
+                "for create_graph=True use detach_weights=False (plain autograd)"
+            )
+        if g_loss is None:  # only the (non-differentiable) logging outputs were used
+            return None, None, None, None, None, None
+        saved = ctx.saved_tensors
+        grad_e = saved[0] * g_loss
+        grad_c = saved[1] * g_loss if ctx.has_grad_c else None
+        return grad_e, grad_c, None, None, None, None
 
 
 def weighted_contrastive_loss(
@@ -258,8 +286,10 @@ def weighted_contrastive_loss(
     with full_precision(embeddings):
         if detach_weights:
             a = None if attention is None else to_float32(attention.detach())
+            e = to_float32(embeddings)
+            setting = _Setting(margin, sigma, lam, osm)
             loss, means, _, _, w = _FusedOSMCAA.apply(
-                to_float32(embeddings), None, a, labels, _Setting(margin, sigma, lam, osm)
+                e, None, a, labels, setting, torch.is_grad_enabled()
             )
             l_pos, l_neg = means
         else:
@@ -297,10 +327,10 @@ def class_logits(
     if mode not in ATTENTION_MODES:
         raise ConfigError(f"unknown attention mode {mode!r}; choose one of {ATTENTION_MODES}")
     with full_precision(embeddings):
-        w = to_float32(class_vectors)
+        e, w, b = common_float(embeddings, class_vectors, bias)
         if mode == "softmax_cosine":
-            return _cosine_logits(unit_rows(embeddings), w, scale)
-        return F.linear(to_float32(embeddings), w, None if bias is None else to_float32(bias))
+            return _cosine_logits(unit_rows(e), w, scale)
+        return F.linear(e, w, b)
 
 
 def _cosine_logits(x: Tensor, class_vectors: Tensor, scale: float) -> Tensor:
@@ -401,8 +431,7 @@ class OSMCAALoss(nn.Module):
         check_inputs(embeddings, labels)
         labels = labels.long()
         with full_precision(embeddings):
-            e = to_float32(embeddings)
-            vectors = to_float32(self.class_vectors)
+            e, vectors = common_float(embeddings, self.class_vectors)
             if self.detach_weights:
                 setting = _Setting(
                     self.margin,
@@ -414,7 +443,12 @@ class OSMCAALoss(nn.Module):
                     self.scale,
                 )
                 loss, means, ce, attention, w = _FusedOSMCAA.apply(
-                    e, vectors if self.ce_weight > 0 else None, None, labels, setting
+                    e,
+                    vectors if self.ce_weight > 0 else None,
+                    None,
+                    labels,
+                    setting,
+                    torch.is_grad_enabled(),
                 )
                 if not return_details:
                     return loss
@@ -535,9 +569,7 @@ class OSMCAAOfficialLoss(nn.Module):
             )
         labels = labels.long()
         with full_precision(embeddings):
-            logits = F.linear(
-                to_float32(f), to_float32(self.classifier.weight), to_float32(self.classifier.bias)
-            )
+            logits = F.linear(*common_float(f, self.classifier.weight, self.classifier.bias))
             log_p = true_class_log_prob(logits, labels)
             p = log_p.detach().exp()
             attention = gaussian(p, 1.0, self.attention_sigma)
@@ -545,7 +577,7 @@ class OSMCAAOfficialLoss(nn.Module):
             ce = -(v * log_p).sum() / v.sum()
             setting = _Setting(self.margin, self.sigma * math.sqrt(2.0), self.lam, osm=True)
             loss, means, _, _, w = _FusedOSMCAA.apply(
-                to_float32(embeddings), None, attention, labels, setting
+                to_float32(embeddings), None, attention, labels, setting, torch.is_grad_enabled()
             )
             n = embeddings.shape[0]
             if self.divide_by_pairs and n > 1:

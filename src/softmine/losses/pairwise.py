@@ -47,6 +47,19 @@ def to_float32(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+def common_float(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The tensors in one floating dtype: the widest of theirs, at least float32 (None stays None).
+
+    So float64 embeddings meet float32 class vectors (or the reverse) in float64
+    rather than failing in a matmul; gradients flow back in each input's own dtype.
+    """
+    dtype = torch.float32
+    for t in tensors:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
 def unit_rows(embeddings: Tensor) -> Tensor:
     """Rows L2-normalised in at least float32 (call inside :func:`full_precision`)."""
     return F.normalize(to_float32(embeddings), dim=1, eps=EPS)
