@@ -20,9 +20,6 @@ from softmine.losses import (
     weighted_contrastive_loss,
 )
 
-# float(loss) on a graph-carrying scalar is what these checks mean to do
-pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")
-
 REL = 1e-6
 F64 = torch.float64
 
