@@ -48,6 +48,7 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
     if rank == 0:
         grads = {k.removeprefix("module."): v for k, v in _grads(ddp).items()}
         torch.save({"loss": loss.detach(), "grads": grads}, out)
+    dist.barrier()  # no rank tears down gloo while the other still uses it (SIGABRT otherwise)
     dist.destroy_process_group()
 
 

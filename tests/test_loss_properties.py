@@ -20,12 +20,15 @@ NAMES = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 NUM_CLASSES, DIM = 5, 24
 
 
-def _build(name: str, num_classes: int = NUM_CLASSES, dim: int = DIM) -> torch.nn.Module:
+def _build(
+    name: str, num_classes: int = NUM_CLASSES, dim: int = DIM, **overrides: object
+) -> torch.nn.Module:
     """Instantiate ``loss=<name>`` the way the trainer does (sizes filled when left null)."""
     cfg = OmegaConf.load(CONFIG_DIR / f"{name}.yaml")
     if "defaults" in cfg:  # ablation presets extend osm_caa.yaml
         base = OmegaConf.load(CONFIG_DIR / "osm_caa.yaml")
         cfg = OmegaConf.merge(base, {k: v for k, v in cfg.items() if k != "defaults"})
+    cfg = OmegaConf.merge(cfg, overrides)
     extra = {k: v for k, v in (("num_classes", num_classes), ("embedding_dim", dim)) if k in cfg}
     return build(cfg, "loss", **extra)
 
@@ -169,3 +172,9 @@ def test_float64_embeddings_with_float32_parameters(name: str) -> None:
             continue
         assert p32.grad is not None and p32.grad.dtype == torch.float32, pname
         assert torch.allclose(p32.grad.double(), p64.grad, rtol=1e-5, atol=1e-7), pname
+
+
+@pytest.mark.parametrize("name", ["osm_caa", "osm_caa_official", "osm", "caa"])
+def test_compile_switch_is_off_by_default_and_reaches_the_loss(name: str) -> None:
+    assert _build(name).compile is False
+    assert _build(name, compile=True).compile is True

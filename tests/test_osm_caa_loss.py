@@ -8,6 +8,9 @@ computation, never against the vectorised code itself.
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import warnings
 
 import pytest
 import torch
@@ -17,6 +20,7 @@ from softmine.losses import (
     OSMCAALoss,
     OSMCAAOfficialLoss,
     caa_attention,
+    osm_caa,
     weighted_contrastive_loss,
 )
 
@@ -289,6 +293,68 @@ def test_mixed_precision_inputs_compute_in_the_wider_dtype() -> None:
     assert _rel_err(loss_fn.class_vectors.grad.double(), ref_fn.class_vectors.grad) < 1e-6
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "g++")) is None, reason="torch.compile on CPU needs g++"
+)
+def test_compiled_loss_matches_float64_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(osm_caa, "_COMPILE_FAILED", [])
+    loss_fn, f, y, ref, gf, gv = _module_and_loop_reference(15)
+    loss_fn.compile = True
+    f1 = f.clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a fallback is reported below
+        loss = loss_fn(f1, y)
+    loss.backward()
+    assert float(loss) == pytest.approx(ref, rel=REL)
+    assert _rel_err(f1.grad, gf) < REL
+    assert _rel_err(loss_fn.class_vectors.grad, gv) < REL
+    # the released form: no classifier inside the fused part, attention passed in
+    official = OSMCAAOfficialLoss(num_classes=4, embedding_dim=6).double()
+    eager_loss = official(f, y)
+    official.compile = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert float(official(f, y)) == pytest.approx(float(eager_loss), rel=1e-12)
+    if osm_caa._COMPILE_FAILED:  # checked the eager fallback only
+        pytest.skip(f"torch.compile cannot compile here: {osm_caa._COMPILE_FAILED[0][:300]}")
+
+
+def test_compile_failure_warns_once_and_runs_eagerly(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch._dynamo.exc import TorchDynamoException
+
+    def no_compiler(*args: object) -> None:
+        raise TorchDynamoException("InvalidCxxCompiler: no working C++ compiler found")
+
+    monkeypatch.setattr(osm_caa, "_compiled_kernel", lambda: no_compiler)
+    monkeypatch.setattr(osm_caa, "_COMPILE_FAILED", [])
+    loss_fn, f, y, ref, gf, _ = _module_and_loop_reference(16)
+    loss_fn.compile = True
+    f1 = f.clone().requires_grad_()
+    with pytest.warns(RuntimeWarning, match="compile failed.*C\\+\\+ compiler") as record:
+        loss = loss_fn(f1, y)
+        loss_fn(f, y)  # the second call goes straight to eager, without a warning
+    assert len(record) == 1
+    loss.backward()
+    assert float(loss) == pytest.approx(ref, rel=REL)
+    assert _rel_err(f1.grad, gf) < REL
+
+
+def test_computation_errors_are_not_mistaken_for_compile_failures(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(*args: object) -> None:
+        raise RuntimeError("index 9 is out of bounds")
+
+    monkeypatch.setattr(osm_caa, "_compiled_kernel", lambda: broken)
+    monkeypatch.setattr(osm_caa, "_COMPILE_FAILED", [])
+    loss_fn, f, y, *_ = _module_and_loop_reference(17)
+    loss_fn.compile = True
+    with pytest.raises(RuntimeError, match="out of bounds"):
+        loss_fn(f, y)
+    assert not osm_caa._COMPILE_FAILED
+
+
 def test_module_without_classifier_has_no_ce() -> None:
     f, y = _batch(6, BATCHES["pk"])
     loss_fn = OSMCAALoss(num_classes=4, embedding_dim=5, caa=False, ce_weight=0.0).double()
@@ -367,6 +433,7 @@ def test_module_trains_class_vectors_and_reports_pieces() -> None:
         {"num_classes": None},
         {"ce_weight": 0.0},  # CAA with detached weights and nothing to train the vectors
         {"scale": 0.0},
+        {"compile": True, "detach_weights": False},  # only the fused form compiles
     ],
 )
 def test_bad_hyperparameters_raise_config_error(kwargs: dict) -> None:

@@ -13,7 +13,8 @@ Targets (issue #3): OSMCAALoss <= 1.1x (a); >= 3.5x faster than (b) at n = 56,
 OSMCAALoss with attached weights, whose gradients are those of (b) (the port
 detaches nothing).
 
-    python scripts/bench/loss.py                 # CPU, ~1 minute
+    python scripts/bench/loss.py                 # CPU, ~2 minutes
+    python scripts/bench/loss.py --no-compile    # without the torch.compile column
     python scripts/bench/loss.py --device cuda
 
 On CPU it runs one thread and times process CPU time by default, so that other
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -174,7 +176,12 @@ def main() -> int:
     ap.add_argument("--budget", type=float, default=6.0, help="seconds of timing per batch size")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--wall", action="store_true", help="CPU: wall-clock instead of CPU time")
+    ap.add_argument(
+        "--no-compile", action="store_true", help="skip OSMCAALoss(compile=True) (compiles ~20 s)"
+    )
     args = ap.parse_args()
+    # torch's own compiler emits deprecation notices about its internals while compiling
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\._inductor")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -187,9 +194,10 @@ def main() -> int:
     print(f"d = {DIM}, {NUM_CLASSES} classes; median ms per forward+backward\n")
     print(
         f"{'n':>5} {'OSMCAA':>8} {'(a) plain':>10} {'(b) port':>9} {'OSMCAA/(a)':>11}"
-        f" {'(b)/OSMCAA':>11}   targets"
+        f" {'(b)/OSMCAA':>11} {'compiled/(a)':>13}   targets (OSMCAALoss as built by default)"
     )
     diag = []
+    compile_s: dict[int, float] = {}
     for n, k in SIZES:
         labels = torch.arange(n // k).repeat_interleave(k).to(device)
         emb = clustered_embeddings(labels, n).to(device).requires_grad_()
@@ -199,6 +207,13 @@ def main() -> int:
         osm_only = OSMCAALoss(NUM_CLASSES, DIM, caa=False, ce_weight=0.0).to(device)
         port = LoopPort(ours.class_vectors).to(device)
         plain_cls = PlainWithClassifier(ours.class_vectors).to(device)
+        compiled = None
+        if not args.no_compile:
+            compiled = OSMCAALoss(NUM_CLASSES, DIM, compile=True).to(device)
+            compiled.load_state_dict(ours.state_dict())
+            t0 = time.perf_counter()
+            make_step(compiled, emb, labels, [emb, *compiled.parameters()])()
+            compile_s[n] = time.perf_counter() - t0
         with torch.no_grad():
             diff = abs(float(ours(emb, labels)) - float(port(emb, labels)))
         assert diff < 1e-4, f"port and OSMCAALoss disagree by {diff}"
@@ -210,15 +225,18 @@ def main() -> int:
             "osm_only": make_step(osm_only, emb, labels, [emb, *osm_only.parameters()]),
             "plain_cls": make_step(plain_cls, emb, labels, [emb, *plain_cls.parameters()]),
         }
+        if compiled is not None:
+            steps["compiled"] = make_step(compiled, emb, labels, [emb, *compiled.parameters()])
         t = time_steps(steps, device, args.budget, clock)
         r_a, r_b = t["ours"] / t["plain"], t["port"] / t["ours"]
         want_b = TARGET_B.get(n)
         verdict = f"(a) <= {TARGET_A}x: {'met' if r_a <= TARGET_A else 'NOT MET'}"
         if want_b is not None:
             verdict += f"; (b) >= {want_b}x: {'met' if r_b >= want_b else 'NOT MET'}"
+        r_c = f"{t['compiled'] / t['plain']:>12.2f}x" if compiled is not None else f"{'-':>13}"
         print(
             f"{n:>5} {1e3 * t['ours']:>8.3f} {1e3 * t['plain']:>10.3f} {1e3 * t['port']:>9.3f}"
-            f" {r_a:>10.2f}x {r_b:>10.1f}x   {verdict}"
+            f" {r_a:>10.2f}x {r_b:>10.1f}x {r_c}   {verdict}"
         )
         diag.append((n, t))
     print(
@@ -237,6 +255,12 @@ def main() -> int:
             f" {1e3 * t['attached']:>9.3f} {t['port'] / t['attached']:>12.1f}x"
             f" {1e3 * t['plain_cls']:>8.3f} {t['ours'] / t['plain_cls']:>16.2f}x"
         )
+    if compile_s:
+        from softmine.losses import osm_caa
+
+        how = "FAILED, eager fallback" if osm_caa._COMPILE_FAILED else "first call, excluded"
+        done = ", ".join(f"n = {n}: {sec:.1f} s" for n, sec in compile_s.items())
+        print(f"\ncompiled = OSMCAALoss(compile=True); compile time ({how}): {done}")
     return 0
 
 
