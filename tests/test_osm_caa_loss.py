@@ -320,13 +320,20 @@ def test_compiled_loss_matches_float64_loop(monkeypatch: pytest.MonkeyPatch) -> 
         pytest.skip(f"torch.compile cannot compile here: {osm_caa._COMPILE_FAILED[0][:300]}")
 
 
-def test_compile_failure_warns_once_and_runs_eagerly(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("stage", ["torch.compile", "first call"])
+def test_compile_failure_warns_once_and_runs_eagerly(
+    stage: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from torch._dynamo.exc import TorchDynamoException
 
     def no_compiler(*args: object) -> None:
         raise TorchDynamoException("InvalidCxxCompiler: no working C++ compiler found")
 
-    monkeypatch.setattr(osm_caa, "_compiled_kernel", lambda: no_compiler)
+    def unsupported() -> None:
+        raise RuntimeError("Dynamo is not supported here: no C++ compiler for this Python")
+
+    factory = unsupported if stage == "torch.compile" else (lambda: no_compiler)
+    monkeypatch.setattr(osm_caa, "_compiled_kernel", factory)
     monkeypatch.setattr(osm_caa, "_COMPILE_FAILED", [])
     loss_fn, f, y, ref, gf, _ = _module_and_loop_reference(16)
     loss_fn.compile = True

@@ -17,8 +17,9 @@ d_ij = ||x_i - x_j||:
 With detached weights (the default) loss and gradient are written out by hand
 (:class:`_FusedOSMCAA`): one matmul gives the Gram matrix and the class logits,
 the gradient is one more matmul (plus one for the class vectors), formed during
-the forward pass, and no autograd graph is built for the (n, n) intermediates. Attached weights use plain autograd
-(:func:`_pair_terms`); both are tested against float64 loops.
+the forward pass, and no autograd graph is built for the (n, n) intermediates.
+``compile=True`` runs that computation through torch.compile. Attached weights
+use plain autograd (:func:`_pair_terms`); all are tested against float64 loops.
 """
 
 from __future__ import annotations
@@ -288,30 +289,32 @@ def _apply_fused(
     """``_FusedOSMCAA.apply(*args)``; with ``compile`` through the compiled kernel.
 
     If torch.compile cannot compile (no C++ compiler on a CPU machine, no Triton on a
-    GPU one) the loss warns once and runs eagerly: same values, eager speed.
+    GPU one, a Python version Dynamo does not support) the loss warns once and runs
+    eagerly: same values, eager speed. Errors of the computation itself propagate.
     """
     if compile and not _COMPILE_FAILED:
+        from torch._dynamo.exc import TorchDynamoException
+
         try:
-            kernel = _compiled_kernel()  # RuntimeError where Dynamo does not support this Python
-            return _FusedOSMCAA.apply(*args, kernel)
-        except RuntimeError as err:
-            if not _compile_error(err):
-                raise
-            _COMPILE_FAILED.append(f"{type(err).__name__}: {err}")
-            warnings.warn(
-                "loss.compile=true: torch.compile failed, so the loss runs eagerly "
-                f"(same values, eager speed); set loss.compile=false to silence this. {err}",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            kernel = _compiled_kernel()
+        except RuntimeError as err:  # torch.compile unavailable in this interpreter
+            _fall_back_to_eager(err)
+        else:
+            try:
+                return _FusedOSMCAA.apply(*args, kernel)
+            except TorchDynamoException as err:  # tracing or code generation failed
+                _fall_back_to_eager(err)
     return _FusedOSMCAA.apply(*args, _fused_terms)
 
 
-def _compile_error(err: RuntimeError) -> bool:
-    """Whether ``err`` comes from torch.compile itself rather than from the computation."""
-    from torch._dynamo.exc import TorchDynamoException
-
-    return isinstance(err, TorchDynamoException) or "Dynamo is not supported" in str(err)
+def _fall_back_to_eager(err: Exception) -> None:
+    _COMPILE_FAILED.append(f"{type(err).__name__}: {err}")
+    warnings.warn(
+        "loss.compile=true: torch.compile failed, so the loss runs eagerly "
+        f"(same values, eager speed); set loss.compile=false to silence this. {err}",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def weighted_contrastive_loss(
@@ -455,9 +458,10 @@ class OSMCAALoss(nn.Module):
         detach_weights: stop gradients through OSM/CAA weights.
         compile: run the fused (detached-weight) computation through ``torch.compile``,
             which fuses its elementwise work: about 1.0x instead of 1.3x the time of a
-            plain contrastive loss at n = 56 on one CPU thread (scripts/bench/loss.py). The first call compiles (about
-            20 s on a CPU; needs a C++ compiler there, Triton on a GPU); if compiling
-            fails the loss warns and runs eagerly.
+            plain contrastive loss at n = 56 on one CPU thread (``scripts/bench/loss.py``).
+            The first call compiles (about 15 s on a CPU with an empty compiler cache;
+            needs a C++ compiler there, Triton on a GPU); if compiling fails the loss
+            warns once and runs eagerly.
     """
 
     def __init__(
