@@ -61,6 +61,7 @@ def test_two_ranks_match_one_process_on_the_concatenated_batch(tmp_path: Path) -
     loss, _ = obj(x, y)
     loss.backward()
     ref = _grads(obj)
+    assert loss.dtype == torch.float64  # the objective keeps a float64 model's precision
     assert float(got["loss"]) == pytest.approx(loss.item(), rel=1e-10)
     assert set(got["grads"]) == set(ref)
     for k, g in ref.items():

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from softmine.engine.distributed import gather_tensor, gather_with_grad
+from softmine.losses.pairwise import to_float32
 
 
 class Objective(nn.Module):
@@ -48,7 +49,7 @@ class Objective(nn.Module):
                 emb, model_details = self.model(x, y, return_details=True)
             else:
                 emb = self.model(x)
-        emb_all = gather_with_grad(emb.float())
+        emb_all = gather_with_grad(to_float32(emb))  # half from autocast -> float32; float64 kept
         y_all = gather_tensor(y)
         if self.loss_details:
             loss, details = self.loss_fn(emb_all, y_all, return_details=True)
