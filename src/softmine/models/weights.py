@@ -1,4 +1,8 @@
-"""Reading pretrained weights from a file or URL and loading them with clear errors."""
+"""Reading pretrained weights from a file or URL and loading them with clear errors.
+
+``.pth`` checkpoints are read with ``torch.load``; Caffe ``.caffemodel`` files are
+converted on the fly by :mod:`softmine.models.caffe`.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from softmine.errors import DataError
+from softmine.models.caffe import CaffeStateDict, caffemodel_to_state_dict
 
 _WRAPPER_KEYS = ("state_dict", "model")
 
@@ -23,9 +28,17 @@ def read_state_dict(source: str) -> dict[str, Tensor]:
     """A state dict from a local file or an ``http(s)://`` URL (cached by torch.hub).
 
     Checkpoint wrappers (``{"state_dict": ...}`` or ``{"model": ...}``) are unwrapped
-    and a DataParallel ``module.`` prefix is stripped.
+    and a DataParallel ``module.`` prefix is stripped. A local ``*.caffemodel`` file is
+    converted with :func:`~softmine.models.caffe.caffemodel_to_state_dict` (the result
+    remembers each key's Caffe layer, for the errors of :func:`load_matching_state_dict`).
     """
     source = str(source)
+    is_caffe = source.lower().endswith(".caffemodel")
+    if is_caffe and is_url(source):
+        raise DataError(
+            f"{source} is a Caffe model URL; download the .caffemodel file and set "
+            "backbone.pretrained=/path/to/file.caffemodel"
+        )
     try:
         if is_url(source):
             obj = torch.hub.load_state_dict_from_url(source, map_location="cpu", progress=True)
@@ -34,8 +47,11 @@ def read_state_dict(source: str) -> dict[str, Tensor]:
             if not path.is_file():
                 raise DataError(
                     f"pretrained weights file {str(path)!r} does not exist; give an existing "
-                    ".pth file, a URL, or backbone.pretrained=true for the default weights"
+                    ".pth or .caffemodel file, a URL, or backbone.pretrained=true for the "
+                    "default weights"
                 )
+            if is_caffe:
+                return caffemodel_to_state_dict(path)
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except (URLError, OSError) as e:
         raise DataError(
@@ -44,7 +60,10 @@ def read_state_dict(source: str) -> dict[str, Tensor]:
             "or train from scratch with backbone.pretrained=false"
         ) from e
     except (RuntimeError, pickle.UnpicklingError, EOFError) as e:  # not a checkpoint file
-        raise DataError(f"{source} is not a readable PyTorch weights file ({e})") from e
+        raise DataError(
+            f"{source} is not a readable PyTorch weights file ({e}); Caffe weights are read "
+            "from files named *.caffemodel"
+        ) from e
     for key in _WRAPPER_KEYS:
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
@@ -72,7 +91,8 @@ def load_matching_state_dict(
     BatchNorm ``num_batches_tracked`` counters may be absent (files from old PyTorch),
     and a tensor stored with extra singleton dimensions, e.g. BatchNorm statistics
     saved as (1, C) instead of (C,), is reshaped, since its values are the same.
-    Anything else missing, unexpected or mis-shaped raises a :class:`DataError`.
+    Anything else missing, unexpected or mis-shaped raises a :class:`DataError` that
+    names the offending keys (with their Caffe layers for a converted ``.caffemodel``).
     """
     own = model.state_dict()
     to_load: dict[str, Tensor] = {}
@@ -81,18 +101,20 @@ def load_matching_state_dict(
         if k.startswith(skip_prefixes):
             continue
         if k not in own:
-            unexpected.append(k)
+            unexpected.append(_label(state, k))
             continue
         target = own[k].shape
         if v.shape != target:
             if v.numel() == own[k].numel() and v.squeeze().shape == own[k].squeeze().shape:
                 v = v.reshape(target)
             else:
-                mismatched.append(f"{k}: file {tuple(v.shape)} vs model {tuple(target)}")
+                mismatched.append(
+                    f"{_label(state, k)}: file {tuple(v.shape)} vs model {tuple(target)}"
+                )
                 continue
         to_load[k] = v
     missing = [
-        k
+        _label(state, k, missing=True)
         for k in own
         if k not in to_load
         and not k.startswith(new_prefixes)
@@ -112,3 +134,13 @@ def load_matching_state_dict(
             "check that the file holds weights of this architecture"
         )
     model.load_state_dict(to_load, strict=False)
+
+
+def _label(state: Mapping[str, Tensor], key: str, *, missing: bool = False) -> str:
+    """``key``, with the Caffe layer it came from (or, when missing, that of its module)."""
+    if not isinstance(state, CaffeStateDict):
+        return key
+    if not missing:
+        return f"{key} from {state.origin[key]}"
+    origin = state.module_origin(key)
+    return f"{key} (not in the {origin})" if origin else f"{key} (no Caffe layer gives it)"
