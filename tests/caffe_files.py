@@ -162,3 +162,83 @@ def conv_bn_block(
     norm, top = bn_layers(name, name, bn, layout)
     layers = [Layer(name, kind, [weight], (bottom,), (name,)), *norm]
     return Block(layers, weight, bn, top)
+
+
+# ------------------------------------------------------------ lim0606's GoogLeNet-BN
+
+# Transcribed from lim0606/caffe-googlenet-bn train_val.prototxt (public): per inception
+# module (name, input channels, 1x1, 3x3 reduce, 3x3, double 3x3 reduce, double 3x3,
+# pool projection); None: no such branch (3c and 4e reduce the grid instead).
+GOOGLENET_BN_INCEPTION = (
+    ("inception_3a", 192, 64, 64, 64, 64, 96, 32),
+    ("inception_3b", 256, 64, 64, 96, 64, 96, 64),
+    ("inception_3c", 320, None, 128, 160, 64, 96, None),
+    ("inception_4a", 576, 224, 64, 96, 96, 128, 128),
+    ("inception_4b", 576, 192, 96, 128, 96, 128, 128),
+    ("inception_4c", 576, 160, 128, 160, 128, 160, 96),
+    ("inception_4d", 576, 96, 128, 192, 160, 192, 96),
+    ("inception_4e", 576, None, 128, 192, 192, 256, None),
+    ("inception_5a", 1024, 352, 192, 320, 160, 224, 128),
+    ("inception_5b", 1024, 352, 192, 320, 192, 224, 128),
+)
+# Auxiliary classifiers: (prefix, after module, its channels, fc input = 128 x pooled grid).
+# 5x5/3 average pooling of the 14 x 14 map after 3c gives 4 x 4, of the 7 x 7 after 4e 2 x 2.
+GOOGLENET_BN_AUX = (
+    ("loss1", "inception_3c", 576, 128 * 4 * 4),
+    ("loss2", "inception_4e", 1024, 128 * 2 * 2),
+)
+
+
+def googlenet_bn_layers(
+    layout: str, rng: np.random.Generator, *, classes: int = 1000
+) -> list[Layer]:
+    """Every layer of lim0606's GoogLeNet-BN (train_val.prototxt names, order and blob
+    names), random weights, BatchNorm in ``layout`` (see :func:`bn_layers`)."""
+    layers: list[Layer] = [Layer("data", "Data", (), (), ("data", "label"))]
+
+    def conv(
+        name: str, bottom: str, c_in: int, c_out: int, k: int, kind: str = "Convolution"
+    ) -> str:
+        shape = (c_out, c_in, k, k) if kind == "Convolution" else (c_out, c_in)
+        weight = rng.normal(scale=0.05, size=shape).astype(np.float32)
+        layers.append(Layer(name, kind, [weight], (bottom,), (name,)))
+        norm, top = bn_layers(name, name, random_bn(c_out, rng), layout, scale_factor=999.98)
+        layers.extend(norm)
+        return top
+
+    def pool(name: str, bottom: str) -> str:
+        layers.append(Layer(name, "Pooling", (), (bottom,), (name,)))
+        return name
+
+    def classifier(name: str, bottom: str, c_in: int) -> None:
+        w = rng.normal(scale=0.05, size=(classes, c_in)).astype(np.float32)
+        b = rng.normal(scale=0.05, size=classes).astype(np.float32)
+        layers.append(Layer(name, "InnerProduct", [w, b], (bottom,), (name,)))
+
+    x = conv("conv1/7x7_s2", "data", 3, 64, 7)
+    x = pool("pool1/3x3_s2", x)
+    x = conv("conv2/3x3_reduce", x, 64, 64, 1)
+    x = conv("conv2/3x3", x, 64, 192, 3)
+    x = pool("pool2/3x3_s2", x)
+    aux = {after: (prefix, fc_in) for prefix, after, _, fc_in in GOOGLENET_BN_AUX}
+    for name, c_in, c1, r3, c3, rd, cd, proj in GOOGLENET_BN_INCEPTION:
+        outs = []
+        if c1 is not None:
+            outs.append(conv(f"{name}/1x1", x, c_in, c1, 1))
+        outs.append(conv(f"{name}/3x3", conv(f"{name}/3x3_reduce", x, c_in, r3, 1), r3, c3, 3))
+        d = conv(f"{name}/double3x3a", conv(f"{name}/double3x3_reduce", x, c_in, rd, 1), rd, cd, 3)
+        outs.append(conv(f"{name}/double3x3b", d, cd, cd, 3))
+        p = pool(f"{name}/pool", x)
+        outs.append(conv(f"{name}/pool_proj", p, c_in, proj, 1) if proj is not None else p)
+        layers.append(Layer(f"{name}/output", "Concat", (), tuple(outs), (f"{name}/output",)))
+        x = f"{name}/output"
+        if name in aux:
+            prefix, fc_in = aux[name]
+            c_out = sum(o for o in (c1, c3, cd, proj) if o is not None) + (0 if proj else c_in)
+            a = pool(f"pool{name[-2]}/5x5_s3", x)
+            a = conv(f"{prefix}/conv", a, c_out, 128, 1)
+            a = conv(f"{prefix}/fc", a, fc_in, 1024, 0, kind="InnerProduct")
+            classifier(f"{prefix}/classifier", a, 1024)
+    x = pool("pool5/7x7_s1", x)
+    classifier("loss3/classifier", x, 1024)
+    return layers

@@ -27,7 +27,16 @@ from softmine.models.caffe import (
     caffemodel_to_state_dict,
     read_caffemodel,
 )
-from tests.caffe_files import Layer, bn_layers, conv_bn_block, random_bn, write_caffemodel
+from tests.caffe_files import (
+    GOOGLENET_BN_AUX,
+    GOOGLENET_BN_INCEPTION,
+    Layer,
+    bn_layers,
+    conv_bn_block,
+    googlenet_bn_layers,
+    random_bn,
+    write_caffemodel,
+)
 from tests.conftest import REPO
 
 F32 = np.float32
@@ -147,11 +156,13 @@ def test_both_batchnorm_layouts_convert_to_the_written_values(tmp_path: Path, la
     state = caffemodel_to_state_dict(write_caffemodel(tmp_path / "m.caffemodel", layers))
     _assert_state_equal(state, _expected(blocks, linear))
     assert state.bn_layouts == {BN_LAYOUT_BATCHNORM if layout == "batchnorm" else BN_LAYOUT_BN}
-    assert state.origin["conv1_7x7_s2_bn.running_mean"] == (
+    assert state.describe("conv1_7x7_s2_bn.running_mean") == (
         "Caffe layer 'conv1/7x7_s2/bn' (BatchNorm)"
         if layout == "batchnorm"
         else "Caffe layer 'conv1/7x7_s2/bn' (BN)"
     )
+    if layout == "batchnorm":
+        assert state.origin["conv1_7x7_s2_bn.weight"] == "conv1/7x7_s2/bn/sc"
 
 
 def test_v1_legacy_and_double_files_convert_like_new_ones(tmp_path: Path) -> None:
@@ -265,6 +276,56 @@ def test_inner_product_after_a_conv_map_flattens_like_torch(tmp_path: Path) -> N
         with torch.no_grad():
             got = fc(torch.from_numpy(x).float().unsqueeze(0).flatten(1))[0].double().numpy()
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ full GoogLeNet-BN
+
+
+def _googlenet_bn_modules() -> list[str]:
+    """softmine's module names for lim0606's layers, in Cadene's BN-Inception convention."""
+    names = ["conv1_7x7_s2", "conv2_3x3_reduce", "conv2_3x3"]
+    for name, _, c1, _, _, _, _, proj in GOOGLENET_BN_INCEPTION:
+        parts = ["3x3_reduce", "3x3", "double_3x3_reduce", "double_3x3_1", "double_3x3_2"]
+        parts = (["1x1"] if c1 else []) + parts + (["pool_proj"] if proj else [])
+        names += [f"{name}_{part}" for part in parts]
+    for prefix, *_ in GOOGLENET_BN_AUX:
+        names += [f"{prefix}_conv", f"{prefix}_fc"]
+    return names
+
+
+@pytest.fixture(scope="module", params=["batchnorm", "bn"])
+def googlenet_bn(request, tmp_path_factory):
+    """A full-size random GoogLeNet-BN .caffemodel in lim0606's layer names, and its layers."""
+    layers = googlenet_bn_layers(request.param, np.random.default_rng(13))
+    path = tmp_path_factory.mktemp("caffe") / f"googlenet_bn_{request.param}.caffemodel"
+    return write_caffemodel(path, layers), {layer.name: layer for layer in layers}
+
+
+@pytest.mark.slow  # writes and reads 16 M parameters
+def test_full_googlenet_bn_converts_every_layer(googlenet_bn) -> None:
+    path, layers = googlenet_bn
+    state = caffemodel_to_state_dict(path)
+    modules = _googlenet_bn_modules()
+    assert len(modules) == 69 + 2 + 2  # trunk convs, aux convs, aux fc (71 Convolution layers)
+    expected_keys = {f"{m}.weight" for m in modules}
+    expected_keys |= {f"{m}_bn.{p}" for m in modules for p in _BN_KEYS}
+    expected_keys |= {f"{c}.{p}" for c in _CLASSIFIERS for p in ("weight", "bias")}
+    assert set(state) == expected_keys
+    for key, tensor in state.items():
+        layer = layers[state.origin[key]]
+        per_channel = layer.type in ("BatchNorm", "Scale", "BN")  # (C,) or (1, C, 1, 1)
+        blobs = [b.reshape(-1).astype(np.float64) if per_channel else b for b in layer.blobs]
+        if layer.type == "BatchNorm":  # statistics * s, s
+            value = blobs[0 if key.endswith(".running_mean") else 1] / blobs[2][0]
+        else:
+            value = blobs[_BLOB_INDEX[key.rpartition(".")[2]]]
+        np.testing.assert_array_equal(tensor.numpy(), value.astype(np.float32), err_msg=key)
+
+
+# Blob index of each parameter in Convolution / InnerProduct / Scale / BN layers.
+_BLOB_INDEX = {"weight": 0, "bias": 1, "running_mean": 2, "running_var": 3}
+_BN_KEYS = ("running_mean", "running_var", "weight", "bias")
+_CLASSIFIERS = ("loss1_classifier", "loss2_classifier", "last_linear")
 
 
 # ------------------------------------------------------------------------------ errors

@@ -342,8 +342,9 @@ def softmine_name(caffe_name: str, caffe_type: str = "") -> str:
 class CaffeStateDict(dict[str, Tensor]):
     """A state dict converted from a ``.caffemodel`` that remembers where each key came from.
 
-    ``origin[key]`` names the Caffe layer (and type) a tensor came from, so that loading
-    errors can name it; ``bn_layouts`` lists the BatchNorm layouts found
+    ``origin[key]`` is the name of the Caffe layer a tensor came from and
+    ``layer_types[name]`` that layer's type, so that loading errors can name them
+    (:meth:`describe`); ``bn_layouts`` lists the BatchNorm layouts found
     (:data:`BN_LAYOUT_BATCHNORM`, :data:`BN_LAYOUT_BN`, :data:`BN_LAYOUT_BN_NO_STATS`);
     ``caffe_layers`` counts the file's layers, ``converted_layers`` those with weights.
     Save it with ``torch.save(dict(state), ...)``: a plain dict loads anywhere.
@@ -352,26 +353,32 @@ class CaffeStateDict(dict[str, Tensor]):
     def __init__(self) -> None:
         super().__init__()
         self.origin: dict[str, str] = {}
+        self.layer_types: dict[str, str] = {}
         self.bn_layouts: set[str] = set()
         self.caffe_layers = 0
         self.converted_layers = 0
 
-    def put(self, key: str, value: np.ndarray, origin: str, *, replace: bool = False) -> None:
-        """Store ``value`` as float32 under ``key``; two layers giving one key is an error."""
+    def put(
+        self, key: str, value: np.ndarray, name: str, layer: CaffeLayer, *, replace: bool = False
+    ) -> None:
+        """Store ``value`` as float32 under ``key``, from the layer ``name``; two layers
+        giving one key is a :class:`DataError` (``replace``: a Scale completing its BatchNorm)."""
         if key in self and not replace:
             raise DataError(
-                f"the {origin} and the {self.origin[key]} both convert to {key!r}; "
-                "rename one of them in Caffe"
+                f"the {_describe(name, layer)} and the {self.describe(key)} both convert to "
+                f"{key!r}; rename one of them in Caffe"
             )
         self[key] = torch.from_numpy(np.array(value, dtype=np.float32))
-        self.origin[key] = origin
+        self.origin[key] = name
+        self.layer_types[name] = layer.type
 
-    def module_origin(self, key: str) -> str | None:
-        """The Caffe layer of ``key``, or else of another key of the same module."""
-        if key in self.origin:
-            return self.origin[key]
-        module = key.rpartition(".")[0]
-        return next((o for k, o in self.origin.items() if k.rpartition(".")[0] == module), None)
+    def describe(self, key: str) -> str | None:
+        """``Caffe layer 'name' (Type)`` of ``key``, else of another key of its module."""
+        name = self.origin.get(key)
+        if name is None:
+            module = key.rpartition(".")[0]
+            name = next((n for k, n in self.origin.items() if k.rpartition(".")[0] == module), None)
+        return None if name is None else f"Caffe layer {name!r} ({self.layer_types[name]})"
 
 
 def _describe(name: str, layer: CaffeLayer) -> str:
@@ -405,10 +412,10 @@ def _convert_weighted(state: CaffeStateDict, name: str, layer: CaffeLayer) -> No
         weight = weight.reshape(weight.shape[-2:])
         if layer.transpose:
             weight = weight.T
-    state.put(f"{module}.weight", weight, where)
+    state.put(f"{module}.weight", weight, name, layer)
     if len(layer) == 2:
         bias = _vector(layer[1], weight.shape[0], f"the bias of the {where}")
-        state.put(f"{module}.bias", bias, where)
+        state.put(f"{module}.bias", bias, name, layer)
 
 
 def _convert_batchnorm(state: CaffeStateDict, name: str, layer: CaffeLayer) -> str:
@@ -422,10 +429,10 @@ def _convert_batchnorm(state: CaffeStateDict, name: str, layer: CaffeLayer) -> s
     s = float(_vector(layer[2], 1, f"the scale factor of the {where}")[0])
     if s == 0:
         mean, var = np.zeros_like(mean), np.zeros_like(var)
-    state.put(f"{module}.running_mean", mean.astype(np.float64) / (s or 1.0), where)
-    state.put(f"{module}.running_var", var.astype(np.float64) / (s or 1.0), where)
-    state.put(f"{module}.weight", np.ones_like(mean), where)
-    state.put(f"{module}.bias", np.zeros_like(mean), where)
+    state.put(f"{module}.running_mean", mean.astype(np.float64) / (s or 1.0), name, layer)
+    state.put(f"{module}.running_var", var.astype(np.float64) / (s or 1.0), name, layer)
+    state.put(f"{module}.weight", np.ones_like(mean), name, layer)
+    state.put(f"{module}.bias", np.zeros_like(mean), name, layer)
     state.bn_layouts.add(BN_LAYOUT_BATCHNORM)
     return module
 
@@ -437,8 +444,10 @@ def _convert_scale(state: CaffeStateDict, name: str, layer: CaffeLayer, module: 
     channels = state[f"{module}.running_mean"].numel()
     gamma = _vector(layer[0], channels, f"the gamma of the {where}")
     beta = _vector(layer[1], channels, f"the beta of the {where}") if len(layer) == 2 else None
-    state.put(f"{module}.weight", gamma, where, replace=True)
-    state.put(f"{module}.bias", np.zeros_like(gamma) if beta is None else beta, where, replace=True)
+    state.put(f"{module}.weight", gamma, name, layer, replace=True)
+    state.put(
+        f"{module}.bias", np.zeros_like(gamma) if beta is None else beta, name, layer, replace=True
+    )
 
 
 def _convert_bn(state: CaffeStateDict, name: str, layer: CaffeLayer) -> bool:
@@ -455,10 +464,10 @@ def _convert_bn(state: CaffeStateDict, name: str, layer: CaffeLayer) -> bool:
         var = _vector(layer[3], scale.size, f"the variance of the {where}")
     else:
         mean, var = np.zeros_like(scale), np.ones_like(scale)
-    state.put(f"{module}.running_mean", mean, where)
-    state.put(f"{module}.running_var", var, where)
-    state.put(f"{module}.weight", scale, where)
-    state.put(f"{module}.bias", shift, where)
+    state.put(f"{module}.running_mean", mean, name, layer)
+    state.put(f"{module}.running_var", var, name, layer)
+    state.put(f"{module}.weight", scale, name, layer)
+    state.put(f"{module}.bias", shift, name, layer)
     state.bn_layouts.add(BN_LAYOUT_BN if has_stats else BN_LAYOUT_BN_NO_STATS)
     return has_stats
 

@@ -140,7 +140,7 @@ def _label(state: Mapping[str, Tensor], key: str, *, missing: bool = False) -> s
     """``key``, with the Caffe layer it came from (or, when missing, that of its module)."""
     if not isinstance(state, CaffeStateDict):
         return key
+    origin = state.describe(key)
     if not missing:
-        return f"{key} from {state.origin[key]}"
-    origin = state.module_origin(key)
+        return f"{key} from {origin}"
     return f"{key} (not in the {origin})" if origin else f"{key} (no Caffe layer gives it)"
