@@ -446,6 +446,7 @@ def test_loading_errors_name_the_caffe_layers(tmp_path: Path) -> None:
         "loss1_fc.weight from Caffe layer 'loss1/fc' (InnerProduct): file (6, 12) vs model (6, 10)"
         in msg
     )
+    assert "2 unexpected" in msg and "1 mis-shaped" in msg and "missing" not in msg
 
 
 # ------------------------------------------------------------------------------ script

@@ -96,27 +96,27 @@ def load_matching_state_dict(
     """
     own = model.state_dict()
     to_load: dict[str, Tensor] = {}
-    unexpected, mismatched = [], []
+    unexpected: list[str] = []
+    mismatched: dict[str, str] = {}  # key -> "file (..) vs model (..)"
     for k, v in state.items():
         if k.startswith(skip_prefixes):
             continue
         if k not in own:
-            unexpected.append(_label(state, k))
+            unexpected.append(k)
             continue
         target = own[k].shape
         if v.shape != target:
             if v.numel() == own[k].numel() and v.squeeze().shape == own[k].squeeze().shape:
                 v = v.reshape(target)
             else:
-                mismatched.append(
-                    f"{_label(state, k)}: file {tuple(v.shape)} vs model {tuple(target)}"
-                )
+                mismatched[k] = f"file {tuple(v.shape)} vs model {tuple(target)}"
                 continue
         to_load[k] = v
     missing = [
-        _label(state, k, missing=True)
+        k
         for k in own
         if k not in to_load
+        and k not in mismatched
         and not k.startswith(new_prefixes)
         and not k.endswith("num_batches_tracked")
     ]
@@ -125,10 +125,13 @@ def load_matching_state_dict(
         for what, keys in (
             ("unexpected", unexpected),
             ("missing", missing),
-            ("mis-shaped", mismatched),
+            ("mis-shaped", list(mismatched)),
         ):
             if keys:
-                parts.append(f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})")
+                examples = [
+                    _label(state, k, what, mismatched.get(k)) for k in _one_per_module(keys)
+                ]
+                parts.append(f"{len(keys)} {what} (e.g. {', '.join(examples)})")
         raise DataError(
             f"the weights in {source} do not fit {type(model).__name__}: {'; '.join(parts)}; "
             "check that the file holds weights of this architecture"
@@ -136,11 +139,23 @@ def load_matching_state_dict(
     model.load_state_dict(to_load, strict=False)
 
 
-def _label(state: Mapping[str, Tensor], key: str, *, missing: bool = False) -> str:
-    """``key``, with the Caffe layer it came from (or, when missing, that of its module)."""
+def _one_per_module(keys: list[str], n: int = 3) -> list[str]:
+    """The first ``n`` keys of distinct modules (a layer's weight, bias, statistics count once)."""
+    seen: dict[str, str] = {}
+    for k in keys:
+        seen.setdefault(k.rpartition(".")[0], k)
+        if len(seen) == n:
+            break
+    return list(seen.values())
+
+
+def _label(state: Mapping[str, Tensor], key: str, what: str, shapes: str | None) -> str:
+    """``key`` (+ its shapes), with the Caffe layer it came from, or for a missing key the
+    Caffe layer of its module, when ``state`` was converted from a ``.caffemodel``."""
+    shapes = "" if shapes is None else f": {shapes}"
     if not isinstance(state, CaffeStateDict):
-        return key
+        return f"{key}{shapes}"
     origin = state.describe(key)
-    if not missing:
-        return f"{key} from {origin}"
+    if what != "missing":
+        return f"{key} from {origin}{shapes}"
     return f"{key} (not in the {origin})" if origin else f"{key} (no Caffe layer gives it)"
