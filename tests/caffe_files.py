@@ -30,6 +30,7 @@ class Layer:
     bottom: Sequence[str] = ()
     top: Sequence[str] = ()
     transpose: bool = False  # InnerProduct weight stored as (in, out); new format only
+    eps: float | None = None  # BatchNorm epsilon (batch_norm_param.eps); new format only
 
 
 def _fill_blob(blob, array: np.ndarray, *, legacy_dims: bool, double: bool) -> None:
@@ -65,6 +66,8 @@ def caffemodel_bytes(
             msg = net.layer.add(name=spec.name, type=str(spec.type))
             if spec.transpose:
                 msg.inner_product_param.transpose = True
+            if spec.eps is not None:
+                msg.batch_norm_param.eps = spec.eps
         msg.bottom.extend(spec.bottom)
         msg.top.extend(spec.top)
         for array in spec.blobs:

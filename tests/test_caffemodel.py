@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -201,6 +202,17 @@ def test_batchnorm_statistics_are_divided_by_the_scale_factor(tmp_path: Path) ->
     assert not state["z_bn.running_mean"].any() and not state["z_bn.running_var"].any()
     # without a Scale layer the BatchNorm has no affine part: gamma 1, beta 0
     assert (state["z_bn.weight"] == 1).all() and (state["z_bn.bias"] == 0).all()
+
+
+def test_a_batchnorm_epsilon_other_than_pytorchs_is_warned_about(tmp_path: Path) -> None:
+    stats = [np.zeros(2, F32), np.ones(2, F32), np.ones(1, F32)]
+    default = [Layer("a/bn", "BatchNorm", stats, eps=1e-5)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        caffemodel_to_state_dict(write_caffemodel(tmp_path / "a.caffemodel", default))
+    other = [*default, Layer("b/bn", "BatchNorm", stats, eps=1e-3)]
+    with pytest.warns(UserWarning, match=r"1 BatchNorm layers .* \(e\.g\. 'b/bn' \(0\.001\)\)"):
+        caffemodel_to_state_dict(write_caffemodel(tmp_path / "b.caffemodel", other))
 
 
 def test_converted_batchnorm_computes_caffes_inference_formula(tmp_path: Path) -> None:

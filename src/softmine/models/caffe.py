@@ -50,6 +50,7 @@ _SCHEMA: dict[str, list[tuple[str, int, int, bool, str | None, bool]]] = {
         ("double_data", 8, _F.TYPE_DOUBLE, True, None, True),
     ],
     "InnerProductParameter": [("transpose", 6, _F.TYPE_BOOL, False, None, False)],
+    "BatchNormParameter": [("eps", 3, _F.TYPE_FLOAT, False, None, False)],
     "LayerParameter": [
         ("name", 1, _F.TYPE_STRING, False, None, False),
         ("type", 2, _F.TYPE_STRING, False, None, False),
@@ -57,6 +58,7 @@ _SCHEMA: dict[str, list[tuple[str, int, int, bool, str | None, bool]]] = {
         ("top", 4, _F.TYPE_STRING, True, None, False),
         ("blobs", 7, _F.TYPE_MESSAGE, True, "BlobProto", False),
         ("inner_product_param", 117, _F.TYPE_MESSAGE, False, "InnerProductParameter", False),
+        ("batch_norm_param", 139, _F.TYPE_MESSAGE, False, "BatchNormParameter", False),
     ],
     # The V1 layer type is an enum in caffe.proto; read as int32 (the same varint on
     # the wire) so that type numbers of Caffe forks, unknown to the enum, survive.
@@ -174,7 +176,8 @@ class CaffeLayer(list[np.ndarray]):
     A ``list[np.ndarray]`` so that ``read_caffemodel(p)[name][0]`` is a layer's first
     blob; ``.type`` is its Caffe type (``Convolution``, ``BatchNorm``, ``BN``, ...),
     ``.bottom`` / ``.top`` its input and output blob names, ``.transpose`` whether an
-    ``InnerProduct`` stores its weight as (in, out).
+    ``InnerProduct`` stores its weight as (in, out), ``.eps`` a ``BatchNorm``'s epsilon
+    when the file sets one (Caffe's default is 1e-5, as PyTorch's).
     """
 
     def __init__(
@@ -184,12 +187,14 @@ class CaffeLayer(list[np.ndarray]):
         bottom: tuple[str, ...] = (),
         top: tuple[str, ...] = (),
         transpose: bool = False,
+        eps: float | None = None,
     ) -> None:
         super().__init__(blobs)
         self.type = type
         self.bottom = bottom
         self.top = top
         self.transpose = transpose
+        self.eps = eps
 
 
 def _blob_array(blob: Any, where: str) -> np.ndarray:
@@ -287,11 +292,9 @@ def read_caffemodel(path: str | Path) -> dict[str, CaffeLayer]:
             _blob_array(b, f"blob {i} of layer {layer.name!r}") for i, b in enumerate(layer.blobs)
         ]
         transpose = layer.type == "InnerProduct" and layer.inner_product_param.transpose
-        _add(
-            layers,
-            layer.name,
-            CaffeLayer(blobs, layer.type, tuple(layer.bottom), tuple(layer.top), transpose),
-        )
+        eps = layer.batch_norm_param.eps if layer.batch_norm_param.HasField("eps") else None
+        bottom, top = tuple(layer.bottom), tuple(layer.top)
+        _add(layers, layer.name, CaffeLayer(blobs, layer.type, bottom, top, transpose, eps))
     return layers
 
 
@@ -308,6 +311,7 @@ def _add(layers: dict[str, CaffeLayer], name: str, layer: CaffeLayer) -> None:
 
 # ------------------------------------------------------------------------------ converting
 
+CAFFE_BN_EPS = 1e-5  # BatchNormParameter.eps default, as torch.nn.BatchNorm2d's
 BN_LAYOUT_BATCHNORM = "BatchNorm+Scale"
 BN_LAYOUT_BN = "BN"
 BN_LAYOUT_BN_NO_STATS = "BN without statistics"
@@ -472,14 +476,6 @@ def _convert_bn(state: CaffeStateDict, name: str, layer: CaffeLayer) -> bool:
     return has_stats
 
 
-def _scaled_batchnorm(
-    name: str, layer: CaffeLayer, previous: str | None, producer: dict[str, str]
-) -> str | None:
-    """The layer a Scale takes its input from: the writer of its bottom blob, or, in files
-    that do not name blobs, the layer with weights just before it."""
-    return producer.get(layer.bottom[0]) if layer.bottom else previous
-
-
 def caffemodel_to_state_dict(path: str | Path) -> CaffeStateDict:
     """The weights of a ``.caffemodel`` as a state dict with softmine's BN-Inception names.
 
@@ -500,6 +496,7 @@ def caffemodel_to_state_dict(path: str | Path) -> CaffeStateDict:
     batchnorms: dict[str, str] = {}  # BatchNorm layer -> its module, until its Scale comes
     previous: str | None = None  # the last layer with weights
     no_stats: list[str] = []
+    other_eps: list[str] = []
     for name, layer in layers.items():
         if len(layer):
             state.converted_layers += 1
@@ -507,8 +504,11 @@ def caffemodel_to_state_dict(path: str | Path) -> CaffeStateDict:
                 _convert_weighted(state, name, layer)
             elif layer.type == "BatchNorm":
                 batchnorms[name] = _convert_batchnorm(state, name, layer)
+                if layer.eps is not None and np.float32(layer.eps) != np.float32(CAFFE_BN_EPS):
+                    other_eps.append(f"{name!r} ({layer.eps:.3g})")
             elif layer.type == "Scale":
-                source = _scaled_batchnorm(name, layer, previous, producer)
+                # its input's writer, or in files that do not name blobs the layer before
+                source = producer.get(layer.bottom[0]) if layer.bottom else previous
                 if source not in batchnorms:
                     raise DataError(
                         f"the {_describe(name, layer)} does not follow a BatchNorm layer; "
@@ -532,6 +532,13 @@ def caffemodel_to_state_dict(path: str | Path) -> CaffeStateDict:
             f"{len(no_stats)} BN layers of {str(path)!r} (e.g. {no_stats[0]!r}) store no mean "
             "and variance; they are set to 0 and 1: re-estimate them on training images "
             "(e.g. torch.optim.swa_utils.update_bn) or fine-tune before evaluating",
+            stacklevel=2,
+        )
+    if other_eps:
+        warnings.warn(
+            f"{len(other_eps)} BatchNorm layers of {str(path)!r} set an epsilon other than "
+            f"{CAFFE_BN_EPS:g} (e.g. {other_eps[0]}); build the network's BatchNorm with that eps "
+            "to reproduce Caffe's outputs exactly",
             stacklevel=2,
         )
     return state
