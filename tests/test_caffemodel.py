@@ -215,6 +215,41 @@ def test_a_batchnorm_epsilon_other_than_pytorchs_is_warned_about(tmp_path: Path)
         caffemodel_to_state_dict(write_caffemodel(tmp_path / "b.caffemodel", other))
 
 
+def test_scale_pairs_with_the_batchnorm_that_wrote_its_input(tmp_path: Path) -> None:
+    """ResNet-style in-place layers (bn_conv1, scale_conv1 on blob conv1), with blob names
+    and, in a file without them, by order."""
+    rng = np.random.default_rng(14)
+    bn1, bn2 = random_bn(2, rng), random_bn(2, rng)
+    w = np.ones((2, 1, 1, 1), F32)
+    one = np.ones(1, F32)
+
+    def layers(named: bool) -> list[Layer]:
+        def io(bottom: str, top: str) -> dict:
+            return {"bottom": (bottom,), "top": (top,)} if named else {}
+
+        return [
+            Layer("conv1", "Convolution", [w], **io("data", "conv1")),
+            Layer("bn_conv1", "BatchNorm", [bn1.mean, bn1.var, one], **io("conv1", "conv1")),
+            Layer("bn_side", "BatchNorm", [bn2.mean, bn2.var, one], **io("data", "side")),
+            Layer("scale_side", "Scale", [bn2.gamma, bn2.beta], **io("side", "side")),
+            Layer("scale_conv1", "Scale", [bn1.gamma, bn1.beta], **io("conv1", "conv1")),
+        ]
+
+    state = caffemodel_to_state_dict(write_caffemodel(tmp_path / "r.caffemodel", layers(True)))
+    for module, bn in (("bn_conv1", bn1), ("bn_side", bn2)):
+        np.testing.assert_array_equal(state[f"{module}.weight"].numpy(), bn.gamma)
+        np.testing.assert_array_equal(state[f"{module}.bias"].numpy(), bn.beta)
+        np.testing.assert_array_equal(state[f"{module}.running_mean"].numpy(), bn.mean)
+    # without blob names the Scale goes with the BatchNorm just before it; here the last
+    # Scale follows another Scale, so that file is refused
+    path = write_caffemodel(tmp_path / "u.caffemodel", layers(False)[:4])
+    state = caffemodel_to_state_dict(path)
+    np.testing.assert_array_equal(state["bn_side.weight"].numpy(), bn2.gamma)
+    assert (state["bn_conv1.weight"] == 1).all()
+    with pytest.raises(DataError, match="'scale_conv1' \\(Scale\\) does not follow a BatchNorm"):
+        caffemodel_to_state_dict(write_caffemodel(tmp_path / "v.caffemodel", layers(False)))
+
+
 def test_converted_batchnorm_computes_caffes_inference_formula(tmp_path: Path) -> None:
     """Caffe: y = gamma * (x - m/s) / sqrt(v/s + eps) + beta, worked out in float64."""
     rng = np.random.default_rng(5)
