@@ -156,7 +156,7 @@ def caffe_messages() -> CaffeMessages:
             if packed:
                 field.options.packed = True
     pool = descriptor_pool.DescriptorPool()
-    pool.Add(file)
+    pool.AddSerializedFile(file.SerializeToString())
 
     def cls(name: str) -> type[Message]:
         return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{_PACKAGE}.{name}"))
