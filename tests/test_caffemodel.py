@@ -375,6 +375,80 @@ _BN_KEYS = ("running_mean", "running_var", "weight", "bias")
 _CLASSIFIERS = ("loss1_classifier", "loss2_classifier", "last_linear")
 
 
+# Cadene's BN-Inception part names -> lim0606's Caffe ones (the inverse of the conversion).
+_CAFFE_PARTS = {
+    "double_3x3_reduce": "double3x3_reduce",
+    "double_3x3_1": "double3x3a",
+    "double_3x3_2": "double3x3b",
+}
+
+
+def _caffe_name(module: str) -> str:
+    """``inception_3a_double_3x3_1`` -> ``inception_3a/double3x3a``, ``conv1_7x7_s2`` ->
+    ``conv1/7x7_s2``."""
+    head, _, part = module.partition("_")
+    if head == "inception":
+        block, _, part = part.partition("_")
+        head = f"inception_{block}"
+    return f"{head}/{_CAFFE_PARTS.get(part, part)}"
+
+
+@pytest.mark.slow  # writes and loads 11 M parameters
+def test_the_bninception_config_takes_a_caffemodel(tmp_path: Path) -> None:
+    """``backbone.pretrained=<file>.caffemodel``: a Cadene-shaped network (conv biases)
+    saved in Caffe's layout and names comes back tensor for tensor."""
+    from hydra import compose, initialize_config_dir
+
+    from softmine.config import build
+    from softmine.models import BNInception
+
+    torch.manual_seed(0)
+    source = BNInception(num_classes=1000)
+    for m in source.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    own = {k: v.numpy() for k, v in source.state_dict().items()}
+    layers = [
+        Layer(
+            "loss3/classifier", "InnerProduct", [own["last_linear.weight"], own["last_linear.bias"]]
+        )
+    ]
+    for key in own:
+        module = key.rpartition(".")[0]
+        if not key.endswith(".weight") or module == "last_linear":
+            continue
+        if module.endswith("_bn"):
+            name = f"{_caffe_name(module[:-3])}/bn"
+            s = np.ones(1, F32)
+            stats = [own[f"{module}.running_mean"], own[f"{module}.running_var"], s]
+            layers += [
+                Layer(name, "BatchNorm", stats, (module[:-3],), (name,)),
+                Layer(f"{name}/sc", "Scale", [own[key], own[f"{module}.bias"]], (name,), (name,)),
+            ]
+        else:
+            layers.append(
+                Layer(
+                    _caffe_name(module),
+                    "Convolution",
+                    [own[key], own[f"{module}.bias"]],
+                    (),
+                    (module,),
+                )
+            )
+    path = write_caffemodel(tmp_path / "bn_inception.caffemodel", layers)
+    with initialize_config_dir(str(REPO / "configs"), version_base=None):
+        cfg = compose("train", overrides=["backbone=bninception", f"backbone.pretrained={path}"])
+    trunk = build(cfg.backbone, "backbone").trunk
+    loaded = trunk.state_dict()
+    for key, value in own.items():
+        if key.startswith("last_linear") or key.endswith("num_batches_tracked"):
+            continue
+        np.testing.assert_array_equal(loaded[key].numpy(), value, err_msg=key)
+
+
 # ------------------------------------------------------------------------------ errors
 
 
