@@ -9,6 +9,7 @@ file was made for). ``pretrainedmodels`` is a dev (test-only) dependency; its
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from pathlib import Path
 from types import ModuleType
@@ -95,7 +96,7 @@ def test_load_from_a_local_file_with_old_style_shapes(reference, tmp_path):
             continue
         torch.testing.assert_close(own[k], v, rtol=0, atol=0)
 
-    aux = BNInception(pretrained=str(path), embedding_from="inception_4e_aux")
+    aux = BNInception(pretrained=str(path), embedding_from="inception_4e")
     assert not any(k.startswith("inception_5") for k in aux.state_dict())
     torch.testing.assert_close(aux.inception_4e_3x3.weight, reference.inception_4e_3x3.weight)
 
@@ -145,15 +146,60 @@ def test_mis_shaped_weights_are_a_data_error(reference, tmp_path):
         BNInception(pretrained=str(tmp_path / "bad.pth"))
 
 
-def test_authors_auxiliary_embedding_branch():
+def test_authors_branches_and_named_features():
+    """lim0606's GoogLeNet-BN: loss1 after 3c (4x4 grid), loss2 after 4e (2x2), pool5; no conv bias."""
     torch.manual_seed(0)
-    net = BNInception(embedding_from="inception_4e_aux").eval()
-    assert net.out_features == 512
+    net = BNInception(
+        embedding_from="inception_4e", features=("inception_3c", "pool5"), conv_bias=False
+    ).eval()
+    assert net.feature_dims == {"inception_3c": 1024, "inception_4e": 1024, "pool5": 1024}
+    assert net.out_features == 1024
+    assert not any(k.endswith(".bias") and "_bn" not in k for k in net.state_dict())
+    shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    # train_val.prototxt: loss1/conv 576->128, loss1/fc 128*4*4->1024; loss2/conv 1056->128, fc 512->1024
+    assert shapes["loss1_conv.weight"] == (128, 576, 1, 1)
+    assert shapes["loss1_fc.weight"] == (1024, 2048)
+    assert shapes["loss2_conv.weight"] == (128, 1056, 1, 1)
+    assert shapes["loss2_fc.weight"] == (1024, 512)
+    x = torch.rand(2, 3, 224, 224)
     with torch.no_grad():
-        f = net(torch.rand(2, 3, 96, 96))
-    assert f.shape == (2, 512) and (f >= 0).all()  # ReLU'd 128 channels x 2 x 2 grid
+        out, feats = net.forward_features(x)
+        torch.testing.assert_close(out, feats["inception_4e"])
+        torch.testing.assert_close(net(x), out)
+        # pool5 is the global average of inception_5b; the branches end in a ReLU
+        torch.testing.assert_close(feats["pool5"], net.feature_map(x).mean(dim=(2, 3)))
+    assert (feats["inception_3c"] >= 0).all() and (feats["inception_4e"] >= 0).all()
     with pytest.raises(ValueError, match="at least 96"):
         net(torch.rand(1, 3, 64, 64))
+    only_4e = BNInception(embedding_from="inception_4e_aux")  # the old name still works
+    assert only_4e.feature_dims == {"inception_4e": 1024}
+    assert not any(k.startswith(("inception_5", "loss1_")) for k in only_4e.state_dict())
+
+
+def test_conv_biases_fold_into_batchnorm_exactly(reference, tmp_path):
+    """Cadene's file (conv biases, no branches) into the bias-free authors' net: same outputs."""
+    torch.save(reference.state_dict(), tmp_path / "cadene.pth")
+    ours = BNInception(pretrained=str(tmp_path / "cadene.pth"), conv_bias=False).double()
+    ref = copy.deepcopy(reference).double()
+    x = torch.rand(2, 3, 96, 96, dtype=torch.float64)
+    with torch.no_grad():
+        for mode in (False, True):  # eval: shifted running means; train: the batch mean absorbs b
+            ours.train(mode)
+            ref.train(mode)
+            torch.testing.assert_close(ours.feature_map(x), ref.features(x), rtol=1e-6, atol=1e-6)
+
+
+def test_cadene_weights_leave_the_branches_random_and_say_so(reference, tmp_path, caplog):
+    torch.save(reference.state_dict(), tmp_path / "cadene.pth")
+    with caplog.at_level("INFO"):
+        net = BNInception(
+            pretrained=str(tmp_path / "cadene.pth"),
+            embedding_from="inception_4e",
+            features=("inception_3c", "pool5"),
+            conv_bias=False,
+        )
+    assert "loss1, loss2" in caplog.text and "random" in caplog.text
+    torch.testing.assert_close(net.inception_5b_1x1.weight, reference.inception_5b_1x1.weight)
 
 
 def test_config_errors():
@@ -163,6 +209,8 @@ def test_config_errors():
         BNInception(pretrained=2.5)
     with pytest.raises(ConfigError, match="pool5"):
         BNInception(num_classes=1000, embedding_from="inception_4e_aux")
+    with pytest.raises(ConfigError, match="features"):
+        BNInception(features=("inception_4d",))
 
 
 def test_input_convention_matches_pretrainedmodels_transform():

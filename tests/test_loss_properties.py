@@ -16,7 +16,10 @@ from softmine.config import build
 from softmine.losses import weighted_contrastive_loss
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "loss"
-NAMES = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+ALL_NAMES = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+# Losses of (embeddings, labels); the video objective also needs (B, T, dim) frame features and
+# is checked against its own float64 port in tests/test_released_objective.py.
+NAMES = [n for n in ALL_NAMES if n != "osm_caa_official_video"]
 NUM_CLASSES, DIM = 5, 24
 
 
@@ -56,7 +59,7 @@ def test_all_issue_config_names_exist() -> None:
 
 
 def test_every_option_has_a_comment() -> None:
-    for name in NAMES:
+    for name in ALL_NAMES:
         for line in (CONFIG_DIR / f"{name}.yaml").read_text().splitlines():
             if line and not line.startswith(("#", " ", "-", "defaults", "_target_")):
                 assert "#" in line, f"{name}.yaml: option without a comment: {line!r}"

@@ -6,6 +6,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from softmine.data.fakes import make_cars, make_cub, make_ilidsvid, make_mars
@@ -19,13 +20,10 @@ COMMON = [
     "trainer.progress_bar=false",
     "trainer.tensorboard=false",
 ]
-# Small inputs keep BN-Inception fast on the CPU (its inception_4e branch needs >= 96 px).
-IMAGE = ["dataset.transform.resize=100", "dataset.transform.crop_size=96"]
-VIDEO = [
-    "dataset.transform.height=96",
-    "dataset.transform.width=96",
-    "evaluation.frame_batch_size=8",
-]
+# Small inputs keep BN-Inception fast on the CPU (its branches need >= 96 px); the authors'
+# transform resizes every image and frame to dataset.transform.size squared.
+IMAGE = ["dataset.transform.size=96"]
+VIDEO = ["dataset.transform.size=96", "evaluation.frame_batch_size=8"]
 
 CASES = {
     "reproduce_cub": (lambda r: make_cub(r, num_classes=16, images_per_class=7), IMAGE),
@@ -61,7 +59,7 @@ def test_reproduce_experiment_runs_on_fake_data(tmp_path: Path, experiment: str)
     assert expected <= set(metrics)
     assert all(0.0 <= metrics[k] <= 1.0 for k in expected)
     cfg = (run_dir / ".hydra" / "config.yaml").read_text()
-    assert "seed: 123" in cfg and "OSMCAAOfficialLoss" in cfg
+    assert "seed: 123" in cfg and "OSMCAAOfficial" in cfg
     # softmine-eval rebuilds the model and the run's own protocol from the checkpoint
     ev = run_cli(["softmine.evaluate", str(run_dir), "--device", "cpu"], tmp_path)
     assert ev.returncode == 0, ev.stderr[-3000:]
@@ -91,3 +89,42 @@ def test_make_reproduce_cub_without_data(tmp_path: Path) -> None:
     assert res.returncode != 0
     assert "error: CUB-200-2011: dataset folder" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.slow
+def test_reproduce_cub_evaluates_on_schedule_with_three_heads(tmp_path: Path) -> None:
+    """Issue 12's check: eval_log rows at 2 and 4, best_test_*, three CE pieces, varying attention."""
+    root = make_cub(tmp_path / "data", num_classes=8, images_per_class=4)
+    run_dir = tmp_path / "run"
+    res = run_cli(
+        [
+            "softmine.train",
+            "experiment=reproduce_cub",
+            f"dataset.root={root}",
+            f"hydra.run.dir={run_dir}",
+            "trainer.max_iters=4",
+            "trainer.eval_every_iters=2",
+            "trainer.eval_start_iter=0",
+            "trainer.log_every=1",
+            "trainer.plots=false",
+            "sampler.num_classes=4",
+            "sampler.num_samples=3",
+            "dataset.transform.size=96",
+            *[a for a in COMMON if not a.startswith("trainer.max_iters")],
+        ],
+        tmp_path,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    evals = pd.read_csv(run_dir / "eval_log.csv")
+    assert evals["iteration"].tolist() == [2, 4]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    best = int(evals["recall@1"].idxmax())
+    assert metrics["best_test_iteration"] == evals["iteration"][best]
+    assert metrics["best_test/recall@1"] == pytest.approx(evals["recall@1"][best])
+    assert metrics["recall@1"] == pytest.approx(evals["recall@1"].iloc[-1])  # final = last row
+    log = pd.read_csv(run_dir / "train_log.csv")
+    steps = log[log["step"].notna() & log["epoch_time_s"].isna()]
+    for piece in ("ce_loss1", "ce_loss2", "ce_loss3"):
+        assert steps[piece].notna().all() and (steps[piece] > 0).all(), piece
+    assert (steps["attention_std"] > 1e-3).all()  # attention differs across the batch

@@ -201,7 +201,7 @@ def test_video_bninception_config_runs_the_authors_model():
                 "backbone.num_classes=3",
             ],
         ).backbone
-    assert cfg.embedding_dim == 1024 and cfg.trunk.embedding_from == "inception_4e_aux"
+    assert cfg.embedding_dim == 1024 and cfg.trunk.embedding_from == "inception_4e"
     torch.manual_seed(0)
     net = build(cfg, "backbone").train()
     clips, labels = torch.rand(2, 2, 3, 96, 96), torch.tensor([0, 2])

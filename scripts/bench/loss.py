@@ -260,9 +260,9 @@ def main() -> int:
             f" {1e3 * t['plain_cls']:>8.3f} {t['ours'] / t['plain_cls']:>16.2f}x"
         )
     if compile_s:
-        from softmine.losses import osm_caa
+        from softmine.losses import fused
 
-        how = "FAILED, eager fallback" if osm_caa._COMPILE_FAILED else "first call, excluded"
+        how = "FAILED, eager fallback" if fused._COMPILE_FAILED else "first call, excluded"
         done = ", ".join(f"n = {n}: {sec:.1f} s" for n, sec in compile_s.items())
         print(f"\ncompiled = OSMCAALoss(compile=True); compile time ({how}): {done}")
     return 0

@@ -161,6 +161,12 @@ def _plot_pair_weights(trainer: Any, out: Path, emb: np.ndarray, labels: np.ndar
     """OSM weight against distance for the pairs of a seeded sample of training embeddings."""
     from softmine import plots
 
+    if getattr(trainer.loss_fn, "feature_names", None):
+        log.info(
+            "plot osm_weights skipped: the loss's heads read backbone features, which the "
+            "saved embeddings do not include"
+        )
+        return
     rng = np.random.default_rng(int(trainer.cfg.seed))
     pick = np.sort(rng.choice(len(emb), size=min(PAIR_SAMPLES, len(emb)), replace=False))
     x = torch.from_numpy(emb[pick]).to(trainer.device)

@@ -44,7 +44,12 @@ def sample_attention(
 
     Reads the ``attention`` entry of the loss's own details (so it is exactly what
     training used), in chunks: a_i depends only on sample i and the class vectors.
+    A loss whose classifier heads read other backbone features than the embeddings
+    (``loss_fn.feature_names``, e.g. the authors' heads on pool5) cannot be scored
+    from embeddings alone: None.
     """
+    if getattr(loss_fn, "feature_names", None):
+        return None
     was_training = loss_fn.training
     loss_fn.eval()
     try:

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from softmine.config import build
 from softmine.engine.distributed import DistEnv, gather_shards, shard
 from softmine.engine.embed import extract_embeddings, extract_reid_embeddings
+from softmine.engine.eval_history import metric_names
 from softmine.errors import ConfigError
 from softmine.evaluation import reid_metrics, retrieval_metrics
 
@@ -50,6 +51,11 @@ class Evaluator:
                 "the dataset config needs a `test` node (retrieval) or `query` and `gallery` "
                 "nodes (re-identification)"
             )
+
+    def metric_names(self) -> list[str]:
+        """Names of the metrics :meth:`evaluate` returns (what ``trainer.monitor`` may name)."""
+        e = self.cfg.evaluation
+        return metric_names(self.protocol, e.ks, e.ranks)
 
     def _reid_embeddings(self, model: torch.nn.Module, dataset) -> tuple[np.ndarray, ...]:
         parts = extract_reid_embeddings(

@@ -19,6 +19,11 @@ class Objective(nn.Module):
     (differentiably) before the loss, so every rank computes the loss of the whole
     global batch.
 
+    A loss with classifier heads on named backbone features declares them in
+    ``loss_fn.feature_names``; the objective then runs ``model.forward_features`` and
+    hands those features (gathered like the embeddings, half precision promoted to
+    float32) to ``loss_fn(..., features=...)``.
+
     Args:
         model: the embedding network; a video model (with ``frame_loss``) is called
             with the labels so it can pool frames with class-aware attention.
@@ -36,6 +41,7 @@ class Objective(nn.Module):
         self.autocast_dtype = autocast_dtype
         self.video = hasattr(model, "frame_loss")
         self.loss_details = "return_details" in inspect.signature(loss_fn.forward).parameters
+        self.feature_names = sorted(getattr(loss_fn, "feature_names", ()) or ())
 
     def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         ctx = (
@@ -44,17 +50,24 @@ class Objective(nn.Module):
             else nullcontext()
         )
         model_details: dict[str, Tensor] = {}
+        kwargs: dict[str, dict[str, Tensor]] = {}
         with ctx:
-            if self.video:
+            if self.feature_names:
+                args = (x, y) if self.video else (x,)
+                emb, model_details = self.model.forward_features(*args)
+                kwargs["features"] = {
+                    k: gather_with_grad(to_float32(model_details[k])) for k in self.feature_names
+                }
+            elif self.video:
                 emb, model_details = self.model(x, y, return_details=True)
             else:
                 emb = self.model(x)
         emb_all = gather_with_grad(to_float32(emb))  # half from autocast -> float32; float64 kept
         y_all = gather_tensor(y)
         if self.loss_details:
-            loss, details = self.loss_fn(emb_all, y_all, return_details=True)
+            loss, details = self.loss_fn(emb_all, y_all, return_details=True, **kwargs)
         else:
-            loss, details = self.loss_fn(emb_all, y_all), {}
+            loss, details = self.loss_fn(emb_all, y_all, **kwargs), {}
         details = dict(details)
         details["labels"] = y_all
         if self.video:

@@ -38,9 +38,16 @@ from softmine.engine.checkpoint import (
 )
 from softmine.engine.distributed import DistEnv, any_rank, barrier
 from softmine.engine.embed import raw_inputs, to_model_input
+from softmine.engine.eval_history import (
+    EVAL_LOG_FILE,
+    best_test_summary,
+    check_monitor,
+    write_eval_log,
+)
 from softmine.engine.evaluator import Evaluator
 from softmine.engine.logger import RunLogger
 from softmine.engine.objective import Objective
+from softmine.engine.optim import build_optimizer
 from softmine.engine.setup import resolve_device, resolve_num_workers, seed_everything
 from softmine.engine.signals import GracefulInterrupt
 from softmine.engine.validate import validate_config
@@ -53,7 +60,6 @@ METRICS_FILE = "metrics.json"
 TRAIN_LOG_FILE = "train_log.csv"
 CHECKPOINT_DIR = "checkpoints"
 BAD_IMAGES_FILE = "bad_images.txt"
-LOSS_PIECES = ("l_pos", "l_neg", "ce", "frame_ce")
 
 
 @dataclass
@@ -73,15 +79,25 @@ class TrainState:
     baselines: dict[str, dict[str, float]] = field(default_factory=dict)
     finished: bool = False
     log_rows: int = 0  # rows in train_log.csv when this state was saved
+    evals: list[dict[str, float]] = field(default_factory=list)  # every evaluation (eval_log.csv)
+    last_eval_step: int = -1  # step of the latest evaluation
 
 
-def run_time_sizes(node: DictConfig, num_classes: int, embedding_dim: int) -> dict[str, Any]:
-    """Fill the sizes a loss or backbone config leaves open (``num_classes``, ``embedding_dim``: null)."""
+def run_time_sizes(
+    node: DictConfig,
+    num_classes: int,
+    embedding_dim: int,
+    feature_dims: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """Fill the sizes a loss or backbone config leaves open (``null``): ``num_classes``,
+    ``embedding_dim``, and ``feature_dims`` (the sizes of the model's named features)."""
     extra: dict[str, Any] = {}
     if "num_classes" in node and node.get("num_classes") is None:
         extra["num_classes"] = num_classes
     if "embedding_dim" in node and node.get("embedding_dim") is None:
         extra["embedding_dim"] = embedding_dim
+    if "feature_dims" in node and node.get("feature_dims") is None and feature_dims is not None:
+        extra["feature_dims"] = dict(feature_dims)
     return extra
 
 
@@ -132,6 +148,7 @@ class Trainer:
         self.evaluator = Evaluator(cfg, self.device, dist=self.dist)
         labels = np.asarray(self.train_set.labels)
         self.num_classes = _check_train_labels(labels)
+        check_monitor(str(tcfg.monitor), self.evaluator.metric_names())
 
         emb_dim = int(cfg.backbone.embedding_dim)
         self.model = build(
@@ -140,12 +157,15 @@ class Trainer:
         self.channels_last = bool(tcfg.channels_last) and self.device.type == "cuda"
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.loss_fn = build(
-            cfg.loss, "loss", **run_time_sizes(cfg.loss, self.num_classes, emb_dim)
-        ).to(self.device)
+        sizes = run_time_sizes(
+            cfg.loss, self.num_classes, emb_dim, getattr(self.model, "feature_dims", None)
+        )
+        self.loss_fn = build(cfg.loss, "loss", **sizes).to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.params += [p for p in self.loss_fn.parameters() if p.requires_grad]
-        self.optimizer = build(cfg.optimizer, "optimizer")(self.params)
+        named = [(f"model.{n}", p) for n, p in self.model.named_parameters()]
+        named += [(f"loss.{n}", p) for n, p in self.loss_fn.named_parameters()]
+        self.optimizer = build_optimizer(cfg.optimizer, named)
 
         shard_args = (
             {"rank": self.dist.rank, "world_size": self.dist.world_size}
@@ -280,9 +300,13 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         loss, details = self.objective(x, y)
         values = {"loss": float(loss.detach())}
-        values.update({k: float(details[k]) for k in LOSS_PIECES if k in details})
+        values.update(
+            {k: float(v) for k, v in details.items() if torch.is_tensor(v) and v.dim() == 0}
+        )
         if "attention" in details:
-            values["attention"] = float(details["attention"].float().mean())
+            a = details["attention"].float()
+            values["attention"] = float(a.mean())
+            values["attention_std"] = float(a.std()) if a.numel() > 1 else 0.0
         if "weights" in details:
             values.update(_pair_weight_means(details["weights"], details["labels"]))
         if not np.isfinite(values["loss"]):
@@ -339,14 +363,40 @@ class Trainer:
         s.batch, s.sums, s.batches_in_epoch = 0, {}, 0
         every = int(t.eval_every)
         if self._done() or (every > 0 and s.epoch % every == 0):
-            s.metrics = self.evaluate()
+            if s.last_eval_step != s.step:
+                self._evaluate_now()
             row.update(s.metrics)
-            self._track_best()
         self.logger.log(row)
         shown = "".join(f" {k} {v:.4f}" for k, v in s.metrics.items() if k in row)
         log.info(
             "epoch %d step %d loss %.4f%s", s.epoch, s.step, row.get("loss", float("nan")), shown
         )
+
+    def _eval_due_at_step(self) -> bool:
+        """``trainer.eval_every_iters`` > 0: every that many iterations from ``eval_start_iter``."""
+        t, step = self.cfg.trainer, self.state.step
+        every = int(t.get("eval_every_iters", 0) or 0)
+        return every > 0 and step >= int(t.get("eval_start_iter", 0) or 0) and step % every == 0
+
+    def _evaluate_now(self) -> dict[str, float]:
+        """Evaluate, record the row in ``eval_log.csv`` and track ``best.pt``; returns the metrics."""
+        s = self.state
+        s.metrics = self.evaluate()
+        s.last_eval_step = s.step
+        s.evals.append({"iteration": s.step, "epoch": s.epoch, **s.metrics})
+        if self.dist.is_main:
+            write_eval_log(self.run_dir / EVAL_LOG_FILE, s.evals)
+        shown = " ".join(f"{k} {v:.4f}" for k, v in s.metrics.items())
+        log.info("evaluation at iteration %d: %s", s.step, shown)
+        self._track_best()
+        return s.metrics
+
+    def final_metrics(self) -> dict[str, float]:
+        """What ``metrics.json`` holds: the final metrics, plus the test-chosen snapshot's."""
+        return {
+            **self.state.metrics,
+            **best_test_summary(self.state.evals, str(self.cfg.trainer.monitor)),
+        }
 
     def _track_best(self) -> None:
         t = self.cfg.trainer
@@ -408,6 +458,8 @@ class Trainer:
                         bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{rate:.0f}")
                         if int(t.log_every) > 0 and s.step % int(t.log_every) == 0:
                             self.logger.log({"epoch": s.epoch + 1, "step": s.step, **values})
+                    if self._eval_due_at_step():
+                        self._evaluate_now()
                     if self._done():
                         break
                     if every > 0 and s.step % every == 0:
@@ -420,11 +472,11 @@ class Trainer:
                     self._stop_interrupted(interrupt.signum or signal.SIGINT)
 
         if not self.state.metrics:
-            self.state.metrics = self.evaluate()
+            self._evaluate_now()
         self.state.finished = True
         self.save_checkpoint()
         if self.dist.is_main:
-            write_metrics(self.run_dir, self.state.metrics)
+            write_metrics(self.run_dir, self.final_metrics())
             write_run_artifacts(self)  # plots; attention.csv + attention_auc under label noise
         barrier()
         self._report_bad_images()

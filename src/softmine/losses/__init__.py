@@ -5,16 +5,22 @@ Each loss is a function (the vectorised core) plus a thin ``nn.Module`` that the
 """
 
 from softmine.losses.contrastive import ContrastiveHardLoss, contrastive_hard_loss
+from softmine.losses.heads import (
+    ClassifierHead,
+    build_heads,
+    gaussian,
+    weighted_cross_entropy,
+)
 from softmine.losses.lifted import LiftedStructureLoss, lifted_structure_loss
 from softmine.losses.multi_similarity import MultiSimilarityLoss, multi_similarity_loss
 from softmine.losses.normsoftmax import NormSoftmaxLoss, normalized_softmax_loss
 from softmine.losses.osm_caa import (
     OSMCAALoss,
-    OSMCAAOfficialLoss,
     caa_attention,
     class_logits,
     weighted_contrastive_loss,
 )
+from softmine.losses.osm_caa_official import OSMCAAOfficialLoss, OSMCAAOfficialVideoLoss
 from softmine.losses.triplet import (
     TripletBatchHardLoss,
     TripletSemiHardLoss,
@@ -23,21 +29,26 @@ from softmine.losses.triplet import (
 )
 
 __all__ = [
+    "ClassifierHead",
     "ContrastiveHardLoss",
     "LiftedStructureLoss",
     "MultiSimilarityLoss",
     "NormSoftmaxLoss",
     "OSMCAALoss",
     "OSMCAAOfficialLoss",
+    "OSMCAAOfficialVideoLoss",
     "TripletBatchHardLoss",
     "TripletSemiHardLoss",
+    "build_heads",
     "caa_attention",
     "class_logits",
     "contrastive_hard_loss",
+    "gaussian",
     "lifted_structure_loss",
     "multi_similarity_loss",
     "normalized_softmax_loss",
     "triplet_batchhard_loss",
     "triplet_semihard_loss",
     "weighted_contrastive_loss",
+    "weighted_cross_entropy",
 ]

@@ -1,8 +1,8 @@
-"""Online Soft Mining + Class-Aware Attention weighted contrastive loss, paper and released forms.
+"""Online Soft Mining + Class-Aware Attention weighted contrastive loss, paper form.
 
 Wang, Hua, Kodirov, Hu, Robertson. "Deep Metric Learning by Online Soft Mining
 and Class-Aware Attention". AAAI 2019. https://arxiv.org/abs/1811.01459
-Authors' Caffe code: https://github.com/XinshaoAmosWang/OSM_CAA_WeightedContrastiveLoss
+(The authors' released Caffe form is :mod:`softmine.losses.osm_caa_official`.)
 
 For L2-normalised embeddings x_i and all ordered pairs i != j with distance
 d_ij = ||x_i - x_j||:
@@ -15,29 +15,21 @@ d_ij = ||x_i - x_j||:
   L = (1 - lam) L_P + lam L_N.  An empty (or all-zero-weight) term is 0, never NaN.
 
 With detached weights (the default) loss and gradient are written out by hand
-(:class:`_FusedOSMCAA`): one matmul gives the Gram matrix and the class logits,
-the gradient is one more matmul (plus one for the class vectors), formed during
-the forward pass, and no autograd graph is built for the (n, n) intermediates.
-``compile=True`` runs that computation through torch.compile. Attached weights
-use plain autograd (:func:`_pair_terms`); all are tested against float64 loops.
+(:mod:`softmine.losses.fused`); attached weights use plain autograd
+(:func:`_pair_terms`); all are tested against float64 loops.
 """
 
 from __future__ import annotations
-
-import functools
-import math
-import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from softmine.errors import ConfigError
+from softmine.losses.fused import PairSetting, apply_fused
+from softmine.losses.heads import gaussian, true_class_log_prob
 from softmine.losses.pairwise import (
     EPS,
-    TINY_SQ_DIST,
     check_inputs,
     common_float,
     full_precision,
@@ -101,222 +93,6 @@ def _ratio(num: Tensor, den: Tensor) -> Tensor:
     return torch.where(ok, num / torch.where(ok, den, 1.0), 0.0)
 
 
-@dataclass(frozen=True)
-class _Setting:
-    """Hyperparameters of one call of :class:`_FusedOSMCAA`."""
-
-    margin: float
-    sigma: float
-    lam: float
-    osm: bool
-    caa: bool = False
-    ce_weight: float = 0.0
-    scale: float = 1.0
-
-
-@functools.lru_cache(maxsize=64)
-def _constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A small constant tensor, built once per (values, dtype, device); never written to."""
-    return torch.tensor(values, dtype=dtype, device=device)
-
-
-def _fused_terms(
-    emb: Tensor,
-    class_vectors: Tensor | None,
-    attention: Tensor | None,
-    labels: Tensor,
-    cfg: _Setting,
-    consts: Tensor,
-    want_grad: bool,
-    want_grad_c: bool,
-) -> tuple[Tensor | None, ...]:
-    """The computation of :class:`_FusedOSMCAA`, as a plain function (so it can be compiled).
-
-    ``consts`` = (1 - lam, lam, -2 (1 - lam), 2 lam). Returns loss, (l_pos, l_neg), ce,
-    attention, w, and the gradients to ``emb`` and ``class_vectors`` (None unless wanted).
-    """
-    n = emb.shape[0]
-    z = emb if class_vectors is None else torch.cat((emb, class_vectors))
-    cos = emb @ z.T  # (n, n + k) raw products, made cosines in place
-    inv = torch.linalg.vector_norm(z, dim=1).clamp_min_(EPS).reciprocal_()  # 1 / |z_j|
-    inv_rows = inv[:n, None]
-    cos.mul_(inv_rows).mul_(inv)
-    lab = labels[:, None]
-    log_p = p_y = ce = None
-    if class_vectors is not None:
-        logits = cos[:, n:] if cfg.scale == 1.0 else cos[:, n:] * cfg.scale
-        log_p = logits.log_softmax(dim=1)
-        ce = F.nll_loss(log_p, labels)
-        p_y = log_p.gather(1, lab).exp_()
-        if cfg.caa:
-            attention = p_y.view(n)
-
-    same = lab == labels
-    d2 = torch.threshold_(torch.rsub(cos[:, :n], 2.0, alpha=2.0), TINY_SQ_DIST, 0.0)
-    d = d2.sqrt()
-    hinge = torch.rsub(d, cfg.margin).clamp_min_(0.0)
-    if cfg.osm:
-        w = d2.mul(-1.0 / (cfg.sigma * cfg.sigma)).exp_()
-        torch.where(same, w, hinge, out=w)
-    else:
-        w = torch.ones_like(d2)
-    if attention is not None:
-        w.mul_(torch.minimum(attention[:, None], attention))
-    w.fill_diagonal_(0.0)
-    w_pos = torch.where(same, w, 0.0)
-    w_neg = w - w_pos
-    s_pos, s_neg = w_pos.sum(), w_neg.sum()
-    wh_neg = w_neg.mul_(hinge)  # w h on negatives, reused by the gradient
-    sums = torch.stack(
-        (
-            torch.vdot(w_pos.view(-1), d2.view(-1)),
-            torch.vdot(wh_neg.view(-1), hinge.view(-1)),
-            s_pos,
-            s_neg,
-        )
-    )
-    inv_s = sums[2:].clamp_min_(EPS).reciprocal_()  # (1 / S_P, 1 / S_N)
-    means = sums[:2].mul_(inv_s).mul_(0.5)  # (l_pos, l_neg)
-    loss = torch.vdot(means, consts[:2])
-    if ce is not None:
-        loss = loss.add_(ce, alpha=cfg.ce_weight)
-
-    grad_e = grad_c = None
-    if want_grad:
-        # pair block of A: -2 (1-lam) w / S_P on positives, 2 lam w h / (d S_N) on negatives
-        coef = inv_s * consts[2:]
-        whd_neg = wh_neg.div_(d).nan_to_num_(0.0, 0.0, 0.0)  # w h / d, 0 where d = 0
-        a = w_pos.mul_(coef[0]).addcmul_(whd_neg, coef[1])
-        if log_p is not None:  # class block: G = ce_weight * scale * (softmax - onehot) / n
-            g = log_p.exp_().scatter_(1, lab, p_y - 1.0).mul_(cfg.ce_weight * cfg.scale / n)
-            # (c_k . dL/dc_k) / |C_k|^2, for the class vectors' normalisation backward
-            c_dot = torch.linalg.vecdot(g, cos[:, n:], dim=0).mul_(inv[n:].square())
-            a = torch.cat((a, g), dim=1)
-        # x_i . dL/dx_i = sum_j a_ij cos_ij; a_ii = 0 (w_ii = 0), so the projection
-        # -x_i (x_i . dL/dx_i) becomes a_ii; then 1/|E_i| on rows, 1/|z_j| on columns
-        a.diagonal().sub_(torch.linalg.vecdot(a, cos))
-        a.mul_(inv_rows).mul_(inv)
-        grad_e = a @ z
-        if log_p is not None and want_grad_c:
-            g = a[:, n:]  # scaled like the rest of a: G_ik / (|E_i| |C_k|)
-            grad_c = torch.mm(g.T, emb).addcmul_(class_vectors, c_dot[:, None], value=-1.0)
-    return loss, means, ce, attention, w, grad_e, grad_c
-
-
-class _FusedOSMCAA(torch.autograd.Function):
-    """Detached-weight OSM(+CAA)(+CE) loss of raw embeddings, forward and gradient by hand.
-
-    Inputs: embeddings E (n, dim); class vectors C (K, dim) or None (no classifier);
-    attention (n,) or None (used when there is no classifier to read it from);
-    labels (n,); a :class:`_Setting`; ``want_grad`` (False under ``torch.no_grad``,
-    where no gradient work is done); the kernel, :func:`_fused_terms` or a compiled copy.
-
-    Forward: one matmul E @ [E; C]^T gives the raw Gram matrix and class scores;
-    scaling its rows by 1/|E_i| and its columns by [1/|E|; 1/|C|] gives the cosines
-    (Gram matrix of the unit rows x, and the cosine logits) without normalising an
-    (n, dim) or (K, dim) tensor. The pair loss, the CE and the attention follow
-    elementwise on (n, n + K).
-
-    Gradient, formed in the forward pass while its inputs are in cache (the backward
-    only multiplies it by the incoming scalar): with the weights w fixed,
-    dL/dd2_ij = (1-lam)/(2 S_P) w_ij on positives and -lam/(2 S_N) w_ij h_ij / d_ij on
-    negatives (h = max(0, margin - d); 0 where d = 0), and d2_ij = 2 - 2 x_i . x_j, so
-    dL/dx = A [x; c] with A = [-4 M, G] (M symmetric, G = ce_weight * scale *
-    (softmax - onehot) / n) and dL/dc = G^T x. The normalisation backward
-    dL/dE_i = (g_i - x_i (x_i . g_i)) / |E_i| needs x_i . g_i = sum_j A_ij cos_ij, an
-    (n, n + K) product, so it folds into A (its diagonal, then the same row and column
-    scales) and the whole embedding gradient is one matmul A' @ [E; C]. The class
-    vectors get dL/dC = A'_c^T E - (c . g) / |C|^2 * C: one matmul and one fused update.
-
-    Outputs: loss and, without gradient, (l_pos, l_neg) as one (2,) tensor, ce (or
-    None), attention (or None), w (n, n).
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx,
-        emb: Tensor,
-        class_vectors: Tensor | None,
-        attention: Tensor | None,
-        labels: Tensor,
-        cfg: _Setting,
-        want_grad: bool,
-        kernel: Callable[..., tuple[Tensor | None, ...]],
-    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor]:
-        ctx.set_materialize_grads(False)  # no zero-filled grads for the logging outputs
-        need_e, need_c = ctx.needs_input_grad[:2]
-        consts = _constant(
-            (1.0 - cfg.lam, cfg.lam, -2.0 * (1.0 - cfg.lam), 2.0 * cfg.lam), emb.dtype, emb.device
-        )
-        grad = want_grad and (need_e or need_c)
-        loss, means, ce, attention, w, grad_e, grad_c = kernel(
-            emb, class_vectors, attention, labels, cfg, consts, grad, grad and need_c
-        )
-        ctx.has_grad_c = grad_c is not None
-        if grad_e is not None:
-            ctx.save_for_backward(*(t for t in (grad_e, grad_c) if t is not None))
-        ctx.mark_non_differentiable(*(t for t in (means, ce, attention, w) if t is not None))
-        return loss, means, ce, attention, w
-
-    @staticmethod
-    def backward(ctx, g_loss: Tensor | None, *_: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        if torch.is_grad_enabled():  # create_graph=True: the saved gradient has no graph
-            raise RuntimeError(
-                "the OSM loss with detached weights gives first derivatives only; "
-                "for create_graph=True use detach_weights=False (plain autograd)"
-            )
-        if g_loss is None:  # only the (non-differentiable) logging outputs were used
-            return (None,) * 7
-        saved = ctx.saved_tensors
-        grad_e = saved[0] * g_loss
-        grad_c = saved[1] * g_loss if ctx.has_grad_c else None
-        return grad_e, grad_c, None, None, None, None, None
-
-
-_COMPILE_FAILED: list[str] = []
-"""Set (to the error) once torch.compile failed in this process; later calls run eagerly."""
-
-
-@functools.cache
-def _compiled_kernel() -> Callable[..., tuple[Tensor | None, ...]]:
-    """:func:`_fused_terms` through ``torch.compile`` (built once per process, lazily)."""
-    return torch.compile(_fused_terms)
-
-
-def _apply_fused(
-    compile: bool, *args: object
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor]:
-    """``_FusedOSMCAA.apply(*args)``; with ``compile`` through the compiled kernel.
-
-    If torch.compile cannot compile (no C++ compiler on a CPU machine, no Triton on a
-    GPU one, a Python version Dynamo does not support) the loss warns once and runs
-    eagerly: same values, eager speed. Errors of the computation itself propagate.
-    """
-    if compile and not _COMPILE_FAILED:
-        from torch._dynamo.exc import TorchDynamoException
-
-        try:
-            kernel = _compiled_kernel()
-        except RuntimeError as err:  # torch.compile unavailable in this interpreter
-            _fall_back_to_eager(err)
-        else:
-            try:
-                return _FusedOSMCAA.apply(*args, kernel)
-            except TorchDynamoException as err:  # tracing or code generation failed
-                _fall_back_to_eager(err)
-    return _FusedOSMCAA.apply(*args, _fused_terms)
-
-
-def _fall_back_to_eager(err: Exception) -> None:
-    _COMPILE_FAILED.append(f"{type(err).__name__}: {err}")
-    warnings.warn(
-        "loss.compile=true: torch.compile failed, so the loss runs eagerly "
-        f"(same values, eager speed); set loss.compile=false to silence this. {err}",
-        RuntimeWarning,
-        stacklevel=4,
-    )
-
-
 def weighted_contrastive_loss(
     embeddings: Tensor,
     labels: Tensor,
@@ -356,8 +132,8 @@ def weighted_contrastive_loss(
         if detach_weights:
             a = None if attention is None else to_float32(attention.detach())
             e = to_float32(embeddings)
-            setting = _Setting(margin, sigma, lam, osm)
-            loss, means, _, _, w = _apply_fused(
+            setting = PairSetting(margin, sigma, lam, osm)
+            loss, means, _, _, w = apply_fused(
                 False, e, None, a, labels, setting, torch.is_grad_enabled()
             )
             l_pos, l_neg = means
@@ -368,16 +144,6 @@ def weighted_contrastive_loss(
     if return_details:
         return loss, {"l_pos": l_pos.detach(), "l_neg": l_neg.detach(), "weights": w.detach()}
     return loss
-
-
-def gaussian(t: Tensor, mean: float, sigma: float) -> Tensor:
-    """exp(-(t - mean)^2 / (2 sigma^2)), the unnormalised Gaussian of the authors' Caffe layers."""
-    return torch.exp((t - mean).square() * (-0.5 / (sigma * sigma)))
-
-
-def true_class_log_prob(logits: Tensor, labels: Tensor) -> Tensor:
-    """log softmax(logits)[i, y_i], shape (n,)."""
-    return logits.log_softmax(dim=1).gather(1, labels.long()[:, None]).squeeze(1)
 
 
 def class_logits(
@@ -515,7 +281,7 @@ class OSMCAALoss(nn.Module):
         with full_precision(embeddings):
             e, vectors = common_float(embeddings, self.class_vectors)
             if self.detach_weights:
-                setting = _Setting(
+                setting = PairSetting(
                     self.margin,
                     self.sigma,
                     self.lam,
@@ -524,7 +290,7 @@ class OSMCAALoss(nn.Module):
                     self.ce_weight,
                     self.scale,
                 )
-                loss, means, ce, attention, w = _apply_fused(
+                loss, means, ce, attention, w = apply_fused(
                     self.compile,
                     e,
                     vectors if self.ce_weight > 0 else None,
@@ -563,127 +329,6 @@ class OSMCAALoss(nn.Module):
         if ce is not None:
             loss = loss + self.ce_weight * ce
         return loss, l_pos, l_neg, ce, attention, w
-
-
-class OSMCAAOfficialLoss(nn.Module):
-    """OSM + CAA as in the authors' released Caffe code (CUB/Cars/MARS/LPW prototxts).
-
-    * positive weight exp(-d^2 / (2 sigma^2)) (Caffe's Gaussian; = the paper form with
-      sigma * sqrt(2)); negative weight max(0, margin - d); pair attention min(a_i, a_j);
-      weights detached; L = (1 - lam) L_P + lam L_N, each normalised by its own weight sum;
-    * attention a_i = exp(-(p_i - 1)^2 / (2 attention_sigma^2)), p_i = softmax(W f_i + b)[y_i]
-      from a separate linear classifier with bias;
-    * that classifier is trained by a sample-weighted cross-entropy
-      -sum_i v_i log p_i, v_i = g_i / sum_j g_j, g_i = exp(-(p_i - ce_mean)^2 / (2 ce_sigma^2)),
-      v detached, with loss weight ``ce_weight``;
-    * ``divide_by_pairs``: the released layer wraps Caffe's ContrastiveLoss, whose backward
-      divides by the number of pairs, so the effective pair loss is L / (n (n - 1) / 2).
-
-    Deviation: the authors feed the classifier the backbone feature (GoogLeNet pool5).
-    Our models hand the loss only the embedding, so by default the classifier reads the
-    embedding; pass ``features=`` to ``forward`` (and set ``feature_dim``) to use another tensor.
-
-    Args:
-        num_classes: number of training classes (labels 0..num_classes-1).
-        embedding_dim: dimension of the embeddings.
-        feature_dim: input size of the classifier; None = embedding_dim.
-        margin: negative margin (1.2 in all released prototxts).
-        sigma: Caffe-convention Gaussian width of the positive weights (0.8 CUB/Cars,
-            1.0 MARS, 0.6 LPW).
-        lam: weight of the negative term (0.5 in the released layer).
-        attention_sigma: width of the attention Gaussian around p = 1 (0.68).
-        ce_mean, ce_sigma: centre and width of the cross-entropy sample weights (0.5, 0.18).
-        ce_weight: loss weight of the weighted cross-entropy (1).
-        divide_by_pairs: scale the pair loss by 1 / (n (n-1) / 2) as the released code does.
-        compile: run the fused pair loss through ``torch.compile`` (see :class:`OSMCAALoss`).
-    """
-
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_dim: int,
-        *,
-        feature_dim: int | None = None,
-        margin: float = 1.2,
-        sigma: float = 0.8,
-        lam: float = 0.5,
-        attention_sigma: float = 0.68,
-        ce_mean: float = 0.5,
-        ce_sigma: float = 0.18,
-        ce_weight: float = 1.0,
-        divide_by_pairs: bool = True,
-        compile: bool = False,
-    ) -> None:
-        super().__init__()
-        check_loss_hparams(margin, sigma, lam)
-        _check_sizes(num_classes, embedding_dim)
-        for name, value in (("attention_sigma", attention_sigma), ("ce_sigma", ce_sigma)):
-            if not value > 0:
-                raise ConfigError(f"loss.{name} must be > 0 (got {value})")
-        if ce_weight < 0:
-            raise ConfigError(f"loss.ce_weight must be >= 0 (got {ce_weight})")
-        in_features = embedding_dim if feature_dim is None else feature_dim
-        if int(in_features) < 1:
-            raise ConfigError(f"loss.feature_dim must be >= 1 (got {feature_dim})")
-        self.margin, self.sigma, self.lam = margin, sigma, lam
-        self.attention_sigma, self.ce_mean, self.ce_sigma = attention_sigma, ce_mean, ce_sigma
-        self.ce_weight, self.divide_by_pairs = ce_weight, divide_by_pairs
-        self.compile = compile
-        self.classifier = nn.Linear(int(in_features), num_classes, bias=True)
-        nn.init.xavier_uniform_(self.classifier.weight)
-        nn.init.zeros_(self.classifier.bias)
-
-    def forward(
-        self,
-        embeddings: Tensor,
-        labels: Tensor,
-        return_details: bool = False,
-        *,
-        features: Tensor | None = None,
-    ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
-        """Total loss; ``features`` (n, feature_dim) feeds the classifier instead of the embedding."""
-        check_inputs(embeddings, labels)
-        f = embeddings if features is None else features
-        if f.dim() != 2 or f.shape[0] != embeddings.shape[0]:
-            raise ValueError(
-                f"features must be ({embeddings.shape[0]}, dim), got shape {tuple(f.shape)}"
-            )
-        if f.shape[1] != self.classifier.in_features:
-            raise ValueError(
-                f"the classifier reads {self.classifier.in_features} features, got {f.shape[1]}: "
-                "set loss.feature_dim to the size of the tensor passed as `features`"
-            )
-        labels = labels.long()
-        with full_precision(embeddings):
-            logits = F.linear(*common_float(f, self.classifier.weight, self.classifier.bias))
-            log_p = true_class_log_prob(logits, labels)
-            p = log_p.detach().exp()
-            attention = gaussian(p, 1.0, self.attention_sigma)
-            v = gaussian(p, self.ce_mean, self.ce_sigma)
-            ce = -(v * log_p).sum() / v.sum()
-            setting = _Setting(self.margin, self.sigma * math.sqrt(2.0), self.lam, osm=True)
-            loss, means, _, _, w = _apply_fused(
-                self.compile,
-                to_float32(embeddings),
-                None,
-                attention,
-                labels,
-                setting,
-                torch.is_grad_enabled(),
-            )
-            n = embeddings.shape[0]
-            if self.divide_by_pairs and n > 1:
-                loss = loss / (n * (n - 1) / 2)
-            loss = loss + self.ce_weight * ce
-        if not return_details:
-            return loss
-        return loss, {
-            "l_pos": means[0],
-            "l_neg": means[1],
-            "ce": ce.detach(),
-            "attention": attention,
-            "weights": w,
-        }
 
 
 def _check_sizes(num_classes: int | None, embedding_dim: int | None) -> None:

@@ -16,7 +16,8 @@ Input convention of those weights: **BGR, 0..255, minus the mean pixel
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,8 @@ from torch import Tensor, nn
 
 from softmine.errors import ConfigError
 from softmine.models.weights import load_matching_state_dict, read_state_dict
+
+log = logging.getLogger(__name__)
 
 BNINCEPTION_URL = "http://data.lip6.fr/cadene/pretrainedmodels/bn_inception-52deb4733.pth"
 
@@ -37,7 +40,17 @@ BNINCEPTION_INPUT_NORM: dict[str, Any] = {
     "channel_order": "bgr",
 }
 
-EMBEDDING_FROM = ("pool5", "inception_4e_aux")
+#: Named features the trunk can hand out (``features=``, ``embedding_from=``): ``pool5`` is the
+#: global average of ``inception_5b``; ``inception_3c`` and ``inception_4e`` are the outputs of the
+#: auxiliary branches GoogLeNet-BN attaches after those modules (the Caffe ``loss1/*`` and
+#: ``loss2/*`` layers up to their ``fc/bn`` + ReLU).
+FEATURES = ("pool5", "inception_3c", "inception_4e")
+#: Accepted for ``embedding_from``: the old name of the authors' ``inception_4e`` branch.
+_ALIASES = {"inception_4e_aux": "inception_4e"}
+#: Caffe-name prefix of each auxiliary branch (lim0606's and the authors' prototxts).
+BRANCH_PREFIX = {"inception_3c": "loss1", "inception_4e": "loss2"}
+#: Spatial grid of each branch after its 5x5/3 average pool, for 224 x 224 inputs.
+BRANCH_GRID = {"inception_3c": 4, "inception_4e": 2}
 
 
 @dataclass(frozen=True)
@@ -79,29 +92,43 @@ _BLOCKS = (
     _Block("inception_5b", 1024, 352, (192, 320), (192, 224, 224), "max", 128),
 )
 
-AUX_CHANNELS = 128
-AUX_GRID = 2
+BRANCH_CHANNELS = 128  # the 1x1 convolution of each auxiliary branch
+FEATURE_DIM = 1024  # pool5 width, and the width of the branches' fc layers in GoogLeNet-BN
 
 
 class BNInception(nn.Module):
-    """BN-Inception as an ImageNet classifier or as a feature trunk.
+    """BN-Inception as an ImageNet classifier or as a feature trunk with named features.
 
     Args:
         pretrained: ``False``/``None``: random init; ``True``: the converted ImageNet
             weights from :data:`BNINCEPTION_URL` (downloaded once into the torch hub
-            cache); a string: a local ``.pth`` file or an ``http(s)://`` URL of them.
+            cache); a string: a local ``.pth`` / ``.caffemodel`` file or an ``http(s)://``
+            URL of one (see :func:`softmine.models.weights.read_state_dict`).
         num_classes: 0 (default): no classifier, ``forward`` returns features of size
-            ``out_features``; 1000: the ImageNet classifier ``last_linear`` (the full
-            network of the converted weights; ``forward`` returns logits).
-        embedding_from: ``pool5``: global average of ``inception_5b`` (1024-d, the
-            paper's feature). ``inception_4e_aux``: the authors' Caffe code, whose
-            embedding comes from the auxiliary branch after ``inception_4e``: 5x5/3
-            average pool -> 1x1 conv (128) -> BN -> ReLU, flattened over a 2x2 grid
-            (512-d; the embedding head on top gives their 1024-d ``loss2/fc``). The
-            5a/5b modules are not built then. That branch is new (random init); it
-            needs inputs of at least 96 px (224 as in the paper).
+            ``out_features``; 1000: the ImageNet classifier ``last_linear`` on pool5
+            (``forward`` returns logits).
+        embedding_from: which named feature ``forward`` returns: ``pool5`` (the paper's
+            feature, 1024-d) or ``inception_4e`` (the authors' released code: the branch
+            after ``inception_4e``, whose output is their embedding ``loss2/fc/bn/sc``).
+        features: further named features to compute, handed out by
+            :meth:`forward_features` (heads of a loss attach to them): any of
+            :data:`FEATURES`. ``pool5`` keeps ``inception_5a/5b``; without it (and with
+            ``embedding_from=inception_4e``) they are not built.
+        conv_bias: convolutions with a bias (Cadene's port) or without (lim0606's
+            GoogLeNet-BN, which the authors fine-tuned; each is followed by BatchNorm, so
+            a bias only shifts the BN input: loading a file with biases into a model
+            without folds each bias into its BN running mean, exactly).
+        branch_dim: width of the ``fc`` layer of the ``inception_4e`` branch (1024 in
+            GoogLeNet-BN); the ``inception_3c`` branch keeps 1024.
 
-    ``out_features``: 1024 (``pool5``) or 512 (``inception_4e_aux``).
+    Auxiliary branch after module X (``inception_3c``: Caffe ``loss1/*``; ``inception_4e``:
+    ``loss2/*``): 5x5/3 average pool (ceil mode, as Caffe) -> 1x1 conv 128 -> BN -> ReLU ->
+    fc (no bias) -> BN -> ReLU. On 224 x 224 inputs the pooled grid is 4 x 4 (3c) and
+    2 x 2 (4e); smaller inputs (>= 96 px) are brought to that grid by adaptive average
+    pooling so the fc layers keep their ImageNet shapes (tests use this; at 224 it is
+    the identity).
+
+    ``out_features``: the size of ``embedding_from`` (1024 / ``branch_dim``).
     """
 
     def __init__(
@@ -109,47 +136,61 @@ class BNInception(nn.Module):
         pretrained: bool | str | None = False,
         num_classes: int = 0,
         embedding_from: str = "pool5",
+        features: Sequence[str] = (),
+        conv_bias: bool = True,
+        branch_dim: int = FEATURE_DIM,
     ) -> None:
         super().__init__()
-        if embedding_from not in EMBEDDING_FROM:
+        embedding_from = _ALIASES.get(embedding_from, embedding_from)
+        wanted = [embedding_from, *features]
+        bad = [f for f in wanted if f not in FEATURES]
+        if bad:
             raise ConfigError(
-                f"backbone.trunk.embedding_from must be one of {EMBEDDING_FROM} "
-                f"(got {embedding_from!r})"
+                f"backbone.trunk.embedding_from / features must be among {FEATURES} (got {bad[0]!r})"
             )
         if num_classes and embedding_from != "pool5":
             raise ConfigError(
                 "the ImageNet classifier (num_classes > 0) needs embedding_from=pool5"
             )
+        if isinstance(branch_dim, bool) or int(branch_dim) < 1:
+            raise ConfigError(f"backbone.trunk.branch_dim must be >= 1 (got {branch_dim!r})")
         self.embedding_from = embedding_from
+        self.features = tuple(dict.fromkeys(wanted))
         self.num_classes = int(num_classes)
+        self.conv_bias = bool(conv_bias)
 
-        self.conv1_7x7_s2 = nn.Conv2d(3, 64, 7, stride=2, padding=3)
-        self.conv1_7x7_s2_bn = nn.BatchNorm2d(64)
+        self._conv_bn("conv1_7x7_s2", 3, 64, 7, stride=2)
         self.pool1_3x3_s2 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
-        self.conv2_3x3_reduce = nn.Conv2d(64, 64, 1)
-        self.conv2_3x3_reduce_bn = nn.BatchNorm2d(64)
-        self.conv2_3x3 = nn.Conv2d(64, 192, 3, padding=1)
-        self.conv2_3x3_bn = nn.BatchNorm2d(192)
+        self._conv_bn("conv2_3x3_reduce", 64, 64, 1)
+        self._conv_bn("conv2_3x3", 64, 192, 3)
         self.pool2_3x3_s2 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
 
-        last = "inception_5b" if embedding_from == "pool5" else "inception_4e"
+        needs_5 = "pool5" in self.features or self.num_classes > 0
+        last = (
+            "inception_5b"
+            if needs_5
+            else "inception_4e"
+            if "inception_4e" in wanted
+            else "inception_3c"
+        )
         self.blocks: list[_Block] = []
         for block in _BLOCKS:
             self._add_block(block)
             self.blocks.append(block)
             if block.name == last:
                 break
-
-        if embedding_from == "pool5":
-            self.out_features = self.blocks[-1].c_out
-        else:
-            self.aux_pool = nn.AvgPool2d(5, stride=3, ceil_mode=True)
-            self.aux_conv = nn.Conv2d(self.blocks[-1].c_out, AUX_CHANNELS, 1, bias=False)
-            self.aux_conv_bn = nn.BatchNorm2d(AUX_CHANNELS)
-            self.aux_grid = nn.AdaptiveAvgPool2d(AUX_GRID)
-            self.out_features = AUX_CHANNELS * AUX_GRID * AUX_GRID
+        c_out = {b.name: b.c_out for b in self.blocks}
+        self.feature_dims: dict[str, int] = {}
+        for name in ("inception_3c", "inception_4e"):
+            if name in self.features:
+                width = int(branch_dim) if name == "inception_4e" else FEATURE_DIM
+                self._add_branch(name, c_out[name], width)
+                self.feature_dims[name] = width
+        if needs_5:
+            self.feature_dims["pool5"] = c_out["inception_5b"]
+        self.out_features = self.feature_dims.get(embedding_from, FEATURE_DIM)
         if self.num_classes:
-            self.last_linear = nn.Linear(self.out_features, self.num_classes)
+            self.last_linear = nn.Linear(c_out["inception_5b"], self.num_classes)
 
         if not isinstance(pretrained, bool | str) and pretrained is not None:
             raise ConfigError(
@@ -159,7 +200,8 @@ class BNInception(nn.Module):
             self.load_pretrained(BNINCEPTION_URL if pretrained is True else pretrained)
 
     def _conv_bn(self, name: str, c_in: int, c_out: int, k: int, stride: int = 1) -> None:
-        setattr(self, name, nn.Conv2d(c_in, c_out, k, stride=stride, padding=k // 2))
+        conv = nn.Conv2d(c_in, c_out, k, stride=stride, padding=k // 2, bias=self.conv_bias)
+        setattr(self, name, conv)
         setattr(self, f"{name}_bn", nn.BatchNorm2d(c_out))
 
     def _add_block(self, b: _Block) -> None:
@@ -180,6 +222,13 @@ class BNInception(nn.Module):
         if b.proj is not None:
             self._conv_bn(f"{n}_pool_proj", b.c_in, b.proj, 1)
 
+    def _add_branch(self, after: str, c_in: int, width: int) -> None:
+        """The auxiliary branch after module ``after`` (Caffe ``lossK/conv``, ``lossK/fc`` + BN)."""
+        p, grid = BRANCH_PREFIX[after], BRANCH_GRID[after]
+        self._conv_bn(f"{p}_conv", c_in, BRANCH_CHANNELS, 1)
+        setattr(self, f"{p}_fc", nn.Linear(BRANCH_CHANNELS * grid * grid, width, bias=False))
+        setattr(self, f"{p}_fc_bn", nn.BatchNorm1d(width))
+
     def _cbr(self, name: str, x: Tensor) -> Tensor:
         """conv -> BN -> ReLU of the layer called ``name``."""
         conv: Callable[[Tensor], Tensor] = getattr(self, name)
@@ -198,45 +247,94 @@ class BNInception(nn.Module):
         outs.append(self._cbr(f"{n}_pool_proj", p) if b.proj is not None else p)
         return torch.cat(outs, 1)
 
-    def feature_map(self, x: Tensor) -> Tensor:
-        """Output map of the last inception module built (5b, or 4e with the aux branch)."""
+    def _branch(self, after: str, m: Tensor) -> Tensor:
+        p, grid = BRANCH_PREFIX[after], BRANCH_GRID[after]
+        if min(m.shape[-2:]) < 3:
+            raise ValueError(
+                f"the {after} branch needs inputs of at least 96 x 96 (got a {after} map of "
+                f"{tuple(m.shape[-2:])}; its 5x5/3 pool needs 3 x 3)"
+            )
+        a = F.avg_pool2d(m, 5, stride=3, ceil_mode=True)
+        if a.shape[-2:] != (grid, grid):
+            a = F.adaptive_avg_pool2d(a, grid)
+        a = self._cbr(f"{p}_conv", a).flatten(1)
+        fc: nn.Linear = getattr(self, f"{p}_fc")
+        bn: nn.BatchNorm1d = getattr(self, f"{p}_fc_bn")
+        return F.relu(bn(fc(a)), inplace=True)
+
+    def _stem(self, x: Tensor) -> Tensor:
         x = self.pool1_3x3_s2(self._cbr("conv1_7x7_s2", x))
         x = self._cbr("conv2_3x3", self._cbr("conv2_3x3_reduce", x))
-        x = self.pool2_3x3_s2(x)
+        return self.pool2_3x3_s2(x)
+
+    def feature_map(self, x: Tensor) -> Tensor:
+        """Output map of the last inception module built (5b, or 4e / 3c without pool5)."""
+        x = self._stem(x)
         for b in self.blocks:
             x = self._block(b, x)
         return x
 
+    def forward_features(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """(n, 3, H, W) normalised images -> (output of :meth:`forward`, every feature in
+        ``self.features`` by name, each (n, dim))."""
+        out: dict[str, Tensor] = {}
+        x = self._stem(x)
+        for b in self.blocks:
+            x = self._block(b, x)
+            if b.name in BRANCH_PREFIX and b.name in self.features:
+                out[b.name] = self._branch(b.name, x)
+        if "pool5" in self.feature_dims:
+            out["pool5"] = x.mean(dim=(2, 3))
+        if self.num_classes:
+            return self.last_linear(out["pool5"]), out
+        return out[self.embedding_from], out
+
     def forward(self, x: Tensor) -> Tensor:
         """(n, 3, H, W) normalised images -> (n, out_features) features, or logits."""
-        m = self.feature_map(x)
-        if self.embedding_from == "pool5":
-            f = m.mean(dim=(2, 3))
-        else:
-            if min(m.shape[-2:]) < 3:
-                raise ValueError(
-                    "embedding_from=inception_4e_aux needs inputs of at least 96 x 96 "
-                    f"(got an inception_4e map of {tuple(m.shape[-2:])}, its pool needs 3 x 3)"
-                )
-            a = F.relu(self.aux_conv_bn(self.aux_conv(self.aux_pool(m))), inplace=True)
-            f = self.aux_grid(a).flatten(1)
-        return self.last_linear(f) if self.num_classes else f
+        return self.forward_features(x)[0]
 
     def load_pretrained(self, source: str) -> None:
-        """Load the converted ImageNet weights from a file path or URL.
+        """Load converted ImageNet weights (Cadene's ``.pth``, lim0606's ``.caffemodel``, ...).
 
-        Keys the model lacks (``last_linear`` without a classifier, ``inception_5*``
-        with the aux branch) are skipped; the model's new layers (aux branch) keep
-        their initialisation; anything else missing or mis-shaped is a
-        :class:`~softmine.errors.DataError`.
+        Keys the model lacks on purpose are skipped (``last_linear`` without a
+        classifier, ``inception_5*`` without pool5, the ImageNet auxiliary classifiers,
+        branches not built); branches the file does not have (Cadene's port has none)
+        keep their initialisation and a log line says so once. Conv biases in the file
+        of a bias-free model are folded into the following BN's running mean. Anything
+        else missing or mis-shaped is a :class:`~softmine.errors.DataError`.
         """
-        skip = ["last_linear."] if not self.num_classes else []
-        if self.embedding_from != "pool5":
-            skip += ["inception_5a_", "inception_5b_"]
+        state = dict(read_state_dict(source))
+        if not self.conv_bias:
+            state = fold_conv_biases(state)
+        skip = ["loss1_classifier.", "loss2_classifier."]
+        if not self.num_classes:
+            skip.append("last_linear.")
+        built_blocks = {b.name for b in self.blocks}
+        skip += [f"{b.name}_" for b in _BLOCKS if b.name not in built_blocks]
+        skip += [f"{p}_" for n, p in BRANCH_PREFIX.items() if n not in self.feature_dims]
+        built = [BRANCH_PREFIX[n] + "_" for n in self.feature_dims if n in BRANCH_PREFIX]
+        new = tuple(p for p in built if not any(k.startswith(p) for k in state))
+        if new:
+            log.info(
+                "%s has no weights for the auxiliary branch(es) %s: they start from random "
+                "initialisation",
+                source,
+                ", ".join(p.rstrip("_") for p in new),
+            )
         load_matching_state_dict(
-            self,
-            read_state_dict(source),
-            source=source,
-            skip_prefixes=tuple(skip),
-            new_prefixes=("aux_",),
+            self, state, source=source, skip_prefixes=tuple(skip), new_prefixes=new
         )
+
+
+def fold_conv_biases(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Drop conv biases, moving each into the running mean of the BatchNorm that follows it.
+
+    BN(conv(x) + b) = BN'(conv(x)) with BN' = BN whose running mean is lowered by b: in
+    training the batch mean absorbs b exactly, in eval mode the shifted mean does.
+    """
+    out = dict(state)
+    for key in [k for k in state if k.endswith(".bias") and f"{k[:-5]}_bn.running_mean" in state]:
+        bn_mean = f"{key[:-5]}_bn.running_mean"
+        out[bn_mean] = state[bn_mean] - state[key].reshape(state[bn_mean].shape)
+        del out[key]
+    return out

@@ -157,6 +157,7 @@ class VideoEmbeddingNet(EmbeddingNet):
             raise ConfigError(f"backbone.attention_sigma must be > 0 (got {attention_sigma})")
         if num_classes is not None and (isinstance(num_classes, bool) or int(num_classes) < 1):
             raise ConfigError(f"backbone.num_classes must be >= 1 or null (got {num_classes!r})")
+        self.feature_dims["tracklet"] = self.embedding_dim
         self.pooling, self.eval_pooling = pooling, eval_pooling
         self.attention_form, self.attention_sigma = attention_form, float(attention_sigma)
         self.detach_attention = detach_attention
@@ -192,13 +193,57 @@ class VideoEmbeddingNet(EmbeddingNet):
         Returns:
             (B, embedding_dim) tracklet embeddings (and the details dict).
         """
+        self._check_clips(x)
+        b, t = x.shape[:2]
+        f = self.embed(self.trunk_features(x.flatten(0, 1))).view(b, t, -1)
+        pooled, details = self._pool(f, labels, mask, classifier)
+        out = F.normalize(pooled, dim=1) if self.normalize else pooled
+        if not return_details:
+            return out
+        details["frame_embeddings"] = F.normalize(f, dim=2) if self.normalize else f
+        return out, details
+
+    def forward_features(
+        self,
+        x: Tensor,
+        labels: Tensor | None = None,
+        *,
+        mask: Tensor | None = None,
+        classifier: Callable[[Tensor], Tensor] | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Tracklet embeddings (as :meth:`forward`) and named features for loss heads.
+
+        Every named feature of the frame network (``embedding``, ``trunk``, the trunk's
+        own, see :meth:`EmbeddingNet.forward_features`) comes per frame as (B, T, dim);
+        ``tracklet`` is the pooled feature before L2 normalisation (B, dim), and
+        ``frame_logits`` / ``frame_weights`` are there when the pooling made them.
+        """
+        self._check_clips(x)
+        b, t = x.shape[:2]
+        _, frame_feats = super().forward_features(x.flatten(0, 1))
+        feats = {k: v.reshape(b, t, *v.shape[1:]) for k, v in frame_feats.items()}
+        pooled, details = self._pool(feats["embedding"], labels, mask, classifier)
+        feats.update(details)
+        feats["tracklet"] = pooled
+        return (F.normalize(pooled, dim=1) if self.normalize else pooled), feats
+
+    @staticmethod
+    def _check_clips(x: Tensor) -> None:
         if x.dim() != 5:
             raise ValueError(
                 f"VideoEmbeddingNet expects clips (B, T, C, H, W), got shape {tuple(x.shape)}; "
                 "single images go to an image backbone (EmbeddingNet)"
             )
-        b, t = x.shape[:2]
-        f = self.embed(self.trunk_features(x.flatten(0, 1))).view(b, t, -1)
+
+    def _pool(
+        self,
+        f: Tensor,
+        labels: Tensor | None,
+        mask: Tensor | None,
+        classifier: Callable[[Tensor], Tensor] | None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Pool (B, T, D) frame embeddings with this mode's pooling; (pooled, details)."""
+        b, t = f.shape[:2]
         mode = self.pooling if self.training else self.eval_pooling
         details: dict[str, Tensor] = {}
         attention = None
@@ -223,16 +268,12 @@ class VideoEmbeddingNet(EmbeddingNet):
         elif self.training and self.frame_classifier is not None and classifier is None:
             details["frame_logits"] = self.frame_classifier(f.flatten(0, 1)).view(b, t, -1)
         pooled = temporal_pool(f, mode, attention, mask)
-        out = F.normalize(pooled, dim=1) if self.normalize else pooled
-        if not return_details:
-            return out
-        details["frame_embeddings"] = F.normalize(f, dim=2) if self.normalize else f
         if mode != "max":
             w = torch.ones_like(f[..., 0]) if attention is None else attention.to(f.dtype)
             if mask is not None:
                 w = w * mask.to(w.dtype)
             details["frame_weights"] = w / w.sum(dim=1, keepdim=True)
-        return out, details
+        return pooled, details
 
     def frame_embeddings(self, frames: Tensor) -> Tensor:
         """(n, D) embeddings of n single frames (n, C, H, W), before pooling and L2 normalisation.

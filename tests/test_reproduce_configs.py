@@ -1,0 +1,119 @@
+"""The reproduce_* experiments hold the authors' released values, so a config edit cannot drift.
+
+Every expected value below is read off a file of the authors' repository
+(XinshaoAmosWang/OSM_CAA_WeightedContrastiveLoss at a8911b9); the file is named beside it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from softmine.engine.schedules import multistep
+from tests.conftest import compose, run_cli
+
+HEADS = {"loss1": "inception_3c", "loss2": "embedding", "loss3": "pool5"}  # train.prototxt
+
+
+def _common_image(cfg) -> None:
+    assert cfg.seed == 123  # train.m: seed = 123
+    assert (cfg.sampler.num_classes, cfg.sampler.num_samples) == (
+        8,
+        7,
+    )  # train.m id_num, image_per_id
+    assert cfg.loss._target_ == "softmine.losses.OSMCAAOfficialLoss"
+    assert (cfg.loss.sigma, cfg.loss.margin) == (0.8, 1.2)  # V5 layer gaussian_param, margin
+    assert (cfg.loss.attention_sigma, cfg.loss.ce_mean, cfg.loss.ce_sigma) == (0.68, 0.5, 0.18)
+    assert {h: o.feature for h, o in cfg.loss.heads.items()} == HEADS
+    assert all(o.weighting == "gaussian" and o.weight == 1.0 for o in cfg.loss.heads.values())
+    assert cfg.loss.attention_head == "loss3"  # attention/prob3 reads prob3
+    assert cfg.loss.divide_by_pairs is True
+    assert OmegaConf.to_container(cfg.optimizer.param_groups) == [
+        {"pattern": "loss.heads.*.linear.bias", "lr_mult": 2.0, "decay_mult": 0.0}
+    ]  # classifier_1 bias: lr_mult 2, decay_mult 0
+    assert cfg.optimizer._target_ == "torch.optim.SGD" and cfg.optimizer.momentum == 0.9
+    assert (cfg.trainer.eval_every_iters, cfg.trainer.eval_start_iter) == (250, 1000)  # train.m
+    _authors_backbone(cfg)
+
+
+def _authors_backbone(cfg) -> None:
+    b = cfg.backbone
+    assert b.embedding_dim == 1024 and b.head is False  # loss2/fc num_output 1024
+    assert b.trunk.embedding_from == "inception_4e" and b.trunk.conv_bias is False
+    assert set(b.trunk.features) == {"inception_3c", "pool5"}
+    assert b.bn_momentum == 0.001  # Caffe BatchNorm moving_average_fraction 0.999
+    assert list(b.input_norm.mean) == [104.0, 117.0, 123.0]  # process_image.m
+    assert b.input_norm.channel_order == "bgr" and b.input_norm.scale == 255.0
+    # no augmentation: the whole image resized to 224 x 224 (process_image.m)
+    assert cfg.dataset.transform.size == 224
+    for split in ("train", "test"):
+        names = [t._target_.rsplit(".", 1)[1] for t in cfg.dataset.transform[split].transforms]
+        assert names == ["ToImage", "Resize"], names
+
+
+def test_reproduce_cub_holds_the_released_values() -> None:
+    cfg = compose(["experiment=reproduce_cub"])
+    _common_image(cfg)
+    assert cfg.dataset.name == "cub"
+    # CUB_V01/M_WIDE_ASiamese_V42_e1/solver.prototxt
+    assert cfg.optimizer.lr == 0.0005 and cfg.optimizer.weight_decay == 0.0003
+    assert list(cfg.scheduler.milestones) == [500, 1000, 1500, 1501, 2000, 2001]
+    assert cfg.scheduler.gamma == 0.5
+    assert cfg.trainer.max_iters == 3000  # train.m param.train_maxiter
+
+
+def test_reproduce_cars_holds_the_released_values() -> None:
+    cfg = compose(["experiment=reproduce_cars"])
+    _common_image(cfg)
+    assert cfg.dataset.name == "cars196"
+    # CARS196_V01/M_WIDE_ASiamese_V62_e1/solver.prototxt
+    assert cfg.optimizer.lr == 0.001 and cfg.optimizer.weight_decay == 0.00005
+    assert list(cfg.scheduler.milestones) == [1500, 3000, 4500, 6000]
+    assert cfg.trainer.max_iters == 10000  # train.m
+
+
+def test_reproduce_mars_holds_the_released_values() -> None:
+    cfg = compose(["experiment=reproduce_mars"])
+    assert cfg.seed == 123 and cfg.dataset.name == "mars"
+    assert cfg.dataset.seq_len == 9  # 54 frames / tracklet_num 6 (train.m, train.prototxt)
+    assert (cfg.sampler.num_classes, cfg.sampler.num_samples) == (
+        3,
+        2,
+    )  # selects = [selects, selects]
+    assert cfg.loss._target_ == "softmine.losses.OSMCAAOfficialVideoLoss"
+    assert (cfg.loss.sigma, cfg.loss.margin, cfg.loss.attention_sigma) == (1.0, 1.2, 0.68)
+    assert {h: o.feature for h, o in cfg.loss.heads.items()} == HEADS
+    assert cfg.loss.attention_head == "loss3"
+    assert cfg.loss.tracklet_head.weighting == "gaussian" and cfg.loss.image_pair_weight == 1.0
+    # MARS_V01/M_WIDE_WF_WIDE_ASiamese_V20_e2/solver.prototxt
+    assert cfg.optimizer.lr == 0.001 and cfg.optimizer.weight_decay == 0.0005
+    assert list(cfg.scheduler.milestones) == [20000, 30000, 40000, 50000]
+    assert cfg.trainer.max_iters == 60000  # the reported snapshot
+    assert (cfg.trainer.eval_every_iters, cfg.trainer.eval_start_iter) == (5000, 40000)
+    assert cfg.backbone.pooling == "mean" and cfg.backbone.eval_pooling == "mean"
+    _authors_backbone(cfg)
+
+
+def test_caffe_multistep_with_repeated_steps_gives_the_authors_rates() -> None:
+    """Caffe passes one stepvalue per iteration: x0.5 at 1500 and again at 1501 (hand values)."""
+    cfg = compose(["experiment=reproduce_cub"])
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0005)
+    sched = multistep(opt, 3000, milestones=list(cfg.scheduler.milestones), gamma=0.5)
+    rates = {}
+    for step in range(3000):
+        rates[step] = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+    expected = {0: 1, 499: 1, 500: 2, 1000: 4, 1499: 4, 1500: 8, 1501: 16, 2000: 32, 2001: 64}
+    for step, div in expected.items():
+        assert rates[step] == pytest.approx(0.0005 / div), step
+
+
+def test_cfg_job_shows_the_schedule_and_no_augmentation(tmp_path) -> None:
+    res = run_cli(["softmine.train", "experiment=reproduce_cub", "--cfg", "job"], tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    job = OmegaConf.create(res.stdout)
+    assert list(job.scheduler.milestones) == [500, 1000, 1500, 1501, 2000, 2001]
+    train = OmegaConf.to_yaml(job.dataset.transform.train)
+    assert "RandomResizedCrop" not in train and "Flip" not in train and "Crop" not in train
