@@ -9,10 +9,12 @@ inference formula evaluated by hand.
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import subprocess
 import sys
 import warnings
 from pathlib import Path
+from urllib.error import URLError
 
 import numpy as np
 import pytest
@@ -375,6 +377,74 @@ _BN_KEYS = ("running_mean", "running_var", "weight", "bias")
 _CLASSIFIERS = ("loss1_classifier", "loss2_classifier", "last_linear")
 
 
+def _expected_from_caffe(model_keys, layers: dict[str, Layer]) -> dict[str, np.ndarray]:
+    """What each model tensor must hold, read off the Caffe layers written (float64 division
+    for BatchNorm statistics), found by the Caffe name of its module."""
+    out = {}
+    for key in model_keys:
+        module, _, param = key.rpartition(".")
+        if param == "num_batches_tracked":
+            continue
+        if not module.endswith("_bn"):
+            out[key] = layers[_caffe_name(module)].blobs[0 if param == "weight" else 1]
+            continue
+        bn = layers[f"{_caffe_name(module[:-3])}/bn"]
+        flat = [b.reshape(-1).astype(np.float64) for b in bn.blobs]
+        if bn.type == "BN":  # scale, shift, mean, variance
+            value = flat[{"weight": 0, "bias": 1, "running_mean": 2, "running_var": 3}[param]]
+        elif param in ("weight", "bias"):  # the Scale layer's gamma, beta
+            value = layers[f"{bn.name}/sc"].blobs[0 if param == "weight" else 1]
+        else:  # BatchNorm: statistics * s, s
+            value = flat[0 if param == "running_mean" else 1] / flat[2][0]
+        out[key] = np.asarray(value).astype(F32)
+    return out
+
+
+@pytest.mark.slow  # builds BN-Inception twice and loads 16 M parameters
+def test_full_googlenet_bn_loads_into_bninception(googlenet_bn) -> None:
+    """Every tensor of lim0606's network, branches and classifier included, and through
+    the authors' backbone config."""
+    from hydra import compose, initialize_config_dir
+
+    from softmine.config import build
+    from softmine.models import BNInception
+
+    path, layers = googlenet_bn
+    net = BNInception(
+        pretrained=str(path),
+        num_classes=1000,
+        features=("inception_3c", "inception_4e"),
+        conv_bias=False,
+        widths="googlenet_bn",
+    )
+    own = net.state_dict()
+    expected = _expected_from_caffe(own, layers)
+    assert len(expected) == len(caffemodel_to_state_dict(path)) - 4  # aux classifiers skipped
+    for key, value in expected.items():
+        np.testing.assert_array_equal(own[key].numpy(), value, err_msg=key)
+
+    with initialize_config_dir(str(REPO / "configs"), version_base=None):
+        cfg = compose(
+            "train", overrides=["backbone=bninception_authors", f"backbone.pretrained={path}"]
+        )
+    trunk = build(cfg.backbone, "backbone").trunk.state_dict()
+    assert set(trunk) <= set(own) and "loss2_fc_bn.running_var" in trunk
+    for key, value in _expected_from_caffe(trunk, layers).items():
+        np.testing.assert_array_equal(trunk[key].numpy(), value, err_msg=key)
+
+
+def test_a_file_of_the_other_inception_widths_names_the_widths_to_set(tmp_path: Path) -> None:
+    from softmine.errors import ConfigError
+    from softmine.models import BNInception
+
+    proj = Layer("inception_4c/pool_proj", "Convolution", [np.zeros((96, 576, 1, 1), F32)])
+    path = write_caffemodel(tmp_path / "googlenet_bn.caffemodel", [proj])
+    with pytest.raises(DataError, match=r"96-channel .* set backbone\.trunk\.widths=googlenet_bn"):
+        BNInception(pretrained=str(path), conv_bias=False)
+    with pytest.raises(ConfigError, match="widths"):
+        BNInception(widths="lim0606")
+
+
 # Cadene's BN-Inception part names -> lim0606's Caffe ones (the inverse of the conversion).
 _CAFFE_PARTS = {
     "double_3x3_reduce": "double3x3_reduce",
@@ -385,7 +455,9 @@ _CAFFE_PARTS = {
 
 def _caffe_name(module: str) -> str:
     """``inception_3a_double_3x3_1`` -> ``inception_3a/double3x3a``, ``conv1_7x7_s2`` ->
-    ``conv1/7x7_s2``."""
+    ``conv1/7x7_s2``, ``loss1_fc`` -> ``loss1/fc``, ``last_linear`` -> ``loss3/classifier``."""
+    if module == "last_linear":
+        return "loss3/classifier"
     head, _, part = module.partition("_")
     if head == "inception":
         block, _, part = part.partition("_")
@@ -543,8 +615,33 @@ def test_read_state_dict_converts_caffemodel_paths(tmp_path: Path) -> None:
     model = _Piece()
     load_matching_state_dict(model, state, source=str(path))
     np.testing.assert_array_equal(model.loss1_fc_bn.running_var.numpy(), blocks["loss1_fc"].bn.var)
-    with pytest.raises(DataError, match="download the .caffemodel file"):
-        read_state_dict("https://example.org/googlenet_bn.caffemodel")
+
+
+def test_a_caffemodel_url_is_downloaded_once_into_the_hub_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layers, blocks, linear = _subset("bn", np.random.default_rng(15))
+    published = write_caffemodel(tmp_path / "published.caffemodel", layers)
+    downloads: list[str] = []
+
+    def download(url: str, dst: str, progress: bool = True) -> None:
+        downloads.append(url)
+        shutil.copyfile(published, dst)
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    url = "https://example.org/snapshots/googlenet_bn.caffemodel"
+    for _ in range(2):
+        _assert_state_equal(read_state_dict(url), _expected(blocks, linear))
+    assert downloads == [url]
+    assert (tmp_path / "hub" / "checkpoints" / "googlenet_bn.caffemodel").is_file()
+
+    def offline(url: str, dst: str, progress: bool = True) -> None:
+        raise URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(DataError, match=r"pretrained=/path/to/file\.caffemodel"):
+        read_state_dict("https://example.org/other.caffemodel")
 
 
 def test_loading_errors_name_the_caffe_layers(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.error import URLError
+from urllib.parse import urlparse
 
 import torch
 from torch import Tensor, nn
@@ -28,22 +29,18 @@ def read_state_dict(source: str) -> dict[str, Tensor]:
     """A state dict from a local file or an ``http(s)://`` URL (cached by torch.hub).
 
     Checkpoint wrappers (``{"state_dict": ...}`` or ``{"model": ...}``) are unwrapped
-    and a DataParallel ``module.`` prefix is stripped. A local ``*.caffemodel`` file is
-    converted with :func:`~softmine.models.caffe.caffemodel_to_state_dict` (the result
-    remembers each key's Caffe layer, for the errors of :func:`load_matching_state_dict`).
+    and a DataParallel ``module.`` prefix is stripped. A ``*.caffemodel`` file (or URL,
+    downloaded once into the torch hub cache) is converted with
+    :func:`~softmine.models.caffe.caffemodel_to_state_dict`; the result remembers each
+    key's Caffe layer, for the errors of :func:`load_matching_state_dict`.
     """
     source = str(source)
     is_caffe = source.lower().endswith(".caffemodel")
-    if is_caffe and is_url(source):
-        raise DataError(
-            f"{source} is a Caffe model URL; download the .caffemodel file and set "
-            "backbone.pretrained=/path/to/file.caffemodel"
-        )
     try:
-        if is_url(source):
+        if is_url(source) and not is_caffe:
             obj = torch.hub.load_state_dict_from_url(source, map_location="cpu", progress=True)
         else:
-            path = Path(source).expanduser()
+            path = _download_cached(source) if is_url(source) else Path(source).expanduser()
             if not path.is_file():
                 raise DataError(
                     f"pretrained weights file {str(path)!r} does not exist; give an existing "
@@ -54,9 +51,10 @@ def read_state_dict(source: str) -> dict[str, Tensor]:
                 return caffemodel_to_state_dict(path)
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except (URLError, OSError) as e:
+        kind = "caffemodel" if is_caffe else "pth"
         raise DataError(
             f"could not fetch pretrained weights from {source} ({e}); without internet access, "
-            "download the file elsewhere and set backbone.pretrained=/path/to/file.pth, "
+            f"download the file elsewhere and set backbone.pretrained=/path/to/file.{kind}, "
             "or train from scratch with backbone.pretrained=false"
         ) from e
     except (RuntimeError, pickle.UnpicklingError, EOFError) as e:  # not a checkpoint file
@@ -70,6 +68,15 @@ def read_state_dict(source: str) -> dict[str, Tensor]:
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise DataError(f"{source} does not hold a state dict (a mapping of names to tensors)")
     return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _download_cached(url: str) -> Path:
+    """The file at ``url`` in the torch hub cache (``<hub dir>/checkpoints``), fetched once."""
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(path), progress=True)  # via a temporary file
+    return path
 
 
 def load_matching_state_dict(
