@@ -8,7 +8,7 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor, nn
 
-from softmine.engine.distributed import gather_tensor, gather_with_grad
+from softmine.engine.distributed import gather_tensor, gather_with_grad, mean_over_ranks
 from softmine.losses.pairwise import to_float32
 
 
@@ -17,7 +17,9 @@ class Objective(nn.Module):
 
     Under torch.distributed the embeddings and labels of all ranks are gathered
     (differentiably) before the loss, so every rank computes the loss of the whole
-    global batch.
+    global batch. The video frame cross-entropy is a mean over this rank's frames;
+    its value is averaged over ranks (the global batch's value, the same on every
+    rank), and DDP's gradient averaging gives the global batch's gradient.
 
     Args:
         model: the embedding network; a video model (with ``frame_loss``) is called
@@ -58,7 +60,7 @@ class Objective(nn.Module):
         details = dict(details)
         details["labels"] = y_all
         if self.video:
-            frame_ce = self.model.frame_loss(model_details, y)
+            frame_ce = mean_over_ranks(self.model.frame_loss(model_details, y))
             loss = loss + frame_ce
             details["frame_ce"] = frame_ce.detach()
         return loss, details
