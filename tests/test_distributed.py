@@ -29,7 +29,7 @@ from softmine.engine.distributed import all_reduce_with_grad, mean_over_ranks
 from softmine.engine.objective import Objective
 from softmine.engine.sync_bn import CpuSyncBatchNorm, convert_sync_batchnorm
 from softmine.losses import OSMCAALoss, OSMCAAOfficialLoss
-from softmine.models import EmbeddingNet, TinyCNN
+from softmine.models import EmbeddingNet, TinyCNN, VideoEmbeddingNet
 from tests.conftest import FAST_DIGITS, compose
 
 N, CLASSES, DIM = 16, 4, 8
@@ -102,55 +102,67 @@ def test_two_ranks_match_one_process_on_the_concatenated_batch(tmp_path: Path) -
 
 
 # ---------------------------------------------------------------- split batch + synchronised BN
-P, K, C = 4, 3, 6  # global batch of P classes x K images; C training classes of 8 images
+P, K, C, T = 4, 3, 6, 3  # global batch of P classes x K items; C classes of 8 items; T frames
 CPU = torch.device("cpu")
-LOSSES: dict[str, Callable[..., torch.nn.Module]] = {
-    "osm_caa_official": OSMCAAOfficialLoss,
-    "osm_caa": OSMCAALoss,
+CASES: dict[str, tuple[Callable[..., torch.nn.Module], bool]] = {  # name: (loss, video model)
+    "osm_caa_official": (OSMCAAOfficialLoss, False),
+    "osm_caa": (OSMCAALoss, False),
+    "video_osm_caa_official": (OSMCAAOfficialLoss, True),  # + the frame cross-entropy
 }
 
 
-def _pk_data() -> tuple[torch.Tensor, torch.Tensor]:
+def _pk_data(video: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels 0..C-1 (8 items each) and float64 images (n, 1, 8, 8) or clips (n, T, 1, 8, 8)."""
     labels = torch.arange(C).repeat_interleave(8)
-    x = torch.rand(
-        len(labels), 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2)
-    )
+    shape = (len(labels), T, 1, 8, 8) if video else (len(labels), 1, 8, 8)
+    x = torch.rand(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     return x, labels
 
 
-def _bn_objective(loss: str, sync: bool) -> Objective:
+def _bn_objective(case: str, sync: bool) -> Objective:
     """A float64 model with BatchNorm2d (trunk) and BatchNorm1d (head) in train mode, and a loss."""
+    loss, video = CASES[case]
     torch.manual_seed(0)
-    model = EmbeddingNet(TinyCNN(1, 4), embedding_dim=DIM, head_bn=True).double()
+    model = (
+        VideoEmbeddingNet(
+            TinyCNN(1, 4), embedding_dim=DIM, head_bn=True, pooling="attention", num_classes=C
+        )
+        if video
+        else EmbeddingNet(TinyCNN(1, 4), embedding_dim=DIM, head_bn=True)
+    ).double()
     if sync:
         model = convert_sync_batchnorm(model, CPU)
-    return Objective(model, LOSSES[loss](num_classes=C, embedding_dim=DIM).double())
+    return Objective(model, loss(num_classes=C, embedding_dim=DIM).double())
 
 
 def _step(obj: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
     """Loss, parameter gradients and BN buffers after one training forward/backward, then eval output."""
-    loss, _ = obj(x, y)
+    loss, details = obj(x, y)
     loss.backward()
     grads = {k.removeprefix("module."): v for k, v in _grads(obj).items()}
     buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
     model.eval()
     with torch.no_grad():
-        emb = model(_pk_data()[0][:10])
-    return {"loss": loss.detach(), "grads": grads, "buffers": buffers, "eval": emb}
+        emb = model(_pk_data(x.dim() == 5)[0][:10])
+    out = {"loss": loss.detach(), "grads": grads, "buffers": buffers, "eval": emb}
+    if "frame_ce" in details:
+        out["frame_ce"] = details["frame_ce"]
+    return out
 
 
 def _split_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     _init(rank, world, init_file)
-    x, labels = _pk_data()
+    labels = _pk_data()[1]
     sampler = PKSampler(
         labels.numpy(), P, K, seed=0, rank=rank, world_size=world, split_across_ranks=True
     )
     share = next(iter(sampler))
     res: dict[Any, Any] = {"share": share}
-    for loss in LOSSES:
+    for case, (_, video) in CASES.items():
+        x = _pk_data(video)[0]
         for sync in (True, False):
-            obj = _bn_objective(loss, sync)
-            res[loss, sync] = _step(
+            obj = _bn_objective(case, sync)
+            res[case, sync] = _step(
                 DistributedDataParallel(obj), obj.model, x[share], labels[share]
             )
     synced, plain = _bn_objective("osm_caa", True).model, _bn_objective("osm_caa", False).model
@@ -178,22 +190,26 @@ def split_runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-def _one_process(loss: str) -> tuple[list[int], dict]:
-    x, labels = _pk_data()
+def _one_process(case: str) -> tuple[list[int], dict]:
+    x, labels = _pk_data(CASES[case][1])
     batch = next(iter(PKSampler(labels.numpy(), P, K, seed=0)))
-    obj = _bn_objective(loss, sync=False)
+    obj = _bn_objective(case, sync=False)
     return batch, _step(obj, obj.model, x[batch], labels[batch])
 
 
-@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("case", list(CASES))
 def test_split_batch_with_sync_bn_equals_one_process_on_the_whole_batch(
-    split_runs: list[dict], loss: str
+    split_runs: list[dict], case: str
 ) -> None:
-    batch, ref = _one_process(loss)
+    batch, ref = _one_process(case)
     assert split_runs[0]["share"] + split_runs[1]["share"] == batch
+    # float64 throughout, but the video model computes its frame cross-entropy in float32
+    rel = 1e-6 if CASES[case][1] else 1e-10
     for rank in (0, 1):
-        got = split_runs[rank][loss, True]
-        assert float(got["loss"]) == pytest.approx(float(ref["loss"]), rel=1e-10)
+        got = split_runs[rank][case, True]
+        assert float(got["loss"]) == pytest.approx(float(ref["loss"]), rel=rel)
+        if "frame_ce" in ref:  # the frame CE of each rank's frames, averaged: the global value
+            assert float(got["frame_ce"]) == pytest.approx(float(ref["frame_ce"]), rel=rel)
         assert set(got["grads"]) == set(ref["grads"])  # every parameter, BN weights included
         for k, g in ref["grads"].items():
             torch.testing.assert_close(got["grads"][k], g, rtol=1e-7, atol=1e-9, msg=k)
