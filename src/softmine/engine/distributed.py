@@ -1,10 +1,13 @@
 """torch.distributed plumbing for ``torchrun``: process group, global batch, gathered evaluation.
 
 Launch with ``torchrun --nproc_per_node=N -m softmine.train ...``: every rank
-trains on its own P x K batches; embeddings and labels are all-gathered with a
-differentiable all-gather, so the pair loss sees the whole global batch and the
-gradients equal those of one process on the concatenated batch (DDP then
-averages the parameter gradients). Only rank 0 writes files.
+trains on its own P x K batches (or, with ``sampler.split_across_ranks``, on its
+P/N classes of each one-process batch); embeddings and labels are all-gathered
+with a differentiable all-gather, so the pair loss sees the whole global batch and
+the gradients equal those of one process on the concatenated batch (DDP then
+averages the parameter gradients). ``trainer.sync_bn`` synchronises BatchNorm
+statistics too (:mod:`softmine.engine.sync_bn`). Only rank 0 writes files.
+User guide: ``docs/distributed.md``.
 """
 
 from __future__ import annotations
