@@ -169,7 +169,7 @@ def _split_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     res["converted"] = sum(isinstance(m, CpuSyncBatchNorm) for m in synced.modules())
     res["keys"] = list(synced.state_dict())
     synced.load_state_dict(plain.state_dict())  # strict: a plain checkpoint loads
-    # collectives: y = sum over ranks of a_r, loss_r = (r + 1) y -> d loss / d a_r summed = 1 + 2
+    # total = sum over ranks of 3 a_r; rank r backpropagates (r + 1) total: a_r gets 3 (1 + 2)
     a = torch.tensor(float(rank + 1), dtype=torch.float64, requires_grad=True)
     total = all_reduce_with_grad(3 * a)
     (total * (rank + 1)).backward()
