@@ -38,6 +38,8 @@ def _common_image(cfg) -> None:
 
 
 def _authors_backbone(cfg) -> None:
+    # the authors trained on one GPU: torchrun ranks share their batch, with synchronised BN
+    assert cfg.sampler.split_across_ranks is True and cfg.trainer.sync_bn is True
     b = cfg.backbone
     assert b.embedding_dim == 1024 and b.head is False  # loss2/fc num_output 1024
     assert b.trunk.embedding_from == "inception_4e" and b.trunk.conv_bias is False

@@ -50,6 +50,7 @@ from softmine.engine.objective import Objective
 from softmine.engine.optim import build_optimizer
 from softmine.engine.setup import resolve_device, resolve_num_workers, seed_everything
 from softmine.engine.signals import GracefulInterrupt
+from softmine.engine.sync_bn import convert_sync_batchnorm
 from softmine.engine.validate import validate_config
 from softmine.errors import ConfigError, Interrupted, TrainingError
 from softmine.evaluation import retrieval_metrics
@@ -205,6 +206,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=precision == "fp16" and self.device.type == "cuda"
         )
+        if tcfg.sync_bn:  # BatchNorm statistics of the global batch (no-op in one process)
+            self.model = convert_sync_batchnorm(self.model, self.device)
         self.objective: torch.nn.Module = Objective(self.model, self.loss_fn, autocast_dtype)
         if self.dist.enabled:
             self.objective = DistributedDataParallel(
