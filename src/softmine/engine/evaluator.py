@@ -1,8 +1,22 @@
-"""Evaluate a model on a dataset config's test protocol: retrieval (``test``) or re-ID (``query`` + ``gallery``).
+"""Evaluate a model on a dataset config's test protocol: retrieval (``test``, or ``query`` + ``gallery``) or re-ID.
 
 Shared by the trainer (every ``trainer.eval_every`` epochs and at the end) and
 ``softmine-eval`` (a finished run or checkpoint). Under torch.distributed each
 rank embeds a shard and the features are gathered before the metrics.
+
+What the dataset config declares decides the protocol:
+
+* a ``test`` node: leave-one-out retrieval (CUB, Cars196, SOP);
+* ``query`` and ``gallery`` nodes, with ``eval_protocol`` (default ``reid``):
+
+  - ``reid``: CMC and mAP under the Market-1501/MARS rules, with the dataset's
+    ``junk_pids`` (removed from the gallery) and ``distractor_pids`` (never a
+    match); both default to none, so every identity is real;
+  - ``retrieval``: Recall@K, MAP@R and R-Precision of each query against the
+    gallery (In-Shop Clothes).
+
+Query and gallery items are ``(input, id, camera)`` with the published ids, so the
+two sides share one id space whatever each split's own training labels are.
 """
 
 from __future__ import annotations
@@ -15,7 +29,22 @@ from softmine.config import build
 from softmine.engine.distributed import DistEnv, gather_shards, shard
 from softmine.engine.embed import extract_embeddings, extract_reid_embeddings
 from softmine.errors import ConfigError
-from softmine.evaluation import reid_metrics, retrieval_metrics
+from softmine.evaluation import query_gallery_metrics, reid_metrics, retrieval_metrics
+
+EVAL_PROTOCOLS = ("reid", "retrieval")
+
+
+def _id_list(d: DictConfig, key: str) -> tuple[int, ...]:
+    """``dataset.<key>`` as a tuple of ints (absent or null: none)."""
+    value = d.get(key)
+    if value is None:
+        return ()
+    try:
+        return tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"dataset.{key} must be a list of integer identities, e.g. [-1], got {value!r}"
+        ) from None
 
 
 class Evaluator:
@@ -42,14 +71,25 @@ class Evaluator:
             self.protocol = "retrieval"
             self.test_set = build(d.test, "dataset.test")
         elif "query" in d and "gallery" in d:
-            self.protocol = "reid"
+            self.protocol = str(d.get("eval_protocol", "reid"))
+            if self.protocol not in EVAL_PROTOCOLS:
+                raise ConfigError(
+                    f"dataset.eval_protocol must be one of {EVAL_PROTOCOLS}, got {self.protocol!r}"
+                )
+            self.junk_pids = _id_list(d, "junk_pids")
+            self.distractor_pids = _id_list(d, "distractor_pids")
             self.query_set = build(d.query, "dataset.query")
             self.gallery_set = build(d.gallery, "dataset.gallery")
         else:
             raise ConfigError(
                 "the dataset config needs a `test` node (retrieval) or `query` and `gallery` "
-                "nodes (re-identification)"
+                "nodes (re-identification, or query/gallery retrieval)"
             )
+
+    @property
+    def query_gallery(self) -> bool:
+        """True when the protocol ranks a gallery for separate queries (re-ID or In-Shop style)."""
+        return not hasattr(self, "test_set")
 
     def _reid_embeddings(self, model: torch.nn.Module, dataset) -> tuple[np.ndarray, ...]:
         parts = extract_reid_embeddings(
@@ -58,15 +98,18 @@ class Evaluator:
             device=self.device,
             frame_batch_size=int(self.cfg.evaluation.frame_batch_size),
             num_workers=self.num_workers,
+            batch_size=int(self.cfg.trainer.eval_batch_size),
         )
         return gather_shards(parts, len(dataset), self.dist)
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         """The flat metrics dict of ``model``: ``recall@K``, ``map@r``, ... or ``cmc@R``, ``mAP``."""
         ecfg = self.cfg.evaluation
-        if self.protocol == "reid":
+        if self.query_gallery:
             q, q_pids, q_cams = self._reid_embeddings(model, self.query_set)
             g, g_pids, g_cams = self._reid_embeddings(model, self.gallery_set)
+            if self.protocol == "retrieval":
+                return query_gallery_metrics(q, q_pids, g, g_pids, ecfg.ks)
             return reid_metrics(
                 q,
                 q_pids,
@@ -77,6 +120,8 @@ class Evaluator:
                 ranks=tuple(ecfg.ranks),
                 ap=str(ecfg.ap),
                 rerank=bool(ecfg.rerank),
+                junk_pids=self.junk_pids,
+                distractor_pids=self.distractor_pids,
             )
         emb, labels = extract_embeddings(
             model,
