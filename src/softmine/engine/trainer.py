@@ -263,11 +263,8 @@ class Trainer:
 
     def baselines(self) -> dict[str, dict[str, float]]:
         """Metrics of raw inputs and of the untrained network on the same test split."""
-        if self.evaluator.query_gallery:
-            raise ConfigError(
-                "trainer.baselines needs a leave-one-out test split (a `test` node), "
-                "not query/gallery; set trainer.baselines=false"
-            )
+        if self.evaluator.protocol != "retrieval":
+            raise ConfigError("trainer.baselines needs a retrieval test split (a `test` node)")
         x, y = raw_inputs(self.evaluator.test_set)
         return {
             "raw pixels": retrieval_metrics(x, y, self.cfg.evaluation.ks),
