@@ -18,7 +18,7 @@ Which rows test:
 * a ``split`` column says it for every row;
 * otherwise, with ``is_query`` / ``is_gallery`` columns, the rows marked as either
   are the test set, the others train;
-* otherwise :func:`softmine.data.custom.test_mask` splits them (``split_by``,
+* otherwise :func:`softmine.data.custom.held_out` splits them (``split_by``,
   ``test_classes``, ``test_ratio``, ``split_seed``).
 
 The ``query`` / ``gallery`` splits are the test rows marked ``is_query`` /
@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from softmine.data.custom import number_names, test_mask
+from softmine.data.custom import held_out, number_names
 from softmine.data.image_splits import SPLITS, Item, SplitImages
 from softmine.data.images import check_split, note_bad_image
 from softmine.data.sources import CSV_SOURCE, missing_files, require
@@ -173,7 +173,7 @@ def row_splits(
             if flags is not None:
                 is_test |= flags
     else:
-        is_test = test_mask(
+        is_test = held_out(
             table.ids, split_by, test_classes, test_ratio, split_seed, table.numbering
         )
     none = np.zeros(n, dtype=bool)

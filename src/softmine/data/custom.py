@@ -10,7 +10,7 @@ evaluation see); otherwise classes are numbered ``0..C-1`` in natural sort order
 their names (``class2`` before ``class10``). Training labels are always remapped to
 ``0..C-1`` by the dataset.
 
-Train/test (:func:`test_mask`), when the data do not say it themselves:
+Train/test (:func:`held_out`), when the data do not say it themselves:
 
 * ``split_by=images`` (default): the same classes in both sets; ``test_ratio`` of
   each class's images (rounded half to even, so a class of one image trains)
@@ -60,7 +60,7 @@ def check_split_options(split_by: str, test_ratio: float) -> None:
         )
 
 
-def test_mask(
+def held_out(
     ids: Sequence[int],
     split_by: str = "images",
     test_classes: Sequence[str] | None = None,

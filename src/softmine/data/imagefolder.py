@@ -8,7 +8,7 @@ value, others are numbered in natural order), the same way in every folder given
 Train / test:
 
 * ``test_root`` set: ``root`` trains and ``test_root`` (the same layout) tests;
-* otherwise ``root`` is split by :func:`softmine.data.custom.test_mask`
+* otherwise ``root`` is split by :func:`softmine.data.custom.held_out`
   (``split_by=images``: the same classes, ``test_ratio`` of each class's images
   test; ``split_by=classes``: whole classes test, the zero-shot protocol of CUB/Cars).
 
@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from softmine.data.custom import number_names, test_mask
+from softmine.data.custom import held_out, number_names
 from softmine.data.image_splits import SPLITS, Item, SplitImages
 from softmine.data.images import check_split
 from softmine.data.sources import IMAGEFOLDER_SOURCE, check_root, natural_key
@@ -136,7 +136,7 @@ class ImageFolder(SplitImages):
             items = items_of("root" if self.split == "train" else "test_root")
         else:
             everything = items_of("root")
-            is_test = test_mask(
+            is_test = held_out(
                 [c for _, c, _ in everything],
                 split_by,
                 test_classes,
