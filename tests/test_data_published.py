@@ -17,6 +17,20 @@ from softmine.data.fakes import INSHOP_ITEMS, LPW_PEOPLE, make_inshop, make_lpw,
 from softmine.errors import DataError
 from tests.conftest import REPO, compose
 
+@pytest.mark.parametrize(
+    ("name", "root"),
+    [
+        ("sop", "data/Stanford_Online_Products"),
+        ("inshop", "data/inshop"),
+        ("lpw", "data/lpw"),
+        ("imagefolder", "data/images"),
+    ],
+)
+def test_default_roots(name: str, root: str) -> None:
+    # `softmine-data download NAME --root data/` and the manual instructions unpack here.
+    assert compose([f"dataset={name}"]).dataset.root == root
+
+
 # ------------------------------------------------------------------------- SOP
 
 

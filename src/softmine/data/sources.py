@@ -201,7 +201,7 @@ LPW_SOURCE = Source(
     name="LPW (Labeled Pedestrian in the Wild)",
     config="lpw",
     folder="data/lpw",
-    url="http://liuyu.us/dataset/lpw/ (pep_256x128.zip, on request)",
+    url="http://liuyu.us/dataset/lpw/ (pep_256x128.zip)",
     layout=(
         "pep_256x128/scen{1,2,3}/viewN/PID/FRAME.jpg (or scen1/, scen2/, scen3/ directly): "
         "one folder per identity and view, the same PID in the views of a scene is the "
