@@ -17,6 +17,7 @@ from softmine.data.fakes import INSHOP_ITEMS, LPW_PEOPLE, make_inshop, make_lpw,
 from softmine.errors import DataError
 from tests.conftest import REPO, compose
 
+
 @pytest.mark.parametrize(
     ("name", "root"),
     [

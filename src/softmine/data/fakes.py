@@ -2,8 +2,9 @@
 
 ``make_cub``, ``make_cars``, ``make_sop``, ``make_inshop`` (images), ``make_mars``,
 ``make_ilidsvid``, ``make_prid2011``, ``make_lpw`` (video), and for your own data
-``make_image_folder`` and ``make_csv``. Each ``make_*`` function writes a few classes / identities of small images
-under ``root`` with the same folder structure, file names, text-file formats
+``make_image_folder`` and ``make_csv``. Each ``make_*`` function writes a few
+classes / identities of small images under ``root`` with the same folder
+structure, file names, text-file formats
 and ``.mat`` variables (written with :func:`scipy.io.savemat`, struct arrays
 with the published field names) as the real download, and returns ``root``.
 The loaders cannot tell them from the real thing except by size, so they serve
