@@ -106,6 +106,25 @@ def test_image_folder_query_and_gallery_roots(tmp_path: Path) -> None:
         ImageFolder(train, "query")
 
 
+def test_label_noise_and_bad_images_work_as_for_the_published_sets(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "photos", 4, 4, size=8)
+    noisy = build(
+        compose(
+            ["dataset=imagefolder", f"dataset.root={root}", "dataset.label_noise=0.5"]
+        ).dataset.train,
+        "train",
+    )
+    assert int(noisy.flipped.sum()) == 4 and (noisy.labels != noisy.clean_labels).sum() == 4
+    train = ImageFolder(root, "train")
+    broken = Path(train.samples[0][0])
+    broken.write_bytes(b"not an image")
+    with pytest.raises(DataError, match=f"cannot decode image {broken}"):
+        ImageFolder(root, "train")[0]
+    skipping = ImageFolder(root, "train", on_bad_image="skip")
+    image, label = skipping[0]
+    assert label == 0 and str(broken) in skipping.bad_images  # another image of class 0
+
+
 def test_image_folder_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="image folder: dataset folder .* does not exist"):
         ImageFolder(tmp_path / "none")
