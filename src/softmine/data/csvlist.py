@@ -331,7 +331,7 @@ class CSVTracklets(VideoDataset):
         return tracklets
 
 
-def CSVDataset(  # noqa: N802 - a factory named like the classes it returns
+def CSVDataset(
     file: str | Path,
     split: str = "train",
     transform: Callable[[Any], Any] | None = None,
