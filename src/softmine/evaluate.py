@@ -6,11 +6,14 @@ Examples::
     softmine-eval outputs/.../checkpoints/last.pt           # a checkpoint file
     softmine-eval embeddings.npz                             # arrays `embeddings` and `labels`
     softmine-eval reid.npz --ap market --rerank              # re-ID query/gallery arrays
+    softmine-eval mars.npz --junk-pids=-1 --distractor-pids=0   # MARS / Market-1501 ids
 
 An ``.npz`` holds either ``embeddings`` (n, d) and ``labels`` (n,) for leave-one-out
 retrieval, or the re-ID arrays ``query`` (q, d), ``query_pids``, ``query_camids``,
 ``gallery`` (g, d), ``gallery_pids``, ``gallery_camids`` for CMC/mAP under the
-Market-1501/MARS rules. Prints the metrics as JSON; ``--out FILE`` also writes them.
+Market-1501/MARS rules. Every identity is real unless ``--junk-pids`` (removed from
+the gallery) or ``--distractor-pids`` (kept as never-matching negatives) name it.
+Prints the metrics as JSON; ``--out FILE`` also writes them.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from softmine.engine.checkpoint import load_checkpoint, load_state_checked
 from softmine.engine.evaluator import Evaluator
 from softmine.engine.setup import resolve_device
 from softmine.engine.trainer import CHECKPOINT_DIR, run_time_sizes
-from softmine.errors import DataError, SoftmineError
+from softmine.errors import ConfigError, DataError, SoftmineError
 from softmine.evaluation import reid_metrics, retrieval_metrics
 
 
@@ -48,7 +51,13 @@ REID_ARRAYS = ("query", "query_pids", "query_camids", "gallery", "gallery_pids",
 
 
 def evaluate_embeddings_file(
-    path: Path, ks: list[int], *, ap: str = "standard", rerank: bool = False
+    path: Path,
+    ks: list[int],
+    *,
+    ap: str = "standard",
+    rerank: bool = False,
+    junk_pids: tuple[int, ...] = (),
+    distractor_pids: tuple[int, ...] = (),
 ) -> dict[str, float]:
     """Metrics of an ``.npz`` of retrieval arrays (``embeddings``, ``labels``) or re-ID arrays."""
     try:
@@ -60,7 +69,13 @@ def evaluate_embeddings_file(
     files = set(data.files)
     try:
         if set(REID_ARRAYS) <= files:
-            return reid_metrics(*(data[k] for k in REID_ARRAYS), ap=ap, rerank=rerank)
+            return reid_metrics(
+                *(data[k] for k in REID_ARRAYS),
+                ap=ap,
+                rerank=rerank,
+                junk_pids=junk_pids,
+                distractor_pids=distractor_pids,
+            )
         if set(RETRIEVAL_ARRAYS) <= files:
             return retrieval_metrics(data["embeddings"], data["labels"], ks)
     except ValueError as e:  # inconsistent arrays: a data problem, reported in one line
@@ -90,6 +105,16 @@ def evaluate_checkpoint(path: Path, device: str = "auto") -> dict[str, float]:
     return evaluator.evaluate(model.to(dev))
 
 
+def _id_list(option: str, text: str) -> tuple[int, ...]:
+    """``"-1,0"`` -> ``(-1, 0)``; an empty string is no identities."""
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(
+            f"{option} takes comma-separated integer identities, e.g. {option}=-1,0; got {text!r}"
+        ) from None
+
+
 @user_errors_exit
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="softmine-eval", description=__doc__.split("\n")[0])
@@ -103,11 +128,28 @@ def main(argv: list[str] | None = None) -> None:
         help="re-ID AP: standard (non-interpolated) or market (official MATLAB trapezoid)",
     )
     parser.add_argument("--rerank", action="store_true", help="re-ID: k-reciprocal re-ranking")
+    parser.add_argument(
+        "--junk-pids",
+        default="",
+        help="re-ID (npz only): comma-separated identities removed from the gallery (MARS: -1)",
+    )
+    parser.add_argument(
+        "--distractor-pids",
+        default="",
+        help="re-ID (npz only): comma-separated identities that never match (MARS: 0)",
+    )
     parser.add_argument("--out", type=Path, help="also write the metrics to this JSON file")
     args = parser.parse_args(argv)
     if args.path.suffix == ".npz":
         ks = [int(k) for k in args.ks.split(",")]
-        metrics = evaluate_embeddings_file(args.path, ks, ap=args.ap, rerank=args.rerank)
+        metrics = evaluate_embeddings_file(
+            args.path,
+            ks,
+            ap=args.ap,
+            rerank=args.rerank,
+            junk_pids=_id_list("--junk-pids", args.junk_pids),
+            distractor_pids=_id_list("--distractor-pids", args.distractor_pids),
+        )
     else:
         metrics = evaluate_checkpoint(_find_checkpoint(args.path), args.device)
     text = json.dumps(metrics, indent=2, sort_keys=True)

@@ -46,6 +46,7 @@ REFERENCES: dict[str, dict[str, float]] = {
     "cub": {"recall@1": 0.553, "recall@2": 0.673, "recall@4": 0.775, "recall@8": 0.858},
     "cars196": {"recall@1": 0.742, "recall@2": 0.838, "recall@4": 0.902, "recall@8": 0.946},
     "mars": {"cmc@1": 0.847, "cmc@5": 0.941, "cmc@10": 0.957, "cmc@20": 0.970, "mAP": 0.724},
+    "lpw": {"cmc@1": 0.717},
 }
 REFERENCE_SOURCE = "paper (Wang et al. 2019)"
 MEASURED = "measured"
