@@ -93,7 +93,36 @@ class Evaluator:
     def metric_names(self) -> list[str]:
         """Names of the metrics :meth:`evaluate` returns (what ``trainer.monitor`` may name)."""
         e = self.cfg.evaluation
-        return metric_names(self.protocol, e.ks, e.ranks)
+        names = metric_names(self.protocol, e.ks, e.ranks)
+        return names + [f"{v}/{n}" for v in self._variants() for n in names]
+
+    def _variants(self) -> dict[str, dict]:
+        """``evaluation.reid_variants``: name -> {junk_pids, distractor_pids, ap} (re-ID only)."""
+        raw = self.cfg.evaluation.get("reid_variants") or {}
+        if raw and self.protocol != "reid":
+            raise ConfigError(
+                "evaluation.reid_variants applies to re-ID evaluation (query/gallery with "
+                f"cameras); this dataset's protocol is {self.protocol}"
+            )
+        out = {}
+        for name, opts in raw.items():
+            if opts is None:  # `name: null` switches off a variant an experiment inherited
+                continue
+            opts = dict(opts)
+            unknown = set(opts) - {"junk_pids", "distractor_pids", "ap"}
+            if unknown:
+                raise ConfigError(
+                    f"evaluation.reid_variants.{name} takes junk_pids, distractor_pids and ap "
+                    f"(got {sorted(unknown)})"
+                )
+            out[str(name)] = {
+                "junk_pids": _id_list(opts, "junk_pids") if "junk_pids" in opts else self.junk_pids,
+                "distractor_pids": _id_list(opts, "distractor_pids")
+                if "distractor_pids" in opts
+                else self.distractor_pids,
+                "ap": str(opts.get("ap", self.cfg.evaluation.ap)),
+            }
+        return out
 
     def _reid_embeddings(self, model: torch.nn.Module, dataset) -> tuple[np.ndarray, ...]:
         parts = extract_reid_embeddings(
@@ -114,19 +143,19 @@ class Evaluator:
             g, g_pids, g_cams = self._reid_embeddings(model, self.gallery_set)
             if self.protocol == "query_gallery":
                 return query_gallery_metrics(q, q_pids, g, g_pids, ecfg.ks)
-            return reid_metrics(
-                q,
-                q_pids,
-                q_cams,
-                g,
-                g_pids,
-                g_cams,
-                ranks=tuple(ecfg.ranks),
+            arrays = (q, q_pids, q_cams, g, g_pids, g_cams)
+            opts = {"ranks": tuple(ecfg.ranks), "rerank": bool(ecfg.rerank)}
+            out = reid_metrics(
+                *arrays,
+                **opts,
                 ap=str(ecfg.ap),
-                rerank=bool(ecfg.rerank),
                 junk_pids=self.junk_pids,
                 distractor_pids=self.distractor_pids,
             )
+            for name, variant in self._variants().items():
+                extra = reid_metrics(*arrays, **opts, **variant)
+                out.update({f"{name}/{k}": v for k, v in extra.items()})
+            return out
         emb, labels = extract_embeddings(
             model,
             shard(self.test_set, self.dist),

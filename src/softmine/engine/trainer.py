@@ -41,7 +41,7 @@ from softmine.engine.embed import raw_inputs, to_model_input
 from softmine.engine.eval_history import (
     EVAL_LOG_FILE,
     best_test_summary,
-    check_monitor,
+    resolve_monitor,
     write_eval_log,
 )
 from softmine.engine.evaluator import Evaluator
@@ -149,7 +149,7 @@ class Trainer:
         self.evaluator = Evaluator(cfg, self.device, dist=self.dist)
         labels = np.asarray(self.train_set.labels)
         self.num_classes = _check_train_labels(labels)
-        check_monitor(str(tcfg.monitor), self.evaluator.metric_names())
+        self.monitor = resolve_monitor(str(tcfg.monitor), self.evaluator.metric_names())
 
         emb_dim = int(cfg.backbone.embedding_dim)
         self.model = build(
@@ -398,14 +398,14 @@ class Trainer:
         """What ``metrics.json`` holds: the final metrics, plus the test-chosen snapshot's."""
         return {
             **self.state.metrics,
-            **best_test_summary(self.state.evals, str(self.cfg.trainer.monitor)),
+            **best_test_summary(self.state.evals, self.monitor),
         }
 
     def _track_best(self) -> None:
         t = self.cfg.trainer
         if not t.save_best:
             return
-        value = self.state.metrics.get(str(t.monitor))
+        value = self.state.metrics.get(self.monitor)
         if value is None:
             raise ConfigError(
                 f"trainer.monitor={t.monitor!r} is not among the metrics {sorted(self.state.metrics)}"
