@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from softmine.errors import Interrupted, SoftmineError
 
@@ -50,3 +51,22 @@ def user_errors_exit(func: F) -> F:
             sys.exit(EXIT_USER_ERROR)
 
     return wrapper  # type: ignore[return-value]
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse`` with our conventions: ``--version``, and usage errors as one ``error:`` line, exit 2."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_argument("--version", action="version", version=version_line(self.prog))
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
+def version_line(prog: str = "softmine") -> str:
+    """``<prog> <version>``: what every command's ``--version`` prints."""
+    from softmine import __version__
+
+    return f"{prog} {__version__}"
