@@ -25,7 +25,7 @@ from softmine.cli import ArgumentParser, user_errors_exit
 from softmine.inference.embed import BAD_IMAGE_POLICIES, PRECISIONS, embed_images, embed_split
 from softmine.inference.embeddings import check_output_path, save_embeddings
 from softmine.inference.images import list_images, read_image_list
-from softmine.inference.model import load_model
+from softmine.inference.model import find_checkpoint, load_model
 
 SHOWN_BAD = 3  # unreadable files named in the warning line (all of them go to the list file)
 
@@ -62,12 +62,13 @@ def build_parser() -> ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     out = check_output_path(args.out)
+    checkpoint = find_checkpoint(args.model)  # cheap checks first, the model loads last
     images = None
     if args.images is not None:
         images = list_images(args.images)
     elif args.list is not None:
         images = read_image_list(args.list)
-    loaded = load_model(args.model, args.device)
+    loaded = load_model(checkpoint, args.device)
     progress = False if args.no_progress else None
     common = dict(
         batch_size=args.batch_size,
