@@ -221,9 +221,9 @@ class MlflowLogger:
                 experiment.experiment_id if experiment else self.client.create_experiment(name)
             )
             id_file = run_dir / MLFLOW_RUN_ID_FILE
-            if resume and id_file.exists():
+            if resume and id_file.exists():  # the same MLflow run goes on
                 self.run_id = id_file.read_text().strip()
-                self.client.update_run(self.run_id, status="RUNNING")
+                self.client.get_run(self.run_id)
                 return
             run = self.client.create_run(
                 experiment_id,
