@@ -271,6 +271,7 @@ def test_not_an_index_folder(tmp_path: Path) -> None:
         EmbeddingIndex.load(tmp_path)
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.load: TorchScript is deprecated
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_export_matches_pytorch_on_real_digits(run: Path, tmp_path: Path, fmt: str) -> None:
     loaded = load_model(run, "cpu")
@@ -288,3 +289,18 @@ def test_export_matches_pytorch_on_real_digits(run: Path, tmp_path: Path, fmt: s
     else:
         got = torch.jit.load(str(out)).eval()(x).detach().numpy()
     assert got.shape == (5, 64) and np.abs(got - want).max() <= 1e-4
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max"])
+def test_a_video_model_embeds_an_image_as_a_one_frame_tracklet(pooling: str) -> None:
+    from softmine.inference.model import ImageEmbedder
+    from softmine.models import TinyCNN
+    from softmine.models.video import VideoEmbeddingNet
+
+    torch.manual_seed(0)
+    video = VideoEmbeddingNet(TinyCNN(3, 4), 8, head_bn=True, eval_pooling=pooling).eval()
+    x = torch.rand(5, 3, 16, 8)
+    with torch.no_grad():
+        want = video(x[:, None])  # 5 clips of one frame each
+        got = ImageEmbedder(video)(x)
+    assert torch.allclose(got, want, atol=1e-6)

@@ -77,9 +77,9 @@ def embed_batch(
     dtype = check_precision(precision)
     x = to_model_input(x, loaded.device)
     with autocast(loaded.device, dtype):
-        z = loaded.model(x).float()
+        z = loaded.embedder(x).float()
         if flip:
-            z = (z + loaded.model(x.flip(-1)).float()) / 2
+            z = (z + loaded.embedder(x.flip(-1)).float()) / 2
     if flip and loaded.normalized:
         z = F.normalize(z, dim=1)
     return z.cpu()

@@ -1,7 +1,8 @@
 """Export the embedding network to ONNX or TorchScript, and check the file against PyTorch.
 
 The exported network is the whole :class:`~softmine.models.EmbeddingNet`: input
-normalisation, trunk and head (L2-normalised output when the run normalises). Its
+normalisation, trunk and head (L2-normalised output when the run normalises); for
+a video model, its frame network (one image = a one-frame tracklet). Its
 input is ``images``: float32 (N, C, H, W) in [0, 1], RGB (or grayscale for 1-channel
 models), already through the run's test transform (resize and crop to H x W);
 N is dynamic, H and W are fixed at the size the run tested on. Its output is
@@ -49,17 +50,6 @@ class ExportReport:
     format: str
     input_shape: tuple[int, int, int]
     max_abs_diff: float
-
-
-class _Embedder(nn.Module):
-    """``images`` (N, C, H, W) floats in [0, 1] -> ``embeddings`` (N, D): the network as exported."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images)
 
 
 def input_shape(loaded: LoadedModel, size: tuple[int, int] | None = None) -> tuple[int, int, int]:
@@ -113,7 +103,7 @@ def export_model(
     except OSError as e:
         raise ConfigError(f"-o {out}: cannot create its folder ({e.strerror or e})") from None
     shape = input_shape(loaded, input_size)
-    net = _Embedder(copy.deepcopy(loaded.model).cpu().eval()).eval()
+    net = copy.deepcopy(loaded.embedder).cpu().eval()
     gen = torch.Generator().manual_seed(seed)
     example = torch.rand((2, *shape), generator=gen)
     checks = [torch.rand((n, *shape), generator=gen) for n in CHECK_BATCHES]

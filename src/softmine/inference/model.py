@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
@@ -74,12 +75,33 @@ def test_transform_node(cfg: DictConfig) -> DictConfig | None:
     return None
 
 
+class ImageEmbedder(nn.Module):
+    """``images`` (N, C, H, W) floats in [0, 1] -> (N, D) embeddings, for image and video models.
+
+    A video model (one with ``frame_embeddings``) embeds each image as a one-frame
+    tracklet: its frame embedding, L2-normalised when the model normalises, which is
+    what the model gives a clip of that single frame under any pooling.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.video = hasattr(model, "frame_embeddings")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if not self.video:
+            return self.model(images)
+        z = self.model.frame_embeddings(images)
+        return F.normalize(z, dim=1) if getattr(self.model, "normalize", True) else z
+
+
 @dataclass
 class LoadedModel:
     """A trained embedding network in eval mode, on its device, with what inference needs.
 
     Attributes:
-        model: the network (input normalisation included); takes float images in [0, 1].
+        model: the network (input normalisation included), as trained.
+        embedder: ``model`` as a function of images (N, C, H, W) in [0, 1] -> (N, D).
         config: the resolved run config stored in the checkpoint.
         checkpoint: the checkpoint file it was loaded from.
         device: where ``model`` runs.
@@ -90,6 +112,7 @@ class LoadedModel:
     """
 
     model: nn.Module
+    embedder: ImageEmbedder
     config: DictConfig
     checkpoint: Path
     device: torch.device
@@ -140,6 +163,7 @@ def load_model(path: str | Path, device: str = "auto") -> LoadedModel:
     train_state = state.get("train_state") or {}
     return LoadedModel(
         model=model,
+        embedder=ImageEmbedder(model).eval(),
         config=cfg,
         checkpoint=ckpt,
         device=dev,
