@@ -14,6 +14,7 @@ from softmine.errors import Interrupted, SoftmineError
 F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_USER_ERROR = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a command killed by it
 
 
 def debug_enabled() -> bool:
@@ -49,6 +50,10 @@ def user_errors_exit(func: F) -> F:
                 raise
             print(f"error: {user_message(e)}", file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)
+        except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            sys.exit(EXIT_BROKEN_PIPE)
 
     return wrapper  # type: ignore[return-value]
 

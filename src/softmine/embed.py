@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     rate = len(emb) / max(result.seconds, 1e-9)
     print(
         f"wrote {len(emb)} embeddings ({emb.dim}-d, {labels}) to {out} "
-        f"in {result.seconds:.1f} s ({rate:.0f} images/s on {loaded.device})"
+        f"in {result.seconds:.1f} s ({rate:.3g} images/s on {loaded.device})"
     )
     if result.bad:
         listing = out.with_name(out.stem + ".bad_images.txt")
