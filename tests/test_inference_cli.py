@@ -23,6 +23,7 @@ from softmine.embed import main as embed_main
 from softmine.evaluate import main as eval_main
 from softmine.export import main as export_main
 from softmine.index import main as index_main
+from softmine.report import main as report_main
 from tests.conftest import FAST_DIGITS, compose, run_cli
 
 RETRIEVAL = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "r_precision")
@@ -194,6 +195,7 @@ def test_commands_print_their_version(capsys: pytest.CaptureFixture[str]) -> Non
         (index_main, "softmine-index"),
         (export_main, "softmine-export"),
         (eval_main, "softmine-eval"),
+        (report_main, "softmine-report"),
     ):
         with pytest.raises(SystemExit) as e:
             main(["--version"])
