@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from softmine.cli import user_errors_exit
+from softmine.cli import user_errors_exit, version_line
 from softmine.errors import ConfigError, DataError
 
 #: Numbers reported by Wang et al. (AAAI 2019, Tables 2-4), as fractions.
@@ -496,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tables (Markdown + CSV) and plots of finished runs: mean ± std over seeds, "
         "one row per configuration (the overrides that vary, seed excluded).",
     )
+    p.add_argument("--version", action="version", version=version_line("softmine-report"))
     p.add_argument("paths", nargs="+", help="run folders, sweep folders, or folders above them")
     p.add_argument("-o", "--out", help="output folder (default: PATH if one folder, else ./report)")
     p.add_argument("--metrics", nargs="+", help="metrics to show (default: all in metrics.json)")

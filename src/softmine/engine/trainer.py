@@ -215,11 +215,8 @@ class Trainer:
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
             )
         self.state = TrainState()
-        self.logger = RunLogger(
-            self.run_dir,
-            TRAIN_LOG_FILE,
-            tensorboard=tcfg.tensorboard if self.dist.is_main else False,
-            enabled=self.dist.is_main,
+        self.logger = RunLogger.from_config(
+            self.run_dir, TRAIN_LOG_FILE, cfg, enabled=self.dist.is_main
         )
 
     # ---------------------------------------------------------------- run folder / resume
