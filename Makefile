@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.setup-stamp
 
 .PHONY: setup demo test lint bench ablation noise clean \
-        reproduce-cub reproduce-cars reproduce-mars reproduce-ilidsvid
+        reproduce-cub reproduce-cars reproduce-mars reproduce-ilidsvid reproduce-lpw
 
 setup: $(STAMP)
 
@@ -29,7 +29,7 @@ bench: setup
 	@for b in scripts/bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 # The authors' released settings (configs/experiment/reproduce_*.yaml). Each needs its data set
-# under data/ (see README "Real data") and, in practice, a GPU. Extra overrides: ARGS="...".
+# under data/ (see docs/datasets.md) and, in practice, a GPU. Extra overrides: ARGS="...".
 reproduce-cub: setup
 	$(BIN)/softmine-train experiment=reproduce_cub $(ARGS)
 
@@ -38,6 +38,9 @@ reproduce-cars: setup
 
 reproduce-mars: setup
 	$(BIN)/softmine-train experiment=reproduce_mars $(ARGS)
+
+reproduce-lpw: setup
+	$(BIN)/softmine-train experiment=reproduce_lpw $(ARGS)
 
 reproduce-ilidsvid: setup
 	$(BIN)/softmine-train -m experiment=reproduce_ilidsvid 'dataset.split_id=range(10)' $(ARGS)

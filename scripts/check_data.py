@@ -4,8 +4,12 @@ Usage::
 
     python scripts/check_data.py cub data/CUB_200_2011
     python scripts/check_data.py mars data/mars --sample 20000 --workers 8
+    python scripts/check_data.py csv data/my_dataset.csv
 
-DATASET is a ``dataset=`` config name: cub, cars196, mars, ilidsvid, prid2011.
+DATASET is a ``dataset=`` config name: cub, cars196, sop, inshop, mars, ilidsvid,
+prid2011, lpw, or imagefolder / csv for your own data (no published counts: the
+counts are listed and every image decoded). ROOT is what ``dataset.root`` points
+to; for csv, the CSV file.
 Prints one line per finding and exits 0 when everything matches, 1 when
 something is missing, miscounted or unreadable, 2 on a usage error.
 """
@@ -22,7 +26,9 @@ from softmine.data.check import CHECKS, check
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("dataset", choices=sorted(CHECKS), help="dataset config name")
-    parser.add_argument("root", help="the dataset folder (what dataset.root points to)")
+    parser.add_argument(
+        "root", help="the dataset folder (what dataset.root points to); for csv the CSV file"
+    )
     parser.add_argument(
         "--sample",
         type=int,

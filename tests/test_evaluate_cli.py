@@ -42,6 +42,23 @@ def test_reid_npz(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     )
 
 
+def test_reid_npz_junk_and_distractor_ids(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    arrays = _reid_arrays()
+    path = tmp_path / "reid.npz"
+    np.savez(path, **arrays)
+    main([str(path), "--junk-pids=-1", "--distractor-pids", "0"])
+    got = json.loads(capsys.readouterr().out)
+    mars = reid_metrics(*arrays.values(), junk_pids=(-1,), distractor_pids=(0,))
+    assert got == pytest.approx(mars)
+    assert got != pytest.approx(reid_metrics(*arrays.values()))  # the ids change the result
+    with pytest.raises(SystemExit) as e:
+        main([str(path), "--junk-pids=minus one"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith("error: --junk-pids takes comma-separated")
+
+
 def test_retrieval_npz(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rng = np.random.default_rng(1)
     x, y = rng.normal(size=(50, 4)), rng.integers(0, 5, 50)

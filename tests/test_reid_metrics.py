@@ -30,23 +30,49 @@ def _one_query(gallery_angles, gallery_pids, gallery_cams, q_pid=1, q_cam=0, **k
     )
 
 
+MARS = {"junk_pids": (-1,), "distractor_pids": (0,)}
+
+
 def test_junk_identity_is_removed() -> None:
     # Ranked: junk (pid -1), match, other identity. Without the junk the match is rank 1.
-    res = _one_query([5, 10, 20], [-1, 1, 2], [1, 1, 1])
+    res = _one_query([5, 10, 20], [-1, 1, 2], [1, 1, 1], **MARS)
     assert res.first_match_rank[0] == 1 and res.ap[0] == pytest.approx(1.0)
     assert res.cmc[0] == 1.0 and res.num_skipped == 0
+    # By default -1 is an identity like any other: a negative ranked first.
+    assert _one_query([5, 10, 20], [-1, 1, 2], [1, 1, 1]).first_match_rank[0] == 2
 
 
 def test_distractor_stays_as_a_negative_and_never_matches() -> None:
     # Ranked: distractor (pid 0), match. The distractor keeps rank 1, so the match is rank 2.
-    res = _one_query([5, 10], [0, 1], [1, 1])
+    res = _one_query([5, 10], [0, 1], [1, 1], **MARS)
     assert res.first_match_rank[0] == 2 and res.ap[0] == pytest.approx(0.5)
     # Trapezoid AP: (P(1) + P(2)) / 2 = (0 + 1/2) / 2.
-    mkt = _one_query([5, 10], [0, 1], [1, 1], ap="market")
+    mkt = _one_query([5, 10], [0, 1], [1, 1], ap="market", **MARS)
     assert mkt.ap[0] == pytest.approx(0.25)
     # A distractor query has no true match even against other distractors: skipped.
-    res = evaluate_reid(_unit([0, 50]), [0, 1], [0, 0], _unit([5, 40]), [0, 1], [1, 1])
+    q, g = _unit([0, 50]), _unit([5, 40])
+    res = evaluate_reid(q, [0, 1], [0, 0], g, [0, 1], [1, 1], **MARS)
     assert res.num_skipped == 1 and np.isnan(res.ap[0]) and res.mAP == pytest.approx(1.0)
+    # By default identity 0 is real: the first query matches its gallery item at rank 1.
+    res = evaluate_reid(q, [0, 1], [0, 0], g, [0, 1], [1, 1])
+    assert res.num_skipped == 0 and res.first_match_rank.tolist() == [1, 1]
+
+
+def test_zero_based_identities_score_as_one_based() -> None:
+    # The same ranking with identities numbered from 0 and from 1: identical CMC and AP.
+    q, qp, qc, g, gp, gc = _random_reid(5)
+    qp0, gp0 = qp - 1, np.maximum(gp, 1) - 1  # 0-based: identity 0 in query and gallery
+    zero = evaluate_reid(q, qp0, qc, g, gp0, gc)
+    one = evaluate_reid(q, qp0 + 1, qc, g, gp0 + 1, gc)
+    assert (qp0 == 0).any() and (gp0 == 0).any()
+    np.testing.assert_array_equal(zero.first_match_rank, one.first_match_rank)
+    np.testing.assert_array_equal(zero.cmc, one.cmc)
+    assert zero.mAP == one.mAP and zero.num_skipped == one.num_skipped
+    assert zero.ap[qp0 == 0].size and not np.isnan(zero.ap[qp0 == 0]).all()
+    cmc0, map0 = cmc_map(q, qp0, qc, g, gp0, gc)
+    cmc1, map1 = cmc_map(q, qp0 + 1, qc, g, gp0 + 1, gc)
+    np.testing.assert_array_equal(cmc0, cmc1)
+    assert map0 == map1
 
 
 def test_same_identity_same_camera_is_removed() -> None:
@@ -161,15 +187,26 @@ def test_against_matlab_style_loop_on_random_data(seed: int) -> None:
     q, qp, qc, g, gp, gc = _random_reid(seed)
     ref_cmc, ref_std, ref_mkt, ref_skipped = _matlab_style_reference(q, qp, qc, g, gp, gc, 20)
     # Small chunks so several chunk boundaries are crossed.
-    std = evaluate_reid(q, qp, qc, g, gp, gc, chunk_size=7)
-    mkt = evaluate_reid(q, qp, qc, g, gp, gc, ap="market", chunk_size=7)
+    std = evaluate_reid(q, qp, qc, g, gp, gc, chunk_size=7, **MARS)
+    mkt = evaluate_reid(q, qp, qc, g, gp, gc, ap="market", chunk_size=7, **MARS)
     np.testing.assert_allclose(std.cmc, ref_cmc, atol=1e-12)
     assert std.mAP == pytest.approx(ref_std, abs=1e-9)
     assert mkt.mAP == pytest.approx(ref_mkt, abs=1e-9)
     assert std.num_skipped == ref_skipped
-    cmc, m = cmc_map(torch.from_numpy(q), qp, qc, torch.from_numpy(g), gp, gc)
+    cmc, m = cmc_map(torch.from_numpy(q), qp, qc, torch.from_numpy(g), gp, gc, **MARS)
     np.testing.assert_allclose(cmc, ref_cmc, atol=1e-12)
     assert m == pytest.approx(ref_std, abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_every_identity_real_by_default_against_the_loop(seed: int) -> None:
+    q, qp, qc, g, gp, gc = _random_reid(seed)
+    ref_cmc, ref_std, _, ref_skipped = _matlab_style_reference(
+        q, qp, qc, g, gp, gc, 20, junk=(), distractors=()
+    )
+    res = evaluate_reid(q, qp, qc, g, gp, gc, chunk_size=7)
+    np.testing.assert_allclose(res.cmc, ref_cmc, atol=1e-12)
+    assert res.mAP == pytest.approx(ref_std, abs=1e-9) and res.num_skipped == ref_skipped
 
 
 def test_distance_matrix_entry_point_and_metrics_dict() -> None:

@@ -38,6 +38,8 @@ def _common_image(cfg) -> None:
 
 
 def _authors_backbone(cfg) -> None:
+    # the authors trained on one GPU: torchrun ranks share their batch, with synchronised BN
+    assert cfg.sampler.split_across_ranks is True and cfg.trainer.sync_bn is True
     b = cfg.backbone
     assert b.embedding_dim == 1024 and b.head is False  # loss2/fc num_output 1024
     assert b.trunk.embedding_from == "inception_4e" and b.trunk.conv_bias is False
@@ -92,6 +94,27 @@ def test_reproduce_mars_holds_the_released_values() -> None:
     assert cfg.trainer.max_iters == 60000  # the reported snapshot
     assert (cfg.trainer.eval_every_iters, cfg.trainer.eval_start_iter) == (5000, 40000)
     assert cfg.backbone.pooling == "mean" and cfg.backbone.eval_pooling == "mean"
+    # evaluation_mars.m: label 0 is junk (and -1 was out of their test data); compute_AP.m
+    assert OmegaConf.to_container(cfg.evaluation.reid_variants.authors) == {
+        "junk_pids": [-1, 0],
+        "distractor_pids": [],
+        "ap": "market",
+    }
+    assert list(cfg.dataset.junk_pids) == [-1] and list(cfg.dataset.distractor_pids) == [0]
+    assert cfg.trainer.monitor == "authors/cmc@1"
+    _authors_backbone(cfg)
+
+
+def test_reproduce_lpw_is_mars_with_the_lpw_solver() -> None:
+    cfg = compose(["experiment=reproduce_lpw"])
+    assert cfg.dataset.name == "lpw" and cfg.loss.sigma == 0.6  # LPW train.prototxt
+    # LPW_V01/M_WIDE_WF_WIDE_ASiamese_V20_e5/solver.prototxt, train_LPW.m
+    assert cfg.optimizer.weight_decay == 0.0001 and cfg.optimizer.lr == 0.001
+    assert list(cfg.scheduler.milestones) == [30000, 40000, 50000]
+    assert cfg.trainer.max_iters == 65000
+    assert (cfg.trainer.eval_every_iters, cfg.trainer.eval_start_iter) == (5000, 50000)
+    assert cfg.evaluation.reid_variants.authors is None  # a plain CMC in their test script
+    assert cfg.loss._target_ == "softmine.losses.OSMCAAOfficialVideoLoss"
     _authors_backbone(cfg)
 
 

@@ -14,6 +14,7 @@ from softmine.evaluation import (
     knn_search,
     map_at_r,
     nmi,
+    query_gallery_metrics,
     r_precision,
     ranking_metrics,
     recall_at_k,
@@ -178,3 +179,59 @@ def test_bad_inputs_are_clear() -> None:
         recall_at_k(np.ones((3, 2)), np.array([0, 1]))
     with pytest.raises(ValueError, match="NaN"):
         recall_at_k(np.full((3, 2), np.nan), np.zeros(3))
+
+
+# ------------------------------------------------------------ query / gallery
+
+
+def _query_gallery_loop(q, qy, g, gy, ks):
+    """Float64 per-query loop: rank the gallery, Recall@K, AP over the first R, R-Precision."""
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    gn = g / np.linalg.norm(g, axis=1, keepdims=True)
+    hits = dict.fromkeys(ks, 0)
+    aps, rps = [], []
+    for i in range(len(q)):
+        order = np.argsort(-(gn @ qn[i]), kind="stable")
+        rel = gy[order] == qy[i]
+        for k in ks:
+            hits[k] += bool(rel[:k].any())
+        r = int(rel.sum())
+        if r:
+            prec = np.cumsum(rel[:r]) / np.arange(1, r + 1)
+            aps.append(float((prec * rel[:r]).sum() / r))
+            rps.append(float(rel[:r].sum() / r))
+    return {k: hits[k] / len(q) for k in ks}, float(np.mean(aps)), float(np.mean(rps))
+
+
+def test_query_gallery_hand_example() -> None:
+    # Query at 0 degrees, label 1; gallery at 5 (label 2), 10 (label 1), 20 (label 1), 30 (2).
+    # Ranked: 2, 1, 1, 2 -> first hit at rank 2; R = 2: AP = (1/2) / 2; R-Precision = 1/2.
+    m = query_gallery_metrics(_unit([0]), [1], _unit([5, 10, 20, 30]), [2, 1, 1, 2], ks=(1, 2))
+    assert m == pytest.approx({"recall@1": 0.0, "recall@2": 1.0, "map@r": 0.25, "r_precision": 0.5})
+    # A query whose label is not in the gallery is a miss for Recall@K, left out of MAP@R.
+    m = query_gallery_metrics(_unit([0, 90]), [1, 7], _unit([5, 10]), [1, 2], ks=(1,))
+    assert m["recall@1"] == 0.5 and m["map@r"] == 1.0
+
+
+@pytest.mark.parametrize("chunk_size", [None, 7])
+def test_query_gallery_against_float64_loop(chunk_size: int | None) -> None:
+    rng = np.random.default_rng(3)
+    centers = rng.normal(size=(9, 8))
+    qy, gy = rng.integers(0, 9, 60), rng.integers(0, 9, 150)
+    q = centers[qy] + rng.normal(scale=0.9, size=(60, 8))
+    g = centers[gy] + rng.normal(scale=0.9, size=(150, 8))
+    ks = (1, 5, 10, 30)
+    ref_recall, ref_map, ref_rp = _query_gallery_loop(q, qy, g, gy, ks)
+    got = query_gallery_metrics(q, qy, g, gy, ks, chunk_size=chunk_size)
+    assert {k: got[f"recall@{k}"] for k in ks} == pytest.approx(ref_recall, abs=1e-12)
+    assert got["map@r"] == pytest.approx(ref_map, abs=1e-6)
+    assert got["r_precision"] == pytest.approx(ref_rp, abs=1e-6)
+    # Renumbering the labels (0-based to 1-based) changes nothing.
+    assert query_gallery_metrics(q, qy + 1, g, gy + 1, ks, chunk_size=chunk_size) == got
+
+
+def test_query_gallery_bad_inputs() -> None:
+    with pytest.raises(ValueError, match="must match one to one"):
+        query_gallery_metrics(np.ones((2, 3)), [1], np.ones((3, 3)), [1, 2, 3])
+    with pytest.raises(ValueError, match="items on both sides"):
+        query_gallery_metrics(np.ones((2, 3)), [1, 2], np.ones((0, 3)), [])

@@ -83,3 +83,51 @@ def test_class_smaller_than_k_is_an_error_unless_replacement_allowed() -> None:
 def test_k_of_one_is_rejected() -> None:
     with pytest.raises(ConfigError, match="no positive pair"):
         PKSampler(_labels([4, 4]), 2, 1)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_split_across_ranks_shares_whole_classes_of_the_one_process_batches(world: int) -> None:
+    labels = _labels([9, 12, 7, 10, 8, 11, 9, 10])
+    one = PKSampler(labels, 4, 3, seed=5)
+    ranks = [
+        PKSampler(labels, 4, 3, seed=5, rank=r, world_size=world, split_across_ranks=True)
+        for r in range(world)
+    ]
+    for epoch in (0, 3):
+        for s in (one, *ranks):
+            s.set_epoch(epoch)
+        batches = list(one)
+        shares = [list(s) for s in ranks]
+        assert all(len(s) == len(one) == len(batches) > 0 for s in ranks)
+        for i, batch in enumerate(batches):
+            parts = [share[i] for share in shares]
+            assert [j for p in parts for j in p] == batch  # rank order rebuilds the batch
+            classes = [set(labels[p].tolist()) for p in parts]
+            for p, c in zip(parts, classes, strict=True):
+                assert len(p) == 4 // world * 3  # P/N classes x K
+                assert set(Counter(labels[p].tolist()).values()) == {3}  # whole K-groups
+                assert len(c) == 4 // world
+            assert len(set().union(*classes)) == 4  # no class is split between ranks
+
+
+def test_split_across_ranks_resumes_part_way() -> None:
+    labels = _labels([8] * 6)
+    s = PKSampler(labels, 2, 4, seed=3, rank=1, world_size=2, split_across_ranks=True)
+    s.set_epoch(1)
+    full = list(s)
+    s.set_epoch(1, start_batch=2)
+    assert len(s) == len(full) - 2
+    assert list(s) == full[2:]
+
+
+def test_split_across_ranks_in_one_process_is_the_plain_sampler() -> None:
+    labels = _labels([6, 7, 8, 9])
+    assert list(PKSampler(labels, 2, 3, seed=1, split_across_ranks=True)) == list(
+        PKSampler(labels, 2, 3, seed=1)
+    )
+
+
+def test_split_across_ranks_needs_p_divisible_by_the_ranks() -> None:
+    with pytest.raises(ConfigError, match=r"P=sampler.num_classes=5 is not divisible by N=2"):
+        PKSampler(_labels([4] * 6), 5, 2, rank=0, world_size=2, split_across_ranks=True)
+    PKSampler(_labels([4] * 6), 5, 2, rank=0, world_size=2)  # without the split any P works

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from softmine.errors import Interrupted, SoftmineError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_USER_ERROR = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a command killed by it
 
 
 def debug_enabled() -> bool:
@@ -48,5 +50,28 @@ def user_errors_exit(func: F) -> F:
                 raise
             print(f"error: {user_message(e)}", file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)
+        except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            sys.exit(EXIT_BROKEN_PIPE)
 
     return wrapper  # type: ignore[return-value]
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse`` with our conventions: ``--version``, and usage errors as one ``error:`` line, exit 2."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_argument("--version", action="version", version=version_line(self.prog))
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
+def version_line(prog: str = "softmine") -> str:
+    """``<prog> <version>``: what every command's ``--version`` prints."""
+    from softmine import __version__
+
+    return f"{prog} {__version__}"

@@ -5,52 +5,59 @@ Examples::
     softmine-eval outputs/2026-11-28/12-00-00                # run folder: its last checkpoint
     softmine-eval outputs/.../checkpoints/last.pt           # a checkpoint file
     softmine-eval embeddings.npz                             # arrays `embeddings` and `labels`
+    softmine-eval photos.parquet                             # softmine-embed output with labels
     softmine-eval reid.npz --ap market --rerank              # re-ID query/gallery arrays
+    softmine-eval mars.npz --junk-pids=-1 --distractor-pids=0   # MARS / Market-1501 ids
 
 An ``.npz`` holds either ``embeddings`` (n, d) and ``labels`` (n,) for leave-one-out
 retrieval, or the re-ID arrays ``query`` (q, d), ``query_pids``, ``query_camids``,
 ``gallery`` (g, d), ``gallery_pids``, ``gallery_camids`` for CMC/mAP under the
-Market-1501/MARS rules. Prints the metrics as JSON; ``--out FILE`` also writes them.
+Market-1501/MARS rules. Every identity is real unless ``--junk-pids`` (removed from
+the gallery) or ``--distractor-pids`` (kept as never-matching negatives) name it.
+A ``.parquet`` (or ``.npz``) written by ``softmine-embed`` with labels is evaluated
+the same way. Prints the metrics as JSON; ``--out FILE`` also writes them.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
-from omegaconf import OmegaConf
 
-from softmine.cli import user_errors_exit
-from softmine.config import build
-from softmine.engine.checkpoint import load_checkpoint, load_state_checked
+from softmine.cli import ArgumentParser, user_errors_exit
 from softmine.engine.evaluator import Evaluator
-from softmine.engine.setup import resolve_device
-from softmine.engine.trainer import CHECKPOINT_DIR, run_time_sizes
-from softmine.errors import DataError, SoftmineError
+from softmine.errors import ConfigError, DataError, SoftmineError
 from softmine.evaluation import reid_metrics, retrieval_metrics
-
-
-def _find_checkpoint(path: Path) -> Path:
-    if path.is_dir():
-        ckpt = path / CHECKPOINT_DIR / "last.pt"
-        if not ckpt.exists():
-            raise SoftmineError(f"no checkpoint at {ckpt}; is {path} a softmine run folder?")
-        return ckpt
-    if not path.exists():
-        raise SoftmineError(f"{path} does not exist; give a run folder, a .pt checkpoint or a .npz")
-    return path
-
+from softmine.inference.embeddings import load_embeddings
+from softmine.inference.model import find_checkpoint, load_model
 
 RETRIEVAL_ARRAYS = ("embeddings", "labels")
 REID_ARRAYS = ("query", "query_pids", "query_camids", "gallery", "gallery_pids", "gallery_camids")
 
 
 def evaluate_embeddings_file(
-    path: Path, ks: list[int], *, ap: str = "standard", rerank: bool = False
+    path: Path,
+    ks: list[int],
+    *,
+    ap: str = "standard",
+    rerank: bool = False,
+    junk_pids: tuple[int, ...] = (),
+    distractor_pids: tuple[int, ...] = (),
 ) -> dict[str, float]:
-    """Metrics of an ``.npz`` of retrieval arrays (``embeddings``, ``labels``) or re-ID arrays."""
+    """Metrics of an ``.npz`` of retrieval arrays (``embeddings``, ``labels``) or re-ID arrays,
+    or of a ``.parquet`` of ``softmine-embed``."""
+    if path.suffix == ".parquet":
+        emb = load_embeddings(path)
+        if emb.labels is None:
+            raise DataError(
+                f"{path} has no labels to evaluate against; embed labelled images (one sub-folder "
+                "per class, a list with labels, or --dataset-split)"
+            )
+        try:
+            return retrieval_metrics(emb.vectors, emb.labels, ks)
+        except ValueError as e:
+            raise DataError(f"{path}: {e}") from e
     try:
         data = np.load(path)
     except (OSError, ValueError) as e:
@@ -60,7 +67,13 @@ def evaluate_embeddings_file(
     files = set(data.files)
     try:
         if set(REID_ARRAYS) <= files:
-            return reid_metrics(*(data[k] for k in REID_ARRAYS), ap=ap, rerank=rerank)
+            return reid_metrics(
+                *(data[k] for k in REID_ARRAYS),
+                ap=ap,
+                rerank=rerank,
+                junk_pids=junk_pids,
+                distractor_pids=distractor_pids,
+            )
         if set(RETRIEVAL_ARRAYS) <= files:
             return retrieval_metrics(data["embeddings"], data["labels"], ks)
     except ValueError as e:  # inconsistent arrays: a data problem, reported in one line
@@ -76,24 +89,26 @@ def evaluate_checkpoint(path: Path, device: str = "auto") -> dict[str, float]:
 
     Uses the run's own protocol: leave-one-out retrieval, or re-ID query/gallery.
     """
-    state = load_checkpoint(path)
-    if "config" not in state or "model" not in state:
-        raise SoftmineError(f"{path} is not a softmine checkpoint (no 'config'/'model' entries)")
-    cfg = OmegaConf.create(state["config"])
-    dev = resolve_device(device)
-    evaluator = Evaluator(cfg, dev)
-    sizes = run_time_sizes(
-        cfg.backbone, int(state.get("num_classes", 0)) or None, int(cfg.backbone.embedding_dim)
-    )
-    model = build(cfg.backbone, "backbone", **sizes)
-    load_state_checked(model, state["model"], "model", path)
-    return evaluator.evaluate(model.to(dev))
+    loaded = load_model(path, device)
+    return Evaluator(loaded.config, loaded.device).evaluate(loaded.model)
+
+
+def _id_list(option: str, text: str) -> tuple[int, ...]:
+    """``"-1,0"`` -> ``(-1, 0)``; an empty string is no identities."""
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(
+            f"{option} takes comma-separated integer identities, e.g. {option}=-1,0; got {text!r}"
+        ) from None
 
 
 @user_errors_exit
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="softmine-eval", description=__doc__.split("\n")[0])
-    parser.add_argument("path", type=Path, help="run folder, checkpoint (.pt) or embeddings (.npz)")
+    parser = ArgumentParser(prog="softmine-eval", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "path", type=Path, help="run folder, checkpoint (.pt) or embeddings (.npz, .parquet)"
+    )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     parser.add_argument("--ks", default="1,2,4,8", help="comma-separated K of Recall@K (npz only)")
     parser.add_argument(
@@ -103,13 +118,30 @@ def main(argv: list[str] | None = None) -> None:
         help="re-ID AP: standard (non-interpolated) or market (official MATLAB trapezoid)",
     )
     parser.add_argument("--rerank", action="store_true", help="re-ID: k-reciprocal re-ranking")
+    parser.add_argument(
+        "--junk-pids",
+        default="",
+        help="re-ID (npz only): comma-separated identities removed from the gallery (MARS: -1)",
+    )
+    parser.add_argument(
+        "--distractor-pids",
+        default="",
+        help="re-ID (npz only): comma-separated identities that never match (MARS: 0)",
+    )
     parser.add_argument("--out", type=Path, help="also write the metrics to this JSON file")
     args = parser.parse_args(argv)
-    if args.path.suffix == ".npz":
+    if args.path.suffix in (".npz", ".parquet"):
         ks = [int(k) for k in args.ks.split(",")]
-        metrics = evaluate_embeddings_file(args.path, ks, ap=args.ap, rerank=args.rerank)
+        metrics = evaluate_embeddings_file(
+            args.path,
+            ks,
+            ap=args.ap,
+            rerank=args.rerank,
+            junk_pids=_id_list("--junk-pids", args.junk_pids),
+            distractor_pids=_id_list("--distractor-pids", args.distractor_pids),
+        )
     else:
-        metrics = evaluate_checkpoint(_find_checkpoint(args.path), args.device)
+        metrics = evaluate_checkpoint(find_checkpoint(args.path), args.device)
     text = json.dumps(metrics, indent=2, sort_keys=True)
     print(text)
     if args.out:

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from softmine.cli import user_errors_exit
+from softmine.cli import user_errors_exit, version_line
 from softmine.errors import ConfigError, DataError
 
 #: Numbers reported by Wang et al. (AAAI 2019, Tables 2-4), as fractions.
@@ -46,6 +46,7 @@ REFERENCES: dict[str, dict[str, float]] = {
     "cub": {"recall@1": 0.553, "recall@2": 0.673, "recall@4": 0.775, "recall@8": 0.858},
     "cars196": {"recall@1": 0.742, "recall@2": 0.838, "recall@4": 0.902, "recall@8": 0.946},
     "mars": {"cmc@1": 0.847, "cmc@5": 0.941, "cmc@10": 0.957, "cmc@20": 0.970, "mAP": 0.724},
+    "lpw": {"cmc@1": 0.717},
 }
 REFERENCE_SOURCE = "paper (Wang et al. 2019)"
 MEASURED = "measured"
@@ -495,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tables (Markdown + CSV) and plots of finished runs: mean ± std over seeds, "
         "one row per configuration (the overrides that vary, seed excluded).",
     )
+    p.add_argument("--version", action="version", version=version_line("softmine-report"))
     p.add_argument("paths", nargs="+", help="run folders, sweep folders, or folders above them")
     p.add_argument("-o", "--out", help="output folder (default: PATH if one folder, else ./report)")
     p.add_argument("--metrics", nargs="+", help="metrics to show (default: all in metrics.json)")

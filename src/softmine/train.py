@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from softmine.cli import user_errors_exit
+from softmine.cli import user_errors_exit, version_line
 from softmine.config import CONFIG_DIR
 from softmine.engine import Trainer
 from softmine.engine.distributed import DistEnv, init_from_env, run_stamp
@@ -44,7 +45,13 @@ def hydra_main(cfg: DictConfig) -> float:
 
 
 def main() -> None:
-    """Console entry point; under ``torchrun`` it joins the process group first."""
+    """Console entry point; under ``torchrun`` it joins the process group first.
+
+    ``--version`` prints softmine's version (Hydra's own flag would print Hydra's).
+    """
+    if sys.argv[1:] == ["--version"]:
+        print(version_line("softmine-train"))
+        return
     init_from_env()
     hydra_main()
 

@@ -16,11 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from softmine.data.cars import Cars196
+from softmine.data.csvlist import read_csv_table, row_splits
 from softmine.data.cub import CUB200
 from softmine.data.ilidsvid import ILIDSVID
+from softmine.data.imagefolder import ImageFolder
 from softmine.data.images import BadImageError, read_rgb
+from softmine.data.inshop import InShop
+from softmine.data.lpw import LPW
 from softmine.data.mars import MARS, read_tracks
 from softmine.data.prid2011 import PRID2011
+from softmine.data.sop import StanfordOnlineProducts
 from softmine.data.sources import SOURCES
 from softmine.errors import ConfigError, DataError
 
@@ -122,7 +127,7 @@ def _image_set(
     return counts, listed + sorted(train.bad_images | test.bad_images)
 
 
-def _frames(*sets: MARS | ILIDSVID | PRID2011) -> list[str]:
+def _frames(*sets: MARS | ILIDSVID | PRID2011 | LPW) -> list[str]:
     return [f for s in sets for frames, _, _ in s.tracklets for f in frames]
 
 
@@ -174,12 +179,125 @@ def _people_splits(
     return counts, _frames(train, query, gallery)
 
 
+def _listed(*sets: StanfordOnlineProducts | InShop | ImageFolder) -> list[str]:
+    """Every listed image path (missing ones too: loaded with skip, they are in bad_images)."""
+    return [p for s in sets for p, _ in s.samples] + sorted(
+        set().union(*(s.bad_images for s in sets))
+    )
+
+
+def _sop(root: str, report: Report) -> tuple[Counts, list[str]]:
+    train, test = (StanfordOnlineProducts(root, s, on_bad_image="skip") for s in ("train", "test"))
+    report.add(True, "Ebay_train.txt and Ebay_test.txt present and readable")
+    counts = {
+        "images": len(train) + len(test) + len(train.bad_images | test.bad_images),
+        "classes": train.num_classes + test.num_classes,
+        "train_images": len(train) + len(train.bad_images),
+        "train_classes": train.num_classes,
+        "test_images": len(test) + len(test.bad_images),
+        "test_classes": test.num_classes,
+    }
+    shared = set(train.classes.tolist()) & set(test.classes.tolist())
+    report.add(not shared, f"train and test share {len(shared)} class(es) (published: 0)")
+    return counts, _listed(train, test)
+
+
+def _inshop(root: str, report: Report) -> tuple[Counts, list[str]]:
+    train, query, gallery = (
+        InShop(root, s, on_bad_image="skip") for s in ("train", "query", "gallery")
+    )
+    report.add(True, "list_eval_partition.txt present and readable")
+    n = {
+        s: len(d) + len(d.bad_images)
+        for s, d in (("train", train), ("query", query), ("gallery", gallery))
+    }
+    test_items = set(query.pids.tolist()) | set(gallery.pids.tolist())
+    counts = {
+        "images": sum(n.values()),
+        "train_images": n["train"],
+        "train_items": train.num_classes,
+        "query_images": n["query"],
+        "gallery_images": n["gallery"],
+        "test_items": len(test_items),
+    }
+    unmatched = set(query.pids.tolist()) - set(gallery.pids.tolist())
+    report.add(
+        not unmatched, f"{len(unmatched)} query item(s) without a gallery image (published: 0)"
+    )
+    return counts, _listed(train, query, gallery)
+
+
+def _lpw(root: str, report: Report) -> tuple[Counts, list[str]]:
+    train, query, gallery = (LPW(root, s) for s in ("train", "query", "gallery"))
+    report.add(True, "scen1..scen3 view folders present")
+
+    def frames(s: LPW) -> int:
+        return sum(len(t[0]) for t in s.tracklets)
+
+    test_ids = set(query.pids.tolist()) | set(gallery.pids.tolist())
+    counts = {
+        "identities": train.num_classes + len(test_ids),
+        "tracklets": len(train) + len(query) + len(gallery),
+        "frames": frames(train) + frames(query) + frames(gallery),
+        "train_identities": train.num_classes,
+        "train_tracklets": len(train),
+        "train_frames": frames(train),
+        "query_tracklets": len(query),
+        "query_frames": frames(query),
+        "gallery_tracklets": len(gallery),
+        "gallery_frames": frames(gallery),
+    }
+    unmatched = set(query.pids.tolist()) - set(gallery.pids.tolist())
+    report.add(
+        not unmatched, f"{len(unmatched)} query people absent from the gallery (published: 0)"
+    )
+    return counts, _frames(train, query, gallery)
+
+
+def _imagefolder(root: str, report: Report) -> tuple[Counts, list[str]]:
+    train, test = (ImageFolder(root, s, on_bad_image="skip") for s in ("train", "test"))
+    report.add(True, "class folders found; split by image with the default dataset.test_ratio")
+    counts = {
+        "images": len(train) + len(test),
+        "classes": len(set(train.classes.tolist()) | set(test.classes.tolist())),
+        "train_images": len(train),
+        "test_images": len(test),
+    }
+    return counts, _listed(train, test)
+
+
+def _csv(file: str, report: Report) -> tuple[Counts, list[str]]:
+    table = read_csv_table(file)
+    masks = row_splits(table)
+    columns = [
+        c
+        for c in ("split", "is_query", "is_gallery", "camera", "sequence")
+        if getattr(table, c) is not None
+    ]
+    report.add(True, f"{len(table):,} rows; optional columns present: {columns or 'none'}")
+    counts = {
+        "rows": len(table),
+        "classes": len(table.numbering),
+        **{f"{s}_rows": int(masks[s].sum()) for s in ("train", "test", "query", "gallery")},
+    }
+    if table.sequence is not None:
+        counts["tracklets"] = len(
+            {(int(i), s) for i, s in zip(table.ids, table.sequence, strict=True)}
+        )
+    return counts, list(table.paths)
+
+
 CHECKS: dict[str, Callable[[str, Report], tuple[Counts, list[str]]]] = {
     "cub": lambda root, r: _image_set(CUB200, root, r),
     "cars196": lambda root, r: _image_set(Cars196, root, r),
     "mars": _mars,
     "ilidsvid": lambda root, r: _people_splits(ILIDSVID, root, r),
     "prid2011": lambda root, r: _people_splits(PRID2011, root, r),
+    "sop": _sop,
+    "inshop": _inshop,
+    "lpw": _lpw,
+    "imagefolder": _imagefolder,
+    "csv": _csv,
 }
 
 
@@ -190,8 +308,10 @@ def check(
     sample: int | None = None,
     workers: int = 1,
 ) -> Report:
-    """Check the copy of ``dataset`` (a config name: cub, cars196, mars, ilidsvid, prid2011) at ``root``.
+    """Check the copy of ``dataset`` (a config name, see :data:`CHECKS`) at ``root``.
 
+    ``root`` is what ``dataset.root`` points to (for ``csv``: the CSV file). Sets of
+    your own (``imagefolder``, ``csv``) have no published counts: theirs are listed.
     ``expected`` replaces the published counts (for fake copies in tests);
     ``sample`` decodes only that many randomly chosen images.
     """

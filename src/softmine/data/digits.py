@@ -12,6 +12,7 @@ Two protocols:
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -88,3 +89,26 @@ class Digits(Dataset):
         if self.transform is not None:
             x = self.transform(x)
         return x, int(self.targets[i])
+
+
+def write_pngs(
+    folder: str | Path, split: str = "test", protocol: str = "half", split_seed: int = 0
+) -> list[Path]:
+    """Write a split of the digits as 8x8 grayscale PNGs, ``folder/<label>/<split>_<i>.png``.
+
+    Item ``i`` of ``Digits(split=split, ...)`` becomes ``<split>_<i:04d>.png`` in the
+    folder of its label, so ``softmine-embed RUN --images folder`` reads the labels
+    from the folder names. Pixels are the dataset's values in [0, 1] times 255,
+    rounded to 8 bits (the dataset's 17 grey levels are k / 16).
+    """
+    from PIL import Image
+
+    data = Digits(split=split, protocol=protocol, split_seed=split_seed)
+    pixels = np.rint(data.images[:, 0].numpy() * 255).astype(np.uint8)
+    written = []
+    for i, (img, label) in enumerate(zip(pixels, data.targets, strict=True)):
+        path = Path(folder) / str(int(label)) / f"{split}_{i:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img, "L").save(path)
+        written.append(path)
+    return written

@@ -1,7 +1,10 @@
 """Tiny fake copies of the real datasets, in exactly their published layouts, for tests.
 
-Each ``make_*`` function writes a few classes / identities of small images
-under ``root`` with the same folder structure, file names, text-file formats
+``make_cub``, ``make_cars``, ``make_sop``, ``make_inshop`` (images), ``make_mars``,
+``make_ilidsvid``, ``make_prid2011``, ``make_lpw`` (video), and for your own data
+``make_image_folder`` and ``make_csv``. Each ``make_*`` function writes a few
+classes / identities of small images under ``root`` with the same folder
+structure, file names, text-file formats
 and ``.mat`` variables (written with :func:`scipy.io.savemat`, struct arrays
 with the published field names) as the real download, and returns ``root``.
 The loaders cannot tell them from the real thing except by size, so they serve
@@ -317,10 +320,188 @@ def make_prid2011(
     return root
 
 
+# ---------------------------------------------------------- Stanford Online Products
+
+SOP_SUPER_CLASSES = ("bicycle", "cabinet", "chair", "coffee_maker")
+
+
+def make_sop(
+    root: str | Path, train_classes: int = 3, test_classes: int = 3, images_per_class: int = 2
+) -> Path:
+    """A fake ``Stanford_Online_Products/`` folder: ``Ebay_train.txt``, ``Ebay_test.txt``, images.
+
+    Class ids run 1..train_classes in ``Ebay_train.txt`` and on in ``Ebay_test.txt``
+    (class-disjoint, as published); class ``c`` lies in super-class folder
+    ``SOP_SUPER_CLASSES[c % 4] + "_final"`` and its images are
+    ``<product id>_<k>.JPG`` (8 x 8 JPEGs).
+    """
+    root = Path(root)
+    image_id = 0
+    classes = {"train": range(1, train_classes + 1)}
+    classes["test"] = range(train_classes + 1, train_classes + test_classes + 1)
+    for part, ids in classes.items():
+        lines = ["image_id class_id super_class_id path"]
+        for c in ids:
+            sup = c % len(SOP_SUPER_CLASSES)
+            product = 111000000000 + 37 * c
+            for k in range(images_per_class):
+                image_id += 1
+                rel = f"{SOP_SUPER_CLASSES[sup]}_final/{product}_{k}.JPG"
+                write_image(root / rel, 8, 8, blue=8 * c)
+                lines.append(f"{image_id} {c} {sup + 1} {rel}")
+        (root / f"Ebay_{part}.txt").parent.mkdir(parents=True, exist_ok=True)
+        (root / f"Ebay_{part}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+# ------------------------------------------------------------- In-Shop Clothes
+
+# (item number, status, images) per item, in list_eval_partition.txt order; test items have
+# query and gallery images, as published.
+INSHOP_ITEMS = [
+    (2, "train", 3),
+    (5, "train", 2),
+    (7, "train", 3),
+    (8, "query", 2),
+    (8, "gallery", 1),
+    (10, "query", 1),
+    (10, "gallery", 2),
+    (12, "query", 2),
+    (12, "gallery", 2),
+]
+
+
+def make_inshop(
+    root: str | Path,
+    items: Sequence[tuple[int, str, int]] = INSHOP_ITEMS,
+    images_in_img_folder: bool = True,
+    partition_in_eval: bool = True,
+) -> Path:
+    """A fake "In-shop Clothes Retrieval Benchmark" folder: the partition file and images.
+
+    ``items`` lists ``(item number, train|query|gallery, images)``. Images are
+    ``img/WOMEN/Dresses/id_NNNNNNNN/NN_K_front.jpg`` under ``Img/`` (the unpacked
+    ``Img/img.zip``), or directly under the root without ``images_in_img_folder``;
+    ``list_eval_partition.txt`` goes to ``Eval/`` or, without ``partition_in_eval``,
+    to the root. Its first line is the image count, the second the header.
+    """
+    root = Path(root)
+    base = root / "Img" if images_in_img_folder else root
+    lines, counter = [], {}
+    for item, status, n in items:
+        for _ in range(n):
+            k = counter[item] = counter.get(item, 0) + 1
+            rel = f"img/WOMEN/Dresses/id_{item:08d}/{k:02d}_{k}_front.jpg"
+            write_image(base / rel, 8, 8, blue=8 * item)
+            lines.append(f"{rel} id_{item:08d} {status}")
+    folder = root / "Eval" if partition_in_eval else root
+    folder.mkdir(parents=True, exist_ok=True)
+    head = [str(len(lines)), "image_name item_id evaluation_status"]
+    (folder / "list_eval_partition.txt").write_text("\n".join(head + lines) + "\n")
+    return root
+
+
+# ------------------------------------------------------------------------- LPW
+
+# scene -> view -> person numbers (per scene, not contiguous, as published); scene 1's view 2
+# people all appear in view 1 or 3, the other views of the scene.
+LPW_PEOPLE = {
+    1: {1: [3, 9, 14], 2: [3, 9, 20], 3: [9, 20, 31]},
+    2: {1: [4, 6], 2: [4, 11], 3: [6, 11, 15], 4: [15]},
+    3: {1: [2], 2: [2, 8], 3: [8], 4: [5, 2]},
+}
+
+
+def make_lpw(
+    root: str | Path, people: dict[int, dict[int, list[int]]] | None = None, in_pep: bool = True
+) -> Path:
+    """A fake LPW copy: ``pep_256x128/scen{S}/view{V}/{PID}/{FRAME}.jpg`` (or no pep_256x128/).
+
+    ``people`` maps scene -> view -> person numbers (default :data:`LPW_PEOPLE`).
+    Person ``p`` in view ``v`` has ``2 + (p + v) % 3`` frames, numbered from ``100 * v``.
+    """
+    root = Path(root)
+    base = root / "pep_256x128" if in_pep else root
+    for scene, views in (LPW_PEOPLE if people is None else people).items():
+        for view, persons in views.items():
+            for p in persons:
+                first = 100 * view
+                for f in range(first, first + 2 + (p + view) % 3):
+                    folder = base / f"scen{scene}" / f"view{view}" / str(p)
+                    write_image(folder / f"{f}.jpg", 4, 8, blue=8 * p)
+    return root
+
+
+# ------------------------------------------------------------- your own images
+
+
+def make_image_folder(
+    root: str | Path,
+    num_classes: int = 10,
+    images_per_class: int = 16,
+    size: int = 12,
+    names: Sequence[str] | None = None,
+) -> Path:
+    """A folder of class sub-folders (``dataset=imagefolder``): ``ROOT/<name>/img_K.png``.
+
+    Class ``c`` is named ``names[c]`` (default ``class_c``); its images are ``size``
+    x ``size`` gradients with blue = 8 * c plus a class-specific stripe, so a small
+    network can tell the classes apart.
+    """
+    root = Path(root)
+    for c in range(num_classes):
+        name = names[c] if names is not None else f"class_{c}"
+        for k in range(images_per_class):
+            path = write_image(root / name / f"img_{k}.png", size, size, blue=24 * c + 2 * k)
+            pixels = np.asarray(Image.open(path)).copy()
+            pixels[(c * size) // num_classes, :, :] = 255  # a row that marks the class
+            Image.fromarray(pixels).save(path)
+    return root
+
+
+def make_csv(
+    root: str | Path,
+    labels: Sequence[int] = (0, 1, 2, 3, 4, 5),
+    images_per_label: int = 4,
+    query_gallery: bool = True,
+    name: str = "dataset.csv",
+) -> Path:
+    """A CSV list (``dataset=csv``) with its images under ``root/images/``; returns the CSV path.
+
+    Every label gets ``images_per_label`` 8 x 8 PNGs. With ``query_gallery`` the
+    first half of the labels train and the rest test, the first image of a test
+    label being the query (camera 0) and the others the gallery (camera 1), written
+    as the columns ``split,is_query,is_gallery,camera``.
+    """
+    root = Path(root)
+    half = len(labels) // 2
+    header = "path,label" + (",split,is_query,is_gallery,camera" if query_gallery else "")
+    lines = [header]
+    for i, label in enumerate(labels):
+        for k in range(images_per_label):
+            rel = f"images/{label}/{k}.png"
+            write_image(root / rel, 8, 8, blue=16 * i + k)
+            row = f"{rel},{label}"
+            if query_gallery:
+                test = i >= half
+                query = test and k == 0
+                row += f",{'test' if test else 'train'},{int(query)},{int(test and not query)}"
+                row += f",{0 if query else 1}"
+            lines.append(row)
+    path = root / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 BUILDERS = {
     "cub": make_cub,
     "cars196": make_cars,
     "mars": make_mars,
     "ilidsvid": make_ilidsvid,
     "prid2011": make_prid2011,
+    "sop": make_sop,
+    "inshop": make_inshop,
+    "lpw": make_lpw,
+    "imagefolder": make_image_folder,
+    "csv": make_csv,
 }

@@ -8,6 +8,12 @@ probability proportional to their remaining chunks, and taking one chunk from
 each, until fewer than P classes have chunks left. The order therefore depends
 only on ``(seed, epoch)``: an epoch can be replayed exactly, and resumed part-way
 with :meth:`PKSampler.set_epoch` (``start_batch``).
+
+Under torch.distributed (``world_size`` N > 1) every rank draws the same sequence
+of global batches. By default rank r takes every N-th of them whole, so the batch
+the loss sees (gathered over ranks) is N x P x K. With ``split_across_ranks`` every
+rank takes its share of every global batch instead, P/N whole classes each, so the
+gathered batch is the P x K batch one process would train on.
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ class PKSampler(Sampler[list[int]]):
             sampling with replacement; by default such classes are an error.
         rank, world_size: for distributed training, each rank takes every
             ``world_size``-th batch, so ranks see disjoint batches of the same epoch.
+        split_across_ranks: instead, every rank takes P / world_size whole classes of
+            every batch (rank r the r-th block of K-groups), so the ranks together
+            train on the one-process batches; P must be divisible by world_size.
     """
 
     def __init__(
@@ -43,6 +52,7 @@ class PKSampler(Sampler[list[int]]):
         allow_replacement: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        split_across_ranks: bool = False,
     ) -> None:
         labels = np.asarray(labels)
         if num_classes < 1 or num_samples < 1:
@@ -70,10 +80,19 @@ class PKSampler(Sampler[list[int]]):
             )
         if not 0 <= rank < world_size:
             raise ConfigError(f"sampler rank {rank} must lie in [0, world_size={world_size})")
+        if split_across_ranks and num_classes % world_size:
+            raise ConfigError(
+                f"sampler.split_across_ranks=true gives each of the N={world_size} ranks "
+                f"P/N whole classes of every batch, but P=sampler.num_classes={num_classes} "
+                f"is not divisible by N={world_size}; set sampler.num_classes to a multiple "
+                f"of {world_size}, launch a number of processes that divides {num_classes}, "
+                "or set sampler.split_across_ranks=false"
+            )
         self.P, self.K = int(num_classes), int(num_samples)
         self.seed = int(seed)
         self.allow_replacement = allow_replacement
         self.rank, self.world_size = rank, world_size
+        self.split = bool(split_across_ranks) and world_size > 1
         self.by_class = [np.flatnonzero(labels == c) for c in classes]
         self.epoch = 0
         self.start_batch = 0
@@ -108,10 +127,16 @@ class PKSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         batches = self.epoch_batches(self.epoch)
-        mine = batches[self.rank :: self.world_size]
-        n = len(batches) // self.world_size
-        yield from mine[self.start_batch : n]
+        if self.split:  # the r-th of N equal blocks of whole K-groups of every batch
+            share = self.P // self.world_size * self.K
+            lo = self.rank * share
+            yield from (b[lo : lo + share] for b in batches[self.start_batch :])
+        else:
+            mine = batches[self.rank :: self.world_size]
+            yield from mine[self.start_batch : len(batches) // self.world_size]
         self.start_batch = 0
 
     def __len__(self) -> int:
-        return len(self.epoch_batches(self.epoch)) // self.world_size - self.start_batch
+        """Batches this rank yields in the current epoch (after ``start_batch``)."""
+        n = len(self.epoch_batches(self.epoch))
+        return (n if self.split else n // self.world_size) - self.start_batch

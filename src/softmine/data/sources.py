@@ -27,7 +27,7 @@ class Source:
         name: the dataset's published name.
         config: its ``dataset=`` config name.
         folder: the default ``dataset.root`` (relative to the launch directory).
-        url: where the publisher distributes it.
+        url: where the publisher distributes it (empty for the user's own data).
         layout: the expected files under ``dataset.root``, in one line.
         stats: the published counts that :mod:`softmine.data.check` compares against.
     """
@@ -41,11 +41,15 @@ class Source:
 
     def where(self) -> str:
         """The end of every data error: expected layout and where the set is published."""
-        return (
-            f"Expected layout: dataset.root (default {self.folder}, relative to the "
-            f"directory the command is launched from) holds {self.layout}. "
+        published = (
             f"{self.name} is published at {self.url}; unpack it unchanged so that "
             f"dataset.root holds those files. "
+            if self.url
+            else ""
+        )
+        return (
+            f"Expected layout: dataset.root (default {self.folder}, relative to the "
+            f"directory the command is launched from) holds {self.layout}. {published}"
             f"Check a copy with `python scripts/check_data.py {self.config} ROOT`."
         )
 
@@ -148,8 +152,111 @@ PRID_SOURCE = Source(
     },
 )
 
+SOP_SOURCE = Source(
+    name="Stanford Online Products",
+    config="sop",
+    folder="data/Stanford_Online_Products",
+    url=(
+        "https://cvgl.stanford.edu/projects/lifted_struct/ "
+        "(Stanford_Online_Products.zip; `softmine-data download sop`)"
+    ),
+    layout=(
+        "Ebay_train.txt, Ebay_test.txt (image_id class_id super_class_id path) and the "
+        "image folders they list (bicycle_final/, cabinet_final/, ...)"
+    ),
+    stats={
+        "images": 120053,
+        "classes": 22634,
+        "train_images": 59551,
+        "train_classes": 11318,
+        "test_images": 60502,
+        "test_classes": 11316,
+    },
+)
+
+INSHOP_SOURCE = Source(
+    name="In-Shop Clothes Retrieval (DeepFashion)",
+    config="inshop",
+    folder="data/inshop",
+    url=(
+        "https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html "
+        "(Google Drive: 'In-shop Clothes Retrieval Benchmark', files Img/img.zip and "
+        "Eval/list_eval_partition.txt)"
+    ),
+    layout=(
+        "Eval/list_eval_partition.txt (or list_eval_partition.txt) and the images it lists "
+        "(img/WOMEN/..., img/MEN/...) unpacked from Img/img.zip into Img/ (or into the root)"
+    ),
+    stats={
+        "images": 52712,
+        "train_images": 25882,
+        "train_items": 3997,
+        "query_images": 14218,
+        "gallery_images": 12612,
+        "test_items": 3985,
+    },
+)
+
+LPW_SOURCE = Source(
+    name="LPW (Labeled Pedestrian in the Wild)",
+    config="lpw",
+    folder="data/lpw",
+    url="http://liuyu.us/dataset/lpw/ (pep_256x128.zip)",
+    layout=(
+        "pep_256x128/scen{1,2,3}/viewN/PID/FRAME.jpg (or scen1/, scen2/, scen3/ directly): "
+        "one folder per identity and view, the same PID in the views of a scene is the "
+        "same person"
+    ),
+    stats={
+        "identities": 2731,
+        "tracklets": 7694,
+        "frames": 590547,
+        "train_identities": 1975,
+        "train_tracklets": 5866,
+        "train_frames": 418739,
+        "query_tracklets": 756,
+        "query_frames": 63118,
+        "gallery_tracklets": 1072,
+        "gallery_frames": 108690,
+    },
+)
+
+IMAGEFOLDER_SOURCE = Source(
+    name="image folder",
+    config="imagefolder",
+    folder="data/images",
+    url="",
+    layout=(
+        "one sub-folder per class, the images below it (CLASS/*.jpg, *.png, ...; any depth); "
+        "optionally more such folders as dataset.test_root / query_root / gallery_root"
+    ),
+)
+
+CSV_SOURCE = Source(
+    name="CSV list",
+    config="csv",
+    folder="data/dataset.csv",
+    url="",
+    layout=(
+        "a CSV file (dataset.file) with a header and the columns path,label and optionally "
+        "split,is_query,is_gallery,camera,sequence; paths relative to the CSV's folder"
+    ),
+)
+
 SOURCES: dict[str, Source] = {
-    s.config: s for s in (CUB, CARS, MARS_SOURCE, ILIDSVID_SOURCE, PRID_SOURCE)
+    s.config: s
+    for s in (
+        CUB,
+        CARS,
+        MARS_SOURCE,
+        ILIDSVID_SOURCE,
+        PRID_SOURCE,
+        SOP_SOURCE,
+        INSHOP_SOURCE,
+        LPW_SOURCE,
+        IMAGEFOLDER_SOURCE,
+        CSV_SOURCE,
+    )
 }
 
 

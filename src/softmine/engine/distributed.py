@@ -1,10 +1,13 @@
 """torch.distributed plumbing for ``torchrun``: process group, global batch, gathered evaluation.
 
 Launch with ``torchrun --nproc_per_node=N -m softmine.train ...``: every rank
-trains on its own P x K batches; embeddings and labels are all-gathered with a
-differentiable all-gather, so the pair loss sees the whole global batch and the
-gradients equal those of one process on the concatenated batch (DDP then
-averages the parameter gradients). Only rank 0 writes files.
+trains on its own P x K batches (or, with ``sampler.split_across_ranks``, on its
+P/N classes of each one-process batch); embeddings and labels are all-gathered
+with a differentiable all-gather, so the pair loss sees the whole global batch and
+the gradients equal those of one process on the concatenated batch (DDP then
+averages the parameter gradients). ``trainer.sync_bn`` synchronises BatchNorm
+statistics too (:mod:`softmine.engine.sync_bn`). Only rank 0 writes files.
+User guide: ``docs/distributed.md``.
 """
 
 from __future__ import annotations
@@ -97,6 +100,49 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
     return _GatherWithGrad.apply(x)
+
+
+class _AllReduceWithGrad(torch.autograd.Function):
+    """Sum over ranks whose backward is the same sum of every rank's gradient."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+def all_reduce_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Sum of ``x`` over every rank, differentiable (``x`` itself in one process).
+
+    The gradient reaching a rank's ``x`` is the sum of the gradients of the sum on
+    every rank, the convention of :func:`gather_with_grad` and DDP. (The same as
+    ``torch.distributed.nn.functional.all_reduce``, which recent torch deprecates.)
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return _AllReduceWithGrad.apply(x)
+
+
+def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with the value of its mean over ranks, and the gradient of this rank's ``x``.
+
+    For a loss term that is a mean over this rank's share of the batch (equal
+    shares), the value becomes that of the whole global batch, the same on every
+    rank, while DDP's averaging of the parameter gradients already gives the
+    global batch's gradient.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    mean = x.detach().clone()
+    dist.all_reduce(mean, op=dist.ReduceOp.SUM)
+    return x + (mean / dist.get_world_size() - x.detach())
 
 
 def gather_tensor(x: torch.Tensor) -> torch.Tensor:

@@ -50,28 +50,32 @@ def extract_reid_embeddings(
     device: torch.device,
     frame_batch_size: int = 64,
     num_workers: int = 0,
+    batch_size: int = 256,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(embeddings (n, d), pids (n,), camids (n,)) of a re-ID query or gallery set.
 
-    Items are ``(input, pid, camid)``. Images are embedded by ``model``. Video
-    clips, (T, C, H, W) or chunked (N, T, C, H, W) whole tracklets, are embedded
-    frame by frame in batches of ``frame_batch_size`` and pooled over the real frames
-    of the tracklet (chunk padding dropped) with the model's test-time pooling (mean
-    or max), then L2-normalised: a 920-frame tracklet never has to fit at once.
+    Items are ``(input, pid, camid)``. Image sets (no ``tracklets`` attribute) are
+    embedded by ``model`` in batches of ``batch_size``. Video clips, (T, C, H, W) or
+    chunked (N, T, C, H, W) whole tracklets, are embedded frame by frame in batches of
+    ``frame_batch_size`` and pooled over the real frames of the tracklet (chunk padding
+    dropped) with the model's test-time pooling (mean or max), then L2-normalised: a
+    920-frame tracklet never has to fit at once.
     """
     import torch.nn.functional as F
 
     from softmine.evaluation.video import pool_tracklet_features
 
+    indices = dataset.indices if isinstance(dataset, Subset) else range(len(dataset))
+    base = dataset.dataset if isinstance(dataset, Subset) else dataset
+    tracklets = getattr(base, "tracklets", None)
+    if tracklets is None:
+        return _embed_image_triples(model, dataset, device, batch_size, num_workers)
     was_training = model.training
     model.eval()
     frame_fn = getattr(model, "frame_embeddings", None)
     mode = getattr(model, "eval_pooling", "mean")
     if mode not in ("mean", "max"):
         mode = "mean"
-    indices = dataset.indices if isinstance(dataset, Subset) else range(len(dataset))
-    base = dataset.dataset if isinstance(dataset, Subset) else dataset
-    tracklets = getattr(base, "tracklets", None)
     loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=num_workers)
     feats, pids, camids = [], [], []
     for i, (x, pid, camid) in zip(indices, loader, strict=True):
@@ -94,6 +98,26 @@ def extract_reid_embeddings(
         torch.stack(feats).numpy(),
         np.asarray(pids, dtype=np.int64),
         np.asarray(camids, dtype=np.int64),
+    )
+
+
+def _embed_image_triples(
+    model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int, num_workers: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(embeddings, pids, camids) of a set of ``(image, pid, camid)`` items, in batches."""
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    feats, pids, camids = [], [], []
+    for x, pid, camid in loader:
+        feats.append(model(to_model_input(x, device)).float().cpu())
+        pids.append(torch.as_tensor(pid))
+        camids.append(torch.as_tensor(camid))
+    model.train(was_training)
+    return (
+        torch.cat(feats).numpy(),
+        torch.cat(pids).numpy().astype(np.int64),
+        torch.cat(camids).numpy().astype(np.int64),
     )
 
 

@@ -27,16 +27,22 @@ def metric_names(protocol: str, ks: Sequence[int], ranks: Sequence[int]) -> list
     """The metrics an evaluation of this protocol reports (what ``trainer.monitor`` may name)."""
     if protocol == "reid":
         return [f"cmc@{int(r)}" for r in ranks] + list(REID_METRICS)
+    if protocol == "query_gallery":  # no clustering of one split: no nmi
+        return [f"recall@{int(k)}" for k in ks] + ["map@r", "r_precision"]
     return [f"recall@{int(k)}" for k in ks] + list(RETRIEVAL_METRICS)
 
 
-def check_monitor(monitor: str, names: Sequence[str]) -> None:
-    """A :class:`ConfigError` unless ``monitor`` is one of ``names`` (caught before training)."""
+def resolve_monitor(monitor: str, names: Sequence[str]) -> str:
+    """``auto`` -> the protocol's main metric (``mAP`` for re-ID, ``map@r`` otherwise);
+    anything else must be one of ``names`` (a :class:`ConfigError` before training)."""
+    if monitor == "auto":
+        return "mAP" if "mAP" in names else "map@r"
     if monitor not in names:
         raise ConfigError(
             f"trainer.monitor={monitor!r} is not a metric of this evaluation; choose one of "
-            f"{list(names)}"
+            f"{list(names)} (or auto)"
         )
+    return monitor
 
 
 def best_row(rows: Sequence[dict[str, Any]], monitor: str) -> dict[str, Any] | None:

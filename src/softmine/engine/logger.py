@@ -1,35 +1,110 @@
-"""Run logging: a CSV of training rows always, TensorBoard scalars when it is installed."""
+"""Run logging: a CSV of training rows always, and TensorBoard and MLflow when asked for.
+
+``trainer.loggers`` lists where the rows go:
+
+* ``csv``: ``<run>/train_log.csv`` (required: resuming and the plots read it);
+* ``tensorboard``: scalars under ``<run>/tensorboard/`` (``trainer.tensorboard``:
+  ``auto`` uses it when installed, ``true`` requires it, ``false`` turns it off);
+* ``mlflow``: an MLflow run (``trainer.mlflow``) with the resolved config as params
+  (dotted keys) and as the artifact ``config.yaml``, every row's numbers as metrics
+  at their step, the final metrics as ``final/<name>``, and at the end the
+  artifacts ``metrics.json``, ``train_log.csv`` and ``plots/``. MLflow metric names
+  cannot hold ``@``: ``recall@1`` is logged as ``recall_at_1``.
+"""
 
 from __future__ import annotations
 
 import csv
+import json
 import logging
+import math
+import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
+
+from softmine.errors import ConfigError
+
 log = logging.getLogger(__name__)
+
+LOGGERS = ("csv", "tensorboard", "mlflow")
+MLFLOW_RUN_ID_FILE = "mlflow_run_id"
+MLFLOW_PARAM_BATCH = 100  # params per request (MLflow's limit)
+MLFLOW_PARAM_MAX = 6000  # characters of one param value (MLflow's limit)
+NOT_METRICS = ("step", "epoch")
+
+
+def check_loggers(loggers: Iterable[str]) -> list[str]:
+    """The names in ``trainer.loggers``, checked: known ones, ``csv`` among them."""
+    names = [str(n) for n in loggers]
+    unknown = [n for n in names if n not in LOGGERS]
+    if unknown:
+        raise ConfigError(
+            f"trainer.loggers: unknown logger {unknown[0]!r}; choose among {list(LOGGERS)}, "
+            "e.g. trainer.loggers=[csv,tensorboard,mlflow]"
+        )
+    if "csv" not in names:
+        raise ConfigError(
+            "trainer.loggers must include csv: train_log.csv is what resuming and the plots read "
+            f"(got {names}); e.g. trainer.loggers=[csv,mlflow]"
+        )
+    return names
+
+
+def metric_name(key: str) -> str:
+    """An MLflow-safe metric name: ``@`` becomes ``_at_`` (``recall@1`` -> ``recall_at_1``)."""
+    return key.replace("@", "_at_")
 
 
 class RunLogger:
-    """Writes dict rows to ``<run_dir>/<csv_name>`` (header grows with new keys) and to TensorBoard.
+    """Writes dict rows to ``<run_dir>/<csv_name>`` (header grows with new keys), TensorBoard and MLflow.
 
     Args:
         run_dir: the run folder.
         csv_name: file name of the CSV log.
         tensorboard: ``auto`` (use it when installed), ``true`` (require it) or ``false``.
         enabled: False keeps rows in memory only (ranks other than 0 under torch.distributed).
+        mlflow: an :class:`MlflowLogger` to send the rows to as well, or None.
     """
 
     def __init__(
-        self, run_dir: Path, csv_name: str, tensorboard: str | bool = "auto", enabled: bool = True
+        self,
+        run_dir: Path,
+        csv_name: str,
+        tensorboard: str | bool = "auto",
+        enabled: bool = True,
+        mlflow: MlflowLogger | None = None,
     ) -> None:
-        self.path = Path(run_dir) / csv_name
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / csv_name
         self.enabled = enabled
         self.rows: list[dict[str, Any]] = []
         if self.path.exists():
             with self.path.open(newline="") as f:
                 self.rows = list(csv.DictReader(f))
-        self.writer = self._tensorboard(Path(run_dir), str(tensorboard).lower())
+        self.writer = self._tensorboard(self.run_dir, str(tensorboard).lower())
+        self.mlflow = mlflow
+
+    @classmethod
+    def from_config(
+        cls, run_dir: Path, csv_name: str, cfg: DictConfig, enabled: bool = True
+    ) -> RunLogger:
+        """The loggers ``cfg.trainer`` asks for (``loggers``, ``tensorboard``, ``mlflow``)."""
+        t = cfg.trainer
+        names = check_loggers(t.get("loggers", ["csv", "tensorboard"]))
+        mode = str(t.get("tensorboard", "auto")).lower()
+        if "tensorboard" not in names and mode not in ("true", "1", "yes"):
+            mode = "false"
+        if not enabled:
+            mode = "false"
+        mlflow = None
+        if "mlflow" in names and enabled:
+            mlflow = MlflowLogger(
+                run_dir, t.get("mlflow") or {}, cfg, resume=bool(cfg.get("resume"))
+            )
+        return cls(run_dir, csv_name, tensorboard=mode, enabled=enabled, mlflow=mlflow)
 
     @staticmethod
     def _tensorboard(run_dir: Path, mode: str) -> Any:
@@ -39,8 +114,6 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             if mode in ("true", "1", "yes"):
-                from softmine.errors import ConfigError
-
                 raise ConfigError(
                     "trainer.tensorboard=true but tensorboard is not installed; "
                     "pip install 'softmine[tensorboard]' or set trainer.tensorboard=auto"
@@ -60,10 +133,16 @@ class RunLogger:
     def log(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
         self._write()
-        if self.writer is not None and "step" in row:
-            for k, v in row.items():
-                if isinstance(v, int | float) and k not in ("step", "epoch"):
-                    self.writer.add_scalar(k, v, int(row["step"]))
+        if "step" not in row:
+            return
+        numbers = {
+            k: v for k, v in row.items() if isinstance(v, int | float) and k not in NOT_METRICS
+        }
+        if self.writer is not None:
+            for k, v in numbers.items():
+                self.writer.add_scalar(k, v, int(row["step"]))
+        if self.mlflow is not None:
+            self.mlflow.log_metrics(numbers, int(row["step"]))
 
     def _write(self) -> None:
         if not self.enabled:
@@ -83,3 +162,150 @@ class RunLogger:
             self.writer.flush()
             self.writer.close()
             self.writer = None
+        if self.mlflow is not None:
+            step = int(self.rows[-1].get("step", 0) or 0) if self.rows else 0
+            self.mlflow.finish(self.run_dir, step)
+            self.mlflow = None
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, str]:
+    """Dotted keys of a nested config: ``{"trainer.epochs": "30", ...}`` (lists as their text)."""
+    if isinstance(node, dict):
+        out: dict[str, str] = {}
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: str(node)[:MLFLOW_PARAM_MAX]}
+
+
+def _is_file_store(uri: str) -> bool:
+    return uri.startswith("file:") or "://" not in uri and ":" not in uri.split("/")[0]
+
+
+class MlflowLogger:
+    """One MLflow run for one softmine run; see the module docstring for what it records.
+
+    Args:
+        run_dir: the run folder (the MLflow run id is kept in ``<run_dir>/mlflow_run_id``,
+            so ``resume=true`` continues the same MLflow run).
+        settings: ``trainer.mlflow``: ``tracking_uri`` (None: the file store ``mlruns/`` in
+            the current directory), ``experiment``, ``run_name`` (None: the run folder).
+        config: the run's config, logged as params and as ``config.yaml``.
+        resume: continue the MLflow run recorded in the run folder, if any.
+
+    A tracking server that fails during training costs a warning, never the run.
+    """
+
+    def __init__(
+        self, run_dir: Path, settings: Any, config: DictConfig, resume: bool = False
+    ) -> None:
+        try:
+            from mlflow.entities import Param
+            from mlflow.tracking import MlflowClient
+        except ImportError:
+            raise ConfigError(
+                "trainer.loggers has mlflow but MLflow is not installed; "
+                "pip install 'softmine[mlflow]' or remove mlflow from trainer.loggers"
+            ) from None
+        run_dir = Path(run_dir)
+        self.failed = False  # set after the first failure: later calls do nothing
+        uri = settings.get("tracking_uri") or (Path.cwd() / "mlruns").as_uri()
+        if _is_file_store(str(uri)):  # MLflow 3 keeps the file store only on request
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.uri = str(uri)
+        try:
+            self.client = MlflowClient(tracking_uri=self.uri)
+            name = str(settings.get("experiment") or "softmine")
+            experiment = self.client.get_experiment_by_name(name)
+            experiment_id = (
+                experiment.experiment_id if experiment else self.client.create_experiment(name)
+            )
+            id_file = run_dir / MLFLOW_RUN_ID_FILE
+            if resume and id_file.exists():  # the same MLflow run goes on
+                self.run_id = id_file.read_text().strip()
+                self.client.get_run(self.run_id)
+                return
+            run = self.client.create_run(
+                experiment_id,
+                run_name=str(settings.get("run_name") or _run_name(run_dir)),
+                tags={"softmine.run_dir": str(run_dir.resolve())},
+            )
+            self.run_id = run.info.run_id
+            run_dir.mkdir(parents=True, exist_ok=True)
+            id_file.write_text(self.run_id + "\n")
+            resolved = OmegaConf.to_container(config, resolve=True)
+            params = [Param(k, v) for k, v in sorted(_flatten(resolved).items())]
+            for i in range(0, len(params), MLFLOW_PARAM_BATCH):
+                self.client.log_batch(self.run_id, params=params[i : i + MLFLOW_PARAM_BATCH])
+            self.client.log_text(
+                self.run_id, OmegaConf.to_yaml(config, resolve=True), "config.yaml"
+            )
+        except ConfigError:
+            raise
+        except Exception as e:  # MLflow raises many types (connection, permissions, ...)
+            raise ConfigError(
+                f"MLflow at {self.uri} failed to start the run ({type(e).__name__}: "
+                f"{str(e).strip().splitlines()[0] if str(e).strip() else e!r}); check "
+                "trainer.mlflow.tracking_uri, or remove mlflow from trainer.loggers"
+            ) from e
+
+    def _safely(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+        if self.failed:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as e:  # tracking must never stop training
+            self.failed = True
+            log.warning(
+                "MLflow %s failed (%s: %s); MLflow logging stops, training goes on",
+                what,
+                type(e).__name__,
+                e,
+            )
+
+    def log_metrics(self, values: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = _now_ms()
+        metrics = [
+            Metric(metric_name(k), float(v), now, step)
+            for k, v in values.items()
+            if not math.isnan(float(v))
+        ]
+        if metrics:
+            self._safely("metric logging", self.client.log_batch, self.run_id, metrics=metrics)
+
+    def finish(self, run_dir: Path, step: int) -> None:
+        """Final metrics, the run's files as artifacts, and the run's end status."""
+        metrics_file = run_dir / "metrics.json"
+        finished = metrics_file.exists()
+        if finished:
+            final = json.loads(metrics_file.read_text())
+            self.log_metrics({f"final/{k}": v for k, v in final.items()}, step)
+            self._safely(
+                "artifact upload", self.client.log_artifact, self.run_id, str(metrics_file)
+            )
+        log_file = run_dir / "train_log.csv"
+        if log_file.exists():
+            self._safely("artifact upload", self.client.log_artifact, self.run_id, str(log_file))
+        plots = run_dir / "plots"
+        if plots.is_dir():
+            self._safely(
+                "artifact upload", self.client.log_artifacts, self.run_id, str(plots), "plots"
+            )
+        status = "FINISHED" if finished else "KILLED"
+        self._safely("closing the run", self.client.set_terminated, self.run_id, status)
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
+
+
+def _run_name(run_dir: Path) -> str:
+    """The run folder, relative to the current directory when below it."""
+    try:
+        return str(run_dir.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(run_dir)

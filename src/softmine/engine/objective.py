@@ -8,7 +8,7 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor, nn
 
-from softmine.engine.distributed import gather_tensor, gather_with_grad
+from softmine.engine.distributed import gather_tensor, gather_with_grad, mean_over_ranks
 from softmine.losses.pairwise import to_float32
 
 
@@ -17,12 +17,17 @@ class Objective(nn.Module):
 
     Under torch.distributed the embeddings and labels of all ranks are gathered
     (differentiably) before the loss, so every rank computes the loss of the whole
-    global batch.
+    global batch. The video frame cross-entropy is a mean over this rank's frames;
+    its value is averaged over ranks (the global batch's value, the same on every
+    rank), and DDP's gradient averaging gives the global batch's gradient.
 
     A loss with classifier heads on named backbone features declares them in
     ``loss_fn.feature_names``; the objective then runs ``model.forward_features`` and
     hands those features (gathered like the embeddings, half precision promoted to
-    float32) to ``loss_fn(..., features=...)``.
+    float32) to ``loss_fn(..., features=...)``. A video model's features are per frame,
+    (B, T, dim); a loss that declares ``frame_features = True`` gets them so, any other
+    loss gets tracklet-level ones: ``embedding`` is the pooled tracklet feature before L2
+    normalisation and every other feature is averaged over the frames.
 
     Args:
         model: the embedding network; a video model (with ``frame_loss``) is called
@@ -42,6 +47,7 @@ class Objective(nn.Module):
         self.video = hasattr(model, "frame_loss")
         self.loss_details = "return_details" in inspect.signature(loss_fn.forward).parameters
         self.feature_names = sorted(getattr(loss_fn, "feature_names", ()) or ())
+        self.frame_features = bool(getattr(loss_fn, "frame_features", False))
 
     def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         ctx = (
@@ -55,9 +61,13 @@ class Objective(nn.Module):
             if self.feature_names:
                 args = (x, y) if self.video else (x,)
                 emb, model_details = self.model.forward_features(*args)
-                kwargs["features"] = {
-                    k: gather_with_grad(to_float32(model_details[k])) for k in self.feature_names
-                }
+                feats = {k: model_details[k] for k in self.feature_names}
+                if self.video and not self.frame_features:
+                    feats = {
+                        k: model_details["tracklet"] if k == "embedding" else v.mean(dim=1)
+                        for k, v in feats.items()
+                    }
+                kwargs["features"] = {k: gather_with_grad(to_float32(v)) for k, v in feats.items()}
             elif self.video:
                 emb, model_details = self.model(x, y, return_details=True)
             else:
@@ -71,7 +81,7 @@ class Objective(nn.Module):
         details = dict(details)
         details["labels"] = y_all
         if self.video:
-            frame_ce = self.model.frame_loss(model_details, y)
+            frame_ce = mean_over_ranks(self.model.frame_loss(model_details, y))
             loss = loss + frame_ce
             details["frame_ce"] = frame_ce.detach()
         return loss, details

@@ -41,7 +41,7 @@ from softmine.engine.embed import raw_inputs, to_model_input
 from softmine.engine.eval_history import (
     EVAL_LOG_FILE,
     best_test_summary,
-    check_monitor,
+    resolve_monitor,
     write_eval_log,
 )
 from softmine.engine.evaluator import Evaluator
@@ -50,6 +50,7 @@ from softmine.engine.objective import Objective
 from softmine.engine.optim import build_optimizer
 from softmine.engine.setup import resolve_device, resolve_num_workers, seed_everything
 from softmine.engine.signals import GracefulInterrupt
+from softmine.engine.sync_bn import convert_sync_batchnorm
 from softmine.engine.validate import validate_config
 from softmine.errors import ConfigError, Interrupted, TrainingError
 from softmine.evaluation import retrieval_metrics
@@ -148,7 +149,7 @@ class Trainer:
         self.evaluator = Evaluator(cfg, self.device, dist=self.dist)
         labels = np.asarray(self.train_set.labels)
         self.num_classes = _check_train_labels(labels)
-        check_monitor(str(tcfg.monitor), self.evaluator.metric_names())
+        self.monitor = resolve_monitor(str(tcfg.monitor), self.evaluator.metric_names())
 
         emb_dim = int(cfg.backbone.embedding_dim)
         self.model = build(
@@ -205,6 +206,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=precision == "fp16" and self.device.type == "cuda"
         )
+        if tcfg.sync_bn:  # BatchNorm statistics of the global batch (no-op in one process)
+            self.model = convert_sync_batchnorm(self.model, self.device)
         self.objective: torch.nn.Module = Objective(self.model, self.loss_fn, autocast_dtype)
         if self.dist.enabled:
             self.objective = DistributedDataParallel(
@@ -212,11 +215,8 @@ class Trainer:
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
             )
         self.state = TrainState()
-        self.logger = RunLogger(
-            self.run_dir,
-            TRAIN_LOG_FILE,
-            tensorboard=tcfg.tensorboard if self.dist.is_main else False,
-            enabled=self.dist.is_main,
+        self.logger = RunLogger.from_config(
+            self.run_dir, TRAIN_LOG_FILE, cfg, enabled=self.dist.is_main
         )
 
     # ---------------------------------------------------------------- run folder / resume
@@ -395,14 +395,14 @@ class Trainer:
         """What ``metrics.json`` holds: the final metrics, plus the test-chosen snapshot's."""
         return {
             **self.state.metrics,
-            **best_test_summary(self.state.evals, str(self.cfg.trainer.monitor)),
+            **best_test_summary(self.state.evals, self.monitor),
         }
 
     def _track_best(self) -> None:
         t = self.cfg.trainer
         if not t.save_best:
             return
-        value = self.state.metrics.get(str(t.monitor))
+        value = self.state.metrics.get(self.monitor)
         if value is None:
             raise ConfigError(
                 f"trainer.monitor={t.monitor!r} is not among the metrics {sorted(self.state.metrics)}"

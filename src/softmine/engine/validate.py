@@ -12,6 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from softmine.engine.logger import check_loggers
 from softmine.engine.setup import resolve_device
 from softmine.errors import ConfigError
 from softmine.losses.osm_caa import check_loss_hparams
@@ -68,6 +69,7 @@ def validate_config(cfg: DictConfig, run_dir: Path | None = None) -> None:
     if int(t.get("checkpoint_every", 0)) < 0:
         raise ConfigError(f"trainer.checkpoint_every must be >= 0 (got {t.checkpoint_every})")
     resolve_device(t.device)
+    check_loggers(t.get("loggers", ["csv"]))
     if run_dir is not None:
         check_writable(Path(run_dir))
     if "dataset" in cfg and cfg.dataset.get("root"):

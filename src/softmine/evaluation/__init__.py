@@ -12,6 +12,7 @@ from softmine.evaluation.rerank import k_reciprocal_distances
 from softmine.evaluation.retrieval import (
     map_at_r,
     nmi,
+    query_gallery_metrics,
     r_precision,
     ranking_metrics,
     recall_at_k,
@@ -32,6 +33,7 @@ __all__ = [
     "map_at_r",
     "nmi",
     "pool_tracklet_features",
+    "query_gallery_metrics",
     "r_precision",
     "ranking_metrics",
     "recall_at_k",

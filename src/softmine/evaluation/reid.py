@@ -8,6 +8,9 @@ matrix, e.g. after k-reciprocal re-ranking), then:
 - gallery items whose identity is in ``junk_pids`` (MARS/Market: -1) are removed;
 - gallery items whose identity is in ``distractor_pids`` (MARS/Market: 0) stay in the
   ranking as negatives for every query and are never a match;
+- by default both lists are empty: every identity is real, so a data set with 0-based
+  identities keeps identity 0. Each dataset config declares its own lists
+  (``dataset.junk_pids``, ``dataset.distractor_pids``) and the evaluator passes them;
 - a true match is a remaining gallery item with the query's identity;
 - a query with no true match is skipped and counted (``num_skipped``), never silently.
 
@@ -203,8 +206,8 @@ def evaluate_reid_distmat(
     *,
     max_rank: int = 20,
     ap: APType = "standard",
-    junk_pids: Sequence[int] = (-1,),
-    distractor_pids: Sequence[int] = (0,),
+    junk_pids: Sequence[int] = (),
+    distractor_pids: Sequence[int] = (),
     chunk_size: int | None = None,
 ) -> ReIDResult:
     """Like :func:`evaluate_reid`, ranking by a given (Q, G) distance matrix (lower = closer)."""
@@ -246,11 +249,15 @@ def evaluate_reid(
     k1: int = 20,
     k2: int = 6,
     lambda_value: float = 0.3,
-    junk_pids: Sequence[int] = (-1,),
-    distractor_pids: Sequence[int] = (0,),
+    junk_pids: Sequence[int] = (),
+    distractor_pids: Sequence[int] = (),
     chunk_size: int | None = None,
 ) -> ReIDResult:
     """CMC, AP per query and mAP of query/gallery features by cosine similarity (module protocol).
+
+    ``junk_pids`` / ``distractor_pids`` (default: none, every identity real) are the
+    identities removed from the gallery / kept in it as never-matching negatives; MARS
+    and Market-1501 use ``(-1,)`` / ``(0,)``.
 
     ``ap`` picks the AP definition, with rank_i the rank of the i-th true match among the
     kept gallery items and M the number of true matches:
@@ -293,14 +300,27 @@ def cmc_map(
     gallery_pids: ArrayLike,
     gallery_camids: ArrayLike,
     max_rank: int = 20,
+    *,
+    junk_pids: Sequence[int] = (),
+    distractor_pids: Sequence[int] = (),
 ) -> tuple[np.ndarray, float]:
     """(CMC (max_rank,), mAP) under the Market-1501/MARS rules, cosine similarity, standard AP.
 
-    Queries without a true match are skipped; a ``UserWarning`` says how many (use
-    :func:`evaluate_reid` for the count, the trapezoid AP and re-ranking).
+    Every identity is real unless listed in ``junk_pids`` (removed from the gallery) or
+    ``distractor_pids`` (kept as negatives, never a match); MARS: ``junk_pids=(-1,)``,
+    ``distractor_pids=(0,)``. Queries without a true match are skipped; a ``UserWarning``
+    says how many (use :func:`evaluate_reid` for the count, the trapezoid AP and re-ranking).
     """
     res = evaluate_reid(
-        query, query_pids, query_camids, gallery, gallery_pids, gallery_camids, max_rank=max_rank
+        query,
+        query_pids,
+        query_camids,
+        gallery,
+        gallery_pids,
+        gallery_camids,
+        max_rank=max_rank,
+        junk_pids=junk_pids,
+        distractor_pids=distractor_pids,
     )
     if res.num_skipped:
         warnings.warn(
@@ -326,8 +346,8 @@ def reid_metrics(
     k1: int = 20,
     k2: int = 6,
     lambda_value: float = 0.3,
-    junk_pids: Sequence[int] = (-1,),
-    distractor_pids: Sequence[int] = (0,),
+    junk_pids: Sequence[int] = (),
+    distractor_pids: Sequence[int] = (),
 ) -> dict[str, float]:
     """The flat dict for ``metrics.json``: ``cmc@R`` for each R in ``ranks``, ``mAP``, ``num_skipped_queries``."""
     res = evaluate_reid(

@@ -1,11 +1,13 @@
-"""Retrieval metrics of deep metric learning, leave-one-out on one labelled test set.
+"""Retrieval metrics of deep metric learning: leave-one-out on one labelled test set, or query/gallery.
 
-Each test item is a query in turn; its database is every other test item, ranked by
-cosine similarity (exact faiss search, see :mod:`softmine.evaluation.knn`). The query
+Leave-one-out (CUB, Cars196, SOP): each test item is a query in turn; its database is
+every other test item, ranked by cosine similarity (exact faiss search, see
+:mod:`softmine.evaluation.knn`). The query
 itself is excluded by index, so an exact duplicate of it still counts as a neighbour.
 All ranking metrics come from one chunked search with ``k = max(max K, largest R)``,
 where R of a query is the number of other items with its label; memory stays bounded
-by the chunk size times that k (never an N x N matrix).
+by the chunk size times that k (never an N x N matrix). Query/gallery (In-Shop):
+:func:`query_gallery_metrics` ranks a separate gallery for each query, the same way.
 """
 
 from __future__ import annotations
@@ -42,6 +44,43 @@ def _ks(ks: Iterable[int]) -> list[int]:
     return out
 
 
+def _reduce_chunks(
+    chunks: Iterable[tuple[int, np.ndarray, np.ndarray]],
+    query_labels: np.ndarray,
+    base_labels: np.ndarray,
+    r: np.ndarray,
+    ks: list[int],
+    with_r: bool,
+) -> dict[str, float]:
+    """Recall@K, MAP@R and R-Precision from the chunked neighbour lists of every query.
+
+    ``r[i]`` is the number of relevant database items of query i (items with its label).
+    """
+    hits = np.zeros(len(ks), dtype=np.int64)
+    ap_sum = rp_sum = 0.0
+    for start, _, idx in chunks:
+        stop = start + len(idx)
+        rel = base_labels[idx] == query_labels[start:stop, None]
+        if ks:
+            first = np.where(rel.any(1), rel.argmax(1), np.iinfo(np.int64).max)
+            hits += (first[:, None] < np.asarray(ks)[None, :]).sum(0)
+        if with_r:
+            rr = r[start:stop]
+            rel &= np.arange(idx.shape[1])[None, :] < rr[:, None]
+            cum = np.cumsum(rel, axis=1, dtype=np.int64)
+            precision_at_hits = np.where(rel, cum / np.arange(1, idx.shape[1] + 1), 0.0)
+            valid = rr > 0
+            ap_sum += float((precision_at_hits.sum(1)[valid] / rr[valid]).sum())
+            rp_sum += float((cum[:, -1][valid] / rr[valid]).sum())
+    n = len(query_labels)
+    out = {f"recall@{kk}": float(h) / n for kk, h in zip(ks, hits, strict=True)}
+    if with_r:
+        n_valid = int((r > 0).sum())
+        out["map@r"] = ap_sum / n_valid if n_valid else 0.0
+        out["r_precision"] = rp_sum / n_valid if n_valid else 0.0
+    return out
+
+
 def ranking_metrics(
     embeddings: ArrayLike,
     labels: ArrayLike,
@@ -69,28 +108,48 @@ def ranking_metrics(
     _, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
     r = counts[inverse] - 1
     k = max([*ks, int(r.max()) if with_r else 0, 1])
-    hits = np.zeros(len(ks), dtype=np.int64)
-    ap_sum = rp_sum = 0.0
-    for start, _, idx in iter_knn(x, k=k, exclude_self=True, device=device, chunk_size=chunk_size):
-        stop = start + len(idx)
-        rel = y[idx] == y[start:stop, None]
-        if ks:
-            first = np.where(rel.any(1), rel.argmax(1), np.iinfo(np.int64).max)
-            hits += (first[:, None] < np.asarray(ks)[None, :]).sum(0)
-        if with_r:
-            rr = r[start:stop]
-            rel &= np.arange(idx.shape[1])[None, :] < rr[:, None]
-            cum = np.cumsum(rel, axis=1, dtype=np.int64)
-            precision_at_hits = np.where(rel, cum / np.arange(1, idx.shape[1] + 1), 0.0)
-            valid = rr > 0
-            ap_sum += float((precision_at_hits.sum(1)[valid] / rr[valid]).sum())
-            rp_sum += float((cum[:, -1][valid] / rr[valid]).sum())
-    out = {f"recall@{kk}": float(h) / len(y) for kk, h in zip(ks, hits, strict=True)}
-    if with_r:
-        n_valid = int((r > 0).sum())
-        out["map@r"] = ap_sum / n_valid if n_valid else 0.0
-        out["r_precision"] = rp_sum / n_valid if n_valid else 0.0
-    return out
+    chunks = iter_knn(x, k=k, exclude_self=True, device=device, chunk_size=chunk_size)
+    return _reduce_chunks(chunks, y, y, r, ks, with_r)
+
+
+def query_gallery_metrics(
+    query: ArrayLike,
+    query_labels: ArrayLike,
+    gallery: ArrayLike,
+    gallery_labels: ArrayLike,
+    ks: Iterable[int] = (1, 10, 20, 30, 40, 50),
+    *,
+    with_r: bool = True,
+    device: str = "auto",
+    chunk_size: int | None = None,
+) -> dict[str, float]:
+    """The metrics of :func:`ranking_metrics` for queries searched in a separate gallery.
+
+    The protocol of In-Shop Clothes (and of a CSV with ``is_query`` / ``is_gallery``
+    columns): each query ranks the whole gallery by cosine similarity (nothing is
+    excluded: query and gallery are different images), R = number of gallery items with
+    the query's label. ``recall@K`` counts every query (one without a same-label gallery
+    item is a miss); ``map@r`` / ``r_precision`` average over queries with R > 0.
+    Searched in chunks with faiss like the leave-one-out metrics (bounded memory).
+    """
+    q, g = as_array(query), as_array(gallery)
+    qy, gy = as_labels(query_labels), as_labels(gallery_labels)
+    if len(q) != len(qy) or len(g) != len(gy):
+        raise ValueError(
+            f"{len(q)} query embeddings but {len(qy)} labels, {len(g)} gallery embeddings "
+            f"but {len(gy)} labels; they must match one to one"
+        )
+    if len(q) == 0 or len(g) == 0:
+        raise ValueError(
+            f"query/gallery retrieval needs items on both sides, got {len(q)}/{len(g)}"
+        )
+    ks = _ks(ks)
+    classes, counts = np.unique(gy, return_counts=True)
+    pos = np.searchsorted(classes, qy).clip(0, len(classes) - 1)
+    r = np.where(classes[pos] == qy, counts[pos], 0)
+    k = min(max([*ks, int(r.max()) if with_r else 0, 1]), len(g))
+    chunks = iter_knn(q, g, k=k, device=device, chunk_size=chunk_size)
+    return _reduce_chunks(chunks, qy, gy, r, ks, with_r)
 
 
 def recall_at_k(

@@ -334,6 +334,9 @@ class OSMCAAOfficialVideoLoss(_ReleasedBase):
             )
             self.tracklet_head = built["tracklet"]
 
+    #: the training objective hands this loss per-frame (B, T, dim) features
+    frame_features = True
+
     @property
     def feature_names(self) -> set[str]:
         return super().feature_names | {"embedding"}

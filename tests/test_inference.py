@@ -1,0 +1,306 @@
+"""softmine.inference: model loading, embedding, saved embeddings, faiss index and export.
+
+Checked against numbers computed another way: the model applied by hand to the
+tensors a file must decode to, brute-force cosine ranking in NumPy, the run's own
+metrics, and onnxruntime / TorchScript against PyTorch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from softmine.data.digits import Digits, write_pngs
+from softmine.errors import ConfigError, DataError
+from softmine.evaluation import retrieval_metrics
+from softmine.inference import (
+    EmbeddingIndex,
+    Embeddings,
+    embed_images,
+    embed_split,
+    export_model,
+    list_images,
+    load_embeddings,
+    load_model,
+    read_image_list,
+    save_embeddings,
+)
+from softmine.inference.images import encode_labels
+from tests.conftest import FAST_DIGITS, compose
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A digits run folder trained for 20 iterations."""
+    from softmine.engine import Trainer
+
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = compose(["trainer.max_iters=20", "trainer.device=cpu", *FAST_DIGITS])
+    Trainer(cfg, run_dir).fit()
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def pngs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("png")
+    write_pngs(folder, "test")
+    return folder
+
+
+def _digits_by_hand(loaded, paths: list[str]) -> torch.Tensor:
+    """The model on the test digits a PNG path names, quantised to 8 bits as the PNG stores them."""
+    images = Digits(split="test").images
+    index = [int(Path(p).stem.split("_")[1]) for p in paths]
+    x = torch.round(images[index] * 255) / 255
+    with torch.no_grad():
+        return loaded.model(x)
+
+
+def test_load_model_from_run_folder_and_checkpoint(run: Path) -> None:
+    a = load_model(run, "cpu")
+    b = load_model(run / "checkpoints" / "last.pt", "cpu")
+    assert a.fingerprint == b.fingerprint and len(a.fingerprint) == 16
+    assert a.channels == 1 and a.embedding_dim == 64 and a.transform is None
+    assert not a.model.training and a.step == 20
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    for k, v in state["model"].items():
+        assert torch.equal(a.model.state_dict()[k], v)
+
+
+def test_missing_model_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_model(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        load_model(tmp_path)
+
+
+def test_embed_split_reproduces_the_run_metrics(run: Path) -> None:
+    loaded = load_model(run, "cpu")
+    emb = embed_split(loaded, "test", batch_size=100, progress=False).embeddings
+    want = json.loads((run / "metrics.json").read_text())
+    got = retrieval_metrics(emb.vectors, emb.labels, [1, 2, 4, 8])
+    for k in ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "r_precision"):
+        assert got[k] == pytest.approx(want[k], abs=1e-6), k
+    assert np.array_equal(emb.labels, Digits(split="test").targets)
+
+
+def test_embed_png_folder_equals_the_model_on_the_decoded_pixels(run: Path, pngs: Path) -> None:
+    loaded = load_model(run, "cpu")
+    images = list_images(pngs)
+    assert len(images.paths) == len(Digits(split="test"))
+    result = embed_images(loaded, images, batch_size=128, progress=False)
+    emb = result.embeddings
+    assert result.bad == [] and emb.vectors.dtype == np.float32
+    want = _digits_by_hand(loaded, emb.paths)
+    assert np.abs(emb.vectors - want.numpy()).max() < 1e-5
+    # labels come from the folder names, which are the digits' own labels
+    index = [int(Path(p).stem.split("_")[1]) for p in emb.paths]
+    assert emb.classes is None
+    assert np.array_equal(emb.labels, Digits(split="test").targets[index])
+    assert emb.meta["model"]["fingerprint"] == loaded.fingerprint
+
+
+def test_flip_is_the_normalised_mean_with_the_mirror_image(run: Path, pngs: Path) -> None:
+    loaded = load_model(run, "cpu")
+    paths = list_images(pngs).paths[:5]
+    got = embed_images(loaded, paths, flip=True, progress=False).embeddings.vectors
+    images = Digits(split="test").images
+    x = torch.round(images[[int(Path(p).stem.split("_")[1]) for p in paths]] * 255) / 255
+    with torch.no_grad():
+        want = F.normalize(loaded.model(x) + loaded.model(torch.flip(x, dims=[3])), dim=1)
+    assert np.abs(got - want.numpy()).max() < 1e-5
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+def test_bf16_embeddings_are_float32_and_close(run: Path, pngs: Path) -> None:
+    loaded = load_model(run, "cpu")
+    paths = list_images(pngs).paths[:16]
+    full = embed_images(loaded, paths, progress=False).embeddings.vectors
+    half = embed_images(loaded, paths, precision="bf16", progress=False).embeddings.vectors
+    assert half.dtype == np.float32
+    cosine = np.sum(full * half, axis=1) / np.linalg.norm(half, axis=1)
+    assert cosine.min() > 0.99
+
+
+def test_unreadable_images_stop_or_are_skipped_and_listed(run: Path, tmp_path: Path) -> None:
+    loaded = load_model(run, "cpu")
+    folder = tmp_path / "imgs"
+    (folder / "a").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8), "L").save(folder / "a" / f"{i}.png")
+    (folder / "a" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"broken\.png.*--on-bad-image skip"):
+        embed_images(loaded, list_images(folder), progress=False)
+    result = embed_images(loaded, list_images(folder), on_bad_image="skip", progress=False)
+    assert [Path(p).name for p, _ in result.bad] == ["broken.png"]
+    assert [Path(p).name for p in result.embeddings.paths] == ["0.png", "1.png", "2.png"]
+
+
+def test_images_of_different_sizes_without_a_resize_are_refused(run: Path, tmp_path: Path) -> None:
+    loaded = load_model(run, "cpu")
+    Image.new("L", (8, 8)).save(tmp_path / "a.png")
+    Image.new("L", (9, 8)).save(tmp_path / "b.png")
+    with pytest.raises(DataError, match="different sizes"):
+        embed_images(loaded, list_images(tmp_path), progress=False)
+
+
+def test_empty_or_missing_folder(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("no images here")
+    with pytest.raises(DataError, match="no image files"):
+        list_images(tmp_path)
+    with pytest.raises(DataError, match="no such folder"):
+        list_images(tmp_path / "missing")
+
+
+def test_list_files(tmp_path: Path) -> None:
+    (tmp_path / "with.txt").write_text("# header\nx/a.png\tcat\n\n/abs/b.png\tdog\n")
+    got = read_image_list(tmp_path / "with.txt")
+    assert got.paths == [str(tmp_path / "x" / "a.png"), "/abs/b.png"]
+    assert got.names == ["cat", "dog"]
+    (tmp_path / "plain.txt").write_text("a.png\nb.png\n")
+    assert read_image_list(tmp_path / "plain.txt").names is None
+    (tmp_path / "mixed.txt").write_text("a.png\tcat\nb.png\n")
+    with pytest.raises(DataError, match="line 2"):
+        read_image_list(tmp_path / "mixed.txt")
+    (tmp_path / "empty.txt").write_text("\n# nothing\n")
+    with pytest.raises(DataError, match="no image paths"):
+        read_image_list(tmp_path / "empty.txt")
+
+
+def test_encode_labels() -> None:
+    labels, classes = encode_labels(["3", "10", "3"])
+    assert labels.tolist() == [3, 10, 3] and classes is None
+    labels, classes = encode_labels(["dog", "cat", "dog"])
+    assert classes == ["cat", "dog"] and labels.tolist() == [1, 0, 1]
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".parquet"])
+def test_embeddings_files_round_trip(tmp_path: Path, suffix: str) -> None:
+    rng = np.random.default_rng(0)
+    emb = Embeddings(
+        rng.normal(size=(5, 3)).astype(np.float32),
+        [f"img {i}.jpg" for i in range(5)],
+        np.array([0, 1, 1, 0, 1]),
+        ["cat", "dog"],
+        {"model": {"fingerprint": "abc"}, "flip": True},
+    )
+    back = load_embeddings(save_embeddings(emb, tmp_path / f"e{suffix}"))
+    assert np.array_equal(back.vectors, emb.vectors) and back.paths == emb.paths
+    assert back.labels.tolist() == [0, 1, 1, 0, 1] and back.classes == ["cat", "dog"]
+    assert back.meta == emb.meta and back.label_name(1) == "dog"
+    unlabelled = Embeddings(emb.vectors, emb.paths)
+    assert load_embeddings(save_embeddings(unlabelled, tmp_path / f"u{suffix}")).labels is None
+
+
+def test_unknown_output_suffix_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=".npz or .parquet"):
+        save_embeddings(Embeddings(np.zeros((1, 2)), ["a"]), tmp_path / "e.csv")
+
+
+def _clusters(n: int = 600, d: int = 16, seed: int = 0) -> Embeddings:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(12, d))
+    labels = rng.integers(0, 12, n)
+    x = centres[labels] + 0.3 * rng.normal(size=(n, d))
+    return Embeddings(x.astype(np.float32), [f"{i}.png" for i in range(n)], labels)
+
+
+def _brute_force(x: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    xu = x / np.linalg.norm(x, axis=1, keepdims=True)
+    qu = q / np.linalg.norm(q, axis=1, keepdims=True)
+    sims = qu.astype(np.float64) @ xu.T.astype(np.float64)
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, order, axis=1), order
+
+
+def test_flat_index_is_exact_cosine_search(tmp_path: Path) -> None:
+    emb = _clusters()
+    queries = np.random.default_rng(1).normal(size=(7, emb.dim)).astype(np.float32)
+    index = EmbeddingIndex.build(emb, "flat")
+    hits = EmbeddingIndex.load(index.save(tmp_path / "idx")).search(queries, 5)
+    scores, order = _brute_force(emb.vectors, queries, 5)
+    assert [[h.item for h in row] for row in hits] == order.tolist()
+    assert np.allclose([[h.score for h in row] for row in hits], scores, atol=1e-5)
+    assert hits[0][0].rank == 1 and hits[0][0].path == f"{order[0, 0]}.png"
+    assert hits[0][0].label == int(emb.labels[order[0, 0]])
+    assert "recall@10" not in index.info
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])
+def test_approximate_indexes_report_recall_against_exact(tmp_path: Path, kind: str) -> None:
+    emb = _clusters()
+    index = EmbeddingIndex.build(emb, kind)
+    _, exact = _brute_force(emb.vectors, emb.vectors, 10)
+    _, ids = index.index.search(
+        (emb.vectors / np.linalg.norm(emb.vectors, axis=1, keepdims=True)).astype(np.float32), 10
+    )
+    by_hand = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, ids, strict=True)])
+    assert index.info["recall@10"] == pytest.approx(by_hand)
+    assert index.info["recall_sample"] == len(emb)
+    assert index.info["recall@10"] > (0.9 if kind == "hnsw" else 0.3)
+    loaded = EmbeddingIndex.load(index.save(tmp_path / kind))
+    assert loaded.info["type"] == kind and len(loaded) == len(emb)
+
+
+def test_ivfpq_needs_enough_vectors() -> None:
+    with pytest.raises(ConfigError, match="at least 256"):
+        EmbeddingIndex.build(_clusters(n=100), "ivfpq")
+
+
+def test_index_refuses_queries_of_another_model(tmp_path: Path) -> None:
+    emb = _clusters()
+    emb.meta = {"model": {"fingerprint": "aaaa", "embedding_dim": emb.dim, "checkpoint": "x.pt"}}
+    index = EmbeddingIndex.build(emb, "flat")
+    index.check_queries_from({"fingerprint": "aaaa", "embedding_dim": emb.dim}, "same")
+    with pytest.raises(DataError, match="index/model mismatch.*not the model"):
+        index.check_queries_from({"fingerprint": "bbbb", "embedding_dim": emb.dim}, "other")
+    with pytest.raises(DataError, match="index/model mismatch.*8-d"):
+        index.check_queries_from({"embedding_dim": 8}, "other")
+    with pytest.raises(DataError, match="dimension 3"):
+        index.search(np.zeros((1, 3), np.float32))
+
+
+def test_not_an_index_folder(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="not an index folder"):
+        EmbeddingIndex.load(tmp_path)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.load: TorchScript is deprecated
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_matches_pytorch_on_real_digits(run: Path, tmp_path: Path, fmt: str) -> None:
+    loaded = load_model(run, "cpu")
+    out = tmp_path / ("m.onnx" if fmt == "onnx" else "m.pt")
+    report = export_model(loaded, fmt, out)
+    assert report.input_shape == (1, 8, 8) and report.max_abs_diff <= 1e-4
+    x = Digits(split="test").images[:5]  # batch size 5: neither the traced nor a checked one
+    with torch.no_grad():
+        want = loaded.model(x).numpy()
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        got = session.run(["embeddings"], {"images": x.numpy()})[0]
+    else:
+        got = torch.jit.load(str(out)).eval()(x).detach().numpy()
+    assert got.shape == (5, 64) and np.abs(got - want).max() <= 1e-4
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max"])
+def test_a_video_model_embeds_an_image_as_a_one_frame_tracklet(pooling: str) -> None:
+    from softmine.inference.model import ImageEmbedder
+    from softmine.models import TinyCNN
+    from softmine.models.video import VideoEmbeddingNet
+
+    torch.manual_seed(0)
+    video = VideoEmbeddingNet(TinyCNN(3, 4), 8, head_bn=True, eval_pooling=pooling).eval()
+    x = torch.rand(5, 3, 16, 8)
+    with torch.no_grad():
+        want = video(x[:, None])  # 5 clips of one frame each
+        got = ImageEmbedder(video)(x)
+    assert torch.allclose(got, want, atol=1e-6)
