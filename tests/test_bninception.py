@@ -150,16 +150,19 @@ def test_authors_branches_and_named_features():
     """lim0606's GoogLeNet-BN: loss1 after 3c (4x4 grid), loss2 after 4e (2x2), pool5; no conv bias."""
     torch.manual_seed(0)
     net = BNInception(
-        embedding_from="inception_4e", features=("inception_3c", "pool5"), conv_bias=False
+        embedding_from="inception_4e",
+        features=("inception_3c", "pool5"),
+        conv_bias=False,
+        widths="googlenet_bn",
     ).eval()
     assert net.feature_dims == {"inception_3c": 1024, "inception_4e": 1024, "pool5": 1024}
     assert net.out_features == 1024
     assert not any(k.endswith(".bias") and "_bn" not in k for k in net.state_dict())
     shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-    # train_val.prototxt: loss1/conv 576->128, loss1/fc 128*4*4->1024; loss2/conv 1056->128, fc 512->1024
+    # train_val.prototxt: loss1/conv 576->128, loss1/fc 128*4*4->1024; loss2/conv 1024->128, fc 512->1024
     assert shapes["loss1_conv.weight"] == (128, 576, 1, 1)
     assert shapes["loss1_fc.weight"] == (1024, 2048)
-    assert shapes["loss2_conv.weight"] == (128, 1056, 1, 1)
+    assert shapes["loss2_conv.weight"] == (128, 1024, 1, 1)
     assert shapes["loss2_fc.weight"] == (1024, 512)
     x = torch.rand(2, 3, 224, 224)
     with torch.no_grad():

@@ -16,6 +16,7 @@ Input convention of those weights: **BGR, 0..255, minus the mean pixel
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from softmine.errors import ConfigError
+from softmine.errors import ConfigError, DataError
 from softmine.models.weights import load_matching_state_dict, read_state_dict
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,23 @@ _BLOCKS = (
     _Block("inception_5a", 1056, 352, (192, 320), (160, 224, 224), "avg", 128),
     _Block("inception_5b", 1024, 352, (192, 320), (192, 224, 224), "max", 128),
 )
+# lim0606's GoogLeNet-BN (caffe-googlenet-bn train_val.prototxt, also the authors' train.prototxt):
+# 96-channel pool projections in 4c and 4d (Cadene's port: 128), so 576 channels enter 4d and
+# 4e and 1024 enter 5a.
+_GOOGLENET_BN_BLOCKS = (
+    _Block("inception_3a", 192, 64, (64, 64), (64, 96, 96), "avg", 32),
+    _Block("inception_3b", 256, 64, (64, 96), (64, 96, 96), "avg", 64),
+    _Block("inception_3c", 320, None, (128, 160), (64, 96, 96), "max", None, stride=2),
+    _Block("inception_4a", 576, 224, (64, 96), (96, 128, 128), "avg", 128),
+    _Block("inception_4b", 576, 192, (96, 128), (96, 128, 128), "avg", 128),
+    _Block("inception_4c", 576, 160, (128, 160), (128, 160, 160), "avg", 96),
+    _Block("inception_4d", 576, 96, (128, 192), (160, 192, 192), "avg", 96),
+    _Block("inception_4e", 576, None, (128, 192), (192, 256, 256), "max", None, stride=2),
+    _Block("inception_5a", 1024, 352, (192, 320), (160, 224, 224), "avg", 128),
+    _Block("inception_5b", 1024, 352, (192, 320), (192, 224, 224), "max", 128),
+)
+#: Inception module widths by name (``widths=``): Cadene's port or lim0606's GoogLeNet-BN.
+WIDTHS = {"pretrainedmodels": _BLOCKS, "googlenet_bn": _GOOGLENET_BN_BLOCKS}
 
 BRANCH_CHANNELS = 128  # the 1x1 convolution of each auxiliary branch
 FEATURE_DIM = 1024  # pool5 width, and the width of the branches' fc layers in GoogLeNet-BN
@@ -120,6 +138,9 @@ class BNInception(nn.Module):
             without folds each bias into its BN running mean, exactly).
         branch_dim: width of the ``fc`` layer of the ``inception_4e`` branch (1024 in
             GoogLeNet-BN); the ``inception_3c`` branch keeps 1024.
+        widths: inception module widths (:data:`WIDTHS`): ``pretrainedmodels`` (Cadene's
+            port) or ``googlenet_bn`` (lim0606's network, which the authors fine-tuned:
+            96-channel pool projections in 4c and 4d instead of 128).
 
     Auxiliary branch after module X (``inception_3c``: Caffe ``loss1/*``; ``inception_4e``:
     ``loss2/*``): 5x5/3 average pool (ceil mode, as Caffe) -> 1x1 conv 128 -> BN -> ReLU ->
@@ -139,6 +160,7 @@ class BNInception(nn.Module):
         features: Sequence[str] = (),
         conv_bias: bool = True,
         branch_dim: int = FEATURE_DIM,
+        widths: str = "pretrainedmodels",
     ) -> None:
         super().__init__()
         embedding_from = _ALIASES.get(embedding_from, embedding_from)
@@ -151,6 +173,10 @@ class BNInception(nn.Module):
         if num_classes and embedding_from != "pool5":
             raise ConfigError(
                 "the ImageNet classifier (num_classes > 0) needs embedding_from=pool5"
+            )
+        if widths not in WIDTHS:
+            raise ConfigError(
+                f"backbone.trunk.widths must be one of {tuple(WIDTHS)} (got {widths!r})"
             )
         if isinstance(branch_dim, bool) or int(branch_dim) < 1:
             raise ConfigError(f"backbone.trunk.branch_dim must be >= 1 (got {branch_dim!r})")
@@ -174,7 +200,7 @@ class BNInception(nn.Module):
             else "inception_3c"
         )
         self.blocks: list[_Block] = []
-        for block in _BLOCKS:
+        for block in WIDTHS[widths]:
             self._add_block(block)
             self.blocks.append(block)
             if block.name == last:
@@ -303,7 +329,8 @@ class BNInception(nn.Module):
         of a bias-free model are folded into the following BN's running mean. Anything
         else missing or mis-shaped is a :class:`~softmine.errors.DataError`.
         """
-        state = dict(read_state_dict(source))
+        state = read_state_dict(source)
+        self._check_widths(state, source)
         if not self.conv_bias:
             state = fold_conv_biases(state)
         skip = ["loss1_classifier.", "loss2_classifier."]
@@ -325,6 +352,23 @@ class BNInception(nn.Module):
             self, state, source=source, skip_prefixes=tuple(skip), new_prefixes=new
         )
 
+    def _check_widths(self, state: dict[str, Tensor], source: str) -> None:
+        """A file of the other inception widths is one error that names the ``widths`` to set."""
+        proj = state.get("inception_4c_pool_proj.weight")
+        ours = getattr(self, "inception_4c_pool_proj", None)
+        if proj is None or ours is None or proj.shape[0] == ours.out_channels:
+            return
+        fits = [
+            name
+            for name, blocks in WIDTHS.items()
+            if any(b.name == "inception_4c" and b.proj == proj.shape[0] for b in blocks)
+        ]
+        hint = f"set backbone.trunk.widths={fits[0]}" if fits else "the file is another network"
+        raise DataError(
+            f"the weights in {source} have {proj.shape[0]}-channel pool projections in "
+            f"inception_4c, the model {ours.out_channels}: {hint}"
+        )
+
 
 def fold_conv_biases(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """Drop conv biases, moving each into the running mean of the BatchNorm that follows it.
@@ -332,7 +376,7 @@ def fold_conv_biases(state: dict[str, Tensor]) -> dict[str, Tensor]:
     BN(conv(x) + b) = BN'(conv(x)) with BN' = BN whose running mean is lowered by b: in
     training the batch mean absorbs b exactly, in eval mode the shifted mean does.
     """
-    out = dict(state)
+    out = copy.copy(state)  # the same mapping type: a converted .caffemodel keeps its origins
     for key in [k for k in state if k.endswith(".bias") and f"{k[:-5]}_bn.running_mean" in state]:
         bn_mean = f"{key[:-5]}_bn.running_mean"
         out[bn_mean] = state[bn_mean] - state[key].reshape(state[bn_mean].shape)
