@@ -7,7 +7,14 @@ Module names (hence state-dict keys) and shapes follow the community's converted
 ImageNet weights ``bn_inception-52deb4733.pth`` published with Cadene's
 ``pretrainedmodels`` package, so that file loads as it is: ``conv1_7x7_s2``,
 ``inception_3a_1x1_bn``, ``inception_4e_double_3x3_2``, ``last_linear`` ... Every
-convolution has a bias and is followed by BatchNorm and ReLU.
+convolution is followed by BatchNorm and ReLU; in Cadene's port it has a bias.
+
+The authors of the OSM + CAA paper fine-tuned another GoogLeNet-BN, lim0606's
+(``train_val.prototxt`` of github.com/lim0606/caffe-googlenet-bn): convolutions without
+bias (``conv_bias=False``), 96-channel pool projections in ``inception_4c`` and ``4d``
+(``widths="googlenet_bn"``), and two auxiliary branches after ``inception_3c`` and
+``inception_4e`` (``features=``, Caffe ``loss1/*`` and ``loss2/*``); its ``.caffemodel``
+loads through :func:`softmine.models.weights.read_state_dict`.
 
 Input convention of those weights: **BGR, 0..255, minus the mean pixel
 (104, 117, 128), std 1**, 224 x 224. Feed RGB [0, 1] images through
