@@ -21,9 +21,18 @@ class TrainingError(SoftmineError):
     """Training cannot go on (a non-finite loss or gradient, say); the last good checkpoint is kept."""
 
 
+class StorageError(SoftmineError):
+    """A file could not be written (a full disk, a read-only or over-quota filesystem)."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
 class Interrupted(SoftmineError):
     """The run was stopped by SIGINT/SIGTERM after saving a checkpoint it can resume from."""
 
-    def __init__(self, message: str, signum: int) -> None:
+    def __init__(self, message: str, signum: int, run_dir: object = None) -> None:
         super().__init__(message)
         self.signum = signum
+        self.run_dir = run_dir
