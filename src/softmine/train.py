@@ -6,47 +6,228 @@ Examples::
     softmine-train loss=contrastive trainer.epochs=5
     softmine-train -m loss=osm_caa,contrastive seed=0,1,2   # sweep; writes summary.csv
     torchrun --nproc_per_node=2 -m softmine.train           # data parallel over 2 processes
+
+Before a run touches its folder it takes the folder's lock and checks the command
+against what the folder holds (:mod:`softmine.engine.run_folder`); only then is the
+run's record written. In a sweep a failed job is recorded and the sweep goes on
+(:mod:`softmine.engine.sweep`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import shlex
+import signal
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from softmine.cli import user_errors_exit
+from softmine.cli import EXIT_USER_ERROR, debug_enabled, user_message
 from softmine.config import CONFIG_DIR
-from softmine.engine import Trainer
-from softmine.engine.distributed import DistEnv, init_from_env, run_stamp
+from softmine.engine import Trainer, sweep
+from softmine.engine.distributed import DistEnv, barrier, init_from_env, run_stamp
+from softmine.engine.run_folder import (
+    Invocation,
+    Plan,
+    RunLock,
+    commit_plan,
+    override_key,
+    plan_run,
+)
+from softmine.engine.validate import validate_config
+from softmine.errors import ConfigError, Interrupted, SoftmineError
 
 OmegaConf.register_new_resolver("run_stamp", run_stamp, replace=True)
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-@user_errors_exit
-def run(cfg: DictConfig) -> dict[str, float]:
-    """Train and evaluate in the current Hydra run folder; returns the final metrics."""
+
+def _on_rank0(fn: Callable[[], T]) -> T:
+    """``fn()`` on rank 0 only; every rank returns its result or raises its error's sentence."""
+    import torch.distributed as dist
+
+    env = DistEnv.current()
+    if not env.enabled:
+        return fn()
+    box: list[Any] = [None]
+    if env.is_main:
+        try:
+            box = [("ok", fn())]
+        except SoftmineError as e:
+            box = [("error", str(e))]
+            dist.broadcast_object_list(box, src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise ConfigError(value)
+    return value
+
+
+def train(inv: Invocation) -> dict[str, float]:
+    """Train (or resume) the run described by ``inv`` in its folder; returns the final metrics."""
+    cfg = inv.cfg
     if cfg.get("debug"):
         os.environ["SOFTMINE_DEBUG"] = "1"
-    if not DistEnv.current().is_main:
+    env = DistEnv.current()
+    if not env.is_main:
         logging.getLogger().setLevel(logging.WARNING)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    return Trainer(cfg, run_dir).fit()
+    validate_config(cfg)
+    lock = RunLock(inv.run_dir) if env.is_main else None
+    plan: Plan | None = None
+
+    def decide() -> tuple[str, dict[str, float] | None]:
+        nonlocal plan
+        assert lock is not None
+        lock.acquire()
+        plan = plan_run(inv)
+        return plan.action, plan.metrics
+
+    try:
+        action, metrics = _on_rank0(decide)
+        if action == "finished":
+            log.info("%s has already finished; its metrics are unchanged", inv.run_dir)
+            return dict(metrics or {})
+        for change in plan.changes if plan else []:
+            log.info("resume_override: %s", change)
+        trainer = Trainer(cfg, inv.run_dir)
+        if plan is not None:
+            commit_plan(plan)
+        barrier()
+        return trainer.fit()
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _invocation(cfg: DictConfig) -> Invocation:
+    hc = HydraConfig.get()
+    return Invocation(
+        run_dir=Path(hc.runtime.output_dir),
+        cfg=cfg,
+        overrides=[str(o) for o in hc.overrides.task],
+        choices=dict(OmegaConf.to_container(hc.runtime.choices)),  # type: ignore[arg-type]
+        hydra_cfg=OmegaConf.to_container(hc, resolve=False),  # type: ignore[arg-type]
+        multirun=hc.mode == RunMode.MULTIRUN,
+    )
+
+
+def _score(metrics: dict[str, float]) -> float:
+    return float(metrics.get("map@r", metrics.get("mAP", 0.0)))
+
+
+def _resume_hint(run_dir: Path) -> str:
+    keep = [a for a in sys.argv[1:] if override_key(a) not in ("resume", "hydra.run.dir")]
+    return "softmine-train " + shlex.join([*keep, "resume=true", f"hydra.run.dir={run_dir}"])
+
+
+def run_job(inv: Invocation) -> float:
+    """One run (``softmine-train`` without ``-m``): user errors are one line and exit 2."""
+    try:
+        return _score(train(inv))
+    except Interrupted as e:
+        head = str(e).split(" Resume with", 1)[0]
+        print(f"{head} Resume with:\n  {_resume_hint(inv.run_dir)}", file=sys.stderr)
+        sys.exit(128 + e.signum)
+    except SoftmineError as e:
+        if debug_enabled():
+            raise
+        print(f"error: {user_message(e)}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
+def sweep_job(inv: Invocation) -> float:
+    """One job of a sweep: its outcome is recorded and a failure never stops the other jobs.
+
+    When the sweep has been asked to stop, a job that has not started skips itself,
+    and an interrupted job records it and asks the rest of the sweep to stop.
+    """
+    hc = HydraConfig.get()
+    folder, num = Path(str(hc.sweep.dir)), int(hc.job.num)
+    if sweep.stop_requested(folder) is not None:
+        sweep.record_outcome(folder, num, inv.overrides, sweep.NOT_STARTED, "the sweep was stopped")
+        return math.nan
+    try:
+        score = _score(train(inv))
+    except (Interrupted, KeyboardInterrupt) as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        reason = str(e).split(" Resume with", 1)[0] if isinstance(e, Interrupted) else ""
+        sweep.record_outcome(folder, num, inv.overrides, sweep.INTERRUPTED, reason or "interrupted")
+        sweep.request_stop(folder, signum)
+        return math.nan
+    except Exception as e:  # a clean error or a bug: this job failed, the sweep goes on
+        if isinstance(e, SoftmineError):
+            reason = user_message(e)
+        else:
+            reason = f"{type(e).__name__}: {user_message(e) or 'no message'}"
+            log.exception("job %d raised", num)
+        sweep.record_outcome(folder, num, inv.overrides, sweep.FAILED, reason)
+        print(f"error: job {num} failed: {reason}", file=sys.stderr)
+        return math.nan
+    sweep.record_outcome(folder, num, inv.overrides, sweep.OK)
+    return score
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def hydra_main(cfg: DictConfig) -> float:
-    metrics = run(cfg)
-    return float(metrics.get("map@r", metrics.get("mAP", 0.0)))
+    inv = _invocation(cfg)
+    return sweep_job(inv) if inv.multirun else run_job(inv)
+
+
+def _stopped(signum: int) -> None:
+    """Ctrl-C / SIGTERM outside the training loop: one line (a sweep: its summary), nothing lost."""
+    state = sweep.ACTIVE
+    if state is not None:
+        sweep.report_stop(state, signum)
+    else:
+        print(
+            "interrupted before training began; nothing was saved (run the command again)",
+            file=sys.stderr,
+        )
+    sys.exit(128 + signum)
 
 
 def main() -> None:
     """Console entry point; under ``torchrun`` it joins the process group first."""
+    from softmine.hydra_errors import describe
+
     init_from_env()
-    hydra_main()
+    keep_hydra_errors = os.environ.get("HYDRA_FULL_ERROR") == "1" or debug_enabled()
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors to us instead of printing them
+    try:
+        hydra_main()
+    except KeyboardInterrupt:
+        _stopped(signal.SIGINT)
+    except (HydraException, OmegaConfBaseException) as e:
+        if keep_hydra_errors:
+            raise
+        print(f"error: {describe(e, sys.argv[1:])}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    state = sweep.ACTIVE
+    if state is None:
+        return
+    signum = sweep.stop_requested(state.folder)
+    if signum is not None:
+        _stopped(signum)
+    if state.failed:
+        first_job, first_reason = state.failed[0]
+        print(
+            f"error: {len(state.failed)} of {state.total} jobs failed (job {first_job}: "
+            f"{first_reason}); see {state.folder / sweep.SUMMARY_FILE}",
+            file=sys.stderr,
+        )
+        sys.exit(1)
 
 
 if __name__ == "__main__":
