@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,7 @@ def _find_checkpoint(path: Path) -> Path:
     return path
 
 
+NPZ_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip archive (an empty one ends the list)
 RETRIEVAL_ARRAYS = ("embeddings", "labels")
 REID_ARRAYS = ("query", "query_pids", "query_camids", "gallery", "gallery_pids", "gallery_camids")
 
@@ -52,10 +54,19 @@ def evaluate_embeddings_file(
 ) -> dict[str, float]:
     """Metrics of an ``.npz`` of retrieval arrays (``embeddings``, ``labels``) or re-ID arrays."""
     try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise DataError(f"cannot read {path} ({e.strerror or e})") from None
+    if head not in NPZ_MAGIC:
+        kind = "empty" if not head else "not an .npz archive (a zip file written by np.savez)"
+        raise DataError(f"{path} is {kind}; save the arrays with np.savez")
+    try:
         data = np.load(path)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise DataError(
-            f"cannot read {path} as an .npz archive ({e}); save it with np.savez"
+            f"{path} is a damaged .npz archive ({str(e).splitlines()[0] if str(e) else e}); "
+            "save the arrays again with np.savez"
         ) from e
     files = set(data.files)
     try:
