@@ -10,7 +10,8 @@ Examples::
 Before a run touches its folder it takes the folder's lock and checks the command
 against what the folder holds (:mod:`softmine.engine.run_folder`); only then is the
 run's record written. In a sweep a failed job is recorded and the sweep goes on
-(:mod:`softmine.engine.sweep`).
+(:mod:`softmine.engine.sweep`). The heavy modules (torch, the engine) are imported
+inside :func:`main`, so a Ctrl-C at any point of the start-up is one line too.
 """
 
 from __future__ import annotations
@@ -23,31 +24,15 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
-
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException
-from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from softmine.cli import EXIT_USER_ERROR, debug_enabled, user_message
-from softmine.config import CONFIG_DIR
-from softmine.engine import Trainer, sweep
-from softmine.engine.distributed import DistEnv, barrier, init_from_env, run_stamp
-from softmine.engine.run_folder import (
-    Invocation,
-    Plan,
-    RunLock,
-    commit_plan,
-    override_key,
-    plan_run,
-)
-from softmine.engine.validate import validate_config
 from softmine.errors import ConfigError, Interrupted, SoftmineError
 
-OmegaConf.register_new_resolver("run_stamp", run_stamp, replace=True)
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+    from softmine.engine.run_folder import Invocation
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -55,18 +40,19 @@ T = TypeVar("T")
 
 def _on_rank0(fn: Callable[[], T]) -> T:
     """``fn()`` on rank 0 only; every rank returns its result or raises its error's sentence."""
-    import torch.distributed as dist
+    from softmine.engine.distributed import DistEnv
 
     env = DistEnv.current()
     if not env.enabled:
         return fn()
+    import torch.distributed as dist
+
     box: list[Any] = [None]
     if env.is_main:
         try:
             box = [("ok", fn())]
         except SoftmineError as e:
-            box = [("error", str(e))]
-            dist.broadcast_object_list(box, src=0)
+            dist.broadcast_object_list([("error", str(e))], src=0)
             raise
     dist.broadcast_object_list(box, src=0)
     kind, value = box[0]
@@ -76,7 +62,16 @@ def _on_rank0(fn: Callable[[], T]) -> T:
 
 
 def train(inv: Invocation) -> dict[str, float]:
-    """Train (or resume) the run described by ``inv`` in its folder; returns the final metrics."""
+    """Train (or resume) the run described by ``inv`` in its folder; returns the final metrics.
+
+    Holds the folder's lock (rank 0) from the checks to the end; writes the run's
+    record only once the checks have passed and the trainer is built.
+    """
+    from softmine.engine import Trainer
+    from softmine.engine.distributed import DistEnv, barrier
+    from softmine.engine.run_folder import Plan, RunLock, attach_log, commit_plan, plan_run
+    from softmine.engine.validate import validate_config
+
     cfg = inv.cfg
     if cfg.get("debug"):
         os.environ["SOFTMINE_DEBUG"] = "1"
@@ -94,24 +89,36 @@ def train(inv: Invocation) -> dict[str, float]:
         plan = plan_run(inv)
         return plan.action, plan.metrics
 
+    handler: logging.Handler | None = None
     try:
         action, metrics = _on_rank0(decide)
         if action == "finished":
             log.info("%s has already finished; its metrics are unchanged", inv.run_dir)
             return dict(metrics or {})
-        for change in plan.changes if plan else []:
-            log.info("resume_override: %s", change)
         trainer = Trainer(cfg, inv.run_dir)
         if plan is not None:
             commit_plan(plan)
+            handler = attach_log(inv.run_dir)
+            for change in plan.changes:
+                log.info("resume_override: %s", change)
         barrier()
         return trainer.fit()
     finally:
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
         if lock is not None:
             lock.release()
 
 
-def _invocation(cfg: DictConfig) -> Invocation:
+def invocation(cfg: DictConfig) -> Invocation:
+    """What Hydra was asked to run, from its runtime config."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from softmine.engine.run_folder import Invocation
+
     hc = HydraConfig.get()
     return Invocation(
         run_dir=Path(hc.runtime.output_dir),
@@ -127,8 +134,11 @@ def _score(metrics: dict[str, float]) -> float:
     return float(metrics.get("map@r", metrics.get("mAP", 0.0)))
 
 
-def _resume_hint(run_dir: Path) -> str:
-    keep = [a for a in sys.argv[1:] if override_key(a) not in ("resume", "hydra.run.dir")]
+def resume_hint(argv: list[str], run_dir: Path) -> str:
+    """The command that resumes the run in ``run_dir``: ``argv`` plus ``resume=true hydra.run.dir=...``."""
+    from softmine.engine.run_folder import override_key
+
+    keep = [a for a in argv if override_key(a) not in ("resume", "hydra.run.dir")]
     return "softmine-train " + shlex.join([*keep, "resume=true", f"hydra.run.dir={run_dir}"])
 
 
@@ -138,7 +148,7 @@ def run_job(inv: Invocation) -> float:
         return _score(train(inv))
     except Interrupted as e:
         head = str(e).split(" Resume with", 1)[0]
-        print(f"{head} Resume with:\n  {_resume_hint(inv.run_dir)}", file=sys.stderr)
+        print(f"{head} Resume with:\n  {resume_hint(sys.argv[1:], inv.run_dir)}", file=sys.stderr)
         sys.exit(128 + e.signum)
     except SoftmineError as e:
         if debug_enabled():
@@ -147,14 +157,14 @@ def run_job(inv: Invocation) -> float:
         sys.exit(EXIT_USER_ERROR)
 
 
-def sweep_job(inv: Invocation) -> float:
-    """One job of a sweep: its outcome is recorded and a failure never stops the other jobs.
+def sweep_job(inv: Invocation, folder: Path, num: int) -> float:
+    """Job ``num`` of the sweep in ``folder``: its outcome is recorded, a failure never stops the others.
 
     When the sweep has been asked to stop, a job that has not started skips itself,
     and an interrupted job records it and asks the rest of the sweep to stop.
     """
-    hc = HydraConfig.get()
-    folder, num = Path(str(hc.sweep.dir)), int(hc.job.num)
+    from softmine.engine import sweep
+
     if sweep.stop_requested(folder) is not None:
         sweep.record_outcome(folder, num, inv.overrides, sweep.NOT_STARTED, "the sweep was stopped")
         return math.nan
@@ -179,16 +189,22 @@ def sweep_job(inv: Invocation) -> float:
     return score
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def hydra_main(cfg: DictConfig) -> float:
-    inv = _invocation(cfg)
-    return sweep_job(inv) if inv.multirun else run_job(inv)
+def task(cfg: DictConfig) -> float:
+    """The Hydra task: one run, or one job of a sweep."""
+    inv = invocation(cfg)
+    if not inv.multirun:
+        return run_job(inv)
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    return sweep_job(inv, Path(str(hc.sweep.dir)), int(hc.job.num))
 
 
 def _stopped(signum: int) -> None:
     """Ctrl-C / SIGTERM outside the training loop: one line (a sweep: its summary), nothing lost."""
-    state = sweep.ACTIVE
-    if state is not None:
+    sweep = sys.modules.get("softmine.engine.sweep")
+    state = getattr(sweep, "ACTIVE", None)
+    if sweep is not None and state is not None:
         sweep.report_stop(state, signum)
     else:
         print(
@@ -198,17 +214,24 @@ def _stopped(signum: int) -> None:
     sys.exit(128 + signum)
 
 
-def main() -> None:
-    """Console entry point; under ``torchrun`` it joins the process group first."""
+def _main() -> None:
+    import hydra
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from softmine.config import CONFIG_DIR
+    from softmine.engine import sweep
+    from softmine.engine.distributed import init_from_env, run_stamp
     from softmine.hydra_errors import describe
 
+    OmegaConf.register_new_resolver("run_stamp", run_stamp, replace=True)
     init_from_env()
     keep_hydra_errors = os.environ.get("HYDRA_FULL_ERROR") == "1" or debug_enabled()
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors to us instead of printing them
+    hydra_main = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")(task)
     try:
         hydra_main()
-    except KeyboardInterrupt:
-        _stopped(signal.SIGINT)
     except (HydraException, OmegaConfBaseException) as e:
         if keep_hydra_errors:
             raise
@@ -228,6 +251,14 @@ def main() -> None:
             file=sys.stderr,
         )
         sys.exit(1)
+
+
+def main() -> None:
+    """Console entry point; under ``torchrun`` it joins the process group first."""
+    try:
+        _main()
+    except KeyboardInterrupt:
+        _stopped(signal.SIGINT)
 
 
 if __name__ == "__main__":

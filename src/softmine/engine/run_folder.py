@@ -22,6 +22,7 @@ import datetime as _dt
 import errno
 import fcntl
 import json
+import logging
 import os
 import socket
 import sys
@@ -43,6 +44,8 @@ OVERRIDES_FILE = "overrides.yaml"
 HYDRA_FILE = "hydra.yaml"
 RESUMES_FILE = "resumes.yaml"
 METRICS_FILE = "metrics.json"
+LOG_FILE = "train.log"
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's format
 LAST_CHECKPOINT = Path("checkpoints") / "last.pt"
 
 #: Keys that never change a run's numbers: they may differ when resuming, they are not
@@ -243,14 +246,17 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: node}
 
 
-def _container(cfg: DictConfig | dict) -> dict[str, Any]:
-    """The config as plain containers, interpolations resolved where they can be."""
+def _container(cfg: DictConfig | dict, resolve: bool = False) -> dict[str, Any]:
+    """The config as plain containers; interpolations as written (``${seed}`` follows ``seed``,
+    so only the key the user changed differs), or resolved where they can be."""
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.create(cfg)
-    try:
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except Exception:  # an interpolation that cannot be resolved here: compare as written
-        return OmegaConf.to_container(cfg, resolve=False)  # type: ignore[return-value]
+    if resolve:
+        try:
+            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+        except Exception:  # an interpolation that cannot be resolved here: compare as written
+            pass
+    return OmegaConf.to_container(cfg, resolve=False)  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -412,10 +418,11 @@ def plan_run(inv: Invocation) -> Plan:
             "resume=true to start a new run there"
         )
     recorded = read_record(run_dir)
+    resolve = recorded is None  # a checkpoint stores its config resolved
     if recorded is None:
         recorded = (_checkpoint_config(run_dir / LAST_CHECKPOINT), [], {})
     rec_config, rec_overrides, rec_choices = recorded
-    new_config = _container(cfg)
+    new_config = _container(cfg, resolve)
     allowed = resume_overrides(cfg)
     diffs = config_differences(rec_config, new_config, rec_choices, inv.choices)
     refused = [d for d in diffs if not _covers(allowed, d.key)]
@@ -520,6 +527,18 @@ def commit_plan(plan: Plan) -> None:
     write_text_atomic(d / RESUMES_FILE, yaml.safe_dump([*history, entry], sort_keys=False))
     if plan.changes:
         (inv.run_dir / METRICS_FILE).unlink(missing_ok=True)
+
+
+def attach_log(run_dir: Path) -> logging.Handler:
+    """Send the log to ``<run_dir>/train.log`` too (from now on; detach it with ``removeHandler``).
+
+    Attached only once the run's checks have passed, so a refused command writes no log line
+    into a run folder.
+    """
+    handler = logging.FileHandler(Path(run_dir) / LOG_FILE)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.getLogger().addHandler(handler)
+    return handler
 
 
 def _plain(value: Any) -> Any:
