@@ -165,15 +165,21 @@ def sweep_job(inv: Invocation, folder: Path, num: int) -> float:
     """
     from softmine.engine import sweep
 
+    def record(status: str, reason: str = "") -> None:
+        try:
+            sweep.record_outcome(folder, num, inv.overrides, status, reason)
+        except (OSError, SoftmineError) as e:  # the summary then reads the job's folder
+            print(f"warning: job {num}: its outcome was not recorded ({e})", file=sys.stderr)
+
     if sweep.stop_requested(folder) is not None:
-        sweep.record_outcome(folder, num, inv.overrides, sweep.NOT_STARTED, "the sweep was stopped")
+        record(sweep.NOT_STARTED, "the sweep was stopped")
         return math.nan
     try:
         score = _score(train(inv))
     except (Interrupted, KeyboardInterrupt) as e:
         signum = getattr(e, "signum", signal.SIGINT)
         reason = str(e).split(" Resume with", 1)[0] if isinstance(e, Interrupted) else ""
-        sweep.record_outcome(folder, num, inv.overrides, sweep.INTERRUPTED, reason or "interrupted")
+        record(sweep.INTERRUPTED, reason or "interrupted")
         sweep.request_stop(folder, signum)
         return math.nan
     except Exception as e:  # a clean error or a bug: this job failed, the sweep goes on
@@ -182,10 +188,10 @@ def sweep_job(inv: Invocation, folder: Path, num: int) -> float:
         else:
             reason = f"{type(e).__name__}: {user_message(e) or 'no message'}"
             log.exception("job %d raised", num)
-        sweep.record_outcome(folder, num, inv.overrides, sweep.FAILED, reason)
+        record(sweep.FAILED, reason)
         print(f"error: job {num} failed: {reason}", file=sys.stderr)
         return math.nan
-    sweep.record_outcome(folder, num, inv.overrides, sweep.OK)
+    record(sweep.OK)
     return score
 
 

@@ -24,6 +24,7 @@ start of the sweep, read by ``softmine-train`` when the sweep ends or is stopped
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import signal
 import sys
@@ -68,6 +69,7 @@ class SweepState:
     failed: list[tuple[int, str]] = field(default_factory=list)
     total: int = 0
     done: bool = False  # summary.csv written and the folder released
+    signal: int | None = None  # the first SIGINT/SIGTERM this process received during the sweep
     previous_handlers: dict[int, Any] = field(default_factory=dict)
 
 
@@ -75,16 +77,27 @@ ACTIVE: SweepState | None = None
 
 
 def request_stop(sweep_dir: Path, signum: int) -> None:
-    """Ask every job of the sweep that has not started yet to skip itself."""
-    write_text_atomic(Path(sweep_dir) / JOBS_DIR / STOP_FILE, str(int(signum)))
+    """Ask every job of the sweep that has not started yet to skip itself (the first request wins)."""
+    path = Path(sweep_dir) / JOBS_DIR / STOP_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:  # another job (or the parent) asked first
+        return
+    try:
+        os.write(fd, str(int(signum)).encode())
+    finally:
+        os.close(fd)
 
 
 def stop_requested(sweep_dir: Path) -> int | None:
     """The signal that stopped the sweep in ``sweep_dir``, or None while it runs on."""
+    path = Path(sweep_dir) / JOBS_DIR / STOP_FILE
     try:
-        return int((Path(sweep_dir) / JOBS_DIR / STOP_FILE).read_text())
-    except (OSError, ValueError):
+        text = path.read_text()
+    except OSError:
         return None
+    return int(text) if text.strip().isdigit() else int(signal.SIGINT)  # being written
 
 
 # ----------------------------------------------------------------------------- job outcomes
@@ -244,8 +257,9 @@ def _install_handlers(state: SweepState) -> None:
         return
 
     def handle(signum: int, frame: object) -> None:
-        if stop_requested(state.folder) is not None:
+        if state.signal is not None:  # this process's second signal (a job's own stop is not one)
             raise KeyboardInterrupt
+        state.signal = signum
         request_stop(state.folder, signum)
         signals.note_pending(signum)
 
