@@ -15,7 +15,9 @@
   finished jobs and continues the others from their checkpoints. A second signal
   aborts at once (the summary is still written).
 * A sweep folder has one writer at a time (:class:`~softmine.engine.run_folder.RunLock`);
-  a new sweep into a folder that holds one is refused with that command.
+  a new sweep into a folder that holds one is refused with that command. ``resume=true``
+  into a new sweep folder starts the sweep (so a SLURM sweep can carry ``resume=true``
+  from the start and its requeued jobs continue from their checkpoints).
 
 The sweep parent keeps its state in :data:`ACTIVE` (set by the Hydra callback at the
 start of the sweep, read by ``softmine-train`` when the sweep ends or is stopped).
@@ -24,6 +26,7 @@ start of the sweep, read by ``softmine-train`` when the sweep ends or is stopped
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 import signal
@@ -49,6 +52,8 @@ from softmine.engine.run_folder import (
     strip_command_keys,
 )
 from softmine.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 JOBS_DIR = ".jobs"
 STOP_FILE = "STOP"  # in JOBS_DIR: the sweep was asked to stop (holds the signal number)
@@ -236,11 +241,10 @@ def start(config: DictConfig, argv: Sequence[str]) -> SweepState:
                 f"the sweep folder {folder} already holds a sweep; resume it with: "
                 f"{resume_command(argv, folder)}  (or choose a new folder with hydra.sweep.dir=...)"
             )
-        if resume and not holds_sweep(folder):
-            raise ConfigError(
-                f"resume=true but {folder} holds no sweep; give the folder of the sweep to resume "
-                "with hydra.sweep.dir=..., or drop resume=true to start a new sweep"
-            )
+        if resume and not holds_sweep(folder):  # e.g. SLURM: resume=true from the start, so
+            log.info(
+                "resume=true: %s holds no sweep yet; starting one", folder
+            )  # requeues continue
     except BaseException:
         lock.release()
         raise
