@@ -32,7 +32,6 @@ class StorageError(SoftmineError):
 class Interrupted(SoftmineError):
     """The run was stopped by SIGINT/SIGTERM after saving a checkpoint it can resume from."""
 
-    def __init__(self, message: str, signum: int, run_dir: object = None) -> None:
+    def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
         self.signum = signum
-        self.run_dir = run_dir

@@ -440,6 +440,12 @@ class Trainer:
         """
         try:
             return self._fit()
+        except KeyboardInterrupt:  # a second Ctrl-C: stop now, the last checkpoint stays valid
+            raise Interrupted(
+                f"aborted at step {self.state.step} by a second interrupt; {self._kept()}. "
+                f"Resume with the same command plus: resume=true hydra.run.dir={self.run_dir}",
+                signal.SIGINT,
+            ) from None
         except StorageError as e:
             raise StorageError(f"{e}; {self._kept_files()}", errno=e.errno) from e
         except OSError as e:
@@ -551,7 +557,6 @@ class Trainer:
             f"interrupted at step {self.state.step}: checkpoint saved to {path}. Resume with the "
             f"same command plus: resume=true hydra.run.dir={self.run_dir}",
             signum,
-            run_dir=self.run_dir,
         )
 
     def _report_bad_images(self) -> None:
