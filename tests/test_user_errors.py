@@ -55,6 +55,8 @@ def _one_line(err: str) -> str:
         ("hydra.run.dirr=x", "did you mean hydra.run.dir?"),
         ("loss=osmcaa", "has no option 'osmcaa'; did you mean loss=osm_caa?"),
         ("trainer.epochs=[1", "cannot parse the override 'trainer.epochs=[1'"),
+        ("+seed=3", "seed already exists; set it with seed=... (without the +)"),
+        ("loss.margin=${oops}", "cannot resolve loss.margin: Interpolation key 'oops' not found"),
     ],
 )
 def test_bad_command_is_one_line_and_exit_2(
@@ -64,6 +66,16 @@ def test_bad_command_is_one_line_and_exit_2(
     assert code == 2
     assert message in _one_line(err)
     assert not any((tmp_path / "outputs").rglob("*.yaml"))  # no run was recorded
+
+
+def test_an_interpolation_in_an_override_is_kept_as_written(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    run = tmp_path / "R"
+    args = ["loss.margin=${loss.sigma}", "trainer.epochs=1", f"hydra.run.dir={run}"]
+    code, err = _train([*args, *FAST_DIGITS], tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    assert "loss.margin=${loss.sigma}" in (run / ".hydra" / "overrides.yaml").read_text()
 
 
 def test_a_learning_rate_that_overflows_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from hydra.errors import MissingConfigException, OverrideParseException
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, InterpolationResolutionError
 
 from softmine.config import CONFIG_DIR
 from softmine.engine.run_folder import flatten, override_key
@@ -99,6 +99,13 @@ def describe(e: BaseException, argv: Sequence[str]) -> str:
                 f"unknown config key {key!r}; {hint}`softmine-train --cfg job` prints every key "
                 f"(+{key}=... adds a new one)"
             )
+    taken = re.search(r"An item is already at '([^']+)'", text)
+    if taken:
+        key = taken.group(1)
+        return f"{key} already exists; set it with {key}=... (without the +)"
+    if isinstance(e, InterpolationResolutionError):
+        where = getattr(e, "full_key", "") or ""
+        return f"cannot resolve {where or 'a value'}: {_first_line(text)}"
     detail = _first_line(str(cause)) if cause is not None else ""
     head = _first_line(text)
     return f"{head} ({detail})" if detail and detail not in head else head or type(e).__name__

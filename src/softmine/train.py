@@ -123,7 +123,7 @@ def invocation(cfg: DictConfig) -> Invocation:
     return Invocation(
         run_dir=Path(hc.runtime.output_dir),
         cfg=cfg,
-        overrides=[str(o) for o in hc.overrides.task],
+        overrides=[str(o) for o in OmegaConf.to_container(hc.overrides.task, resolve=False)],
         choices=dict(OmegaConf.to_container(hc.runtime.choices)),  # type: ignore[arg-type]
         hydra_cfg=OmegaConf.to_container(hc, resolve=False),  # type: ignore[arg-type]
         multirun=hc.mode == RunMode.MULTIRUN,
@@ -154,6 +154,15 @@ def run_job(inv: Invocation) -> float:
         if debug_enabled():
             raise
         print(f"error: {user_message(e)}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except Exception as e:  # a config value OmegaConf cannot resolve: the user's, not a bug
+        from omegaconf.errors import OmegaConfBaseException
+
+        if debug_enabled() or not isinstance(e, OmegaConfBaseException):
+            raise
+        from softmine.hydra_errors import describe
+
+        print(f"error: {describe(e, sys.argv[1:])}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
 
 

@@ -201,8 +201,9 @@ def planned_jobs(config: DictConfig) -> list[list[str]] | None:
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
         params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+        params = OmegaConf.to_container(params, resolve=False) if params else {}
         args = [f"{k}={v}" for k, v in params.items()]
-        args += [str(o) for o in config.hydra.overrides.task]
+        args += [str(o) for o in OmegaConf.to_container(config.hydra.overrides.task, resolve=False)]
         parsed = OverridesParser.create().parse_overrides(args)
         return [list(job) for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
     except Exception:  # a Hydra version with another layout: summary rows come from the jobs
