@@ -26,7 +26,7 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -275,7 +275,14 @@ class Difference:
         return f"{self.key} ({show(self.recorded)} -> {show(self.new)})"
 
 
-_MISSING: Any = type("Missing", (), {"__repr__": lambda self: "(absent)"})()
+class _Missing:
+    """A key absent from one of the two configs compared."""
+
+    def __repr__(self) -> str:
+        return "(absent)"
+
+
+_MISSING: Any = _Missing()
 
 
 def config_differences(
@@ -543,8 +550,3 @@ def attach_log(run_dir: Path) -> logging.Handler:
 
 def _plain(value: Any) -> Any:
     return None if value is _MISSING else value
-
-
-def bookkeeping(keys: Sequence[str]) -> list[str]:
-    """The keys among ``keys`` that are bookkeeping (see :data:`BOOKKEEPING_KEYS`)."""
-    return [k for k in keys if _covers(BOOKKEEPING_KEYS, k)]
