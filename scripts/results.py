@@ -109,14 +109,25 @@ def demo_table() -> tuple[str, str]:
     return "\n".join(lines), f"`{command}` ({seconds:.0f} s)"
 
 
-def run_sweep(name: str, given: dict[str, Path]) -> tuple[pd.DataFrame, str]:
-    """The report table of sweep ``name`` (run now unless given), and where it came from."""
+STAMP_FILE = "results-stamp.txt"  # in a sweep run by this script: the stamp of that run
+
+
+def run_sweep(name: str, given: dict[str, Path], when: str) -> tuple[pd.DataFrame, str]:
+    """The report table of sweep ``name`` (run now unless given), and where it came from.
+
+    A reused sweep keeps the stamp written when this script ran it (commit, torch,
+    CPU, date); one it did not run is said to be of unknown origin.
+    """
     if name in given:
-        folder, took = given[name].resolve(), "finished sweep reused"
+        folder = given[name].resolve()
+        recorded = folder / STAMP_FILE
+        origin = recorded.read_text().strip() if recorded.exists() else "stamp unknown"
+        took = f"finished sweep reused; it was run at {origin}"
     else:
-        stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-        folder = REPO / "multirun" / f"results-{name}" / stamp
+        started = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+        folder = REPO / "multirun" / f"results-{name}" / started
         _, seconds = _train([*SWEEPS[name], f"hydra.sweep.dir={folder}"])
+        (folder / STAMP_FILE).write_text(when + "\n")
         took = f"{seconds:.0f} s"
     report = subprocess.run(
         [sys.executable, "-m", "softmine.report", str(folder)],
@@ -254,11 +265,11 @@ def main(argv: list[str] | None = None) -> None:
         table, source = demo_table()
         sections["demo"] = f"{table}\n\nFrom {source}; {when}."
     if "ablation" in wanted:
-        report, source = run_sweep("ablation", given)
+        report, source = run_sweep("ablation", given, when)
         sections["ablation"] = f"{ablation_table(report)}\n\nFrom {source}; {when}."
     if "noise" in wanted:
-        noise, noise_source = run_sweep("noise", given)
-        control, control_source = run_sweep("control", given)
+        noise, noise_source = run_sweep("noise", given, when)
+        control, control_source = run_sweep("control", given, when)
         sections["noise"] = (
             f"{noise_table(noise, control)}\n\nFrom {noise_source}; the control row from "
             f"{control_source}; {when}."
