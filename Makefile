@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.setup-stamp
 
-.PHONY: setup demo test lint bench ablation noise clean \
+.PHONY: setup demo test lint bench ablation noise results clean \
         reproduce-cub reproduce-cars reproduce-mars reproduce-ilidsvid reproduce-lpw
 
 setup: $(STAMP)
@@ -55,3 +55,9 @@ ablation noise: setup
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/softmine-train -m experiment=$@ hydra.sweep.dir=$$sweep $(ARGS) && \
 	$(BIN)/softmine-report $$sweep && \
 	echo "make $@: $$(( $$(date +%s) - start )) s; table and plots in $$sweep"
+
+# docs/results.md: every results table regenerated from its command (demo, ablation, noise and
+# its control sweep; ~40 min on 2 CPU cores), stamped with commit, torch version, CPU and date.
+# ARGS="--only demo" regenerates one table; ARGS="--sweep ablation=DIR" reuses a finished sweep.
+results: setup
+	$(BIN)/python scripts/results.py $(ARGS)

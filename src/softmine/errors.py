@@ -21,6 +21,14 @@ class TrainingError(SoftmineError):
     """Training cannot go on (a non-finite loss or gradient, say); the last good checkpoint is kept."""
 
 
+class StorageError(SoftmineError):
+    """A file could not be written (a full disk, a read-only or over-quota filesystem)."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
 class Interrupted(SoftmineError):
     """The run was stopped by SIGINT/SIGTERM after saving a checkpoint it can resume from."""
 

@@ -21,6 +21,7 @@ the same way. Prints the metrics as JSON; ``--out FILE`` also writes them.
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from softmine.evaluation import reid_metrics, retrieval_metrics
 from softmine.inference.embeddings import load_embeddings
 from softmine.inference.model import find_checkpoint, load_model
 
+NPZ_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip archive (an empty one ends the list)
 RETRIEVAL_ARRAYS = ("embeddings", "labels")
 REID_ARRAYS = ("query", "query_pids", "query_camids", "gallery", "gallery_pids", "gallery_camids")
 
@@ -59,10 +61,19 @@ def evaluate_embeddings_file(
         except ValueError as e:
             raise DataError(f"{path}: {e}") from e
     try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise DataError(f"cannot read {path} ({e.strerror or e})") from None
+    if head not in NPZ_MAGIC:
+        kind = "empty" if not head else "not an .npz archive (a zip file written by np.savez)"
+        raise DataError(f"{path} is {kind}; save the arrays with np.savez")
+    try:
         data = np.load(path)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise DataError(
-            f"cannot read {path} as an .npz archive ({e}); save it with np.savez"
+            f"{path} is a damaged .npz archive ({str(e).splitlines()[0] if str(e) else e}); "
+            "save the arrays again with np.savez"
         ) from e
     files = set(data.files)
     try:

@@ -12,7 +12,9 @@ sweep, ``outputs/``); every run below it is read: its overrides
 and its ``metrics.json`` (a run without one is counted as failed).
 
 Runs are grouped by the dataset and by the overrides whose values differ between
-runs, except ``seed`` (and ``hydra.*``): one row per configuration with the number
+runs, except ``seed``, ``hydra.*`` and the bookkeeping keys that never change a
+result (``resume``, ``resume_override``, ``trainer.device``, ``trainer.progress_bar``,
+...: :data:`softmine.engine.run_folder.BOOKKEEPING_KEYS`): one row per configuration with the number
 of seeds ``n``, and per metric the mean and the sample standard deviation
 (ddof = 1; none for a single seed). For a dataset the paper reports on (CUB,
 Cars196, MARS) a row with the paper's numbers is added beside the measured ones.
@@ -39,6 +41,7 @@ import pandas as pd
 import yaml
 
 from softmine.cli import user_errors_exit, version_line
+from softmine.engine.run_folder import BOOKKEEPING_KEYS
 from softmine.errors import ConfigError, DataError
 
 #: Numbers reported by Wang et al. (AAAI 2019, Tables 2-4), as fractions.
@@ -50,7 +53,7 @@ REFERENCES: dict[str, dict[str, float]] = {
 }
 REFERENCE_SOURCE = "paper (Wang et al. 2019)"
 MEASURED = "measured"
-IGNORED = ("seed",)  # overrides never used for grouping (besides hydra.*)
+IGNORED = ("seed", *BOOKKEEPING_KEYS)  # overrides never used for grouping (besides hydra.*)
 METRIC_ORDER = re.compile(r"^(recall@|cmc@|precision@|map@r|r_precision|mAP|nmi|attention_auc)")
 MAIN_METRICS = ("map@r", "mAP", "recall@1", "cmc@1")
 STATUS_OK, STATUS_FAILED = "ok", "failed"

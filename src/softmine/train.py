@@ -6,42 +6,266 @@ Examples::
     softmine-train loss=contrastive trainer.epochs=5
     softmine-train -m loss=osm_caa,contrastive seed=0,1,2   # sweep; writes summary.csv
     torchrun --nproc_per_node=2 -m softmine.train           # data parallel over 2 processes
+
+Before a run touches its folder it takes the folder's lock and checks the command
+against what the folder holds (:mod:`softmine.engine.run_folder`); only then is the
+run's record written. In a sweep a failed job is recorded and the sweep goes on
+(:mod:`softmine.engine.sweep`). The heavy modules (torch, the engine) are imported
+inside :func:`main`, so a Ctrl-C at any point of the start-up is one line too.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import shlex
+import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from softmine.cli import EXIT_USER_ERROR, debug_enabled, user_message, version_line
+from softmine.errors import ConfigError, Interrupted, SoftmineError
 
-from softmine.cli import user_errors_exit, version_line
-from softmine.config import CONFIG_DIR
-from softmine.engine import Trainer
-from softmine.engine.distributed import DistEnv, init_from_env, run_stamp
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
-OmegaConf.register_new_resolver("run_stamp", run_stamp, replace=True)
+    from softmine.engine.run_folder import Invocation
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
-@user_errors_exit
-def run(cfg: DictConfig) -> dict[str, float]:
-    """Train and evaluate in the current Hydra run folder; returns the final metrics."""
+def _on_rank0(fn: Callable[[], T]) -> T:
+    """``fn()`` on rank 0 only; every rank returns its result or raises its error's sentence."""
+    from softmine.engine.distributed import DistEnv
+
+    env = DistEnv.current()
+    if not env.enabled:
+        return fn()
+    import torch.distributed as dist
+
+    box: list[Any] = [None]
+    if env.is_main:
+        try:
+            box = [("ok", fn())]
+        except SoftmineError as e:
+            dist.broadcast_object_list([("error", str(e))], src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise ConfigError(value)
+    return value
+
+
+def train(inv: Invocation) -> dict[str, float]:
+    """Train (or resume) the run described by ``inv`` in its folder; returns the final metrics.
+
+    Holds the folder's lock (rank 0) from the checks to the end; writes the run's
+    record only once the checks have passed and the trainer is built.
+    """
+    from softmine.engine import Trainer
+    from softmine.engine.distributed import DistEnv, barrier
+    from softmine.engine.run_folder import Plan, RunLock, attach_log, commit_plan, plan_run
+    from softmine.engine.validate import validate_config
+
+    cfg = inv.cfg
     if cfg.get("debug"):
         os.environ["SOFTMINE_DEBUG"] = "1"
-    if not DistEnv.current().is_main:
+    env = DistEnv.current()
+    if not env.is_main:
         logging.getLogger().setLevel(logging.WARNING)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    return Trainer(cfg, run_dir).fit()
+    validate_config(cfg)
+    lock = RunLock(inv.run_dir) if env.is_main else None
+    plan: Plan | None = None
+
+    def decide() -> tuple[str, dict[str, float] | None]:
+        nonlocal plan
+        assert lock is not None
+        lock.acquire()
+        plan = plan_run(inv)
+        return plan.action, plan.metrics
+
+    handler: logging.Handler | None = None
+    try:
+        action, metrics = _on_rank0(decide)
+        if action == "finished":
+            log.info("%s has already finished; its metrics are unchanged", inv.run_dir)
+            return dict(metrics or {})
+        trainer = Trainer(cfg, inv.run_dir)
+        if plan is not None:
+            commit_plan(plan)
+            handler = attach_log(inv.run_dir)
+            for change in plan.changes:
+                log.info("resume_override: %s", change)
+        barrier()
+        return trainer.fit()
+    finally:
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+        if lock is not None:
+            lock.release()
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def hydra_main(cfg: DictConfig) -> float:
-    metrics = run(cfg)
+def invocation(cfg: DictConfig) -> Invocation:
+    """What Hydra was asked to run, from its runtime config."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from softmine.engine.run_folder import Invocation
+
+    hc = HydraConfig.get()
+    return Invocation(
+        run_dir=Path(hc.runtime.output_dir),
+        cfg=cfg,
+        overrides=[str(o) for o in OmegaConf.to_container(hc.overrides.task, resolve=False)],
+        choices=dict(OmegaConf.to_container(hc.runtime.choices)),  # type: ignore[arg-type]
+        hydra_cfg=OmegaConf.to_container(hc, resolve=False),  # type: ignore[arg-type]
+        multirun=hc.mode == RunMode.MULTIRUN,
+    )
+
+
+def _score(metrics: dict[str, float]) -> float:
     return float(metrics.get("map@r", metrics.get("mAP", 0.0)))
+
+
+def resume_hint(argv: list[str], run_dir: Path) -> str:
+    """The command that resumes the run in ``run_dir``: ``argv`` plus ``resume=true hydra.run.dir=...``."""
+    from softmine.engine.run_folder import override_key
+
+    keep = [a for a in argv if override_key(a) not in ("resume", "hydra.run.dir")]
+    return "softmine-train " + shlex.join([*keep, "resume=true", f"hydra.run.dir={run_dir}"])
+
+
+def run_job(inv: Invocation) -> float:
+    """One run (``softmine-train`` without ``-m``): user errors are one line and exit 2."""
+    try:
+        return _score(train(inv))
+    except Interrupted as e:
+        head = str(e).split(" Resume with", 1)[0]
+        print(f"{head} Resume with:\n  {resume_hint(sys.argv[1:], inv.run_dir)}", file=sys.stderr)
+        sys.exit(128 + e.signum)
+    except SoftmineError as e:
+        if debug_enabled():
+            raise
+        print(f"error: {user_message(e)}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except Exception as e:  # a config value OmegaConf cannot resolve: the user's, not a bug
+        from omegaconf.errors import OmegaConfBaseException
+
+        if debug_enabled() or not isinstance(e, OmegaConfBaseException):
+            raise
+        from softmine.hydra_errors import describe
+
+        print(f"error: {describe(e, sys.argv[1:])}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
+def sweep_job(inv: Invocation, folder: Path, num: int) -> float:
+    """Job ``num`` of the sweep in ``folder``: its outcome is recorded, a failure never stops the others.
+
+    When the sweep has been asked to stop, a job that has not started skips itself,
+    and an interrupted job records it and asks the rest of the sweep to stop.
+    """
+    from softmine.engine import sweep
+
+    def record(status: str, reason: str = "") -> None:
+        try:
+            sweep.record_outcome(folder, num, inv.overrides, status, reason)
+        except (OSError, SoftmineError) as e:  # the summary then reads the job's folder
+            print(f"warning: job {num}: its outcome was not recorded ({e})", file=sys.stderr)
+
+    if sweep.stop_requested(folder) is not None:
+        record(sweep.NOT_STARTED, "the sweep was stopped")
+        return math.nan
+    try:
+        score = _score(train(inv))
+    except (Interrupted, KeyboardInterrupt) as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        reason = str(e).split(" Resume with", 1)[0] if isinstance(e, Interrupted) else ""
+        record(sweep.INTERRUPTED, reason or "interrupted")
+        sweep.request_stop(folder, signum)
+        return math.nan
+    except Exception as e:  # a clean error or a bug: this job failed, the sweep goes on
+        if isinstance(e, SoftmineError):
+            reason = user_message(e)
+        else:
+            reason = f"{type(e).__name__}: {user_message(e) or 'no message'}"
+            log.exception("job %d raised", num)
+        record(sweep.FAILED, reason)
+        print(f"error: job {num} failed: {reason}", file=sys.stderr)
+        return math.nan
+    record(sweep.OK)
+    return score
+
+
+def task(cfg: DictConfig) -> float:
+    """The Hydra task: one run, or one job of a sweep."""
+    inv = invocation(cfg)
+    if not inv.multirun:
+        return run_job(inv)
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    return sweep_job(inv, Path(str(hc.sweep.dir)), int(hc.job.num))
+
+
+def _stopped(signum: int) -> None:
+    """Ctrl-C / SIGTERM outside the training loop: one line (a sweep: its summary), nothing lost."""
+    sweep = sys.modules.get("softmine.engine.sweep")
+    state = getattr(sweep, "ACTIVE", None)
+    if sweep is not None and state is not None:
+        sweep.report_stop(state, signum)
+    else:
+        print(
+            "interrupted before training began; nothing was saved (run the command again)",
+            file=sys.stderr,
+        )
+    sys.exit(128 + signum)
+
+
+def _main() -> None:
+    import hydra
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from softmine.config import CONFIG_DIR
+    from softmine.engine import sweep
+    from softmine.engine.distributed import init_from_env, run_stamp
+    from softmine.hydra_errors import describe
+
+    OmegaConf.register_new_resolver("run_stamp", run_stamp, replace=True)
+    init_from_env()
+    keep_hydra_errors = os.environ.get("HYDRA_FULL_ERROR") == "1" or debug_enabled()
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors to us instead of printing them
+    hydra_main = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")(task)
+    try:
+        hydra_main()
+    except (HydraException, OmegaConfBaseException) as e:
+        if keep_hydra_errors:
+            raise
+        print(f"error: {describe(e, sys.argv[1:])}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    state = sweep.ACTIVE
+    if state is None:
+        return
+    signum = sweep.stop_requested(state.folder)
+    if signum is not None:
+        _stopped(signum)
+    if state.failed:
+        first_job, first_reason = state.failed[0]
+        print(
+            f"error: {len(state.failed)} of {state.total} jobs failed (job {first_job}: "
+            f"{first_reason}); see {state.folder / sweep.SUMMARY_FILE}",
+            file=sys.stderr,
+        )
+        sys.exit(1)
 
 
 def main() -> None:
@@ -52,8 +276,10 @@ def main() -> None:
     if sys.argv[1:] == ["--version"]:
         print(version_line("softmine-train"))
         return
-    init_from_env()
-    hydra_main()
+    try:
+        _main()
+    except KeyboardInterrupt:
+        _stopped(signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ and CUDA. Everything is stored as tensors and plain containers, so it loads with
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from softmine.engine.atomic import write_atomic
 from softmine.errors import ConfigError
 
 LAST = "last.pt"
@@ -58,30 +58,110 @@ def save_atomic(state: dict[str, Any], path: Path) -> Path:
     """Write ``state`` to ``path`` through a temporary file and a rename.
 
     A crash or SIGKILL at any moment leaves either the previous file or the new
-    one, never a truncated checkpoint.
+    one, never a truncated checkpoint; a failed write (a full disk) removes its
+    temporary file and raises :class:`~softmine.errors.StorageError`.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return write_atomic(Path(path), lambda f: torch.save(state, f))
+
+
+#: First bytes of a ``torch.save`` file: a zip archive (since torch 1.6) or a legacy pickle.
+ZIP_MAGIC, PICKLE_MAGIC = b"PK\x03\x04", b"\x80"
+
+
+def _first_sentence(e: BaseException) -> str:
+    line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    return line.split(". ", 1)[0].rstrip(".")
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint safely (``weights_only=True``), with a clear error for bad files."""
+    """Load a checkpoint safely (``weights_only=True``), with one clear sentence for a bad file."""
+    path = Path(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(4)
     except FileNotFoundError:
         raise ConfigError(f"checkpoint {path} does not exist") from None
-    except Exception as e:  # torch raises several types for corrupt or foreign files
+    except OSError as e:
+        raise ConfigError(f"cannot read the checkpoint {path} ({e.strerror or e})") from None
+    if size == 0:
         raise ConfigError(
-            f"checkpoint {path} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0]}); "
-            "it is corrupt or not a softmine checkpoint"
+            f"checkpoint {path} is empty (0 bytes): it was cut off while being copied or "
+            "written; use another checkpoint (softmine itself never leaves one half-written)"
+        )
+    if head != ZIP_MAGIC and not head.startswith(PICKLE_MAGIC):
+        raise ConfigError(
+            f"{path} is not a PyTorch checkpoint (it does not start like a file written by "
+            "torch.save); give a checkpoint written by softmine-train"
+        )
+    foreign = _foreign_objects(path) if head == ZIP_MAGIC else []
+    if foreign:
+        raise ConfigError(
+            f"{path} stores Python objects ({', '.join(foreign[:3])}), so it is not a softmine "
+            "checkpoint (softmine's hold only tensors and plain containers and are never "
+            "unpickled as code)"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for truncated or damaged files
+        raise ConfigError(
+            f"checkpoint {path} is truncated or damaged ({type(e).__name__}: {_first_sentence(e)}); "
+            "use another checkpoint"
         ) from e
+
+
+def _foreign_objects(path: Path) -> list[str]:
+    """Classes a zip checkpoint would need to unpickle (empty for softmine's own checkpoints)."""
+    lister = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if lister is None:
+        return []
+    try:
+        return list(lister(path))
+    except Exception:  # a damaged archive: torch.load below names the damage
+        return []
+
+
+def reapply_optimizer_settings(
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    recorded: dict[str, Any],
+    current: dict[str, Any],
+) -> list[str]:
+    """Apply the optimizer settings of this run's config over those loaded from a checkpoint.
+
+    ``optimizer.load_state_dict`` restores the hyperparameters saved with the
+    checkpoint; when a resume changes them (``resume_override=[optimizer.lr]``), the
+    new values must win. The learning rate is scaled by ``current/recorded`` in every
+    parameter group (and in the scheduler's base rates), other hyperparameters are set.
+    Settings equal to the recorded ones are left untouched (an exact resume stays exact).
+    Returns the keys applied.
+    """
+    applied = []
+    for key, new in current.items():
+        if key.startswith("_") or recorded.get(key) == new or new is None:
+            continue
+        if key == "lr":
+            ratio = float(new) / float(recorded["lr"])
+            for group in optimizer.param_groups:
+                group["initial_lr"] = group.get("initial_lr", group["lr"]) * ratio
+            if hasattr(scheduler, "base_lrs"):
+                scheduler.base_lrs = [b * ratio for b in scheduler.base_lrs]
+            if hasattr(scheduler, "lr_lambdas"):  # LambdaLR: the rate of the current step
+                for group, base, fn in zip(
+                    optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+                ):
+                    group["lr"] = base * fn(scheduler.last_epoch)
+            else:
+                for group in optimizer.param_groups:
+                    group["lr"] *= ratio
+        elif all(key in g for g in optimizer.param_groups):
+            value = tuple(new) if isinstance(new, list) else new
+            for group in optimizer.param_groups:
+                group[key] = value
+        else:
+            continue
+        applied.append(f"optimizer.{key}")
+    return applied
 
 
 def load_state_checked(

@@ -1,10 +1,27 @@
-"""Graceful interruption: SIGINT / SIGTERM set a flag that the training loop checks after each step."""
+"""Graceful interruption: SIGINT / SIGTERM set a flag that the training loop checks after each step.
+
+A signal that arrived before the loop started (a sweep's handler notes it with
+:func:`note_pending`) counts as the first one: the loop stops after its first step.
+"""
 
 from __future__ import annotations
 
 import signal
 import threading
 from types import FrameType, TracebackType
+
+_pending: int | None = None
+
+
+def note_pending(signum: int) -> None:
+    """Remember a stop request that arrived while no :class:`GracefulInterrupt` was active."""
+    global _pending
+    _pending = signum
+
+
+def pending() -> int | None:
+    """The stop request noted by :func:`note_pending`, if any."""
+    return _pending
 
 
 class GracefulInterrupt:
@@ -29,6 +46,7 @@ class GracefulInterrupt:
         self.signum = signum
 
     def __enter__(self) -> GracefulInterrupt:
+        self.signum = _pending
         if threading.current_thread() is threading.main_thread():
             for s in self.SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)

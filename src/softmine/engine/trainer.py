@@ -10,6 +10,7 @@ mark where the sampler reshuffles and where ``trainer.eval_every`` counts).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import signal
@@ -27,12 +28,14 @@ from tqdm import tqdm
 
 from softmine.config import build
 from softmine.engine.artifacts import write_run_artifacts
+from softmine.engine.atomic import remove_partial, write_text_atomic
 from softmine.engine.checkpoint import (
     BEST,
     LAST,
     capture_rng_state,
     load_checkpoint,
     load_state_checked,
+    reapply_optimizer_settings,
     restore_rng_state,
     save_atomic,
 )
@@ -46,14 +49,16 @@ from softmine.engine.eval_history import (
 )
 from softmine.engine.evaluator import Evaluator
 from softmine.engine.logger import RunLogger
+from softmine.engine.nonfinite import WeightWatch
 from softmine.engine.objective import Objective
 from softmine.engine.optim import build_optimizer
 from softmine.engine.setup import resolve_device, resolve_num_workers, seed_everything
 from softmine.engine.signals import GracefulInterrupt
 from softmine.engine.sync_bn import convert_sync_batchnorm
 from softmine.engine.validate import validate_config
-from softmine.errors import ConfigError, Interrupted, TrainingError
+from softmine.errors import ConfigError, Interrupted, StorageError, TrainingError
 from softmine.evaluation import retrieval_metrics
+from softmine.evaluation.knn import NonFiniteEmbeddings
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +66,8 @@ METRICS_FILE = "metrics.json"
 TRAIN_LOG_FILE = "train_log.csv"
 CHECKPOINT_DIR = "checkpoints"
 BAD_IMAGES_FILE = "bad_images.txt"
+#: errno values of a failed write (full disk, quota, read-only filesystem, file size limit).
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 
 
 @dataclass
@@ -215,6 +222,8 @@ class Trainer:
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
             )
         self.state = TrainState()
+        self.weights = WeightWatch([self.model, self.loss_fn])
+        self.saved_step: int | None = None  # step of checkpoints/last.pt on disk, when known
         self.logger = RunLogger.from_config(
             self.run_dir, TRAIN_LOG_FILE, cfg, enabled=self.dist.is_main
         )
@@ -247,10 +256,16 @@ class Trainer:
         }
 
     def save_checkpoint(self, name: str = LAST) -> Path:
-        """Write a checkpoint atomically into ``checkpoints/`` (rank 0 only under torch.distributed)."""
+        """Write a checkpoint atomically into ``checkpoints/`` (rank 0 only under torch.distributed).
+
+        Only finite weights are ever saved: the weight check runs first.
+        """
+        self.check_weights()
         path = self.ckpt_dir / name
         if self.dist.is_main:
             save_atomic(self._state_dict(), path)
+            if name == LAST:
+                self.saved_step = self.state.step
         return path
 
     def load_checkpoint(self, path: Path) -> None:
@@ -270,16 +285,34 @@ class Trainer:
                 f"checkpoint {path} holds optimizer state for other parameters ({e}); "
                 "resume with the config it was trained with"
             ) from None
+        # the schedule's shape follows this run's config (a resume may extend trainer.epochs)
+        lambdas = getattr(self.scheduler, "lr_lambdas", [])
+        fresh = [dict(vars(fn)) if hasattr(fn, "__dict__") else None for fn in lambdas]
         self.scheduler.load_state_dict(ckpt["scheduler"])
+        for fn, attrs in zip(lambdas, fresh, strict=True):
+            if attrs is not None:
+                vars(fn).update(attrs)
+        recorded = (ckpt.get("config") or {}).get("optimizer") or {}
+        current = OmegaConf.to_container(self.cfg.optimizer, resolve=True)
+        for key in reapply_optimizer_settings(self.optimizer, self.scheduler, recorded, current):
+            log.info("%s changed on resume: now %s", key, self.cfg.optimizer[key.split(".")[1]])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.state = TrainState(**ckpt["train_state"])
         restore_rng_state(ckpt["rng"])
         self.logger.truncate(self.state.log_rows)
+        self.saved_step = self.state.step
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(self, model: torch.nn.Module | None = None) -> dict[str, float]:
         """Metrics of ``model`` (default: the trained one): retrieval on ``test``, or re-ID."""
-        return self.evaluator.evaluate(model or self.model)
+        try:
+            return self.evaluator.evaluate(model or self.model)
+        except NonFiniteEmbeddings:
+            raise TrainingError(
+                f"the test embeddings are not finite at step {self.state.step} (the weights are "
+                f"finite but too large: the learning rate {self.cfg.optimizer.get('lr')} is "
+                f"probably too high); {self._kept()}"
+            ) from None
 
     def baselines(self) -> dict[str, dict[str, float]]:
         """Metrics of raw inputs and of the untrained network on the same test split."""
@@ -300,6 +333,7 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         loss, details = self.objective(x, y)
         values = {"loss": float(loss.detach())}
+        self.check_weights()  # read after the loss's sync: it adds no stall
         values.update(
             {k: float(v) for k, v in details.items() if torch.is_tensor(v) and v.dim() == 0}
         )
@@ -318,11 +352,54 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(self.params, float(clip) if clip else float("inf"))
         if not torch.isfinite(norm) and not self.scaler.is_enabled():
             return self._nonfinite("gradient", values)
-        self.scaler.step(self.optimizer)
+        try:
+            self.scaler.step(self.optimizer)
+        except RuntimeError as e:
+            if "overflow" not in str(e):
+                raise
+            raise TrainingError(  # e.g. Adam's lr / (1 - beta1) beyond float32
+                f"the optimizer step {self.state.step + 1} overflowed float32 "
+                f"(optimizer.lr={self.cfg.optimizer.get('lr')} is too large); {self._kept()}"
+            ) from None
         self.scaler.update()
         self.scheduler.step()
+        self.weights.update(self.state.step + 1)
         values["grad_norm"] = float(norm)
         return values
+
+    def check_weights(self) -> None:
+        """Stop if a parameter or buffer has become NaN/Inf (reads the device-side record once)."""
+        bad = self.weights.bad_step()
+        if bad is None:
+            return
+        name = self.weights.first_bad_name() or "a parameter or buffer"
+        raise TrainingError(
+            f"the weights became non-finite at step {bad} ({name}); {self._kept()}. "
+            f"{self._lower_lr_hint()}"
+            + (
+                " (trainer.on_nonfinite=skip cannot undo a step already applied)"
+                if self.cfg.trainer.on_nonfinite == "skip"
+                else ""
+            )
+        )
+
+    def _kept(self) -> str:
+        """Where the last checkpoint with finite weights is (for stop and write-failure messages)."""
+        last = self.ckpt_dir / LAST
+        if not last.exists():
+            return "no checkpoint was written yet"
+        at = f" (step {self.saved_step})" if self.saved_step is not None else ""
+        return f"the last checkpoint, with finite weights, is {last}{at}"
+
+    def _lower_lr_hint(self) -> str:
+        lr = self.cfg.optimizer.get("lr")
+        lower = f"{float(lr) / 10:g}" if lr is not None else "<lower>"
+        if not (self.ckpt_dir / LAST).exists():
+            return f"Start again with a lower learning rate (e.g. optimizer.lr={lower})"
+        return (
+            "Lower the learning rate: start again, or continue from that checkpoint with "
+            f"resume=true resume_override=[optimizer.lr] optimizer.lr={lower}"
+        )
 
     def _nonfinite(self, what: str, values: dict[str, float]) -> dict[str, float]:
         pieces = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
@@ -333,15 +410,9 @@ class Trainer:
                 "non-finite %s at step %d (%s); step skipped", what, self.state.step + 1, pieces
             )
             return {}
-        last = self.ckpt_dir / LAST
-        kept = (
-            f"the last good checkpoint is {last}"
-            if last.exists()
-            else "no checkpoint was written yet"
-        )
         raise TrainingError(
-            f"non-finite {what} at step {self.state.step + 1} ({pieces}); {kept}. "
-            "Lower the learning rate, or set trainer.on_nonfinite=skip to skip such steps"
+            f"non-finite {what} at step {self.state.step + 1} ({pieces}); {self._kept()}. "
+            f"{self._lower_lr_hint()}, or set trainer.on_nonfinite=skip to skip such steps"
         )
 
     # ---------------------------------------------------------------- the loop
@@ -412,21 +483,65 @@ class Trainer:
             self.save_checkpoint(BEST)
 
     def fit(self) -> dict[str, float]:
-        """Train (resuming if asked), evaluate, write metrics.json; returns the final metrics."""
+        """Train (resuming if asked), evaluate, write metrics.json; returns the final metrics.
+
+        A file that cannot be written (a full disk) stops the run with one
+        :class:`StorageError` that says what was kept where.
+        """
+        try:
+            return self._fit()
+        except KeyboardInterrupt:  # a second Ctrl-C: stop now, the last checkpoint stays valid
+            raise Interrupted(
+                f"aborted at step {self.state.step} by a second interrupt; {self._kept()}. "
+                f"Resume with the same command plus: resume=true hydra.run.dir={self.run_dir}",
+                signal.SIGINT,
+            ) from None
+        except StorageError as e:
+            raise StorageError(f"{e}; {self._kept_files()}", errno=e.errno) from e
+        except OSError as e:
+            if e.errno not in WRITE_ERRNOS:
+                raise
+            where = f" {e.filename}" if e.filename else f" into {self.run_dir}"
+            raise StorageError(
+                f"cannot write{where} ({e.strerror}); {self._kept_files()}", errno=e.errno
+            ) from e
+
+    def _kept_files(self) -> str:
+        """What a failed write left, and where (the results first)."""
+        metrics, last = self.run_dir / METRICS_FILE, self.ckpt_dir / LAST
+        if self.state.finished and metrics.exists():
+            older = (
+                f" ({last} still holds step {self.saved_step})"
+                if last.exists() and self.saved_step is not None
+                else ""
+            )
+            return f"the results are safe in {metrics}, but the final weights were not saved{older}"
+        return (
+            f"training stopped at step {self.state.step}; {self._kept()}; free space and "
+            "continue with resume=true"
+        )
+
+    def _fit(self) -> dict[str, float]:
         t = self.cfg.trainer
         last = self.ckpt_dir / LAST
+        if self.dist.is_main:  # temporary files a killed writer left behind
+            remove_partial(self.ckpt_dir)
+            remove_partial(self.run_dir)
         if self.cfg.resume and last.exists():
             self.load_checkpoint(last)
             log.info(
                 "resumed from %s at step %d (epoch %d)", last, self.state.step, self.state.epoch + 1
             )
-            if self.state.finished and (self.run_dir / METRICS_FILE).exists():
+            if self.state.finished and self._done() and (self.run_dir / METRICS_FILE).exists():
                 log.info("this run had already finished; its metrics are unchanged")
                 return json.loads((self.run_dir / METRICS_FILE).read_text())
+            if self.state.finished:  # extended (resume_override=[trainer.epochs]): train on
+                self.state.finished, self.state.metrics = False, {}
         elif self.cfg.resume:
             log.info(
                 "resume=true but no checkpoint in %s yet: starting from scratch", self.ckpt_dir
             )
+            self.logger.truncate(0)
         if t.baselines and not self.state.baselines:
             self.state.baselines = self.baselines()
 
@@ -471,12 +586,14 @@ class Trainer:
                 if any_rank(interrupt.requested, self.device) and not self._done():
                     self._stop_interrupted(interrupt.signum or signal.SIGINT)
 
+        self.check_weights()
         if not self.state.metrics:
             self._evaluate_now()
         self.state.finished = True
+        if self.dist.is_main:  # the result first: a failed checkpoint write must not lose it
+            write_metrics(self.run_dir, self.final_metrics())
         self.save_checkpoint()
         if self.dist.is_main:
-            write_metrics(self.run_dir, self.final_metrics())
             write_run_artifacts(self)  # plots; attention.csv + attention_auc under label noise
         barrier()
         self._report_bad_images()
@@ -509,11 +626,8 @@ class Trainer:
 
 def write_metrics(run_dir: Path, metrics: dict[str, float]) -> Path:
     """Write the flat metrics dict to ``metrics.json`` atomically."""
-    path = Path(run_dir) / METRICS_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-    return path
+    text = json.dumps(metrics, indent=2, sort_keys=True) + "\n"
+    return write_text_atomic(Path(run_dir) / METRICS_FILE, text)
 
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:

@@ -6,11 +6,12 @@ and the fix.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from softmine.engine.logger import check_loggers
 from softmine.engine.setup import resolve_device
@@ -21,13 +22,33 @@ PRECISIONS = ("32", "bf16", "fp16")
 ON_NONFINITE = ("stop", "skip")
 
 
-def _num(cfg: DictConfig, key: str) -> float | None:
-    node = cfg
+def _node(cfg: DictConfig, key: str) -> object:
+    node: object = cfg
     for part in key.split("."):
         if not isinstance(node, DictConfig) or part not in node:
             return None
         node = node[part]
-    return None if node is None else float(node)
+    return node
+
+
+def _num(cfg: DictConfig, key: str) -> float | None:
+    """The number at ``key`` (None when absent or null); a non-number is a :class:`ConfigError`."""
+    node = _node(cfg, key)
+    if node is None:
+        return None
+    if isinstance(node, bool) or not isinstance(node, int | float):
+        raise ConfigError(f"{key} must be a number (got {node!r})")
+    return float(node)
+
+
+def _int(cfg: DictConfig, key: str, low: int, what: str = "") -> int | None:
+    """The whole number at ``key`` (None when absent or null), at least ``low``."""
+    value = _num(cfg, key)
+    if value is None:
+        return None
+    if value != int(value) or value < low:
+        raise ConfigError(f"{key} must be {what or f'a whole number >= {low}'} (got {value:g})")
+    return int(value)
 
 
 def check_writable(folder: Path) -> None:
@@ -43,31 +64,59 @@ def check_writable(folder: Path) -> None:
         ) from None
 
 
+def _check_seed(cfg: DictConfig) -> None:
+    seed = cfg.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed must be a whole number (got {seed!r}); e.g. seed=3")
+
+
+def _check_lr(cfg: DictConfig) -> None:
+    lr = _num(cfg, "optimizer.lr")
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"optimizer.lr must be a finite number > 0 (got {lr:g})")
+
+
+def _check_resume_override(cfg: DictConfig) -> None:
+    keys = cfg.get("resume_override")
+    keys = [keys] if isinstance(keys, str) else list(keys or [])
+    for key in keys:
+        if OmegaConf.select(cfg, str(key), default=_ABSENT) is _ABSENT:
+            raise ConfigError(
+                f"resume_override names {key!r}, which is not a key of this config; give keys "
+                "as in resume_override=[trainer.epochs,optimizer.lr]"
+            )
+
+
+_ABSENT = object()
+
+
 def validate_config(cfg: DictConfig, run_dir: Path | None = None) -> None:
-    """Check the values that would otherwise fail late or silently."""
+    """Check the values that would otherwise fail late, silently, or with a traceback."""
+    _check_seed(cfg)
     check_loss_hparams(*(_num(cfg, f"loss.{k}") for k in ("margin", "sigma", "lam")))
-    dim = _num(cfg, "backbone.embedding_dim")
-    if dim is None or dim <= 0 or dim != int(dim):
-        raise ConfigError(
-            f"backbone.embedding_dim must be a positive integer (got {cfg.backbone.get('embedding_dim')})"
-        )
+    if _num(cfg, "backbone.embedding_dim") is None:
+        raise ConfigError("backbone.embedding_dim must be a positive integer (got null)")
+    _int(cfg, "backbone.embedding_dim", 1, "a positive integer")
     for key in ("sampler.num_classes", "sampler.num_samples"):
-        v = _num(cfg, key)
-        if v is not None and (v < 1 or v != int(v)):
-            raise ConfigError(f"{key} must be a positive integer (got {v})")
+        _int(cfg, key, 1, "a positive integer")
+    _check_lr(cfg)
+    _check_resume_override(cfg)
     t = cfg.trainer
-    if int(t.epochs) < 1:
-        raise ConfigError(f"trainer.epochs must be >= 1 (got {t.epochs})")
-    if t.get("max_iters") is not None and int(t.max_iters) < 1:
-        raise ConfigError(f"trainer.max_iters must be >= 1 or null (got {t.max_iters})")
+    _int(cfg, "trainer.epochs", 1, "a whole number >= 1")
+    _int(cfg, "trainer.max_iters", 1, "a whole number >= 1 or null")
+    _int(cfg, "trainer.eval_every", 0)
+    _int(cfg, "trainer.log_every", 0)
+    _int(cfg, "trainer.eval_batch_size", 1)
+    clip = _num(cfg, "trainer.grad_clip")
+    if clip is not None and not clip > 0:
+        raise ConfigError(f"trainer.grad_clip must be > 0 or null (got {clip:g})")
     if str(t.get("precision", "32")) not in PRECISIONS:
         raise ConfigError(f"trainer.precision must be one of {PRECISIONS} (got {t.precision!r})")
     if str(t.get("on_nonfinite", "stop")) not in ON_NONFINITE:
         raise ConfigError(
             f"trainer.on_nonfinite must be one of {ON_NONFINITE} (got {t.on_nonfinite!r})"
         )
-    if int(t.get("checkpoint_every", 0)) < 0:
-        raise ConfigError(f"trainer.checkpoint_every must be >= 0 (got {t.checkpoint_every})")
+    _int(cfg, "trainer.checkpoint_every", 0)
     resolve_device(t.device)
     check_loggers(t.get("loggers", ["csv"]))
     if run_dir is not None:

@@ -33,6 +33,10 @@ ADD_CHUNK_ROWS = 8192
 _GPU_RESOURCES: dict[int, object] = {}
 
 
+class NonFiniteEmbeddings(ValueError):
+    """Embeddings holding NaN or Inf (a model whose weights or activations overflowed)."""
+
+
 def as_array(x: ArrayLike) -> np.ndarray:
     """``x`` as a C-contiguous float32 (n, d) numpy array, copied only when its type requires it."""
     if isinstance(x, torch.Tensor):
@@ -47,7 +51,7 @@ def normalized_rows(x: np.ndarray) -> np.ndarray:
     """A float32 copy of the rows ``x`` with unit L2 norm (all-zero rows stay zero); rejects NaN/Inf."""
     out = np.array(x, dtype=np.float32, order="C", copy=True)
     if not np.isfinite(out).all():
-        raise ValueError("embeddings contain NaN or Inf; check the model's output")
+        raise NonFiniteEmbeddings("embeddings contain NaN or Inf; check the model's output")
     faiss.normalize_L2(out)
     return out
 
@@ -58,7 +62,7 @@ def as_float32(x: ArrayLike, normalize: bool = True) -> np.ndarray:
     if normalize:
         return normalized_rows(x)
     if not np.isfinite(x).all():
-        raise ValueError("embeddings contain NaN or Inf; check the model's output")
+        raise NonFiniteEmbeddings("embeddings contain NaN or Inf; check the model's output")
     return x.copy()
 
 
@@ -145,7 +149,7 @@ def build_flat_index(
 
 def _finite(x: np.ndarray) -> np.ndarray:
     if not np.isfinite(x).all():
-        raise ValueError("embeddings contain NaN or Inf; check the model's output")
+        raise NonFiniteEmbeddings("embeddings contain NaN or Inf; check the model's output")
     return x
 
 

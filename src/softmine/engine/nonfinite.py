@@ -1,0 +1,61 @@
+"""Watching the weights for NaN/Inf after each optimizer step, without a host sync per check.
+
+A finite loss and gradient do not make a finite step: a huge learning rate can
+push parameters, or BatchNorm running statistics (updated in the forward pass),
+to Inf. :class:`WeightWatch` checks every floating-point parameter and buffer
+after each step with one fused reduction (``torch._foreach_norm`` with the max
+norm, which cannot overflow the way a sum of squares can) and folds the result
+into a device-side record of the first bad step. Reading that record is the only
+host sync, so the caller chooses how often to pay for it (the trainer reads it
+where it already syncs, and always before writing a checkpoint) and still learns
+the exact step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+
+class WeightWatch:
+    """Device-side record of the first step after which a watched tensor was not finite.
+
+    Args:
+        modules: modules whose parameters and floating-point buffers are watched.
+    """
+
+    def __init__(self, modules: Iterable[torch.nn.Module]) -> None:
+        self.named: list[tuple[str, torch.Tensor]] = []
+        for i, module in enumerate(modules):
+            for name, t in [*module.named_parameters(), *module.named_buffers()]:
+                if t.is_floating_point():
+                    self.named.append((f"{name}" if i == 0 else f"loss.{name}", t))
+        self.tensors = [t for _, t in self.named]
+        device = self.tensors[0].device if self.tensors else torch.device("cpu")
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        """Record ``step`` as the first bad one if any watched tensor now holds NaN or Inf."""
+        if not self.tensors:
+            return
+        peaks = torch._foreach_norm(self.tensors, float("inf"))
+        bad = ~torch.stack([torch.isfinite(p).to(self.first_bad.device) for p in peaks]).all()
+        self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
+
+    def bad_step(self) -> int | None:
+        """The first step whose update left a non-finite value, or None (one host sync)."""
+        value = int(self.first_bad)
+        return None if value < 0 else value
+
+    def first_bad_name(self) -> str | None:
+        """Name of a watched tensor that is not finite now (for the error message)."""
+        with torch.no_grad():
+            for name, t in self.named:
+                if not bool(torch.isfinite(t).all()):
+                    return name
+        return None
+
+    def reset(self) -> None:
+        self.first_bad.fill_(-1)

@@ -1,0 +1,111 @@
+"""Hydra's own errors (a mistyped key, group option or override) as one line naming the fix.
+
+Hydra prints these with a traceback hint and exits 1; ``softmine-train`` turns them
+into ``error: ...`` and exit 2 like its other user errors, and names the closest
+valid key or option (``difflib``) when there is one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from hydra.errors import MissingConfigException, OverrideParseException
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, InterpolationResolutionError
+
+from softmine.config import CONFIG_DIR
+from softmine.engine.run_folder import flatten, override_key
+
+GRAMMAR_URL = "https://hydra.cc/docs/advanced/override_grammar/basic/"
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in str(text).splitlines() if line.strip()), "")
+
+
+def config_groups() -> list[str]:
+    """The config groups of ``softmine-train`` (folders of the config directory), e.g. ``loss``."""
+    root = Path(CONFIG_DIR)
+    return sorted(
+        str(p.relative_to(root)) for p in root.rglob("*") if p.is_dir() and any(p.glob("*.yaml"))
+    )
+
+
+def known_keys(argv: Sequence[str], bad_key: str) -> list[str]:
+    """Every key of the config the command's group choices compose, plus the group names."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    groups = config_groups()
+    choices = [
+        a
+        for a in argv
+        if "=" in a
+        and not a.startswith(("+", "~"))
+        and override_key(a) in groups
+        and override_key(a) != bad_key
+    ]
+    keys: list[str] = []
+    GlobalHydra.instance().clear()
+    for attempt in (choices, []):
+        try:
+            with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+                cfg = compose("train", overrides=list(attempt), return_hydra_config=True)
+            container = OmegaConf.to_container(cfg, resolve=False)
+            keys = list(flatten(container))
+            break
+        except Exception:  # a choice that does not compose either: fall back to the defaults
+            GlobalHydra.instance().clear()
+    prefixes = {k.rsplit(".", i)[0] for k in keys for i in range(1, k.count(".") + 1)}
+    return sorted({*keys, *prefixes, *(g.replace("/", ".") for g in groups)})
+
+
+def _closest(word: str, candidates: Sequence[str]) -> str | None:
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def describe(e: BaseException, argv: Sequence[str]) -> str:
+    """One sentence for a Hydra composition or override error of the command ``argv``."""
+    if isinstance(e, OverrideParseException):
+        return (
+            f"cannot parse the override {e.override!r} ({_first_line(e.message)}); "
+            f"see {GRAMMAR_URL}"
+        )
+    if isinstance(e, MissingConfigException) and e.missing_cfg_file:
+        group, _, option = str(e.missing_cfg_file).rpartition("/")
+        options = [str(o) for o in (e.options or [])]
+        if group and options:
+            close = _closest(option, options)
+            hint = f"did you mean {group}={close}? " if close else ""
+            return (
+                f"{group}={option}: the config group {group} has no option {option!r}; "
+                f"{hint}options: {', '.join(options)}"
+            )
+    cause = e.__cause__
+    text = str(e)
+    match = re.search(r"override '([^']+)'", text)
+    if isinstance(cause, ConfigAttributeError | ConfigKeyError) or (
+        match and "No match in the defaults list" in text
+    ):
+        key = str(getattr(cause, "full_key", "") or (match.group(1) if match else ""))
+        if key:
+            close = _closest(key, known_keys(argv, key))
+            hint = f"did you mean {close}? " if close and close != key else ""
+            return (
+                f"unknown config key {key!r}; {hint}`softmine-train --cfg job` prints every key "
+                f"(+{key}=... adds a new one)"
+            )
+    taken = re.search(r"An item is already at '([^']+)'", text)
+    if taken:
+        key = taken.group(1)
+        return f"{key} already exists; set it with {key}=... (without the +)"
+    if isinstance(e, InterpolationResolutionError):
+        where = getattr(e, "full_key", "") or ""
+        return f"cannot resolve {where or 'a value'}: {_first_line(text)}"
+    detail = _first_line(str(cause)) if cause is not None else ""
+    head = _first_line(text)
+    return f"{head} ({detail})" if detail and detail not in head else head or type(e).__name__

@@ -1,0 +1,171 @@
+"""Every user mistake is one line on stderr, ``error: ...``, and exit code 2: bad values, Hydra's
+own key and option typos (with the closest valid one named), bad checkpoints and archives."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import FAST_DIGITS
+
+
+def _train(args: list[str], tmp_path: Path, monkeypatch, capsys) -> tuple[int, str]:
+    """``softmine-train ARGS`` in this process; returns (exit code, stderr)."""
+    from softmine.train import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.delenv("SOFTMINE_DEBUG", raising=False)
+    monkeypatch.setattr(sys, "argv", ["softmine-train", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    return code, capsys.readouterr().err
+
+
+def _one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optimizer.lr=-1", "optimizer.lr must be a finite number > 0 (got -1)"),
+        ("optimizer.lr=nan", "optimizer.lr must be a finite number > 0 (got nan)"),
+        ("seed=abc", "seed must be a whole number (got 'abc')"),
+        ("seed=1.5", "seed must be a whole number (got 1.5)"),
+        ("trainer.epochs=abc", "trainer.epochs must be a number (got 'abc')"),
+        ("trainer.grad_clip=0", "trainer.grad_clip must be > 0 or null"),
+        ("resume_override=[trainer.epoch]", "resume_override names 'trainer.epoch'"),
+        ("trainer.epoch=3", "unknown config key 'trainer.epoch'; did you mean trainer.epochs?"),
+        ("loss.margn=1", "unknown config key 'loss.margn'; did you mean loss.margin?"),
+        ("lossx=osm", "unknown config key 'lossx'; did you mean loss?"),
+        ("hydra.run.dirr=x", "did you mean hydra.run.dir?"),
+        ("loss=osmcaa", "has no option 'osmcaa'; did you mean loss=osm_caa?"),
+        ("trainer.epochs=[1", "cannot parse the override 'trainer.epochs=[1'"),
+        ("+seed=3", "seed already exists; set it with seed=... (without the +)"),
+        ("loss.margin=${oops}", "cannot resolve loss.margin: Interpolation key 'oops' not found"),
+    ],
+)
+def test_bad_command_is_one_line_and_exit_2(
+    tmp_path: Path, monkeypatch, capsys, override: str, message: str
+) -> None:
+    code, err = _train([override, *FAST_DIGITS], tmp_path, monkeypatch, capsys)
+    assert code == 2
+    assert message in _one_line(err)
+    assert not any((tmp_path / "outputs").rglob("*.yaml"))  # no run was recorded
+
+
+def test_an_interpolation_in_an_override_is_kept_as_written(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    run = tmp_path / "R"
+    args = ["loss.margin=${loss.sigma}", "trainer.epochs=1", f"hydra.run.dir={run}"]
+    code, err = _train([*args, *FAST_DIGITS], tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    assert "loss.margin=${loss.sigma}" in (run / ".hydra" / "overrides.yaml").read_text()
+
+
+def test_a_learning_rate_that_overflows_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    args = ["optimizer.lr=1e38", "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'R'}"]
+    code, err = _train([*args, *FAST_DIGITS], tmp_path, monkeypatch, capsys)
+    assert code == 2
+    assert "optimizer.lr=1e+38 is too large" in _one_line(err)
+
+
+def test_empty_checkpoint_on_resume(tmp_path: Path, monkeypatch, capsys) -> None:
+    run = tmp_path / "R"
+    args = ["trainer.epochs=1", f"hydra.run.dir={run}", *FAST_DIGITS]
+    assert _train(args, tmp_path, monkeypatch, capsys)[0] == 0
+    (run / "metrics.json").unlink()
+    (run / "checkpoints" / "last.pt").write_bytes(b"")  # a copy cut off by a full disk
+    code, err = _train([*args, "resume=true"], tmp_path, monkeypatch, capsys)
+    assert code == 2
+    assert "is empty (0 bytes)" in _one_line(err)
+
+
+def _eval(path: Path, capsys) -> tuple[int, str]:
+    from softmine.evaluate import main
+
+    with pytest.raises(SystemExit) as e:
+        main([str(path)])
+    return int(e.value.code or 0), capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("random.pt", bytes(range(1, 256)) * 8, "is not a PyTorch checkpoint"),
+        ("empty.pt", b"", "is empty (0 bytes)"),
+        ("truncated.pt", None, "is truncated or damaged"),
+        ("text.npz", b"embeddings,labels\n1,2\n", "is not an .npz archive"),
+        ("cut.npz", None, "is a damaged .npz archive"),
+    ],
+)
+def test_bad_files_for_softmine_eval(
+    tmp_path: Path, capsys, name: str, content: bytes | None, message: str
+) -> None:
+    path = tmp_path / name
+    if name == "truncated.pt":
+        import torch
+
+        torch.save({"model": torch.zeros(1000)}, path)
+        path.write_bytes(path.read_bytes()[:1500])
+    elif name == "cut.npz":
+        np.savez(path, embeddings=np.zeros((50, 4)), labels=np.zeros(50))
+        path.write_bytes(path.read_bytes()[:100])
+    else:
+        path.write_bytes(content)
+    code, err = _eval(path, capsys)
+    assert code == 2
+    line = _one_line(err)
+    assert message in line
+    assert "weights_only" not in line and "pickle" not in line  # no unsafe advice
+
+
+class Foreign:
+    """A class that a pickled checkpoint would have to import and build."""
+
+
+def test_checkpoint_holding_python_objects_is_refused_without_running_them(
+    tmp_path: Path, capsys
+) -> None:
+    import torch
+
+    path = tmp_path / "foreign.pt"
+    torch.save({"model": Foreign()}, path)
+    code, err = _eval(path, capsys)
+    assert code == 2
+    assert f"stores Python objects ({__name__}.Foreign)" in _one_line(err)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("after_s", [0.2, 2.0])
+def test_ctrl_c_during_start_up_is_one_line(tmp_path: Path, after_s: float) -> None:
+    """Early (importing) or later (building the data and model): never a traceback."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SOFTMINE_DEBUG": ""}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "softmine.train", "trainer.epochs=1", *FAST_DIGITS],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(after_s)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 2
