@@ -21,7 +21,12 @@ from omegaconf import DictConfig, OmegaConf
 from softmine.cli import user_errors_exit
 from softmine.config import CONFIG_DIR
 from softmine.engine import Trainer
-from softmine.engine.distributed import DistEnv, init_from_env, run_stamp
+from softmine.engine.distributed import (
+    DistEnv,
+    export_submitit_ranks,
+    init_from_env,
+    run_stamp,
+)
 
 OmegaConf.register_new_resolver("run_stamp", run_stamp, replace=True)
 
@@ -31,6 +36,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """Train and evaluate in the current Hydra run folder; returns the final metrics."""
     if cfg.get("debug"):
         os.environ["SOFTMINE_DEBUG"] = "1"
+    if export_submitit_ranks():  # a task of a multi-task SLURM job: join its process group here
+        init_from_env()
     if not DistEnv.current().is_main:
         logging.getLogger().setLevel(logging.WARNING)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -44,7 +51,10 @@ def hydra_main(cfg: DictConfig) -> float:
 
 
 def main() -> None:
-    """Console entry point; under ``torchrun`` it joins the process group first."""
+    """Console entry point; under ``torchrun`` it joins the process group first.
+
+    Tasks of a SLURM job started by submitit join theirs in :func:`run`, inside the job.
+    """
     init_from_env()
     hydra_main()
 

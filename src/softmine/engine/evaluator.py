@@ -21,6 +21,9 @@ from softmine.evaluation import reid_metrics, retrieval_metrics
 class Evaluator:
     """Builds the evaluation split(s) of ``cfg.dataset`` once; :meth:`evaluate` scores a model.
 
+    ``embeddings`` keeps the (embeddings, labels) of the last retrieval evaluation,
+    so the end-of-run plots need not embed the test set a second time.
+
     Args:
         cfg: the full run config (``dataset``, ``evaluation``, ``trainer.eval_batch_size``).
         device: where the model runs.
@@ -37,6 +40,7 @@ class Evaluator:
     ) -> None:
         self.cfg, self.device, self.num_workers = cfg, device, num_workers
         self.dist = dist or DistEnv()
+        self.embeddings: tuple[np.ndarray, np.ndarray] | None = None
         d = cfg.dataset
         if "test" in d:
             self.protocol = "retrieval"
@@ -86,4 +90,5 @@ class Evaluator:
             num_workers=self.num_workers,
         )
         emb, labels = gather_shards((emb, labels), len(self.test_set), self.dist)
+        self.embeddings = (emb, labels)
         return retrieval_metrics(emb, labels, ecfg.ks)

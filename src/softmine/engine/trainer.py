@@ -36,13 +36,20 @@ from softmine.engine.checkpoint import (
     restore_rng_state,
     save_atomic,
 )
-from softmine.engine.distributed import DistEnv, any_rank, barrier
+from softmine.engine.distributed import DistEnv, any_rank, barrier, broadcast_buffers
 from softmine.engine.embed import raw_inputs, to_model_input
 from softmine.engine.evaluator import Evaluator
 from softmine.engine.logger import RunLogger
 from softmine.engine.objective import Objective
-from softmine.engine.setup import resolve_device, resolve_num_workers, seed_everything
-from softmine.engine.signals import GracefulInterrupt
+from softmine.engine.setup import (
+    check_shared_memory,
+    rank_seed,
+    resolve_device,
+    resolve_num_workers,
+    seed_everything,
+    set_sharing_strategy,
+)
+from softmine.engine.signals import GracefulInterrupt, ignore_interrupts
 from softmine.engine.validate import validate_config
 from softmine.errors import ConfigError, Interrupted, TrainingError
 from softmine.evaluation import retrieval_metrics
@@ -143,6 +150,8 @@ class Trainer:
         self.loss_fn = build(
             cfg.loss, "loss", **run_time_sizes(cfg.loss, self.num_classes, emb_dim)
         ).to(self.device)
+        if self.dist.enabled:  # own augmentation/dropout streams per rank (rank 0 keeps the seed)
+            torch.manual_seed(rank_seed(int(cfg.seed), self.dist.rank))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.params += [p for p in self.loss_fn.parameters() if p.requires_grad]
         self.optimizer = build(cfg.optimizer, "optimizer")(self.params)
@@ -171,6 +180,11 @@ class Trainer:
             self.train_set.bad_image_log = str(self.run_dir / BAD_IMAGES_FILE)
         self.num_workers = resolve_num_workers(tcfg.num_workers, self.train_set)
         self.evaluator.num_workers = self.num_workers
+        set_sharing_strategy(tcfg.get("sharing_strategy", "file_descriptor"))
+        node = OmegaConf.select(cfg, "dataset.transform.device_transform")
+        self.device_transform = (
+            None if node is None else build(node, "dataset.transform.device_transform")
+        )
         self.loader_generator = torch.Generator()
         self.loader = DataLoader(
             self.train_set,
@@ -179,7 +193,10 @@ class Trainer:
             persistent_workers=self.num_workers > 0,
             pin_memory=self.device.type == "cuda",
             generator=self.loader_generator,
+            collate_fn=getattr(self.device_transform, "collate", None),
+            worker_init_fn=ignore_interrupts,
         )
+        check_shared_memory(self.num_workers, self._loaders_in_flight())
         precision = str(tcfg.precision)
         autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.scaler = torch.amp.GradScaler(
@@ -192,12 +209,20 @@ class Trainer:
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
             )
         self.state = TrainState()
+        self.test_embeddings: tuple[int, np.ndarray, np.ndarray] | None = None
         self.logger = RunLogger(
             self.run_dir,
             TRAIN_LOG_FILE,
             tensorboard=tcfg.tensorboard if self.dist.is_main else False,
             enabled=self.dist.is_main,
         )
+
+    def _loaders_in_flight(self) -> list[tuple[Any, int]]:
+        """(dataset, batch size) of the loaders whose worker batches sit in shared memory."""
+        batches = [(self.train_set, self.sampler.P * self.sampler.K)]
+        if self.evaluator.protocol == "retrieval":
+            batches.append((self.evaluator.test_set, int(self.cfg.trainer.eval_batch_size)))
+        return batches
 
     # ---------------------------------------------------------------- run folder / resume
     def _check_run_folder(self) -> None:
@@ -254,12 +279,25 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.state = TrainState(**ckpt["train_state"])
         restore_rng_state(ckpt["rng"])
+        if self.dist.rank > 0:  # the checkpoint holds rank 0's streams: give this rank its own
+            torch.manual_seed(rank_seed(int(self.cfg.seed), self.dist.rank, self.state.step))
         self.logger.truncate(self.state.log_rows)
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(self, model: torch.nn.Module | None = None) -> dict[str, float]:
-        """Metrics of ``model`` (default: the trained one): retrieval on ``test``, or re-ID."""
-        return self.evaluator.evaluate(model or self.model)
+        """Metrics of ``model`` (default: the trained one): retrieval on ``test``, or re-ID.
+
+        Under torch.distributed every rank first takes rank 0's BatchNorm statistics,
+        so all ranks embed with the network rank 0 saves. The test embeddings of the
+        trained network are kept (``test_embeddings``, with the step) for the plots.
+        """
+        if model is None:
+            broadcast_buffers(self.model)
+            broadcast_buffers(self.loss_fn)
+        metrics = self.evaluator.evaluate(model or self.model)
+        if model is None and self.evaluator.embeddings is not None:
+            self.test_embeddings = (self.state.step, *self.evaluator.embeddings)
+        return metrics
 
     def baselines(self) -> dict[str, dict[str, float]]:
         """Metrics of raw inputs and of the untrained network on the same test split."""
@@ -274,7 +312,7 @@ class Trainer:
     # ---------------------------------------------------------------- one step
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """Forward, backward and optimizer step on one batch; returns the values to log."""
-        x = to_model_input(x, self.device)
+        x = to_model_input(x, self.device, self.device_transform)
         y = y.to(self.device, non_blocking=True)
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -385,7 +423,8 @@ class Trainer:
             while not self._done():
                 s = self.state
                 self.sampler.set_epoch(s.epoch, start_batch=s.batch)
-                self.loader_generator.manual_seed(int(self.cfg.seed) * 1_000_003 + s.epoch)
+                seed = rank_seed(int(self.cfg.seed), self.dist.rank)  # workers differ per rank
+                self.loader_generator.manual_seed(seed * 1_000_003 + s.epoch)
                 t0, n_images = time.perf_counter(), 0
                 bar = tqdm(
                     self.loader,
