@@ -74,7 +74,11 @@ class ToHWC:
     def __call__(self, img: Any) -> Tensor:
         if isinstance(img, Tensor):
             if img.dim() != 3 or img.shape[0] not in (1, 3):
-                raise ValueError(f"expected a (C, H, W) image tensor, got shape {tuple(img.shape)}")
+                raise ConfigError(
+                    f"the device augmentation takes single images (C, H, W), got shape "
+                    f"{tuple(img.shape)}; dataset/transform=dml_device is for image sets "
+                    "(video sets: dataset/transform=reid or dml)"
+                )
             return img.expand(3, -1, -1).permute(1, 2, 0)
         arr = np.array(img.convert("RGB") if hasattr(img, "convert") else img, copy=True)
         if arr.ndim == 2:
@@ -257,7 +261,8 @@ class DeviceResizedCrop:
         """(B, 3, size, size) float32 images in [0, 1] on the batch's device."""
         n = len(batch)
         flip = torch.rand(n, device=batch.pixels.device) < self.flip if self.flip > 0 else None
-        return crop_resize(batch.pixels, self.boxes(batch.sizes), self.size, flip)
+        out = crop_resize(batch.pixels, self.boxes(batch.sizes), self.size, flip)
+        return out.clamp_(0.0, 1.0)  # the weights sum to 1 up to rounding: stay inside [0, 1]
 
     def __repr__(self) -> str:
         return (
