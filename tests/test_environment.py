@@ -208,7 +208,10 @@ TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_AD
 def test_submitit_tasks_get_torch_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("submitit")
     for var in (*TORCH_VARS, "CUDA_VISIBLE_DEVICES"):
-        monkeypatch.delenv(var, raising=False)
+        # recorded first, so what the export writes is undone after the test (a RANK or
+        # WORLD_SIZE left behind would make every later training subprocess wait for peers)
+        monkeypatch.setenv(var, "recorded")
+        monkeypatch.delenv(var)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     for k, v in _slurm_env(1, ntasks=2).items():
         monkeypatch.setenv(k, v)

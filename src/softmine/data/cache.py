@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 CACHE_MODES = ("none", "ram", "disk")
 CACHE_FOLDER = "cache"  # under the dataset root, unless dataset.cache_dir says otherwise
 FORMAT = 1  # bump when the stored layout changes: every disk cache is rebuilt
+BLOCK = 32  # images decoded per thread task
 
 Size = int | tuple[int, int]
 Box = tuple[float, float, float, float]
@@ -325,8 +326,10 @@ def _build(
 
     t0 = time.perf_counter()
     n = len(files)
+    blocks = range(0, n, BLOCK)  # a task per block: a million frames are not a million futures
     with ThreadPoolExecutor(threads) as pool:
-        headers = list(pool.map(lambda f: _header_shape(*f), files, chunksize=64))
+        parts = pool.map(lambda b: [_header_shape(*f) for f in files[b : b + BLOCK]], blocks)
+        headers = [h for part in parts for h in part]
     bad = np.array([h is None for h in headers], dtype=bool)
     if bad.any() and on_bad_image == "error":
         _decode(*files[int(np.flatnonzero(bad)[0])], size)  # raises the BadImageError naming it
@@ -360,17 +363,24 @@ def _build(
             raise RuntimeError(f"{files[i][0]}: decoded to {h}x{w}, expected {tuple(shapes[i])}")
         cache[i].copy_(img.permute(1, 2, 0))
 
+    def fill_block(start: int) -> int:
+        for i in range(start, min(start + BLOCK, n)):
+            fill(i)
+        return min(BLOCK, n - start)
+
+    pool = ThreadPoolExecutor(threads)
     try:
-        with ThreadPoolExecutor(threads) as pool:
-            done = pool.map(fill, range(n), chunksize=16)
-            for _ in tqdm(done, total=n, desc=f"caching {name}", unit="img", disable=None):
-                pass
+        with tqdm(total=n, desc=f"caching {name}", unit="img", disable=None) as bar:
+            for done in pool.map(fill_block, blocks):
+                bar.update(done)
+        pool.shutdown()
         if mapped is not None:
             mapped.flush()
             del mapped, pixels, cache
             _commit(tmp, target, offsets, shapes, bad)
             cache = _open(target)
     finally:
+        pool.shutdown(cancel_futures=True)  # an error stops the build: drop the files not started
         if tmp is not None:
             tmp.unlink(missing_ok=True)
     where = "in memory" if target is None else str(_pixels_file(target))

@@ -93,6 +93,13 @@ def collate_padded(items: Sequence[tuple[Any, ...]]) -> tuple[Any, ...]:
     crosses to the main process without another copy (as ``default_collate`` does).
     """
     images = [item[0] for item in items]
+    for img in images:
+        if not (torch.is_tensor(img) and img.dim() == 3 and img.shape[2] == 3):
+            raise ConfigError(
+                "the device transform needs whole images (H, W, 3) from the training transform "
+                f"(got {type(img).__name__} {tuple(getattr(img, 'shape', ()))}); end it with "
+                "softmine.data.device_transforms.ToHWC, as dataset/transform=dml_device does"
+            )
     sizes = torch.tensor([img.shape[:2] for img in images], dtype=torch.int64)
     h, w = (int(v) for v in sizes.max(0).values)
     shape = (len(images), h, w, 3)
