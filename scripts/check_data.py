@@ -17,10 +17,10 @@ something is missing, miscounted or unreadable, 2 on a usage error.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from softmine.data.check import CHECKS, check
+from softmine.hardware import available_cpus
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workers",
         type=int,
-        default=min(8, os.cpu_count() or 1),
-        help="processes decoding images (default: min(8, CPUs))",
+        default=min(8, available_cpus()),
+        help="processes decoding images (default: min(8, usable CPUs))",
     )
     args = parser.parse_args(argv)
     report = check(args.dataset, args.root, sample=args.sample, workers=args.workers)

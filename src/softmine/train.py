@@ -68,13 +68,15 @@ def train(inv: Invocation) -> dict[str, float]:
     record only once the checks have passed and the trainer is built.
     """
     from softmine.engine import Trainer
-    from softmine.engine.distributed import DistEnv, barrier
+    from softmine.engine.distributed import DistEnv, barrier, export_submitit_ranks, init_from_env
     from softmine.engine.run_folder import Plan, RunLock, attach_log, commit_plan, plan_run
     from softmine.engine.validate import validate_config
 
     cfg = inv.cfg
     if cfg.get("debug"):
         os.environ["SOFTMINE_DEBUG"] = "1"
+    if export_submitit_ranks():  # a task of a multi-task SLURM job: join its process group here
+        init_from_env()
     env = DistEnv.current()
     if not env.is_main:
         logging.getLogger().setLevel(logging.WARNING)

@@ -24,7 +24,7 @@ Pillow box ``(x1 - 1, y1 - 1, x2, y2)``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,10 @@ class Cars196(ImageDataset):
         transform: callable applied to the Pillow RGB image.
         crop: crop every image to its annotated bounding box.
         on_bad_image: ``error`` | ``skip`` (see :mod:`softmine.data.images`).
+        cache: ``none`` | ``ram`` | ``disk``: decode every image once into uint8 arrays
+            (see :mod:`softmine.data.cache`); items are then uint8 tensors (3, H, W).
+        cache_size: short side of the cached images (int), or [height, width].
+        cache_dir: folder of a disk cache (default: ``cache/`` under ``root``).
 
     Attributes:
         layout: ``annos`` (distribution a) or ``devkit`` (distribution b).
@@ -97,8 +101,11 @@ class Cars196(ImageDataset):
         transform: Callable[[Any], Any] | None = None,
         crop: bool = False,
         on_bad_image: str = "error",
+        cache: str = "none",
+        cache_size: int | Sequence[int] = 256,
+        cache_dir: str | Path | None = None,
     ) -> None:
-        super().__init__(transform, on_bad_image)
+        super().__init__(transform, on_bad_image, cache, cache_size, cache_dir)
         self.split = check_split(CARS, split, IMAGE_SPLITS)
         self.root = check_root(CARS, root)
         annos, devkit = self.root / "cars_annos.mat", self.root / "devkit"

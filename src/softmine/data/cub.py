@@ -17,7 +17,7 @@ seen in training. The boundary is half the number of entries in ``classes.txt``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,10 @@ class CUB200(ImageDataset):
         crop: crop every image to its box in ``bounding_boxes.txt`` (x, y are the
             0-based top-left corner, so the box is ``(x, y, x + w, y + h)``).
         on_bad_image: ``error`` | ``skip`` (see :mod:`softmine.data.images`).
+        cache: ``none`` | ``ram`` | ``disk``: decode every image once into uint8 arrays
+            (see :mod:`softmine.data.cache`); items are then uint8 tensors (3, H, W).
+        cache_size: short side of the cached images (int), or [height, width].
+        cache_dir: folder of a disk cache (default: ``cache/`` under ``root``).
     """
 
     source = CUB
@@ -47,8 +51,11 @@ class CUB200(ImageDataset):
         transform: Callable[[Any], Any] | None = None,
         crop: bool = False,
         on_bad_image: str = "error",
+        cache: str = "none",
+        cache_size: int | Sequence[int] = 256,
+        cache_dir: str | Path | None = None,
     ) -> None:
-        super().__init__(transform, on_bad_image)
+        super().__init__(transform, on_bad_image, cache, cache_size, cache_dir)
         self.split = check_split(CUB, split, IMAGE_SPLITS)
         self.root = check_root(CUB, root)
         paths = {int(i): p for i, p in read_table(CUB, self.root / "images.txt", 2)}

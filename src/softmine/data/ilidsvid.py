@@ -117,6 +117,10 @@ class ILIDSVID(VideoDataset):
             ``all`` otherwise.
         transform: applied once per clip to a ``tv_tensors.Video`` (T, C, H, W).
         on_bad_image: ``error`` | ``skip``.
+        cache: ``none`` | ``ram`` | ``disk``: decode every frame once into uint8 arrays
+            (see :mod:`softmine.data.cache`).
+        cache_size: [height, width] of the cached frames (the training size), or a short side.
+        cache_dir: folder of a disk cache (default: ``cache/`` under ``root``).
 
     Attributes:
         train_people, test_people: person folder names of the chosen split.
@@ -133,8 +137,13 @@ class ILIDSVID(VideoDataset):
         sampling: str | None = None,
         transform: Callable[[Any], Any] | None = None,
         on_bad_image: str = "error",
+        cache: str = "none",
+        cache_size: int | Sequence[int] = (256, 128),
+        cache_dir: str | Path | None = None,
     ) -> None:
-        super().__init__(split, seq_len, sampling, transform, on_bad_image)
+        super().__init__(
+            split, seq_len, sampling, transform, on_bad_image, cache, cache_size, cache_dir
+        )
         src = ILIDSVID_SOURCE
         self.root = check_root(src, root)
         self.split_id = int(split_id)

@@ -13,6 +13,11 @@ file. What a dataset does about it is its ``on_bad_image`` policy:
   worker keeps its own set); every process also appends the path to the file
   ``bad_image_log`` when one is set, which is how the trainer counts and reports
   the skipped files of all workers at the end of a run.
+
+With ``cache=ram|disk`` every image is decoded once, up front, into a
+:mod:`softmine.data.cache` of uint8 arrays resized to ``cache_size``; items then
+come from the cache as uint8 tensors (3, H, W) instead of Pillow images, and the
+transforms see exactly what they would have made of the file at that size.
 """
 
 from __future__ import annotations
@@ -21,12 +26,22 @@ import logging
 import math
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from softmine.data.cache import (
+    CACHE_FOLDER,
+    ImageCache,
+    build_cache,
+    check_cache_mode,
+    check_cache_size,
+)
 from softmine.data.sources import Source, missing_files
 from softmine.errors import ConfigError, DataError
 
@@ -58,13 +73,64 @@ def read_rgb(path: str, box: Box | None = None) -> Image.Image:
             f"cannot decode image {path} ({e}); re-download or re-extract it, or set "
             "dataset.on_bad_image=skip to use another image of the same class instead"
         ) from e
-    if box is not None:
-        w, h = img.size
-        left, top = max(0, math.floor(box[0])), max(0, math.floor(box[1]))
-        right, bottom = min(w, math.ceil(box[2])), min(h, math.ceil(box[3]))
-        if right > left and bottom > top:
-            img = img.crop((left, top, right, bottom))
-    return img
+    cut = crop_box(box, *img.size)
+    return img if cut is None else img.crop(cut)
+
+
+def crop_box(box: Box | None, width: int, height: int) -> tuple[int, int, int, int] | None:
+    """``box`` rounded outwards to whole pixels and clipped to the image; None if nothing is left."""
+    if box is None:
+        return None
+    left, top = max(0, math.floor(box[0])), max(0, math.floor(box[1]))
+    right, bottom = min(width, math.ceil(box[2])), min(height, math.ceil(box[3]))
+    if right > left and bottom > top:
+        return left, top, right, bottom
+    return None
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    """A dataset's ``cache``, ``cache_size`` and ``cache_dir`` arguments (see :mod:`softmine.data.cache`)."""
+
+    mode: str = "none"
+    size: int | tuple[int, int] = 256
+    folder: str | None = None
+
+    @classmethod
+    def checked(
+        cls, mode: str, size: int | Sequence[int], folder: str | Path | None
+    ) -> CacheOptions:
+        return cls(
+            check_cache_mode(mode), check_cache_size(size), None if folder is None else str(folder)
+        )
+
+    def build(self, dataset: Any, files: Sequence[tuple[str, Box | None]]) -> ImageCache | None:
+        """The cache of ``files`` for ``dataset`` (None for ``none``), in ``<root>/cache`` by default."""
+        if self.mode == "none":
+            return None
+        root = Path(getattr(dataset, "root", "."))
+        folder = Path(os.path.expanduser(self.folder)) if self.folder else root / CACHE_FOLDER
+        name = f"{type(dataset).__name__.lower()}-{getattr(dataset, 'split', 'all')}"
+        return build_cache(
+            files,
+            self.size,
+            self.mode,
+            name=name,
+            folder=folder,
+            root=root,
+            on_bad_image=dataset.on_bad_image,
+        )
+
+
+def cached_image(cache: ImageCache, i: int, path: str) -> torch.Tensor:
+    """Entry ``i`` of ``cache`` as a uint8 (3, H, W) view; BadImageError for an unreadable file."""
+    if cache.bad[i]:
+        raise BadImageError(
+            f"cannot decode image {path} (found unreadable when the image cache was built); "
+            "re-download or re-extract it, or set dataset.on_bad_image=skip to use another "
+            "image of the same class instead"
+        )
+    return cache[i].permute(2, 0, 1)
 
 
 def check_policy(on_bad_image: str) -> str:
@@ -113,15 +179,25 @@ class ImageDataset(Dataset):
         class_names: published class names of labels ``0..C-1``.
         boxes: Pillow crop box per item, or None when not cropping.
         bad_images: paths skipped under ``on_bad_image=skip`` (in this process).
+        cache: the decoded images (``cache=ram|disk``), or None.
     """
 
     source: ClassVar[Source]
 
-    def __init__(self, transform: Callable[[Any], Any] | None, on_bad_image: str) -> None:
+    def __init__(
+        self,
+        transform: Callable[[Any], Any] | None,
+        on_bad_image: str,
+        cache: str = "none",
+        cache_size: int | Sequence[int] = 256,
+        cache_dir: str | Path | None = None,
+    ) -> None:
         self.transform = transform
         self.on_bad_image = check_policy(on_bad_image)
         self.bad_images: set[str] = set()
         self.bad_image_log: str | None = None
+        self.cache_options = CacheOptions.checked(cache, cache_size, cache_dir)
+        self.cache: ImageCache | None = None
 
     def _setup(
         self,
@@ -156,6 +232,9 @@ class ImageDataset(Dataset):
         self._labels = labels
         order = np.argsort(labels, kind="stable")
         self._class_members = np.split(order, np.cumsum(np.bincount(labels))[:-1])
+        boxes = self.boxes or [None] * len(self.samples)
+        files = [(p, b) for (p, _), b in zip(self.samples, boxes, strict=True)]
+        self.cache = self.cache_options.build(self, files)
 
     @property
     def labels(self) -> np.ndarray:
@@ -169,8 +248,13 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load(self, i: int) -> Image.Image:
-        """The (cropped) RGB image of item ``i``; raises BadImageError naming the file."""
+    def load(self, i: int) -> Image.Image | torch.Tensor:
+        """The (cropped) RGB image of item ``i``; raises BadImageError naming the file.
+
+        A Pillow image, or with a cache the cached uint8 tensor (3, H, W) (a view).
+        """
+        if self.cache is not None:
+            return cached_image(self.cache, i, self.samples[i][0])
         box = None if self.boxes is None else self.boxes[i]
         return read_rgb(self.samples[i][0], box)
 
@@ -199,7 +283,7 @@ class ImageDataset(Dataset):
         note_bad_image(self, self.samples[i][0], "image")
 
     def __getitem__(self, i: int) -> tuple[Any, int]:
-        """(image, label): a Pillow RGB image, or whatever ``transform`` makes of it."""
+        """(image, label): a Pillow RGB image (uint8 tensor when cached), or what ``transform`` makes of it."""
         img = self._load_or_substitute(i)
         if self.transform is not None:
             img = self.transform(img)

@@ -34,7 +34,7 @@ Splits:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +105,10 @@ class MARS(VideoDataset):
         transform: applied once per clip to a ``tv_tensors.Video`` (T, C, H, W).
         gallery_includes_query: official MARS gallery (True) or torchreid's (False).
         on_bad_image: ``error`` | ``skip``.
+        cache: ``none`` | ``ram`` | ``disk``: decode every frame once into uint8 arrays
+            (see :mod:`softmine.data.cache`).
+        cache_size: [height, width] of the cached frames (the training size), or a short side.
+        cache_dir: folder of a disk cache (default: ``cache/`` under ``root``).
 
     Attributes:
         rows: 0-based row in ``track_{train,test}_info`` of every tracklet.
@@ -121,8 +125,13 @@ class MARS(VideoDataset):
         transform: Callable[[Any], Any] | None = None,
         gallery_includes_query: bool = True,
         on_bad_image: str = "error",
+        cache: str = "none",
+        cache_size: int | Sequence[int] = (256, 128),
+        cache_dir: str | Path | None = None,
     ) -> None:
-        super().__init__(split, seq_len, sampling, transform, on_bad_image)
+        super().__init__(
+            split, seq_len, sampling, transform, on_bad_image, cache, cache_size, cache_dir
+        )
         self.root = check_root(MARS_SOURCE, root)
         self.gallery_includes_query = bool(gallery_includes_query)
         part = "train" if split == "train" else "test"

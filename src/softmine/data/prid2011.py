@@ -23,7 +23,7 @@ unpacked next to PRID2011).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,10 @@ class PRID2011(VideoDataset):
         split_file: path of ``train_test_splits_prid.mat`` (default: searched, see module doc).
         min_frames: minimum frames per camera for a person to take part (27 in the protocol).
         on_bad_image: ``error`` | ``skip``.
+        cache: ``none`` | ``ram`` | ``disk``: decode every frame once into uint8 arrays
+            (see :mod:`softmine.data.cache`).
+        cache_size: [height, width] of the cached frames (the training size), or a short side.
+        cache_dir: folder of a disk cache (default: ``cache/`` under ``root``).
 
     Attributes:
         people: the qualifying person folders, in the order ``ls_set`` indexes.
@@ -73,8 +77,13 @@ class PRID2011(VideoDataset):
         split_file: str | Path | None = None,
         min_frames: int = MIN_FRAMES,
         on_bad_image: str = "error",
+        cache: str = "none",
+        cache_size: int | Sequence[int] = (256, 128),
+        cache_dir: str | Path | None = None,
     ) -> None:
-        super().__init__(split, seq_len, sampling, transform, on_bad_image)
+        super().__init__(
+            split, seq_len, sampling, transform, on_bad_image, cache, cache_size, cache_dir
+        )
         src = PRID_SOURCE
         self.root = check_root(src, root)
         self.split_id = int(split_id)

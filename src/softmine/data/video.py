@@ -33,19 +33,32 @@ resized to the first frame's size before stacking.
 A frame that cannot be read is a :class:`~softmine.data.images.BadImageError`
 under ``on_bad_image=error``; under ``skip`` the nearest readable frame of the
 same tracklet replaces it and the path is added to ``bad_images``.
+
+With ``cache=ram|disk`` every frame of the split is decoded once into a
+:mod:`softmine.data.cache`, resized to ``cache_size`` (the training size, (height,
+width), by default 256 x 128); clips are then cut from the cached arrays.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from softmine.data.images import BadImageError, check_policy, note_bad_image, read_rgb
+from softmine.data.cache import ImageCache
+from softmine.data.images import (
+    BadImageError,
+    CacheOptions,
+    cached_image,
+    check_policy,
+    note_bad_image,
+    read_rgb,
+)
 from softmine.data.sources import Source
 from softmine.errors import ConfigError, DataError
 
@@ -95,6 +108,7 @@ class VideoDataset(Dataset):
         camids: 0-based camera of every tracklet, int64 (n,).
         labels: ``train``: identities remapped to 0..C-1; otherwise equal to ``pids``.
         bad_images: frame paths skipped under ``on_bad_image=skip`` (in this process).
+        cache: the decoded frames (``cache=ram|disk``), or None.
     """
 
     source: ClassVar[Source]
@@ -106,6 +120,9 @@ class VideoDataset(Dataset):
         sampling: str | None,
         transform: Callable[[Any], Any] | None,
         on_bad_image: str,
+        cache: str = "none",
+        cache_size: int | Sequence[int] = (256, 128),
+        cache_dir: str | Path | None = None,
     ) -> None:
         if split not in VIDEO_SPLITS:
             raise ConfigError(
@@ -121,6 +138,8 @@ class VideoDataset(Dataset):
         self.on_bad_image = check_policy(on_bad_image)
         self.bad_images: set[str] = set()
         self.bad_image_log: str | None = None
+        self.cache_options = CacheOptions.checked(cache, cache_size, cache_dir)
+        self.cache: ImageCache | None = None
 
     def _setup(self, tracklets: Sequence[Tracklet]) -> None:
         if not tracklets:
@@ -129,6 +148,11 @@ class VideoDataset(Dataset):
         self.pids = np.array([t[1] for t in self.tracklets], dtype=np.int64)
         self.camids = np.array([t[2] for t in self.tracklets], dtype=np.int64)
         self._labels = relabel(self.pids) if self.split == "train" else self.pids
+        if self.cache_options.mode != "none":
+            files = list(dict.fromkeys(f for t in self.tracklets for f in t[0]))
+            position = {f: k for k, f in enumerate(files)}
+            self._cache_ids = [np.array([position[f] for f in t[0]]) for t in self.tracklets]
+            self.cache = self.cache_options.build(self, [(f, None) for f in files])
 
     @property
     def labels(self) -> np.ndarray:
@@ -143,17 +167,25 @@ class VideoDataset(Dataset):
     def __len__(self) -> int:
         return len(self.tracklets)
 
-    def _frame(self, frames: tuple[str, ...], j: int) -> torch.Tensor:
-        """Frame ``j`` as uint8 (3, H, W); under ``skip`` the nearest readable one instead."""
+    def _read(self, i: int, k: int) -> torch.Tensor:
+        """Frame ``k`` of tracklet ``i`` as uint8 (3, H, W), from the cache when there is one."""
         from torchvision.transforms.v2.functional import pil_to_tensor
 
+        path = self.tracklets[i][0][k]
+        if self.cache is not None:
+            return cached_image(self.cache, int(self._cache_ids[i][k]), path)
+        return pil_to_tensor(read_rgb(path))
+
+    def _frame(self, i: int, j: int) -> torch.Tensor:
+        """Frame ``j`` of tracklet ``i`` as uint8 (3, H, W); under ``skip`` the nearest readable one."""
+        frames = self.tracklets[i][0]
         order = [j] if self.on_bad_image == "error" else _nearest_first(j, len(frames))
         for k in order:
             path = frames[k]
             if k != j and path in self.bad_images:
                 continue
             try:
-                return pil_to_tensor(read_rgb(path))
+                return self._read(i, k)
             except BadImageError:
                 if self.on_bad_image == "error":
                     raise
@@ -165,7 +197,7 @@ class VideoDataset(Dataset):
         frames = self.tracklets[i][0]
         idx = clip_indices(len(frames), self.seq_len, self.sampling)
         unique, inverse = np.unique(idx, return_inverse=True)
-        loaded = [self._frame(frames, int(k)) for k in unique]
+        loaded = [self._frame(i, int(k)) for k in unique]
         size = loaded[0].shape[-2:]
         if any(f.shape[-2:] != size for f in loaded):
             from torchvision.transforms.v2.functional import resize

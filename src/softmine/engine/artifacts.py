@@ -210,13 +210,17 @@ def _plot_test_set(trainer: Any, out: Path, test_set: Any) -> None:
     from softmine import plots
     from softmine.evaluation import recall_at_k
 
-    emb, labels = extract_embeddings(
-        trainer.model,
-        test_set,
-        device=trainer.device,
-        batch_size=int(trainer.cfg.trainer.eval_batch_size),
-        num_workers=_num_workers(trainer),
-    )
+    kept = getattr(trainer, "test_embeddings", None)
+    if kept is not None and kept[0] == trainer.state.step:  # the final evaluation's embeddings
+        emb, labels = kept[1], kept[2]
+    else:
+        emb, labels = extract_embeddings(
+            trainer.model,
+            test_set,
+            device=trainer.device,
+            batch_size=int(trainer.cfg.trainer.eval_batch_size),
+            num_workers=_num_workers(trainer),
+        )
     ks = [k for k in RECALL_KS if k < len(labels)]
     _attempt(
         "recall_at_k",

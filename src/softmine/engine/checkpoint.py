@@ -9,6 +9,7 @@ and CUDA. Everything is stored as tensors and plain containers, so it loads with
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ import torch
 
 from softmine.engine.atomic import write_atomic
 from softmine.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -51,7 +54,27 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        restore_cuda_rng_states(state["cuda"])
+
+
+def restore_cuda_rng_states(states: list[torch.Tensor]) -> None:
+    """Set the RNG state of each visible CUDA device from the saved list, as far as both go.
+
+    A run saved on more GPUs than this process sees (resumed on a smaller node, or
+    with ``CUDA_VISIBLE_DEVICES`` narrowed) restores the first ones and says so;
+    ``torch.cuda.set_rng_state_all`` would fail with an invalid device instead.
+    """
+    visible = torch.cuda.device_count()
+    for index, rng in enumerate(states[:visible]):
+        torch.cuda.set_rng_state(rng, index)
+    if len(states) != visible:
+        log.warning(
+            "the checkpoint holds the RNG states of %d CUDA devices, %d are visible: "
+            "restored %d; the random streams of the others start afresh",
+            len(states),
+            visible,
+            min(len(states), visible),
+        )
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> Path:

@@ -8,6 +8,17 @@ the gradients equal those of one process on the concatenated batch (DDP then
 averages the parameter gradients). ``trainer.sync_bn`` synchronises BatchNorm
 statistics too (:mod:`softmine.engine.sync_bn`). Only rank 0 writes files.
 User guide: ``docs/distributed.md``.
+
+Under SLURM through submitit (``hydra/launcher=slurm`` with ``tasks_per_node > 1``)
+each task of the job runs the training function; submitit exports no torch rank
+variables, so :func:`export_submitit_ranks` sets them from the job's environment
+(``submitit.helpers.TorchDistributedEnvironment``) and the tasks join the process
+group there, inside the job, never on the host that submitted it.
+
+Before evaluating, every rank takes rank 0's BatchNorm running statistics
+(:func:`broadcast_buffers`): each rank updates them on its own batches, so without
+this the ranks would embed their test shards with slightly different networks,
+and rank 0's checkpoint would not be the network ``metrics.json`` describes.
 """
 
 from __future__ import annotations
@@ -56,15 +67,43 @@ def init_from_env() -> DistEnv:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or not dist.is_available():
         return DistEnv()
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend=backend)
+    if dist.is_initialized():
+        return DistEnv.current()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend=backend)
     stamp = [datetime.now().strftime("%Y-%m-%d/%H-%M-%S")]
     dist.broadcast_object_list(stamp, src=0)
     os.environ[RUN_STAMP_ENV] = stamp[0]
     return DistEnv.current()
+
+
+def export_submitit_ranks() -> bool:
+    """Inside a multi-task submitit SLURM job, export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT.
+
+    Uses ``submitit.helpers.TorchDistributedEnvironment`` (rank = ``SLURM_PROCID``,
+    world = ``SLURM_NTASKS``, master = the job's first node, port derived from the
+    job id unless ``MASTER_PORT`` is set). ``CUDA_VISIBLE_DEVICES`` is left alone: each
+    rank uses ``cuda:LOCAL_RANK``. Returns True if it exported; a no-op (False) outside
+    submitit, for a single task, or when ``torchrun`` already set the ranks.
+    """
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm" or "RANK" in os.environ:
+        return False
+    if int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return False
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    return True
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (BatchNorm running statistics) to every rank, in place."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer.data, src)
 
 
 def run_stamp() -> str:

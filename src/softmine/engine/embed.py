@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from softmine.data.device_transforms import PaddedImages
+from softmine.engine.signals import ignore_interrupts
 
-def to_model_input(x: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
-    """Move a batch to ``device``; uint8 images (0..255, as the image transforms give) become floats in [0, 1].
+
+def to_model_input(
+    x: torch.Tensor | PaddedImages,
+    device: torch.device | str | None,
+    device_transform: Callable[[Any], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Move a batch to ``device``, apply ``device_transform`` there; uint8 images become floats in [0, 1].
 
     The conversion happens after the copy, on the device, so workers collate and
-    copy 4x fewer bytes.
+    copy 4x fewer bytes. ``device_transform`` (the dataset's, e.g.
+    :class:`~softmine.data.device_transforms.DeviceResizedCrop`) augments the
+    moved batch, such as the :class:`PaddedImages` of whole cached images.
     """
     if device is not None:
         x = x.to(device, non_blocking=True)
+    if device_transform is not None:
+        x = device_transform(x)
     if not x.is_floating_point():
         x = x.float().div_(255.0)
     return x
@@ -33,7 +47,13 @@ def extract_embeddings(
     """(embeddings float32 (n, d), labels int64 (n,)) of every item, in dataset order."""
     was_training = model.training
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        worker_init_fn=ignore_interrupts,
+    )
     feats, labels = [], []
     for x, y in loader:
         feats.append(model(to_model_input(x, device)).float().cpu())
@@ -76,7 +96,16 @@ def extract_reid_embeddings(
     mode = getattr(model, "eval_pooling", "mean")
     if mode not in ("mean", "max"):
         mode = "mean"
-    loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=num_workers)
+    indices = dataset.indices if isinstance(dataset, Subset) else range(len(dataset))
+    base = dataset.dataset if isinstance(dataset, Subset) else dataset
+    tracklets = getattr(base, "tracklets", None)
+    loader = DataLoader(
+        dataset,
+        batch_size=1,
+        shuffle=False,
+        num_workers=num_workers,
+        worker_init_fn=ignore_interrupts,
+    )
     feats, pids, camids = [], [], []
     for i, (x, pid, camid) in zip(indices, loader, strict=True):
         x = x[0]

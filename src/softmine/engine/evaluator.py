@@ -51,6 +51,9 @@ def _id_list(d: DictConfig, key: str) -> tuple[int, ...]:
 class Evaluator:
     """Builds the evaluation split(s) of ``cfg.dataset`` once; :meth:`evaluate` scores a model.
 
+    ``embeddings`` keeps the (embeddings, labels) of the last retrieval evaluation,
+    so the end-of-run plots need not embed the test set a second time.
+
     Args:
         cfg: the full run config (``dataset``, ``evaluation``, ``trainer.eval_batch_size``).
         device: where the model runs.
@@ -67,6 +70,7 @@ class Evaluator:
     ) -> None:
         self.cfg, self.device, self.num_workers = cfg, device, num_workers
         self.dist = dist or DistEnv()
+        self.embeddings: tuple[np.ndarray, np.ndarray] | None = None
         d = cfg.dataset
         default = "retrieval" if "test" in d else "reid"
         self.protocol = str(d.get("eval_protocol") or default)
@@ -164,4 +168,5 @@ class Evaluator:
             num_workers=self.num_workers,
         )
         emb, labels = gather_shards((emb, labels), len(self.test_set), self.dist)
+        self.embeddings = (emb, labels)
         return retrieval_metrics(emb, labels, ecfg.ks)

@@ -1,16 +1,24 @@
-"""Run setup shared by training and evaluation: seeding and device choice."""
+"""Run setup shared by training and evaluation: seeding, device choice, DataLoader workers."""
 
 from __future__ import annotations
 
+import logging
 import os
 import random
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from softmine.errors import ConfigError
+from softmine.hardware import SHM, available_cpus, free_shared_memory
+
+log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
+SHARING_STRATEGIES = ("file_descriptor", "file_system")
+PREFETCH = 2  # batches each DataLoader worker prepares ahead (torch's prefetch_factor default)
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -22,6 +30,17 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+
+
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """The seed of rank ``rank``'s random streams: ``seed`` itself on rank 0 at step 0.
+
+    Every other (rank, step) gets a seed of its own, so the ranks of a distributed
+    run (and a rank resumed at ``step``) draw different augmentations.
+    """
+    if rank == 0 and step == 0:
+        return int(seed)
+    return int(np.random.SeedSequence([int(seed), int(rank), int(step)]).generate_state(1)[0])
 
 
 def resolve_device(name: str) -> torch.device:
@@ -40,12 +59,73 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_num_workers(value: int | str, dataset: object) -> int:
-    """``auto``: no worker processes for in-memory sets (``dataset.in_memory``), else min(8, CPUs)."""
+    """``auto``: no worker processes for in-memory sets (``dataset.in_memory``), else min(8, CPUs).
+
+    CPUs are those this process may use (its affinity: SLURM ``cpus_per_task``,
+    ``taskset``), not every CPU of the machine.
+    """
     if str(value) == "auto":
         if getattr(dataset, "in_memory", False):
             return 0
-        return min(8, os.cpu_count() or 1)
+        return min(8, available_cpus())
     n = int(value)
     if n < 0:
         raise ConfigError(f"trainer.num_workers must be >= 0 or auto (got {n})")
     return n
+
+
+def set_sharing_strategy(name: str) -> None:
+    """How DataLoader workers hand tensors to the main process (``trainer.sharing_strategy``).
+
+    ``file_descriptor`` (torch's default on Linux) passes an open descriptor per
+    tensor; ``file_system`` passes a file name instead, for systems whose open-file
+    limit is too low ("Too many open files"). Both keep the data in ``/dev/shm``.
+    A strategy the platform lacks (macOS has only ``file_system``) leaves its default.
+    """
+    import torch.multiprocessing as mp
+
+    name = str(name)
+    if name not in SHARING_STRATEGIES:
+        raise ConfigError(
+            f"trainer.sharing_strategy must be one of {SHARING_STRATEGIES} (got {name!r})"
+        )
+    if name not in mp.get_all_sharing_strategies():
+        log.warning(
+            "trainer.sharing_strategy=%s is not available here; keeping %s",
+            name,
+            mp.get_sharing_strategy(),
+        )
+        return
+    mp.set_sharing_strategy(name)
+
+
+def item_bytes(dataset: Any) -> int:
+    """Bytes of the tensors in ``dataset[0]`` (RNG untouched: a probe must not shift a seeded run)."""
+    with torch.random.fork_rng(devices=[]):
+        item = dataset[0]
+    tensors = [v for v in (item if isinstance(item, tuple) else (item,)) if torch.is_tensor(v)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def check_shared_memory(workers: int, batches: Sequence[tuple[Any, int]]) -> None:
+    """Warn when ``/dev/shm`` cannot hold what ``workers`` DataLoader workers keep in flight.
+
+    Each worker prepares :data:`PREFETCH` batches ahead in shared memory; ``batches``
+    lists ``(dataset, batch size)`` of the loaders that may run (training, evaluation).
+    Docker gives containers 64 MB there by default, too little for image batches:
+    the workers then die with a bus error or "No space left on device".
+    """
+    free = free_shared_memory()
+    if workers == 0 or free is None or not batches:
+        return
+    need = max(workers * PREFETCH * size * item_bytes(ds) for ds, size in batches)
+    if need > free:
+        log.warning(
+            "%s has %.0f MB free but %d DataLoader workers may keep about %.0f MB of batches "
+            "there: give the container more (docker run --shm-size=2g, or --ipc=host), or "
+            "lower trainer.num_workers (0 uses none)",
+            SHM,
+            free / 1e6,
+            workers,
+            need / 1e6,
+        )

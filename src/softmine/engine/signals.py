@@ -2,6 +2,12 @@
 
 A signal that arrived before the loop started (a sweep's handler notes it with
 :func:`note_pending`) counts as the first one: the loop stops after its first step.
+
+A Ctrl-C in a terminal reaches the whole foreground process group, DataLoader
+workers included, and a batch system's SIGTERM reaches every process of the job.
+Workers therefore ignore both (:func:`ignore_interrupts`, their ``worker_init_fn``):
+the main process alone decides to stop, saves, and shuts its workers down; a worker
+whose main process died exits on its own (torch's watchdog).
 """
 
 from __future__ import annotations
@@ -61,3 +67,9 @@ class GracefulInterrupt:
         for s, handler in self._previous.items():
             signal.signal(s, handler)  # type: ignore[arg-type]
         self._previous.clear()
+
+
+def ignore_interrupts(worker_id: int = 0) -> None:
+    """``worker_init_fn`` of every DataLoader: this worker ignores SIGINT and SIGTERM."""
+    for s in GracefulInterrupt.SIGNALS:
+        signal.signal(s, signal.SIG_IGN)

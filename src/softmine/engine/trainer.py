@@ -39,7 +39,7 @@ from softmine.engine.checkpoint import (
     restore_rng_state,
     save_atomic,
 )
-from softmine.engine.distributed import DistEnv, any_rank, barrier
+from softmine.engine.distributed import DistEnv, any_rank, barrier, broadcast_buffers
 from softmine.engine.embed import raw_inputs, to_model_input
 from softmine.engine.eval_history import (
     EVAL_LOG_FILE,
@@ -52,8 +52,15 @@ from softmine.engine.logger import RunLogger
 from softmine.engine.nonfinite import WeightWatch
 from softmine.engine.objective import Objective
 from softmine.engine.optim import build_optimizer
-from softmine.engine.setup import resolve_device, resolve_num_workers, seed_everything
-from softmine.engine.signals import GracefulInterrupt
+from softmine.engine.setup import (
+    check_shared_memory,
+    rank_seed,
+    resolve_device,
+    resolve_num_workers,
+    seed_everything,
+    set_sharing_strategy,
+)
+from softmine.engine.signals import GracefulInterrupt, ignore_interrupts
 from softmine.engine.sync_bn import convert_sync_batchnorm
 from softmine.engine.validate import validate_config
 from softmine.errors import ConfigError, Interrupted, StorageError, TrainingError
@@ -169,6 +176,8 @@ class Trainer:
             cfg.loss, self.num_classes, emb_dim, getattr(self.model, "feature_dims", None)
         )
         self.loss_fn = build(cfg.loss, "loss", **sizes).to(self.device)
+        if self.dist.enabled:  # own augmentation/dropout streams per rank (rank 0 keeps the seed)
+            torch.manual_seed(rank_seed(int(cfg.seed), self.dist.rank))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.params += [p for p in self.loss_fn.parameters() if p.requires_grad]
         named = [(f"model.{n}", p) for n, p in self.model.named_parameters()]
@@ -199,6 +208,11 @@ class Trainer:
             self.train_set.bad_image_log = str(self.run_dir / BAD_IMAGES_FILE)
         self.num_workers = resolve_num_workers(tcfg.num_workers, self.train_set)
         self.evaluator.num_workers = self.num_workers
+        set_sharing_strategy(tcfg.get("sharing_strategy", "file_descriptor"))
+        node = OmegaConf.select(cfg, "dataset.transform.device_transform")
+        self.device_transform = (
+            None if node is None else build(node, "dataset.transform.device_transform")
+        )
         self.loader_generator = torch.Generator()
         self.loader = DataLoader(
             self.train_set,
@@ -207,7 +221,10 @@ class Trainer:
             persistent_workers=self.num_workers > 0,
             pin_memory=self.device.type == "cuda",
             generator=self.loader_generator,
+            collate_fn=getattr(self.device_transform, "collate", None),
+            worker_init_fn=ignore_interrupts,
         )
+        check_shared_memory(self.num_workers, self._loaders_in_flight())
         precision = str(tcfg.precision)
         autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.scaler = torch.amp.GradScaler(
@@ -224,9 +241,17 @@ class Trainer:
         self.state = TrainState()
         self.weights = WeightWatch([self.model, self.loss_fn])
         self.saved_step: int | None = None  # step of checkpoints/last.pt on disk, when known
+        self.test_embeddings: tuple[int, np.ndarray, np.ndarray] | None = None
         self.logger = RunLogger.from_config(
             self.run_dir, TRAIN_LOG_FILE, cfg, enabled=self.dist.is_main
         )
+
+    def _loaders_in_flight(self) -> list[tuple[Any, int]]:
+        """(dataset, batch size) of the loaders whose worker batches sit in shared memory."""
+        batches = [(self.train_set, self.sampler.P * self.sampler.K)]
+        if self.evaluator.protocol == "retrieval":
+            batches.append((self.evaluator.test_set, int(self.cfg.trainer.eval_batch_size)))
+        return batches
 
     # ---------------------------------------------------------------- run folder / resume
     def _check_run_folder(self) -> None:
@@ -299,20 +324,33 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.state = TrainState(**ckpt["train_state"])
         restore_rng_state(ckpt["rng"])
+        if self.dist.rank > 0:  # the checkpoint holds rank 0's streams: give this rank its own
+            torch.manual_seed(rank_seed(int(self.cfg.seed), self.dist.rank, self.state.step))
         self.logger.truncate(self.state.log_rows)
         self.saved_step = self.state.step
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(self, model: torch.nn.Module | None = None) -> dict[str, float]:
-        """Metrics of ``model`` (default: the trained one): retrieval on ``test``, or re-ID."""
+        """Metrics of ``model`` (default: the trained one): retrieval on ``test``, or re-ID.
+
+        Under torch.distributed every rank first takes rank 0's BatchNorm statistics,
+        so all ranks embed with the network rank 0 saves. The test embeddings of the
+        trained network are kept (``test_embeddings``, with the step) for the plots.
+        """
+        if model is None:
+            broadcast_buffers(self.model)
+            broadcast_buffers(self.loss_fn)
         try:
-            return self.evaluator.evaluate(model or self.model)
+            metrics = self.evaluator.evaluate(model or self.model)
         except NonFiniteEmbeddings:
             raise TrainingError(
                 f"the test embeddings are not finite at step {self.state.step} (the weights are "
                 f"finite but too large: the learning rate {self.cfg.optimizer.get('lr')} is "
                 f"probably too high); {self._kept()}"
             ) from None
+        if model is None and self.evaluator.embeddings is not None:
+            self.test_embeddings = (self.state.step, *self.evaluator.embeddings)
+        return metrics
 
     def baselines(self) -> dict[str, dict[str, float]]:
         """Metrics of raw inputs and of the untrained network on the same test split."""
@@ -327,7 +365,7 @@ class Trainer:
     # ---------------------------------------------------------------- one step
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """Forward, backward and optimizer step on one batch; returns the values to log."""
-        x = to_model_input(x, self.device)
+        x = to_model_input(x, self.device, self.device_transform)
         y = y.to(self.device, non_blocking=True)
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -550,7 +588,8 @@ class Trainer:
             while not self._done():
                 s = self.state
                 self.sampler.set_epoch(s.epoch, start_batch=s.batch)
-                self.loader_generator.manual_seed(int(self.cfg.seed) * 1_000_003 + s.epoch)
+                seed = rank_seed(int(self.cfg.seed), self.dist.rank)  # workers differ per rank
+                self.loader_generator.manual_seed(seed * 1_000_003 + s.epoch)
                 t0, n_images = time.perf_counter(), 0
                 bar = tqdm(
                     self.loader,

@@ -14,7 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from softmine.engine.logger import check_loggers
-from softmine.engine.setup import resolve_device
+from softmine.engine.setup import SHARING_STRATEGIES, resolve_device
 from softmine.errors import ConfigError
 from softmine.losses.osm_caa import check_loss_hparams
 
@@ -115,6 +115,11 @@ def validate_config(cfg: DictConfig, run_dir: Path | None = None) -> None:
     if str(t.get("on_nonfinite", "stop")) not in ON_NONFINITE:
         raise ConfigError(
             f"trainer.on_nonfinite must be one of {ON_NONFINITE} (got {t.on_nonfinite!r})"
+        )
+    strategy = str(t.get("sharing_strategy", "file_descriptor"))
+    if strategy not in SHARING_STRATEGIES:
+        raise ConfigError(
+            f"trainer.sharing_strategy must be one of {SHARING_STRATEGIES} (got {strategy!r})"
         )
     _int(cfg, "trainer.checkpoint_every", 0)
     resolve_device(t.device)
