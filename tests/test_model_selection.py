@@ -250,3 +250,22 @@ def test_reid_validation_is_scored_as_query_gallery(tmp_path: Path) -> None:
     assert out["val/cmc@1"] == 1.0 and out["val/mAP"] == 1.0
     constant = evaluator.evaluate_validation(_Constant())  # ties count against the query
     assert constant["val/cmc@1"] == 0.0
+
+
+@pytest.mark.slow
+def test_label_noise_keeps_the_selections_in_metrics_json(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    args = [
+        "softmine.train",
+        *FAST_DIGITS,
+        "dataset.val_classes=2",
+        "dataset.label_noise=0.2",
+        "trainer.max_iters=6",
+        "trainer.eval_every_iters=3",
+        f"hydra.run.dir={run}",
+    ]
+    res = run_cli(args, tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("attention_auc", "selected_iteration", "selected/map@r", "best_test_iteration"):
+        assert key in metrics, key
