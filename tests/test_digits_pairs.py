@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from sklearn.datasets import load_digits
 from softmine.config import build
 from softmine.data.digits_pairs import DigitsPairs
 from softmine.errors import ConfigError
-from tests.conftest import compose
+from tests.conftest import REPO, compose
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +71,15 @@ def test_config_builds_both_splits() -> None:
 def test_too_many_images_per_class_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="per_class"):
         DigitsPairs(per_class=100_000)
+
+
+@pytest.mark.parametrize("target", ["ablation", "noise"])
+def test_make_targets_take_the_dataset(target: str) -> None:
+    def dry_run(*extra: str) -> str:
+        cmd = ["make", "-n", "-o", "setup", "-C", str(REPO), target, *extra]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        return res.stdout
+
+    assert f"experiment={target} dataset=digits_pairs" in dry_run("DATASET=digits_pairs")
+    assert f"experiment={target} dataset=digits " in dry_run()  # the default stays digits
