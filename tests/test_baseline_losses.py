@@ -13,12 +13,14 @@ from softmine.losses import (
     LiftedStructureLoss,
     MultiSimilarityLoss,
     NormSoftmaxLoss,
+    ProxyAnchorLoss,
     TripletBatchHardLoss,
     TripletSemiHardLoss,
     contrastive_hard_loss,
     lifted_structure_loss,
     multi_similarity_loss,
     normalized_softmax_loss,
+    proxy_anchor_loss,
     triplet_batchhard_loss,
     triplet_semihard_loss,
 )
@@ -205,6 +207,59 @@ def test_normsoftmax_matches_loop() -> None:
     assert torch.allclose(w1.grad, w2.grad, rtol=1e-9, atol=1e-12)
 
 
+def loop_proxy_anchor(f, y, w, alpha, delta):
+    x, c = _unit(f), _unit(w)
+    pos, neg, present = f.sum() * 0, f.sum() * 0, 0
+    for k, ck in enumerate(c):
+        mine = [i for i, yi in enumerate(y) if yi == k]
+        others = [i for i, yi in enumerate(y) if yi != k]
+        if mine:
+            present += 1
+            pos = pos + torch.log(
+                1 + sum(torch.exp(-alpha * ((x[i] * ck).sum() - delta)) for i in mine)
+            )
+        if others:
+            neg = neg + torch.log(
+                1 + sum(torch.exp(alpha * ((x[i] * ck).sum() + delta)) for i in others)
+            )
+    return pos / present + neg / len(c)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("alpha", [32.0, 4.0])
+def test_proxy_anchor_matches_loop(seed: int, alpha: float) -> None:
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(len(LABELS), 4, generator=g, dtype=F64)
+    w = torch.randn(7, 4, generator=g, dtype=F64)  # proxies 5 and 6 have no sample in the batch
+    y = torch.tensor(LABELS)
+    f1, w1 = f.clone().requires_grad_(), w.clone().requires_grad_()
+    f2, w2 = f.clone().requires_grad_(), w.clone().requires_grad_()
+    got = proxy_anchor_loss(f1, y, w1, alpha=alpha, delta=0.1)
+    ref = loop_proxy_anchor(f2, y.tolist(), w2, alpha, 0.1)
+    got.backward()
+    ref.backward()
+    assert float(got) == pytest.approx(float(ref), rel=1e-6)
+    for a, b in ((f1.grad, f2.grad), (w1.grad, w2.grad)):
+        assert float((a - b).norm()) <= 1e-6 * float(b.norm())
+
+
+def test_proxy_anchor_hand_example() -> None:
+    # two samples on the proxies of their classes, orthogonal to the other proxy
+    f = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=F64)
+    w = torch.tensor([[2.0, 0.0], [0.0, 3.0]], dtype=F64)
+    got = proxy_anchor_loss(f, torch.tensor([0, 1]), w, alpha=2.0, delta=0.5)
+    # positives: s = 1 -> log(1 + e^{-2 * 0.5}); negatives: s = 0 -> log(1 + e^{2 * 0.5})
+    want = math.log(1 + math.exp(-1.0)) + math.log(1 + math.exp(1.0))
+    assert float(got) == pytest.approx(want, rel=1e-12)
+
+
+def test_proxy_anchor_proxies_start_as_the_authors() -> None:
+    torch.manual_seed(0)
+    loss = ProxyAnchorLoss(num_classes=400, embedding_dim=512)
+    assert loss.proxies.shape == (400, 512)
+    assert float(loss.proxies.std()) == pytest.approx(math.sqrt(2 / 400), rel=0.01)
+
+
 def test_batchhard_hand_example() -> None:
     # unit vectors at angles 0, 60 (class 0) and 90, 180 degrees (class 1)
     ang = torch.tensor([0.0, 60.0, 90.0, 180.0], dtype=F64) * math.pi / 180
@@ -253,6 +308,7 @@ MODULES = {
     "lifted": lambda: LiftedStructureLoss(),
     "multi_similarity": lambda: MultiSimilarityLoss(),
     "normsoftmax": lambda: NormSoftmaxLoss(num_classes=5, embedding_dim=4),
+    "proxy_anchor": lambda: ProxyAnchorLoss(num_classes=5, embedding_dim=4),
 }
 
 
@@ -280,6 +336,9 @@ def test_finite_on_degenerate_batches(name: str, case: str) -> None:
         lambda: MultiSimilarityLoss(beta=0.0),
         lambda: NormSoftmaxLoss(num_classes=None, embedding_dim=4),
         lambda: NormSoftmaxLoss(num_classes=3, embedding_dim=4, temperature=0.0),
+        lambda: ProxyAnchorLoss(num_classes=3, embedding_dim=4, alpha=0.0),
+        lambda: ProxyAnchorLoss(num_classes=3, embedding_dim=4, delta=-0.1),
+        lambda: ProxyAnchorLoss(num_classes=0, embedding_dim=4),
     ],
 )
 def test_bad_hyperparameters_raise_config_error(make) -> None:

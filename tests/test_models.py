@@ -328,3 +328,27 @@ def test_video_config_builds_a_video_model():
     assert cfg.name == "resnet50" and cfg.trunk.arch == "resnet50"
     net = build(cfg, "backbone")
     assert isinstance(net, VideoEmbeddingNet) and net.frame_classifier.out_features == 3
+
+
+@pytest.mark.parametrize("pooling", ["avg", "max", "avg+max"])
+def test_torchvision_trunk_pooling_by_hand(pooling: str) -> None:
+    torch.manual_seed(0)
+    trunk = TorchvisionTrunk("resnet18", pooling=pooling).eval()
+    x = torch.rand(2, 3, 64, 64)
+    m = trunk.model
+    with torch.no_grad():
+        maps = m.layer4(m.layer3(m.layer2(m.layer1(m.maxpool(m.relu(m.bn1(m.conv1(x))))))))
+        want = {
+            "avg": maps.mean(dim=(2, 3)),
+            "max": maps.amax(dim=(2, 3)),
+            "avg+max": maps.mean(dim=(2, 3)) + maps.amax(dim=(2, 3)),
+        }[pooling]
+        torch.testing.assert_close(trunk(x), want)
+    assert trunk.out_features == 512
+
+
+def test_pooling_needs_a_global_average_pool() -> None:
+    with pytest.raises(ConfigError, match="avgpool"):
+        TorchvisionTrunk("vgg11", pooling="avg+max")
+    with pytest.raises(ConfigError, match="pooling"):
+        TorchvisionTrunk("resnet18", pooling="mean")

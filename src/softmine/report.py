@@ -12,12 +12,19 @@ sweep, ``outputs/``); every run below it is read: its overrides
 and its ``metrics.json`` (a run without one is counted as failed).
 
 Runs are grouped by the dataset and by the overrides whose values differ between
-runs, except ``seed``, ``hydra.*`` and the bookkeeping keys that never change a
-result (``resume``, ``resume_override``, ``trainer.device``, ``trainer.progress_bar``,
-...: :data:`softmine.engine.run_folder.BOOKKEEPING_KEYS`): one row per configuration with the number
-of seeds ``n``, and per metric the mean and the sample standard deviation
-(ddof = 1; none for a single seed). For a dataset the paper reports on (CUB,
-Cars196, MARS) a row with the paper's numbers is added beside the measured ones.
+runs, except ``seed``, ``dataset.fold``, ``hydra.*`` and the bookkeeping keys that never
+change a result (``resume``, ``resume_override``, ``trainer.device``,
+``trainer.progress_bar``, ...: :data:`softmine.engine.run_folder.BOOKKEEPING_KEYS`): one
+row per configuration with the number of runs ``n`` (seeds, times folds in a
+cross-validation), and per metric the mean and the sample standard deviation (ddof = 1;
+none for a single run). For a dataset the paper reports on (CUB, Cars196, MARS) a row
+with the paper's numbers is added beside the measured ones.
+
+Cross-validation (``dataset.folds=K``, a sweep over ``dataset.fold``): the K runs of one
+configuration and seed are also scored together, their test embeddings concatenated
+(:mod:`softmine.engine.crossval`), as ``concat/<metric>`` (mean ± std over seeds), and a
+second table lists every fold's model: its validation, final test and
+validation-selected test metric.
 
 Written to OUT (default: PATH when one folder is given, else ``./report``):
 ``report.md`` (also printed), ``report.csv``, and PNG plots: the main metric
@@ -53,7 +60,16 @@ REFERENCES: dict[str, dict[str, float]] = {
 }
 REFERENCE_SOURCE = "paper (Wang et al. 2019)"
 MEASURED = "measured"
-IGNORED = ("seed", *BOOKKEEPING_KEYS)  # overrides never used for grouping (besides hydra.*)
+FOLD_KEY = "dataset.fold"
+IGNORED = (
+    "seed",
+    FOLD_KEY,
+    *BOOKKEEPING_KEYS,
+)  # overrides never used for grouping (besides hydra.*)
+CONCAT_PREFIX = "concat/"  # test metrics of the K fold models' concatenated embeddings
+# metric families, in table order: final test, validation, validation-chosen, test-chosen, folds together
+METRIC_PREFIXES = ("", "val/", "selected/", "best_test/", CONCAT_PREFIX)
+RUN_COLUMNS = {"run", "dataset", "seed", "status", "fold", "folds"}  # never metrics
 METRIC_ORDER = re.compile(r"^(recall@|cmc@|precision@|map@r|r_precision|mAP|nmi|attention_auc)")
 MAIN_METRICS = ("map@r", "mAP", "recall@1", "cmc@1")
 STATUS_OK, STATUS_FAILED = "ok", "failed"
@@ -111,11 +127,15 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     config_file = run_dir / ".hydra" / "config.yaml"
     config = yaml.safe_load(config_file.read_text()) if config_file.exists() else {}
     config = config or {}
-    dataset = (config.get("dataset") or {}).get("name") or overrides.get("dataset", "")
+    dataset_cfg = config.get("dataset") or {}
+    dataset = dataset_cfg.get("name") or overrides.get("dataset", "")
+    folds = int(dataset_cfg.get("folds") or 0)
     row: dict[str, Any] = {
         "run": str(run_dir),
         "dataset": str(dataset),
         "seed": overrides.get("seed", config.get("seed")),
+        "folds": folds if folds else np.nan,
+        "fold": int(dataset_cfg.get("fold") or 0) if folds else np.nan,
     }
     row.update({f"override:{k}": v for k, v in overrides.items() if k != "seed"})
     metrics_file = run_dir / "metrics.json"
@@ -137,17 +157,28 @@ def load_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
 
 def metric_columns(runs: pd.DataFrame) -> list[str]:
     """The numeric metric columns of ``runs``, known metrics first in a fixed order."""
-    skip = {"run", "dataset", "seed", "status"}
     cols = [
         c
         for c in runs.columns
-        if c not in skip
+        if c not in RUN_COLUMNS
         and not str(c).startswith("override:")
         and pd.api.types.is_numeric_dtype(runs[c])
     ]
-    known = [c for c in cols if METRIC_ORDER.match(c)]
-    known.sort(key=lambda c: (_metric_rank(c), _trailing_int(c)))
+    known = [c for c in cols if METRIC_ORDER.match(_split_prefix(c)[1])]
+    known.sort(key=lambda c: (_prefix_rank(c), _metric_rank(_split_prefix(c)[1]), _trailing_int(c)))
     return known + [c for c in cols if c not in known]
+
+
+def _split_prefix(name: str) -> tuple[str, str]:
+    """``selected/map@r`` -> (``selected/``, ``map@r``); a plain name has the prefix ``""``."""
+    for prefix in sorted(METRIC_PREFIXES, key=len, reverse=True):
+        if prefix and name.startswith(prefix):
+            return prefix, name[len(prefix) :]
+    return "", name
+
+
+def _prefix_rank(name: str) -> int:
+    return METRIC_PREFIXES.index(_split_prefix(name)[0])
 
 
 def _metric_rank(name: str) -> int:
@@ -213,7 +244,9 @@ def aggregate(
         row: dict[str, Any] = dict(zip(["dataset", *keys], values, strict=True))
         row["source"] = MEASURED
         row["n"] = len(ok)
-        row["seeds"] = ",".join(str(s) for s in _sorted_seeds(ok["seed"]))
+        row["seeds"] = ",".join(str(s) for s in dict.fromkeys(_sorted_seeds(ok["seed"])))
+        if "fold" in ok and ok["fold"].notna().any():
+            row["folds"] = ",".join(str(int(f)) for f in sorted(set(ok["fold"].dropna())))
         row["failed"] = int((part["status"] != STATUS_OK).sum())
         for m in metrics:
             vals = pd.to_numeric(ok[m], errors="coerce").dropna() if m in ok else pd.Series()
@@ -238,6 +271,69 @@ def aggregate(
     table.attrs["keys"] = keys
     table.attrs["metrics"] = metrics
     return table.reset_index(drop=True)
+
+
+def add_fold_ensembles(runs: pd.DataFrame) -> list[str]:
+    """Score every complete cross-validation together: ``concat/<metric>`` on its fold-0 run.
+
+    A cross-validation is the finished runs with ``dataset.folds=K`` that share the
+    dataset, the seed and every override but ``dataset.fold``; it is complete when they
+    are folds 0..K-1, once each. The test embeddings they saved are concatenated and
+    scored with the first run's protocol (:func:`softmine.engine.crossval.concatenated_metrics`).
+    The values go on the fold-0 run only, so the mean and std over a configuration's
+    rows are over seeds. Modifies ``runs`` in place; returns notes on incomplete sets.
+    """
+    from omegaconf import OmegaConf
+
+    from softmine.engine.crossval import concatenated_metrics
+
+    if "fold" not in runs or runs["fold"].isna().all():
+        return []
+    ok = runs[(runs["status"] == STATUS_OK) & runs["fold"].notna()]
+    keys = ["dataset", "seed"] + [
+        c
+        for c in runs.columns
+        if str(c).startswith("override:")
+        and c != f"override:{FOLD_KEY}"
+        and not str(c).startswith("override:hydra.")
+    ]
+    frame = ok[keys].astype(str).fillna("")
+    notes = []
+    for _, group in ok.groupby([frame[k] for k in keys], sort=False):
+        group = group.sort_values("fold")
+        k = int(group["folds"].iloc[0])
+        folds = [int(f) for f in group["fold"]]
+        where = f"{group['run'].iloc[0]} and {len(group) - 1} more"
+        if folds != list(range(k)) or group["folds"].nunique() > 1:
+            notes.append(f"{where}: folds {folds} of K={k}, not 0..{k - 1} once each; no concat/*")
+            continue
+        cfg = OmegaConf.load(Path(group["run"].iloc[0]) / ".hydra" / "config.yaml")
+        try:
+            metrics = concatenated_metrics(list(group["run"]), cfg)
+        except DataError as e:
+            notes.append(f"{where}: {e}; no concat/*")
+            continue
+        for m, v in metrics.items():
+            runs.loc[group.index[0], CONCAT_PREFIX + m] = v
+    return notes
+
+
+def fold_table(runs: pd.DataFrame, ignore: Iterable[str] = IGNORED) -> str:
+    """Markdown: one row per fold model, with its validation, final test and selected test metric."""
+    if "fold" not in runs or runs["fold"].isna().all():
+        return ""
+    ok = runs[(runs["status"] == STATUS_OK) & runs["fold"].notna()]
+    keys = varying_keys(runs, ignore)
+    main = main_metric([m for m in MAIN_METRICS if m in ok])
+    cols = [c for c in (f"val/{main}", main, f"selected/{main}", f"best_test/{main}") if c in ok]
+    head = ["dataset", *keys, "seed", "fold", *cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for _, r in ok.iterrows():
+        cells = [str(r["dataset"])] + [_fmt_key(r.get(f"override:{k}", "")) for k in keys]
+        cells += [str(r["seed"]), str(int(r["fold"]))]
+        cells += [_fmt(float(r[c]), np.nan) for c in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _sorted_seeds(seeds: pd.Series) -> list[Any]:
@@ -456,6 +552,7 @@ def report(
     Returns ``(table with reference rows, markdown, written files)``.
     """
     runs = load_runs(paths)
+    notes = add_fold_ensembles(runs)
     table = with_references(aggregate(runs, metrics, ignore))
     if out is None:
         out = paths[0] if len(paths) == 1 and Path(paths[0]).is_dir() else "report"
@@ -469,14 +566,28 @@ def report(
         f"{n_ok} finished run(s)"
         + (f", {len(runs) - n_ok} failed" if n_ok < len(runs) else "")
         + f" from {', '.join(str(p) for p in paths)}.",
-        "Each row: one configuration; n = number of seeds; values are mean ± sample standard "
-        "deviation over the seeds (no ± for one seed).",
+        "Each row: one configuration; n = number of runs (seeds, times folds in a "
+        "cross-validation); values are mean ± sample standard deviation over them (no ± for "
+        "one run).",
     ]
     if (table["source"] != MEASURED).any():
         lines.append(
             f"Rows marked `{REFERENCE_SOURCE}` are the numbers the paper reports, not runs."
         )
-    markdown = "\n".join([*lines, "", to_markdown(table), ""])
+    if any(c.startswith(CONCAT_PREFIX) for c in used):
+        lines.append(
+            f"`{CONCAT_PREFIX}*`: test metrics of the K fold models together (their L2-normalised "
+            "test embeddings concatenated), mean ± std over seeds."
+        )
+    if any(c.startswith("selected/") for c in used):
+        lines.append(
+            "`val/*`: held-out training classes; `selected/*`: test metrics of the snapshot "
+            "chosen on them; `best_test/*`: of the snapshot chosen on the test split (optimistic)."
+        )
+    folds_md = fold_table(runs, ignore)
+    extra = ["## Cross-validation folds", "", folds_md, ""] if folds_md else []
+    extra += [f"Note: {n}" for n in notes]
+    markdown = "\n".join([*lines, "", to_markdown(table), "", *extra])
     written = [out / "report.md", out / "report.csv"]
     written[0].write_text(markdown)
     table.to_csv(written[1], index=False)

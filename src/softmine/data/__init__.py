@@ -13,6 +13,7 @@ from softmine.data.cars import Cars196
 from softmine.data.csvlist import CSVDataset
 from softmine.data.cub import CUB200
 from softmine.data.digits import Digits
+from softmine.data.digits_pairs import DigitsPairs
 from softmine.data.ilidsvid import ILIDSVID
 from softmine.data.imagefolder import ImageFolder
 from softmine.data.inshop import InShop
@@ -31,6 +32,7 @@ __all__ = [
     "PRID2011",
     "Cars196",
     "Digits",
+    "DigitsPairs",
     "ImageFolder",
     "InShop",
     "PKSampler",

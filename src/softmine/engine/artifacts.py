@@ -95,7 +95,7 @@ def write_run_artifacts(trainer: Any) -> dict[str, float]:
         metrics["attention_auc"] = auc
         from softmine.engine.trainer import write_metrics
 
-        write_metrics(run_dir, metrics)
+        write_metrics(run_dir, trainer.final_metrics())  # keeps best_test/* and selected/*
         log.info("attention AUC (clean vs flipped labels): %.4f", auc)
     if plots:
         _plot_run(trainer, run_dir / PLOTS_DIR, emb, labels, attention, index, auc)

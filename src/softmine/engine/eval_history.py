@@ -6,6 +6,11 @@ from 1,000, MARS every 5,000 from 40,000: ``CUB_V01/train_M_WIDE_ASiamese_V42_e1
 made on the test split. softmine keeps every evaluation in ``eval_log.csv`` and, next to
 the final metrics, reports that choice under names that say what it is:
 ``best_test_iteration`` and ``best_test/<metric>``.
+
+With a validation split (held-out training classes) each evaluation row also holds
+``val/<metric>``, and the honest choice is reported beside it: ``selected_iteration`` and
+``selected/<metric>``, the snapshot with the best validation value of the monitored
+metric and its TEST metrics (Musgrave et al., *A Metric Learning Reality Check*, 2020).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from typing import Any
 from softmine.errors import ConfigError
 
 EVAL_LOG_FILE = "eval_log.csv"
+VAL_PREFIX = "val/"  # metrics of the validation split (held-out training classes)
+TEST_PREFIX = "test/"  # accepted in trainer.monitor for the test split's plain names
 RETRIEVAL_METRICS = ("map@r", "r_precision", "nmi")
 REID_METRICS = ("mAP",)
 
@@ -33,16 +40,27 @@ def metric_names(protocol: str, ks: Sequence[int], ranks: Sequence[int]) -> list
 
 
 def resolve_monitor(monitor: str, names: Sequence[str]) -> str:
-    """``auto`` -> the protocol's main metric (``mAP`` for re-ID, ``map@r`` otherwise);
-    anything else must be one of ``names`` (a :class:`ConfigError` before training)."""
+    """The metric key ``trainer.monitor`` names (a :class:`ConfigError` before training if none).
+
+    ``auto`` -> the protocol's main metric (``mAP`` for re-ID, ``map@r`` otherwise), on the
+    validation split when there is one (``val/map@r``); ``test/<metric>`` -> ``<metric>``
+    (the test split's metrics have plain names); anything else must be one of ``names``.
+    """
     if monitor == "auto":
-        return "mAP" if "mAP" in names else "map@r"
-    if monitor not in names:
+        main = "mAP" if "mAP" in names else "map@r"
+        return VAL_PREFIX + main if VAL_PREFIX + main in names else main
+    key = monitor[len(TEST_PREFIX) :] if monitor.startswith(TEST_PREFIX) else monitor
+    if key not in names:
+        hint = (
+            "; val/<metric> needs held-out classes: dataset.val_classes=N or dataset.folds=K"
+            if key.startswith(VAL_PREFIX)
+            else ""
+        )
         raise ConfigError(
             f"trainer.monitor={monitor!r} is not a metric of this evaluation; choose one of "
-            f"{list(names)} (or auto)"
+            f"{list(names)} (or auto; test/<metric> also names a test metric){hint}"
         )
-    return monitor
+    return key
 
 
 def best_row(rows: Sequence[dict[str, Any]], monitor: str) -> dict[str, Any] | None:
@@ -84,3 +102,26 @@ def write_eval_log(path: Path, rows: Sequence[dict[str, Any]]) -> None:
         writer.writeheader()
         writer.writerows(rows)
     tmp.replace(path)
+
+
+def selection_summary(rows: Sequence[dict[str, Any]], monitor: str) -> dict[str, float]:
+    """What ``metrics.json`` adds to the final metrics: the test-chosen and validation-chosen snapshots.
+
+    * ``best_test_iteration``, ``best_test/<metric>``: chosen by the monitored metric on
+      the TEST split (when more than one evaluation ran), see :func:`best_test_summary`;
+    * ``selected_iteration``, ``selected/<metric>``: chosen by the same metric on the
+      VALIDATION split (when the rows have it): every metric of that evaluation, so
+      ``selected/<test metric>`` is the honest number, the test score of the snapshot
+      picked without looking at the test classes.
+
+    ``monitor`` may name either split (``map@r`` or ``val/map@r``): both choices are made.
+    """
+    name = monitor[len(VAL_PREFIX) :] if monitor.startswith(VAL_PREFIX) else monitor
+    out = best_test_summary(rows, name)
+    chosen = best_row(rows, VAL_PREFIX + name)
+    if chosen is not None:
+        out["selected_iteration"] = int(chosen["iteration"])
+        out.update(
+            {f"selected/{k}": v for k, v in chosen.items() if k not in ("iteration", "epoch")}
+        )
+    return out

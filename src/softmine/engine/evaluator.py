@@ -17,6 +17,14 @@ has a ``test`` node, else ``reid``):
 
 Query and gallery items are ``(input, id, camera)`` with the published ids, so the
 two sides share one id space whatever each split's own training labels are.
+
+With a validation split (held-out training classes, :mod:`softmine.data.splits`) every
+evaluation also scores it, by leave-one-out retrieval (or re-ID query/gallery for re-ID
+sets), and reports those metrics as ``val/<metric>`` beside the test ones.
+
+Scoring is separate from embedding: :meth:`Evaluator.embed_test` gives the arrays
+(the ``.npz`` layout ``softmine-eval`` reads) and :func:`score_arrays` turns arrays into
+metrics with the run's protocol, so cross-validation can score concatenated embeddings.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import torch
 from omegaconf import DictConfig
 
 from softmine.config import build
+from softmine.data.splits import ValidationSplit
 from softmine.engine.distributed import DistEnv, gather_shards, shard
 from softmine.engine.embed import extract_embeddings, extract_reid_embeddings
 from softmine.engine.eval_history import metric_names
@@ -33,6 +42,9 @@ from softmine.errors import ConfigError
 from softmine.evaluation import query_gallery_metrics, reid_metrics, retrieval_metrics
 
 EVAL_PROTOCOLS = ("retrieval", "query_gallery", "reid")
+VAL_PREFIX = "val/"
+RETRIEVAL_ARRAYS = ("embeddings", "labels")
+REID_ARRAYS = ("query", "query_pids", "query_camids", "gallery", "gallery_pids", "gallery_camids")
 
 
 def _id_list(d: DictConfig, key: str) -> tuple[int, ...]:
@@ -48,6 +60,80 @@ def _id_list(d: DictConfig, key: str) -> tuple[int, ...]:
         ) from None
 
 
+def eval_protocol(dataset_cfg: DictConfig) -> str:
+    """``dataset.eval_protocol``, or ``retrieval`` when the config has a ``test`` node, else ``reid``."""
+    default = "retrieval" if "test" in dataset_cfg else "reid"
+    protocol = str(dataset_cfg.get("eval_protocol") or default)
+    if protocol not in EVAL_PROTOCOLS:
+        raise ConfigError(
+            f"dataset.eval_protocol must be one of {EVAL_PROTOCOLS}, got {protocol!r}"
+        )
+    return protocol
+
+
+def reid_variants(cfg: DictConfig, protocol: str) -> dict[str, dict]:
+    """``evaluation.reid_variants``: name -> {junk_pids, distractor_pids, ap} (re-ID only)."""
+    raw = cfg.evaluation.get("reid_variants") or {}
+    if raw and protocol != "reid":
+        raise ConfigError(
+            "evaluation.reid_variants applies to re-ID evaluation (query/gallery with "
+            f"cameras); this dataset's protocol is {protocol}"
+        )
+    junk, distractors = _id_list(cfg.dataset, "junk_pids"), _id_list(cfg.dataset, "distractor_pids")
+    out = {}
+    for name, opts in raw.items():
+        if opts is None:  # `name: null` switches off a variant an experiment inherited
+            continue
+        opts = dict(opts)
+        unknown = set(opts) - {"junk_pids", "distractor_pids", "ap"}
+        if unknown:
+            raise ConfigError(
+                f"evaluation.reid_variants.{name} takes junk_pids, distractor_pids and ap "
+                f"(got {sorted(unknown)})"
+            )
+        out[str(name)] = {
+            "junk_pids": _id_list(opts, "junk_pids") if "junk_pids" in opts else junk,
+            "distractor_pids": _id_list(opts, "distractor_pids")
+            if "distractor_pids" in opts
+            else distractors,
+            "ap": str(opts.get("ap", cfg.evaluation.ap)),
+        }
+    return out
+
+
+def score_arrays(arrays: dict[str, np.ndarray], cfg: DictConfig) -> dict[str, float]:
+    """The test metrics of embedding arrays under the run's protocol and evaluation options.
+
+    ``arrays`` holds ``embeddings`` and ``labels`` (retrieval), or ``query``,
+    ``query_pids``, ``query_camids``, ``gallery``, ``gallery_pids``, ``gallery_camids``
+    (query_gallery and re-ID; the camera ids are unused by query_gallery).
+    """
+    ecfg = cfg.evaluation
+    protocol = eval_protocol(cfg.dataset)
+    if protocol == "retrieval":
+        return retrieval_metrics(arrays["embeddings"], arrays["labels"], ecfg.ks)
+    q, q_pids, q_cams, g, g_pids, g_cams = (arrays[k] for k in REID_ARRAYS)
+    if protocol == "query_gallery":
+        return query_gallery_metrics(q, q_pids, g, g_pids, ecfg.ks)
+    opts = {"ranks": tuple(ecfg.ranks), "rerank": bool(ecfg.rerank)}
+    out = reid_metrics(
+        q,
+        q_pids,
+        q_cams,
+        g,
+        g_pids,
+        g_cams,
+        **opts,
+        ap=str(ecfg.ap),
+        junk_pids=_id_list(cfg.dataset, "junk_pids"),
+        distractor_pids=_id_list(cfg.dataset, "distractor_pids"),
+    )
+    for name, variant in reid_variants(cfg, protocol).items():
+        extra = reid_metrics(q, q_pids, q_cams, g, g_pids, g_cams, **opts, **variant)
+        out.update({f"{name}/{k}": v for k, v in extra.items()})
+    return out
+
+
 class Evaluator:
     """Builds the evaluation split(s) of ``cfg.dataset`` once; :meth:`evaluate` scores a model.
 
@@ -59,6 +145,7 @@ class Evaluator:
         device: where the model runs.
         num_workers: DataLoader worker processes for embedding.
         dist: this process's place in a distributed job.
+        validation: held-out training classes, scored too (``val/<metric>``); None: none.
     """
 
     def __init__(
@@ -67,17 +154,15 @@ class Evaluator:
         device: torch.device,
         num_workers: int = 0,
         dist: DistEnv | None = None,
+        validation: ValidationSplit | None = None,
     ) -> None:
         self.cfg, self.device, self.num_workers = cfg, device, num_workers
         self.dist = dist or DistEnv()
+        self.validation = validation
+        self.last_test_arrays: dict[str, np.ndarray] = {}
         self.embeddings: tuple[np.ndarray, np.ndarray] | None = None
         d = cfg.dataset
-        default = "retrieval" if "test" in d else "reid"
-        self.protocol = str(d.get("eval_protocol") or default)
-        if self.protocol not in EVAL_PROTOCOLS:
-            raise ConfigError(
-                f"dataset.eval_protocol must be one of {EVAL_PROTOCOLS}, got {self.protocol!r}"
-            )
+        self.protocol = eval_protocol(d)
         needed = ("test",) if self.protocol == "retrieval" else ("query", "gallery")
         absent = [n for n in needed if n not in d]
         if absent:
@@ -86,11 +171,10 @@ class Evaluator:
                 f"{absent}; use a `test` node for retrieval, `query` and `gallery` for "
                 "query_gallery or reid"
             )
+        reid_variants(cfg, self.protocol)  # a bad variant fails here, before training
         if self.protocol == "retrieval":
             self.test_set = build(d.test, "dataset.test")
         else:
-            self.junk_pids = _id_list(d, "junk_pids")
-            self.distractor_pids = _id_list(d, "distractor_pids")
             self.query_set = build(d.query, "dataset.query")
             self.gallery_set = build(d.gallery, "dataset.gallery")
 
@@ -98,35 +182,21 @@ class Evaluator:
         """Names of the metrics :meth:`evaluate` returns (what ``trainer.monitor`` may name)."""
         e = self.cfg.evaluation
         names = metric_names(self.protocol, e.ks, e.ranks)
-        return names + [f"{v}/{n}" for v in self._variants() for n in names]
+        names += [f"{v}/{n}" for v in reid_variants(self.cfg, self.protocol) for n in names]
+        if self.validation is not None:
+            val = metric_names(self.validation.protocol, e.ks, e.ranks)
+            names += [VAL_PREFIX + n for n in val]
+        return names
 
-    def _variants(self) -> dict[str, dict]:
-        """``evaluation.reid_variants``: name -> {junk_pids, distractor_pids, ap} (re-ID only)."""
-        raw = self.cfg.evaluation.get("reid_variants") or {}
-        if raw and self.protocol != "reid":
-            raise ConfigError(
-                "evaluation.reid_variants applies to re-ID evaluation (query/gallery with "
-                f"cameras); this dataset's protocol is {self.protocol}"
-            )
-        out = {}
-        for name, opts in raw.items():
-            if opts is None:  # `name: null` switches off a variant an experiment inherited
-                continue
-            opts = dict(opts)
-            unknown = set(opts) - {"junk_pids", "distractor_pids", "ap"}
-            if unknown:
-                raise ConfigError(
-                    f"evaluation.reid_variants.{name} takes junk_pids, distractor_pids and ap "
-                    f"(got {sorted(unknown)})"
-                )
-            out[str(name)] = {
-                "junk_pids": _id_list(opts, "junk_pids") if "junk_pids" in opts else self.junk_pids,
-                "distractor_pids": _id_list(opts, "distractor_pids")
-                if "distractor_pids" in opts
-                else self.distractor_pids,
-                "ap": str(opts.get("ap", self.cfg.evaluation.ap)),
-            }
-        return out
+    def _embed(self, model: torch.nn.Module, dataset) -> tuple[np.ndarray, np.ndarray]:
+        emb, labels = extract_embeddings(
+            model,
+            shard(dataset, self.dist),
+            device=self.device,
+            batch_size=int(self.cfg.trainer.eval_batch_size),
+            num_workers=self.num_workers,
+        )
+        return gather_shards((emb, labels), len(dataset), self.dist)
 
     def _reid_embeddings(self, model: torch.nn.Module, dataset) -> tuple[np.ndarray, ...]:
         parts = extract_reid_embeddings(
@@ -139,34 +209,40 @@ class Evaluator:
         )
         return gather_shards(parts, len(dataset), self.dist)
 
-    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        """The flat metrics dict of ``model``: ``recall@K``, ``map@r``, ... or ``cmc@R``, ``mAP``."""
+    def embed_test(self, model: torch.nn.Module) -> dict[str, np.ndarray]:
+        """The test split's embedding arrays (see :func:`score_arrays` for the keys)."""
+        if self.protocol == "retrieval":
+            return dict(zip(RETRIEVAL_ARRAYS, self._embed(model, self.test_set), strict=True))
+        query = self._reid_embeddings(model, self.query_set)
+        gallery = self._reid_embeddings(model, self.gallery_set)
+        return dict(zip(REID_ARRAYS, (*query, *gallery), strict=True))
+
+    def evaluate_validation(self, model: torch.nn.Module) -> dict[str, float]:
+        """Metrics of the held-out training classes, named ``val/<metric>`` (empty without them)."""
+        val = self.validation
+        if val is None:
+            return {}
         ecfg = self.cfg.evaluation
-        if self.protocol != "retrieval":
-            q, q_pids, q_cams = self._reid_embeddings(model, self.query_set)
-            g, g_pids, g_cams = self._reid_embeddings(model, self.gallery_set)
-            if self.protocol == "query_gallery":
-                return query_gallery_metrics(q, q_pids, g, g_pids, ecfg.ks)
-            arrays = (q, q_pids, q_cams, g, g_pids, g_cams)
-            opts = {"ranks": tuple(ecfg.ranks), "rerank": bool(ecfg.rerank)}
+        if val.test is not None:
+            out = retrieval_metrics(*self._embed(model, val.test), ecfg.ks)
+        else:  # every identity of the training split is real: no junk, no distractors
             out = reid_metrics(
-                *arrays,
-                **opts,
+                *self._reid_embeddings(model, val.query),
+                *self._reid_embeddings(model, val.gallery),
+                ranks=tuple(ecfg.ranks),
+                rerank=bool(ecfg.rerank),
                 ap=str(ecfg.ap),
-                junk_pids=self.junk_pids,
-                distractor_pids=self.distractor_pids,
+                junk_pids=(),
+                distractor_pids=(),
             )
-            for name, variant in self._variants().items():
-                extra = reid_metrics(*arrays, **opts, **variant)
-                out.update({f"{name}/{k}": v for k, v in extra.items()})
-            return out
-        emb, labels = extract_embeddings(
-            model,
-            shard(self.test_set, self.dist),
-            device=self.device,
-            batch_size=int(self.cfg.trainer.eval_batch_size),
-            num_workers=self.num_workers,
-        )
-        emb, labels = gather_shards((emb, labels), len(self.test_set), self.dist)
-        self.embeddings = (emb, labels)
-        return retrieval_metrics(emb, labels, ecfg.ks)
+        return {VAL_PREFIX + k: v for k, v in out.items()}
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """The flat metrics dict of ``model``: ``recall@K``, ``map@r``, ... or ``cmc@R``, ``mAP``,
+        then ``val/<metric>`` with a validation split. The test embedding arrays stay in
+        :attr:`last_test_arrays` (retrieval: also :attr:`embeddings`) until the next call."""
+        arrays = self.embed_test(model)
+        self.last_test_arrays = arrays
+        if self.protocol == "retrieval":
+            self.embeddings = (arrays["embeddings"], arrays["labels"])
+        return {**score_arrays(arrays, self.cfg), **self.evaluate_validation(model)}

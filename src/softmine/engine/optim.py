@@ -7,6 +7,19 @@ list of rules ``{pattern, lr_mult, decay_mult}``; a parameter takes the first ru
 whose glob ``pattern`` matches its name (``model.<module path>`` for the network,
 ``loss.<module path>`` for the loss's own parameters, e.g. ``loss.heads.*.linear.bias``),
 and the default group (multipliers 1) takes the rest.
+
+A rule may also hold its parameters still for the first optimizer steps,
+``frozen_iters: N``: their gradients are dropped before each of the first N steps, so
+the optimizer neither moves them nor keeps state for them (no momentum, no weight
+decay), exactly as if they did not require gradients. Proxy-Anchor's recipe (Kim et al.,
+CVPR 2020, ``--warm``) trains only the new embedding layer and the proxies at first;
+``{pattern: "model.trunk.*", frozen_iters: N}`` does that. The count of steps taken lives
+in the parameter group, so it is saved with the optimizer and survives a resume.
+
+A rule that matches no parameter is an error (a typo must not pass silently), unless
+it says ``optional: true``: an experiment whose loss is a choice can give "the loss's
+own parameters" (``loss.*``: Proxy-Anchor's proxies, OSM+CAA's class vectors) their own
+rate and still run a loss that has none.
 """
 
 from __future__ import annotations
@@ -22,7 +35,8 @@ from torch.optim import Optimizer
 from softmine.config import build
 from softmine.errors import ConfigError
 
-_RULE_KEYS = {"pattern", "lr_mult", "decay_mult"}
+_RULE_KEYS = {"pattern", "lr_mult", "decay_mult", "frozen_iters", "optional"}
+FROZEN_ITERS, STEPS = "frozen_iters", "steps_taken"  # keys of an optimizer parameter group
 
 
 def group_parameters(
@@ -34,8 +48,9 @@ def group_parameters(
     """Optimizer parameter groups: one per rule that matches something, then the rest.
 
     Each group carries its own ``lr`` (= ``lr * lr_mult``) and ``weight_decay``
-    (= ``weight_decay * decay_mult``). A rule that matches no parameter is a
-    :class:`ConfigError` (a typo in a pattern must not pass silently).
+    (= ``weight_decay * decay_mult``), and ``frozen_iters`` when the rule sets it. A rule
+    that matches no parameter is a :class:`ConfigError` (a typo in a pattern must not pass
+    silently) unless it is ``optional``.
     """
     checked = []
     for i, rule in enumerate(rules):
@@ -43,11 +58,11 @@ def group_parameters(
         unknown = set(rule) - _RULE_KEYS
         if unknown or "pattern" not in rule:
             raise ConfigError(
-                f"optimizer.param_groups[{i}] must be {{pattern, lr_mult, decay_mult}} "
-                f"(got keys {sorted(rule)})"
+                f"optimizer.param_groups[{i}] must be {{pattern, lr_mult, decay_mult, "
+                f"frozen_iters, optional}} (got keys {sorted(rule)})"
             )
-        for key in ("lr_mult", "decay_mult"):
-            if not float(rule.get(key, 1.0)) >= 0:
+        for key in ("lr_mult", "decay_mult", FROZEN_ITERS):
+            if not float(rule.get(key, 0.0 if key == FROZEN_ITERS else 1.0)) >= 0:
                 raise ConfigError(f"optimizer.param_groups[{i}].{key} must be >= 0")
         checked.append(rule)
     buckets: list[list[nn.Parameter]] = [[] for _ in checked]
@@ -63,19 +78,22 @@ def group_parameters(
             rest.append(p)
     groups = []
     for i, (rule, params) in enumerate(zip(checked, buckets, strict=True)):
+        if not params and bool(rule.get("optional", False)):
+            continue
         if not params:
             raise ConfigError(
                 f"optimizer.param_groups[{i}].pattern={rule['pattern']!r} matches no trainable "
                 "parameter; names look like model.trunk.conv1_7x7_s2.weight or "
                 "loss.heads.loss3.linear.bias"
             )
-        groups.append(
-            {
-                "params": params,
-                "lr": lr * float(rule.get("lr_mult", 1.0)),
-                "weight_decay": weight_decay * float(rule.get("decay_mult", 1.0)),
-            }
-        )
+        group = {
+            "params": params,
+            "lr": lr * float(rule.get("lr_mult", 1.0)),
+            "weight_decay": weight_decay * float(rule.get("decay_mult", 1.0)),
+        }
+        if int(rule.get(FROZEN_ITERS, 0) or 0) > 0:
+            group[FROZEN_ITERS], group[STEPS] = int(rule[FROZEN_ITERS]), 0
+        groups.append(group)
     if rest:
         groups.append({"params": rest, "lr": lr, "weight_decay": weight_decay})
     return groups
@@ -89,4 +107,18 @@ def build_optimizer(cfg: DictConfig, named: Iterable[tuple[str, nn.Parameter]]) 
     factory: Callable[..., Optimizer] = build(node, "optimizer")
     lr = float(node.get("lr", 1e-3))
     weight_decay = float(node.get("weight_decay", 0.0) or 0.0)
-    return factory(group_parameters(named, list(rules), lr, weight_decay))
+    optimizer = factory(group_parameters(named, list(rules), lr, weight_decay))
+    if any(FROZEN_ITERS in g for g in optimizer.param_groups):
+        optimizer.register_step_pre_hook(_hold_frozen_groups)
+    return optimizer
+
+
+def _hold_frozen_groups(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+    """Before a step: drop the gradients of groups still within their ``frozen_iters``."""
+    for group in optimizer.param_groups:
+        if FROZEN_ITERS not in group:
+            continue
+        if group[STEPS] < group[FROZEN_ITERS]:
+            for p in group["params"]:
+                p.grad = None
+        group[STEPS] += 1

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from softmine.config import build
+from softmine.data.splits import build_train_and_validation
 from softmine.engine.artifacts import write_run_artifacts
 from softmine.engine.atomic import remove_partial, write_text_atomic
 from softmine.engine.checkpoint import (
@@ -39,15 +40,16 @@ from softmine.engine.checkpoint import (
     restore_rng_state,
     save_atomic,
 )
+from softmine.engine.crossval import save_fold_embeddings
 from softmine.engine.distributed import DistEnv, any_rank, barrier, broadcast_buffers
 from softmine.engine.embed import raw_inputs, to_model_input
 from softmine.engine.eval_history import (
     EVAL_LOG_FILE,
-    best_test_summary,
     resolve_monitor,
+    selection_summary,
     write_eval_log,
 )
-from softmine.engine.evaluator import Evaluator
+from softmine.engine.evaluator import Evaluator, eval_protocol
 from softmine.engine.logger import RunLogger
 from softmine.engine.nonfinite import WeightWatch
 from softmine.engine.objective import Objective
@@ -159,8 +161,11 @@ class Trainer:
         self.ckpt_dir = self.run_dir / CHECKPOINT_DIR
         self._check_run_folder()
 
-        self.train_set = build(cfg.dataset.train, "dataset.train")
-        self.evaluator = Evaluator(cfg, self.device, dist=self.dist)
+        # dataset.val_classes / dataset.folds: held-out classes leave the training set
+        self.train_set, validation = build_train_and_validation(
+            cfg.dataset, reid=eval_protocol(cfg.dataset) == "reid"
+        )
+        self.evaluator = Evaluator(cfg, self.device, dist=self.dist, validation=validation)
         labels = np.asarray(self.train_set.labels)
         self.num_classes = _check_train_labels(labels)
         self.monitor = resolve_monitor(str(tcfg.monitor), self.evaluator.metric_names())
@@ -501,10 +506,11 @@ class Trainer:
         return s.metrics
 
     def final_metrics(self) -> dict[str, float]:
-        """What ``metrics.json`` holds: the final metrics, plus the test-chosen snapshot's."""
+        """What ``metrics.json`` holds: the final metrics, plus the test-chosen snapshot's
+        (``best_test/*``) and, with a validation split, the validation-chosen one's (``selected/*``)."""
         return {
             **self.state.metrics,
-            **best_test_summary(self.state.evals, self.monitor),
+            **selection_summary(self.state.evals, self.monitor),
         }
 
     def _track_best(self) -> None:
@@ -634,6 +640,7 @@ class Trainer:
         self.save_checkpoint()
         if self.dist.is_main:
             write_run_artifacts(self)  # plots; attention.csv + attention_auc under label noise
+        save_fold_embeddings(self)  # dataset.folds: test_embeddings.npz for softmine-report
         barrier()
         self._report_bad_images()
         if self.state.baselines and self.dist.is_main:

@@ -1,4 +1,5 @@
-"""Metric-learning losses: OSM + CAA (paper and authors' forms) and the baselines it is compared with.
+"""Metric-learning losses: OSM + CAA (paper and authors' forms) and the baselines it is compared with
+(pair-based, proxy-based: Proxy-Anchor, normalised softmax).
 
 Each loss is a function (the vectorised core) plus a thin ``nn.Module`` that the
 ``loss/`` config group instantiates.
@@ -21,6 +22,7 @@ from softmine.losses.osm_caa import (
     weighted_contrastive_loss,
 )
 from softmine.losses.osm_caa_official import OSMCAAOfficialLoss, OSMCAAOfficialVideoLoss
+from softmine.losses.proxy_anchor import ProxyAnchorLoss, proxy_anchor_loss
 from softmine.losses.triplet import (
     TripletBatchHardLoss,
     TripletSemiHardLoss,
@@ -37,6 +39,7 @@ __all__ = [
     "OSMCAALoss",
     "OSMCAAOfficialLoss",
     "OSMCAAOfficialVideoLoss",
+    "ProxyAnchorLoss",
     "TripletBatchHardLoss",
     "TripletSemiHardLoss",
     "build_heads",
@@ -47,6 +50,7 @@ __all__ = [
     "lifted_structure_loss",
     "multi_similarity_loss",
     "normalized_softmax_loss",
+    "proxy_anchor_loss",
     "triplet_batchhard_loss",
     "triplet_semihard_loss",
     "weighted_contrastive_loss",

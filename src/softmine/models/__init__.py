@@ -4,7 +4,7 @@ from softmine.models.bninception import BNINCEPTION_INPUT_NORM, BNINCEPTION_URL,
 from softmine.models.embedding import EmbeddingNet, freeze_batchnorm, set_batchnorm_eval
 from softmine.models.normalization import IMAGENET_MEAN, IMAGENET_STD, InputNormalize
 from softmine.models.tiny import TinyCNN
-from softmine.models.trunks import TimmTrunk, TorchvisionTrunk
+from softmine.models.trunks import GlobalPool, TimmTrunk, TorchvisionTrunk
 from softmine.models.video import VideoEmbeddingNet, frame_attention, temporal_pool
 from softmine.models.weights import load_matching_state_dict, read_state_dict
 
@@ -13,6 +13,7 @@ __all__ = [
     "BNINCEPTION_URL",
     "BNInception",
     "EmbeddingNet",
+    "GlobalPool",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "InputNormalize",

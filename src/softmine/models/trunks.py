@@ -7,6 +7,7 @@ import warnings
 from typing import Any
 from urllib.error import URLError
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from softmine.errors import ConfigError, DataError
@@ -44,6 +45,48 @@ def _drop_aux_heads(model: nn.Module) -> None:
                 setattr(model, attr, None)
 
 
+POOLINGS = ("avg", "max", "avg+max")
+
+
+class GlobalPool(nn.Module):
+    """Global pooling of (n, c, h, w) maps to (n, c, 1, 1): average, maximum, or their sum.
+
+    ``avg+max`` is the pooling of Proxy-Anchor's ResNet-50 (Kim et al., CVPR 2020, code
+    ``net/resnet.py``: ``gap(x) + gmp(x)``), used by most recent metric-learning recipes.
+    """
+
+    def __init__(self, mode: str = "avg") -> None:
+        super().__init__()
+        if mode not in POOLINGS:
+            raise ConfigError(f"backbone.trunk.pooling must be one of {POOLINGS} (got {mode!r})")
+        self.mode = mode
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mode == "avg":
+            return F.adaptive_avg_pool2d(x, 1)
+        if self.mode == "max":
+            return F.adaptive_max_pool2d(x, 1)
+        return F.adaptive_avg_pool2d(x, 1) + F.adaptive_max_pool2d(x, 1)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode}"
+
+
+def _set_pooling(model: nn.Module, arch: str, pooling: str) -> None:
+    """Replace the model's global average pooling (``avgpool``) by :class:`GlobalPool`."""
+    if pooling == "avg":
+        return
+    pool = getattr(model, "avgpool", None)
+    size = getattr(pool, "output_size", None)
+    if not isinstance(pool, nn.AdaptiveAvgPool2d) or size not in (1, (1, 1)):
+        raise ConfigError(
+            f"backbone.trunk.pooling={pooling} replaces a global average pooling layer "
+            f"`avgpool`, which {arch} does not have; use a ResNet, GoogLeNet, Inception-v3, "
+            "EfficientNet or ResNeXt, or pooling=avg"
+        )
+    model.avgpool = GlobalPool(pooling)
+
+
 class TorchvisionTrunk(nn.Module):
     """Any torchvision classification model by name, with its classifier removed.
 
@@ -53,6 +96,8 @@ class TorchvisionTrunk(nn.Module):
         pretrained: ``True``: the ImageNet weights torchvision recommends (``DEFAULT``);
             a string: a member of the model's weights enum (e.g. ``IMAGENET1K_V1``);
             ``False``: random init. Weights are downloaded once into the torch hub cache.
+        pooling: global pooling of the last feature map: ``avg`` (the model's own),
+            ``max``, or ``avg+max`` (their sum, Proxy-Anchor's ResNet-50); see :class:`GlobalPool`.
         **kwargs: passed to the torchvision model constructor.
 
     ``out_features`` is the input size of the removed classifier (512 for ResNet-18,
@@ -61,11 +106,15 @@ class TorchvisionTrunk(nn.Module):
     GoogLeNet with pretrained weights re-maps that input internally itself).
     """
 
-    def __init__(self, arch: str, pretrained: bool | str = False, **kwargs: Any) -> None:
+    def __init__(
+        self, arch: str, pretrained: bool | str = False, pooling: str = "avg", **kwargs: Any
+    ) -> None:
         super().__init__()
         import torchvision.models as tvm
 
         _check_pretrained(pretrained)
+        if pooling not in POOLINGS:
+            raise ConfigError(f"backbone.trunk.pooling must be one of {POOLINGS} (got {pooling!r})")
         names = tvm.list_models(module=tvm)
         if arch not in names:
             raise ConfigError(
@@ -92,6 +141,7 @@ class TorchvisionTrunk(nn.Module):
                 "backbone.pretrained=false"
             ) from e
         _drop_aux_heads(model)
+        _set_pooling(model, arch, pooling)
         self.out_features = _strip_classifier(model)
         self.arch, self.weights = arch, None if weights is None else str(weights)
         self.model = model

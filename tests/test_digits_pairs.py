@@ -1,0 +1,85 @@
+"""digits_pairs: 100 classes of two digits side by side, 50/50 class-disjoint, disjoint digit images."""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+from softmine.config import build
+from softmine.data.digits_pairs import DigitsPairs
+from softmine.errors import ConfigError
+from tests.conftest import REPO, compose
+
+
+@pytest.fixture(scope="module")
+def pairs() -> tuple[DigitsPairs, DigitsPairs]:
+    return DigitsPairs(split="train", per_class=30), DigitsPairs(split="test", per_class=30)
+
+
+def test_classes_are_fifty_fifty_and_disjoint(pairs) -> None:
+    train, test = pairs
+    train_codes, test_codes = set(train.pair_codes.tolist()), set(test.pair_codes.tolist())
+    assert len(train_codes) == len(test_codes) == 50
+    assert not train_codes & test_codes
+    assert train_codes | test_codes == set(range(100))
+    assert sorted(set(train.labels.tolist())) == list(range(50))  # what the loss needs
+    assert set(test.labels.tolist()) == test_codes
+    assert len(train) == len(test) == 50 * 30
+
+
+def test_test_digit_images_never_appear_in_training_pairs(pairs) -> None:
+    train, test = pairs
+    used_train = set(train.left.tolist()) | set(train.right.tolist())
+    used_test = set(test.left.tolist()) | set(test.right.tolist())
+    assert not used_train & used_test
+
+
+def test_images_are_the_two_digits_side_by_side(pairs) -> None:
+    bunch = load_digits()
+    for data in pairs:
+        for i in (0, 17, len(data) - 1):
+            x, label = data[i]
+            assert x.shape == (1, 8, 16)
+            left, right = bunch.images[data.left[i]] / 16.0, bunch.images[data.right[i]] / 16.0
+            want = torch.from_numpy(np.concatenate([left, right], axis=1)).float()
+            assert torch.equal(x[0], want)
+            code = 10 * bunch.target[data.left[i]] + bunch.target[data.right[i]]
+            assert data.pair_codes[i] == code
+        combos = set(zip(data.left.tolist(), data.right.tolist(), strict=True))
+        assert len(combos) == len(data)  # no image repeated within the split
+
+
+def test_fixed_by_the_split_seed(pairs) -> None:
+    again = DigitsPairs(split="train", per_class=30)
+    assert np.array_equal(again.left, pairs[0].left)
+    assert np.array_equal(again.right, pairs[0].right)
+    other = DigitsPairs(split="train", per_class=30, split_seed=1)
+    assert set(other.pair_codes.tolist()) != set(pairs[0].pair_codes.tolist())
+
+
+def test_config_builds_both_splits() -> None:
+    cfg = compose(["dataset=digits_pairs"])
+    train, test = build(cfg.dataset.train, "train"), build(cfg.dataset.test, "test")
+    assert len(train) == len(test) == 50 * int(cfg.dataset.per_class)
+    assert train.transform is not None and test.transform is None
+
+
+def test_too_many_images_per_class_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="per_class"):
+        DigitsPairs(per_class=100_000)
+
+
+@pytest.mark.parametrize("target", ["ablation", "noise"])
+def test_make_targets_take_the_dataset(target: str) -> None:
+    def dry_run(*extra: str) -> str:
+        cmd = ["make", "-n", "-o", "setup", "-C", str(REPO), target, *extra]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        return res.stdout
+
+    assert f"experiment={target} dataset=digits_pairs" in dry_run("DATASET=digits_pairs")
+    assert f"experiment={target} dataset=digits " in dry_run()  # the default stays digits
