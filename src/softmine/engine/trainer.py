@@ -527,7 +527,7 @@ class Trainer:
             self.save_checkpoint(BEST)
 
     def fit(self) -> dict[str, float]:
-        """Train (resuming if asked), evaluate, write metrics.json; returns the final metrics.
+        """Train (resuming if asked), evaluate, write metrics.json; returns what metrics.json holds.
 
         A file that cannot be written (a full disk) stops the run with one
         :class:`StorageError` that says what was kept where.
@@ -646,7 +646,7 @@ class Trainer:
         if self.state.baselines and self.dist.is_main:
             print(format_table({**self.state.baselines, "trained embedding": self.state.metrics}))
         self.logger.close()
-        return self.state.metrics
+        return self.final_metrics()
 
     def _stop_interrupted(self, signum: int) -> None:
         path = self.save_checkpoint()
