@@ -37,6 +37,7 @@ from softmine.engine.attention import (
 )
 from softmine.engine.distributed import DistEnv
 from softmine.engine.embed import extract_embeddings
+from softmine.engine.results import write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,6 @@ def write_run_artifacts(trainer: Any) -> dict[str, float]:
     if attention is not None and noisy:
         auc = attention_auc(attention, flipped)
         metrics["attention_auc"] = auc
-        from softmine.engine.trainer import write_metrics
-
         write_metrics(run_dir, metrics)
         log.info("attention AUC (clean vs flipped labels): %.4f", auc)
     if plots:

@@ -48,6 +48,7 @@ from softmine.engine.evaluator import Evaluator
 from softmine.engine.logger import RunLogger
 from softmine.engine.objective import Objective
 from softmine.engine.optim import build_optimizer
+from softmine.engine.results import METRICS_FILE, format_table, write_metrics
 from softmine.engine.setup import resolve_device, resolve_num_workers, seed_everything
 from softmine.engine.signals import GracefulInterrupt
 from softmine.engine.sync_bn import convert_sync_batchnorm
@@ -57,7 +58,6 @@ from softmine.evaluation import retrieval_metrics
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.json"
 TRAIN_LOG_FILE = "train_log.csv"
 CHECKPOINT_DIR = "checkpoints"
 BAD_IMAGES_FILE = "bad_images.txt"
@@ -505,25 +505,3 @@ class Trainer:
             msg = f"{len(bad)} unreadable training files were skipped (listed in {path})"
             log.warning(msg)
             print(f"warning: {msg}")
-
-
-def write_metrics(run_dir: Path, metrics: dict[str, float]) -> Path:
-    """Write the flat metrics dict to ``metrics.json`` atomically."""
-    path = Path(run_dir) / METRICS_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-    return path
-
-
-def format_table(rows: dict[str, dict[str, float]]) -> str:
-    """A small fixed-width table: one row per embedding, one column per metric."""
-    cols = list(next(iter(rows.values())).keys())
-    name_w = max(len(n) for n in rows) + 2
-    widths = [max(len(c), 7) + 2 for c in cols]
-    head = "".ljust(name_w) + "".join(c.rjust(w) for c, w in zip(cols, widths, strict=True))
-    lines = [head, "-" * len(head)]
-    for name, m in rows.items():
-        cells = (f"{m.get(c, float('nan')):{w}.4f}" for c, w in zip(cols, widths, strict=True))
-        lines.append(name.ljust(name_w) + "".join(cells))
-    return "\n".join(lines)
