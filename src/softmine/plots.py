@@ -180,14 +180,16 @@ def plot_retrieval_grid(
             )
             name = f"query {labels[item]}" if col == 0 else str(labels[item])
             notes.append((left + cell_w / 2, top - 1, name, color))
-    fig = Figure(figsize=(mosaic.shape[1] / DPI * 1.3, mosaic.shape[0] / DPI * 1.3 + 0.3))
-    ax = fig.add_axes((0.0, 0.06, 1.0, 0.94))
+    title_in = 0.25 if title else 0.0  # inches above the grid for the title
+    height = mosaic.shape[0] / DPI * 1.3 + 0.3 + title_in
+    fig = Figure(figsize=(mosaic.shape[1] / DPI * 1.3, height))
+    ax = fig.add_axes((0.0, 0.06, 1.0, 0.94 - title_in / height))
     ax.imshow(mosaic, interpolation="nearest")
     for x, y, name, color in notes:
         ax.text(x, y, name, ha="center", va="bottom", fontsize=6, color=color)
     ax.set_axis_off()
     if title:
-        fig.suptitle(title, fontsize=7)
+        fig.suptitle(title, fontsize=7, y=1.0 - 0.05 / height, va="top")
     fig.legend(
         handles=[Patch(color=CORRECT, label="same class"), Patch(color=WRONG, label="other class")],
         loc="lower center",
