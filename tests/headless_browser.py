@@ -48,6 +48,8 @@ class Browser:
             a, b = os.dup(commands_read), os.dup(replies_write)
             os.dup2(a, 3)
             os.dup2(b, 4)
+            for fd in (3, 4):  # dup2 onto itself (a == 3) keeps os.dup's close-on-exec flag
+                os.set_inheritable(fd, True)
 
         self.proc = subprocess.Popen(
             [
