@@ -17,9 +17,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_cli(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``python -m <args>`` in ``cwd`` with the test interpreter; returns the completed process."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SOFTMINE_DEBUG": ""}
+def run_cli(
+    args: list[str], cwd: Path, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``python -m <args>`` in ``cwd`` with the test interpreter (``env`` added to the
+    environment); returns the completed process."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SOFTMINE_DEBUG": "", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", *args],
         cwd=cwd,

@@ -93,6 +93,7 @@ def test_noisy_run_records_flips_attention_and_auc(tmp_path: Path) -> None:
         "training_curves.png",
         "recall_at_k.png",
         "retrieval_grid.png",
+        "retrieval_grid_worst.png",
         "tsne.png",
         "osm_weights.png",
         "attention.png",

@@ -10,6 +10,7 @@ import pytest
 
 from softmine.errors import ConfigError
 from softmine.evaluation import (
+    average_precision_at_r,
     knn,
     knn_search,
     map_at_r,
@@ -235,3 +236,32 @@ def test_query_gallery_bad_inputs() -> None:
         query_gallery_metrics(np.ones((2, 3)), [1], np.ones((3, 3)), [1, 2, 3])
     with pytest.raises(ValueError, match="items on both sides"):
         query_gallery_metrics(np.ones((2, 3)), [1, 2], np.ones((0, 3)), [])
+
+
+def test_average_precision_at_r_per_query_hand_example() -> None:
+    # The MAP@R hand example above, query by query: 0.5, 0.5, 0.25, and none for the
+    # query whose label has no other item.
+    ap = average_precision_at_r(_unit([0, 5, 40, 20]), np.array([0, 0, 0, 1]))
+    assert ap[:3] == pytest.approx([0.5, 0.5, 0.25]) and np.isnan(ap[3])
+
+
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_average_precision_at_r_against_float64_loop(chunk_size: int | None) -> None:
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(60, 8))
+    y = rng.integers(0, 5, size=60)
+    y[0] = 77  # a singleton: no AP
+    _tie_free(x)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    expected = []
+    for q in range(len(y)):
+        order = sorted((j for j in range(len(y)) if j != q), key=lambda j: -float(xn[q] @ xn[j]))
+        r = sum(1 for j in order if y[j] == y[q])
+        hits, ap = 0, 0.0
+        for i, j in enumerate(order[:r], start=1):
+            if y[j] == y[q]:
+                hits += 1
+                ap += hits / i
+        expected.append(ap / r if r else np.nan)
+    got = average_precision_at_r(x, y, chunk_size=chunk_size)
+    assert got == pytest.approx(np.array(expected), abs=1e-9, nan_ok=True)

@@ -85,9 +85,12 @@ def plot_training_curves(log: pd.DataFrame, path: str | Path) -> Path:
 
 
 def plot_recall_at_k(
-    curves: Mapping[str, Mapping[int, float]], path: str | Path, title: str = "Recall@K"
+    curves: Mapping[str, Mapping[int, float]],
+    path: str | Path,
+    title: str = "Recall@K",
+    xlabel: str = "K",
 ) -> Path:
-    """Recall@K against K (log2 axis), one line per named embedding."""
+    """Recall@K against K (log2 axis), one line per named embedding; also CMC against the rank."""
     if not curves:
         raise ValueError("no Recall@K curve given")
     fig = Figure(figsize=(4.5, 3.5), layout="constrained")
@@ -99,8 +102,8 @@ def plot_recall_at_k(
         ax.plot(k, [curve[i] for i in k], marker="o", label=name)
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted(ks), [str(k) for k in sorted(ks)])
-    ax.set_xlabel("K")
-    ax.set_ylabel("Recall@K")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(title)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -134,6 +137,7 @@ def plot_retrieval_grid(
     neighbours: np.ndarray,
     path: str | Path,
     tile: int = 64,
+    title: str | None = None,
 ) -> Path:
     """Queries (first column, blue frame) and their nearest results, framed green (same class) or red.
 
@@ -145,6 +149,7 @@ def plot_retrieval_grid(
         labels: (n,) labels of all items, indexed like ``images``.
         queries: (q,) item indices of the queries.
         neighbours: (q, k) item indices of each query's results, nearest first.
+        title: a line above the grid.
     """
     from matplotlib.colors import to_rgb
 
@@ -175,12 +180,16 @@ def plot_retrieval_grid(
             )
             name = f"query {labels[item]}" if col == 0 else str(labels[item])
             notes.append((left + cell_w / 2, top - 1, name, color))
-    fig = Figure(figsize=(mosaic.shape[1] / DPI * 1.3, mosaic.shape[0] / DPI * 1.3 + 0.3))
-    ax = fig.add_axes((0.0, 0.06, 1.0, 0.94))
+    title_in = 0.25 if title else 0.0  # inches above the grid for the title
+    height = mosaic.shape[0] / DPI * 1.3 + 0.3 + title_in
+    fig = Figure(figsize=(mosaic.shape[1] / DPI * 1.3, height))
+    ax = fig.add_axes((0.0, 0.06, 1.0, 0.94 - title_in / height))
     ax.imshow(mosaic, interpolation="nearest")
     for x, y, name, color in notes:
         ax.text(x, y, name, ha="center", va="bottom", fontsize=6, color=color)
     ax.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=7, y=1.0 - 0.05 / height, va="top")
     fig.legend(
         handles=[Patch(color=CORRECT, label="same class"), Patch(color=WRONG, label="other class")],
         loc="lower center",

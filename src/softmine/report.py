@@ -27,7 +27,9 @@ second table lists every fold's model: its validation, final test and
 validation-selected test metric.
 
 Written to OUT (default: PATH when one folder is given, else ``./report``):
-``report.md`` (also printed), ``report.csv``, and PNG plots: the main metric
+``report.md`` (also printed), ``report.csv``, ``report.html`` (the table, the plots
+and a link to each run's own report, in one self-contained page:
+:mod:`softmine.html_report`), and PNG plots: the main metric
 against a numeric swept key with error bars, one line per configuration of the
 other keys (or one bar per configuration when no numeric key varies), the same
 for ``attention_auc`` when runs have it, and the mean training loss per epoch.
@@ -47,6 +49,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from softmine import html_report
 from softmine.cli import user_errors_exit, version_line
 from softmine.engine.run_folder import BOOKKEEPING_KEYS
 from softmine.errors import ConfigError, DataError
@@ -376,15 +379,15 @@ def _fmt_key(value: Any) -> str:
     return str(value)
 
 
-def to_markdown(table: pd.DataFrame) -> str:
-    """The table in Markdown: configuration columns, ``n``, then ``mean ± std`` per metric."""
+def display_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The table as shown: configuration columns, ``n``, then ``mean ± std`` per metric (strings)."""
     keys, metrics = table.attrs.get("keys", []), table.attrs.get("metrics", [])
     show_source = "source" in table and (table["source"] != MEASURED).any()
     show_failed = "failed" in table and table["failed"].fillna(0).astype(int).gt(0).any()
     head = ["dataset", *keys] + (["source"] if show_source else []) + ["n"]
     head += ["failed"] if show_failed else []
     head += list(metrics)
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    rows = []
     for _, r in table.iterrows():
         cells = [_fmt_key(r["dataset"])] + [_fmt_key(r[k]) for k in keys]
         if show_source:
@@ -393,7 +396,16 @@ def to_markdown(table: pd.DataFrame) -> str:
         if show_failed:
             cells.append("" if pd.isna(r.get("failed")) else str(int(r["failed"])))
         cells += [_fmt(r.get(f"{m}_mean", np.nan), r.get(f"{m}_std", np.nan)) for m in metrics]
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
+    return pd.DataFrame(rows, columns=head)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """The table in Markdown: configuration columns, ``n``, then ``mean ± std`` per metric."""
+    shown = display_table(table)
+    head = list(shown.columns)
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in shown.itertuples(index=False)]
     return "\n".join(lines)
 
 
@@ -511,13 +523,18 @@ def plot_training_loss(runs: pd.DataFrame, table: pd.DataFrame, out: Path) -> Pa
 
 
 def plot_runs(runs: pd.DataFrame) -> int:
-    """Per-run plots from the files a run leaves (train_log.csv, attention.csv) where missing."""
+    """Per-run plots from the files a run leaves (train_log.csv, attention.csv) where missing.
+
+    A run whose plots were redrawn, or which has no ``report.html``, gets its page
+    (re)written. Returns the number of files written.
+    """
     from softmine import plots
 
     drawn = 0
     for run_dir in runs["run"]:
         folder = Path(run_dir) / "plots"
         log_file = Path(run_dir) / "train_log.csv"
+        before = drawn
         if log_file.exists() and not (folder / "training_curves.png").exists():
             plots.plot_training_curves(pd.read_csv(log_file), folder / "training_curves.png")
             drawn += 1
@@ -525,6 +542,9 @@ def plot_runs(runs: pd.DataFrame) -> int:
         if att.exists() and not (folder / "attention.png").exists():
             a = pd.read_csv(att)
             plots.plot_attention(a["attention"], folder / "attention.png", a["flipped"])
+            drawn += 1
+        if drawn > before or not (Path(run_dir) / html_report.REPORT_FILE).exists():
+            html_report.write_run_report(run_dir)
             drawn += 1
     return drawn
 
@@ -601,6 +621,11 @@ def report(
         written.append(loss_plot)
     if run_plots:
         plot_runs(runs)
+    intro = [ln for ln in lines[2:] if ln]
+    html_file = html_report.write_sweep_report(
+        out, display_table(table), runs, written[2:], intro, right=used
+    )
+    written.insert(2, html_file)
     return table, markdown, written
 
 
@@ -624,7 +649,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--run-plots",
         action="store_true",
-        help="also draw each run's training curves / attention plot where missing",
+        help="also draw each run's training curves / attention plot where missing, and "
+        "write its report.html",
     )
     return p
 

@@ -9,7 +9,7 @@
   ``<name>.index.npz``, built once and reused by later runs; the operating system's
   page cache then keeps the hot part in memory for every process that maps it.
 
-Each image is decoded exactly as without a cache (:func:`softmine.data.images.read_rgb`,
+Each image is decoded exactly as without a cache (:func:`softmine.data.decode.read_rgb`,
 crop box included), then resized with torchvision's ``resize`` (bilinear, antialiased)
 to ``size``: an int is the short side (what ``Resize(size)`` gives, aspect kept; 256 by
 default, the DML recipe's resize), a pair ``(height, width)`` a fixed size (video
@@ -276,7 +276,7 @@ def _check_bad(
         return
     first = files[int(bad[0])][0]
     if policy == "error":
-        from softmine.data.images import BadImageError
+        from softmine.data.decode import BadImageError
 
         raise BadImageError(
             f"cannot decode image {first} ({len(bad)} unreadable when the image cache {index} "
@@ -290,7 +290,7 @@ def _header_shape(path: str, box: Box | None) -> tuple[int, int] | None:
     """(height, width) the decoded (cropped) image will have, from the file header; None if unreadable."""
     from PIL import Image
 
-    from softmine.data.images import crop_box
+    from softmine.data.decode import crop_box
 
     try:
         with Image.open(path) as im:
@@ -305,7 +305,7 @@ def _decode(path: str, box: Box | None, size: Size) -> torch.Tensor:
     """The cached form of one file: decoded (cropped) and resized, uint8 (3, H, W)."""
     from torchvision.transforms.v2 import functional as F
 
-    from softmine.data.images import read_rgb
+    from softmine.data.decode import read_rgb
 
     img = F.pil_to_tensor(read_rgb(path, box))
     return F.resize(img, [size] if isinstance(size, int) else list(size), antialias=True)
@@ -322,7 +322,7 @@ def _build(
     """Decode every file into a new buffer (RAM, or ``target``'s pixel file, written atomically)."""
     from tqdm import tqdm
 
-    from softmine.data.images import BadImageError
+    from softmine.data.decode import BadImageError
 
     t0 = time.perf_counter()
     n = len(files)

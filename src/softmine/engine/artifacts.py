@@ -9,10 +9,14 @@
   (:mod:`softmine.engine.attention`); for a loss without attention the CSV's
   attention column is empty and there is no AUC;
 * with ``trainer.plots=true`` it writes the PNGs of :mod:`softmine.plots` into
-  ``<run>/plots/``: ``training_curves``, ``recall_at_k``, ``retrieval_grid``
-  (image sets), ``tsne``, ``osm_weights`` and ``attention``.
+  ``<run>/plots/``: ``training_curves``, ``recall_at_k`` (or ``cmc`` for re-ID, drawn
+  from the final metrics), ``retrieval_grid`` and ``retrieval_grid_worst`` (image test
+  sets: random queries, and the queries with the lowest AP@R), ``tsne``,
+  ``osm_weights`` and ``attention``;
+* it always writes ``report.html``, the whole run in one self-contained page
+  (:mod:`softmine.html_report`).
 
-A plot that cannot be drawn (say, a test set whose items are not images) is
+A plot or page that cannot be drawn (say, a test set whose items are not images) is
 skipped with a warning; it never fails a run that has already finished.
 """
 
@@ -37,6 +41,7 @@ from softmine.engine.attention import (
 )
 from softmine.engine.distributed import DistEnv
 from softmine.engine.embed import extract_embeddings
+from softmine.engine.results import write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +66,10 @@ def _test_set(trainer: Any) -> Any:
 
 
 def write_run_artifacts(trainer: Any) -> dict[str, float]:
-    """Attention under label noise and end-of-run plots for a finished ``Trainer``; returns its metrics.
+    """Attention under label noise, end-of-run plots and ``report.html`` of a finished ``Trainer``.
 
     Adds ``attention_auc`` to ``trainer.state.metrics`` (and rewrites ``metrics.json``)
-    when the training set has flipped labels and the loss has attention.
+    when the training set has flipped labels and the loss has attention. Returns the metrics.
     """
     metrics = trainer.state.metrics
     if not DistEnv.current().is_main:
@@ -72,10 +77,16 @@ def write_run_artifacts(trainer: Any) -> dict[str, float]:
     plots = bool(trainer.cfg.trainer.get("plots", False))
     flipped = getattr(trainer.train_set, "flipped", None)
     noisy = flipped is not None and bool(np.any(flipped))
-    if not (plots or noisy):
-        return metrics
-    t0 = time.perf_counter()
     run_dir = Path(trainer.run_dir)
+    if plots or noisy:
+        _noise_and_plots(trainer, run_dir, plots, noisy)
+    _attempt("report.html", _write_html, trainer, run_dir)
+    return metrics
+
+
+def _noise_and_plots(trainer: Any, run_dir: Path, plots: bool, noisy: bool) -> None:
+    metrics = trainer.state.metrics
+    t0 = time.perf_counter()
     emb, labels, index = _train_embeddings(trainer, everything=noisy)
     device = trainer.device
     attention = sample_attention(
@@ -88,19 +99,30 @@ def write_run_artifacts(trainer: Any) -> dict[str, float]:
             np.full(len(labels), np.nan) if attention is None else attention,
             labels,
             np.asarray(trainer.train_set.clean_labels),
-            flipped,
+            trainer.train_set.flipped,
         )
     if attention is not None and noisy:
-        auc = attention_auc(attention, flipped)
+        auc = attention_auc(attention, trainer.train_set.flipped)
         metrics["attention_auc"] = auc
-        from softmine.engine.trainer import write_metrics
-
         write_metrics(run_dir, trainer.final_metrics())  # keeps best_test/* and selected/*
         log.info("attention AUC (clean vs flipped labels): %.4f", auc)
     if plots:
         _plot_run(trainer, run_dir / PLOTS_DIR, emb, labels, attention, index, auc)
         log.info("plots written to %s (%.1f s)", run_dir / PLOTS_DIR, time.perf_counter() - t0)
-    return metrics
+
+
+def _write_html(trainer: Any, run_dir: Path) -> None:
+    """``report.html``: metrics.json, the plots, eval_log.csv and the config, in one page."""
+    from omegaconf import OmegaConf
+
+    from softmine import html_report
+
+    try:
+        config = OmegaConf.to_yaml(trainer.cfg, resolve=True)
+    except Exception:  # a resolver only Hydra's app knows: show the config as written
+        config = OmegaConf.to_yaml(trainer.cfg)
+    path = html_report.write_run_report(run_dir, config, trainer.state.baselines or None)
+    log.info("report written to %s", path)
 
 
 def _train_embeddings(trainer: Any, everything: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -155,6 +177,20 @@ def _plot_run(
     test_set = _test_set(trainer)
     if test_set is not None:
         _attempt("test-set plots", _plot_test_set, trainer, out, test_set)
+    else:
+        _attempt("metric curves", _plot_metric_curves, trainer.state.metrics, out)
+
+
+def _plot_metric_curves(metrics: dict[str, float], out: Path) -> None:
+    """Recall@K or CMC from the final metrics, for protocols without a leave-one-out test set."""
+    from softmine import plots
+
+    for prefix, name, label in (("recall@", "recall_at_k", "Recall@K"), ("cmc@", "cmc", "CMC")):
+        curve = {int(k[len(prefix) :]): v for k, v in metrics.items() if k.startswith(prefix)}
+        if curve:
+            xlabel = "K" if prefix == "recall@" else "rank r"
+            path = out / f"{name}.png"
+            plots.plot_recall_at_k({"trained": curve}, path, title=label, xlabel=xlabel)
 
 
 def _plot_pair_weights(trainer: Any, out: Path, emb: np.ndarray, labels: np.ndarray) -> None:
@@ -236,24 +272,47 @@ def _plot_test_set(trainer: Any, out: Path, test_set: Any) -> None:
         plots.plot_embedding_map(points, labels[index], out / "tsne.png", title=title)
 
     _attempt("tsne", tsne)
-    _attempt("retrieval_grid", _retrieval_grid, test_set, emb, labels, out, seed)
-
-
-def _retrieval_grid(
-    test_set: Any, emb: np.ndarray, labels: np.ndarray, out: Path, seed: int
-) -> None:
-    from softmine import plots
-
     first = test_set[0][0]
     if not (isinstance(first, torch.Tensor) and first.dim() == 3 and first.shape[0] in (1, 3)):
         log.info("plot retrieval_grid skipped: test items are not (C, H, W) images")
         return
     rng = np.random.default_rng(seed)
     queries = np.sort(rng.choice(len(emb), size=min(GRID_QUERIES, len(emb)), replace=False))
+    _attempt("retrieval_grid", _retrieval_grid, test_set, emb, labels, queries, out, "")
+    _attempt("retrieval_grid_worst", _worst_queries_grid, test_set, emb, labels, out)
+
+
+def _worst_queries_grid(test_set: Any, emb: np.ndarray, labels: np.ndarray, out: Path) -> None:
+    """The retrieval grid of the queries with the lowest AP@R (the per-query term of MAP@R)."""
+    from softmine.evaluation import average_precision_at_r
+
+    ap = average_precision_at_r(emb, labels)
+    order = np.argsort(np.where(np.isnan(ap), np.inf, ap), kind="stable")
+    queries = order[: min(GRID_QUERIES, int(np.isfinite(ap).sum()))]
+    if len(queries) == 0:
+        log.info("plot retrieval_grid_worst skipped: no query has another item of its class")
+        return
+    title = "lowest AP@R: " + ", ".join(f"{ap[q]:.2f}" for q in queries)
+    _retrieval_grid(test_set, emb, labels, queries, out, "_worst", title)
+
+
+def _retrieval_grid(
+    test_set: Any,
+    emb: np.ndarray,
+    labels: np.ndarray,
+    queries: np.ndarray,
+    out: Path,
+    suffix: str,
+    title: str | None = None,
+) -> None:
+    """``retrieval_grid{suffix}.png``: the given test queries and their nearest neighbours."""
+    from softmine import plots
+
     unit = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
     sims = unit[queries] @ unit.T
     sims[np.arange(len(queries)), queries] = -np.inf  # a query never retrieves itself
     k = min(GRID_K, len(emb) - 1)
     neighbours = np.argsort(-sims, axis=1, kind="stable")[:, :k]
     items = {int(i): test_set[int(i)][0].numpy() for i in {*queries, *neighbours.ravel()}}
-    plots.plot_retrieval_grid(items, labels, queries, neighbours, out / "retrieval_grid.png")
+    path = out / f"retrieval_grid{suffix}.png"
+    plots.plot_retrieval_grid(items, labels, queries, neighbours, path, title=title)

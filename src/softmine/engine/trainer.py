@@ -29,7 +29,7 @@ from tqdm import tqdm
 from softmine.config import build
 from softmine.data.splits import build_train_and_validation
 from softmine.engine.artifacts import write_run_artifacts
-from softmine.engine.atomic import remove_partial, write_text_atomic
+from softmine.engine.atomic import remove_partial
 from softmine.engine.checkpoint import (
     BEST,
     LAST,
@@ -54,6 +54,7 @@ from softmine.engine.logger import RunLogger
 from softmine.engine.nonfinite import WeightWatch
 from softmine.engine.objective import Objective
 from softmine.engine.optim import build_optimizer
+from softmine.engine.results import METRICS_FILE, format_table, write_metrics
 from softmine.engine.setup import (
     check_shared_memory,
     rank_seed,
@@ -71,7 +72,6 @@ from softmine.evaluation.knn import NonFiniteEmbeddings
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.json"
 TRAIN_LOG_FILE = "train_log.csv"
 CHECKPOINT_DIR = "checkpoints"
 BAD_IMAGES_FILE = "bad_images.txt"
@@ -668,22 +668,3 @@ class Trainer:
             msg = f"{len(bad)} unreadable training files were skipped (listed in {path})"
             log.warning(msg)
             print(f"warning: {msg}")
-
-
-def write_metrics(run_dir: Path, metrics: dict[str, float]) -> Path:
-    """Write the flat metrics dict to ``metrics.json`` atomically."""
-    text = json.dumps(metrics, indent=2, sort_keys=True) + "\n"
-    return write_text_atomic(Path(run_dir) / METRICS_FILE, text)
-
-
-def format_table(rows: dict[str, dict[str, float]]) -> str:
-    """A small fixed-width table: one row per embedding, one column per metric."""
-    cols = list(next(iter(rows.values())).keys())
-    name_w = max(len(n) for n in rows) + 2
-    widths = [max(len(c), 7) + 2 for c in cols]
-    head = "".ljust(name_w) + "".join(c.rjust(w) for c, w in zip(cols, widths, strict=True))
-    lines = [head, "-" * len(head)]
-    for name, m in rows.items():
-        cells = (f"{m.get(c, float('nan')):{w}.4f}" for c, w in zip(cols, widths, strict=True))
-        lines.append(name.ljust(name_w) + "".join(cells))
-    return "\n".join(lines)

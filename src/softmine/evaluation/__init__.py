@@ -10,6 +10,7 @@ from softmine.evaluation.reid import (
 )
 from softmine.evaluation.rerank import k_reciprocal_distances
 from softmine.evaluation.retrieval import (
+    average_precision_at_r,
     map_at_r,
     nmi,
     query_gallery_metrics,
@@ -22,6 +23,7 @@ from softmine.evaluation.video import extract_tracklet_features, pool_tracklet_f
 
 __all__ = [
     "ReIDResult",
+    "average_precision_at_r",
     "cmc_map",
     "evaluate_reid",
     "evaluate_reid_distmat",

@@ -66,12 +66,10 @@ def _reduce_chunks(
             hits += (first[:, None] < np.asarray(ks)[None, :]).sum(0)
         if with_r:
             rr = r[start:stop]
-            rel &= np.arange(idx.shape[1])[None, :] < rr[:, None]
-            cum = np.cumsum(rel, axis=1, dtype=np.int64)
-            precision_at_hits = np.where(rel, cum / np.arange(1, idx.shape[1] + 1), 0.0)
+            ap, hits_in_r = _ap_at_r(rel, rr)
             valid = rr > 0
-            ap_sum += float((precision_at_hits.sum(1)[valid] / rr[valid]).sum())
-            rp_sum += float((cum[:, -1][valid] / rr[valid]).sum())
+            ap_sum += float(ap[valid].sum())
+            rp_sum += float((hits_in_r[valid] / rr[valid]).sum())
     n = len(query_labels)
     out = {f"recall@{kk}": float(h) / n for kk, h in zip(ks, hits, strict=True)}
     if with_r:
@@ -79,6 +77,20 @@ def _reduce_chunks(
         out["map@r"] = ap_sum / n_valid if n_valid else 0.0
         out["r_precision"] = rp_sum / n_valid if n_valid else 0.0
     return out
+
+
+def _ap_at_r(rel: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per query of a chunk: AP@R (NaN where R = 0) and the number of relevant items among the R nearest.
+
+    ``rel`` (rows, k): whether each neighbour, nearest first, shares the query's label
+    (k >= R); ``r`` (rows,): R of each query.
+    """
+    rel = rel & (np.arange(rel.shape[1])[None, :] < r[:, None])
+    cum = np.cumsum(rel, axis=1, dtype=np.int64)
+    precision_at_hits = np.where(rel, cum / np.arange(1, rel.shape[1] + 1), 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ap = np.where(r > 0, precision_at_hits.sum(1) / r, np.nan)
+    return ap, cum[:, -1]
 
 
 def ranking_metrics(
@@ -212,4 +224,28 @@ def retrieval_metrics(
     """The flat dict written to ``metrics.json``: ``recall@K`` for each K, ``map@r``, ``r_precision``, ``nmi``."""
     out = ranking_metrics(embeddings, labels, ks, with_r=True)
     out["nmi"] = nmi(embeddings, labels)
+    return out
+
+
+def average_precision_at_r(
+    embeddings: ArrayLike,
+    labels: ArrayLike,
+    *,
+    device: str = "auto",
+    chunk_size: int | None = None,
+) -> np.ndarray:
+    """Per-query AP@R of leave-one-out retrieval, the terms whose mean is ``map@r``: (n,) float64.
+
+    AP@R of query q = (1/R) sum_{i<=R} P(i) rel(i), R = number of other items with its
+    label; NaN for a query whose label has no other item. Searched in chunks like
+    :func:`ranking_metrics` (memory: the index plus a chunk of k = largest R neighbours).
+    """
+    x, y = _checked(embeddings, labels)
+    _, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
+    r = counts[inverse] - 1
+    out = np.full(len(y), np.nan)
+    k = max(int(r.max()), 1)
+    for start, _, idx in iter_knn(x, k=k, exclude_self=True, device=device, chunk_size=chunk_size):
+        stop = start + len(idx)
+        out[start:stop] = _ap_at_r(y[idx] == y[start:stop, None], r[start:stop])[0]
     return out

@@ -1,0 +1,34 @@
+"""The results a run leaves as text: ``metrics.json`` and the printed comparison table.
+
+Both the training loop (:mod:`softmine.engine.trainer`) and the end-of-run
+artifacts (:mod:`softmine.engine.artifacts`) write ``metrics.json``; they import
+it from here, so neither of them imports the other.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from softmine.engine.atomic import write_text_atomic
+
+METRICS_FILE = "metrics.json"
+
+
+def write_metrics(run_dir: Path, metrics: dict[str, float]) -> Path:
+    """Write the flat metrics dict to ``metrics.json`` atomically."""
+    text = json.dumps(metrics, indent=2, sort_keys=True) + "\n"
+    return write_text_atomic(Path(run_dir) / METRICS_FILE, text)
+
+
+def format_table(rows: dict[str, dict[str, float]]) -> str:
+    """A small fixed-width table: one row per embedding, one column per metric."""
+    cols = list(next(iter(rows.values())).keys())
+    name_w = max(len(n) for n in rows) + 2
+    widths = [max(len(c), 7) + 2 for c in cols]
+    head = "".ljust(name_w) + "".join(c.rjust(w) for c, w in zip(cols, widths, strict=True))
+    lines = [head, "-" * len(head)]
+    for name, m in rows.items():
+        cells = (f"{m.get(c, float('nan')):{w}.4f}" for c, w in zip(cols, widths, strict=True))
+        lines.append(name.ljust(name_w) + "".join(cells))
+    return "\n".join(lines)
