@@ -131,6 +131,16 @@ def test_the_generator_refuses_a_file_it_cannot_read(tmp_path: Path) -> None:
         gen.render(tmp_path)
 
 
+def test_every_config_key_is_commented_where_it_is_defined() -> None:
+    assert _gen_config_docs().undocumented() == []
+
+
+def test_a_key_without_a_comment_is_reported(tmp_path: Path) -> None:
+    (tmp_path / "loss").mkdir()
+    (tmp_path / "loss" / "odd.yaml").write_text("margin: 0.5   # the margin\nscale: 2\n")
+    assert _gen_config_docs().undocumented(tmp_path) == ["loss/odd.yaml: loss.scale"]
+
+
 # ----------------------------------------------------------------------------- contributing
 
 
