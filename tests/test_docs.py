@@ -141,6 +141,37 @@ def test_a_key_without_a_comment_is_reported(tmp_path: Path) -> None:
     assert _gen_config_docs().undocumented(tmp_path) == ["loss/odd.yaml: loss.scale"]
 
 
+def test_readme_is_a_front_page() -> None:
+    """At most ~200 lines, beginning with the two commands, every link into the docs resolving."""
+    text = (REPO / "README.md").read_text()
+    assert len(text.splitlines()) <= 200
+    first = FENCE.search(text)
+    assert first is not None and text.index(first.group(0)) < text.index("\n## ")
+    commands = [line.split("#")[0].strip() for line in first["body"].splitlines()]
+    assert commands == ["make demo", "make test"]
+    links = re.findall(r"\]\((docs/[^)#]+)", text)
+    assert links, "the README links into the documentation site"
+    assert [link for link in links if not (REPO / link).is_file()] == []
+
+
+def _readme_train_commands() -> list[list[str]]:
+    """The overrides of every single-run ``softmine-train`` command in the README's code blocks."""
+    out = []
+    for m in FENCE.finditer((REPO / "README.md").read_text()):
+        for line in m["body"].splitlines():
+            words = shlex.split(line.split("  #")[0])
+            if words[:1] == ["softmine-train"] and "-m" not in words:
+                out.append(words[1:])
+    return out
+
+
+@pytest.mark.parametrize("overrides", _readme_train_commands(), ids=" ".join)
+def test_readme_training_commands_compose(overrides: list[str]) -> None:
+    from softmine.engine.validate import validate_config
+
+    validate_config(compose(overrides))
+
+
 # ----------------------------------------------------------------------------- contributing
 
 
