@@ -5,3 +5,9 @@ Class-Aware Attention", AAAI 2019, and the baselines it is compared with.
 """
 
 __version__ = "0.1.0"
+
+import logging as _logging
+
+# faiss logs eight INFO lines about which CPU build it loads at every import; under
+# Hydra's console logging they would bury a run's first line (or its one-line error).
+_logging.getLogger("faiss.loader").setLevel(_logging.WARNING)
