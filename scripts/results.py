@@ -20,7 +20,7 @@ Tables and their commands (all with ``OMP_NUM_THREADS=1``):
 
 Usage::
 
-    python scripts/results.py                          # run everything (~40 min on 2 cores)
+    python scripts/results.py                          # run everything (~23 min on 2 cores)
     python scripts/results.py --only demo pairs_demo   # these tables; the others are kept
     python scripts/results.py --sweep ablation=multirun/ablation/2026-12-01_10-00-00
     python scripts/results.py --readme                 # README blocks from the docs; runs nothing
@@ -306,30 +306,37 @@ def _commit(section: str) -> str:
     return found.group(1) if found else "unknown"
 
 
-def summary_block(ablations: dict[str, tuple[str, str]]) -> str:
-    """MAP@R per loss, one column pair (value, n) per data set.
+RAW = "raw pixels (no training)"
 
-    ``ablations``: data set name -> (its ablation section, the page it is on).
+
+def summary_block(sets: dict[str, tuple[str, str, str]]) -> str:
+    """MAP@R of raw pixels and of each loss, one column pair (value, n) per data set.
+
+    ``sets``: data set name -> (its ablation section, its demo section, the page they are on).
     """
     columns: dict[str, dict[str, tuple[str, str]]] = {}
-    for dataset, (section, _) in ablations.items():
-        header, rows = parse_markdown_table(section)
-        at = header.index("MAP@R")
-        columns[dataset] = {r[0]: (r[at], r[header.index("n")]) for r in rows}
-    losses = list(next(iter(columns.values())))
+    for dataset, (ablation, demo, _) in sets.items():
+        header, rows = parse_markdown_table(demo)
+        raw = next(r for r in rows if r[0] == "raw pixels")
+        columns[dataset] = {RAW: (raw[header.index("MAP@R")], "–")}
+        header, rows = parse_markdown_table(ablation)
+        at, n = header.index("MAP@R"), header.index("n")
+        columns[dataset].update({r[0]: (r[at], r[n]) for r in rows})
+    names = list(next(iter(columns.values())))
     head = "| loss | " + " | ".join(f"{d} MAP@R | n" for d in columns) + " |"
     lines = [head, "|---" * (2 * len(columns) + 1) + "|"]
-    for loss in losses:
-        cells = [" | ".join(columns[d].get(loss, ("–", "–"))) for d in columns]
-        lines.append(f"| {loss} | " + " | ".join(cells) + " |")
+    for name in names:
+        cells = [" | ".join(columns[d].get(name, ("–", "–"))) for d in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     sources = "; ".join(
-        f"{d}: [{page}]({page}), commit `{_commit(section)}`"
-        for d, (section, page) in ablations.items()
+        f"{d}: [{page}]({page}), commit `{_commit(ablation)}`"
+        for d, (ablation, _, page) in sets.items()
     )
     note = (
         "Mean ± sample std over n seeds (`make ablation`, `make ablation DATASET=digits_pairs`); "
-        "bold: the best of each column. Copied by `make results` from the ablation tables of "
-        f"the docs ({sources}), where the full tables and their machine are."
+        "bold: the best loss of each column. Raw pixels: the demo's baseline (no training, no "
+        "seed). Copied by `make results` from the demo and ablation tables of the docs "
+        f"({sources}), where the full tables and their machine are."
     )
     return "\n".join(lines) + "\n\n" + note
 
@@ -339,14 +346,19 @@ def readme_blocks(sections: dict[str, str]) -> dict[str, str]:
     pages = {
         name: doc.relative_to(REPO).as_posix() for doc, names in DOCS.items() for name in names
     }
-    missing = [k for k in ("demo", "ablation", "pairs_ablation") if k not in sections]
+    needed = ("demo", "ablation", "pairs_demo", "pairs_ablation")
+    missing = [k for k in needed if k not in sections]
     if missing:
         sys.exit(f"error: the docs have no generated {missing[0]} table; run `make results` first")
-    ablations = {
-        "digits": (sections["ablation"], pages["ablation"]),
-        "digits_pairs": (sections["pairs_ablation"], pages["pairs_ablation"]),
+    sets = {
+        "digits": (sections["ablation"], sections["demo"], pages["ablation"]),
+        "digits_pairs": (
+            sections["pairs_ablation"],
+            sections["pairs_demo"],
+            pages["pairs_ablation"],
+        ),
     }
-    return {"demo": sections["demo"], "summary": summary_block(ablations)}
+    return {"demo": sections["demo"], "summary": summary_block(sets)}
 
 
 def write_readme(blocks: dict[str, str], strict: bool) -> None:
@@ -415,7 +427,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{noise_table(noise, control)}\n\nFrom {noise_source}; the control row from "
             f"{control_source}; {when}.",
         )
-    if {"demo", "ablation", "pairs_ablation"} <= set(sections):
+    if {"demo", "ablation", "pairs_demo", "pairs_ablation"} <= set(sections):
         write_readme(readme_blocks(sections), strict=False)
 
 
