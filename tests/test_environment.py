@@ -63,6 +63,37 @@ def test_dataloader_workers_ignore_ctrl_c() -> None:
     assert _interrupt_workers(ignore_interrupts) == list(range(40))
 
 
+EXIT_WITH_LIVE_WORKERS = """
+import sys
+from torch.utils.data import DataLoader, Dataset
+from softmine.engine.signals import ignore_interrupts
+
+class Bad(Dataset):
+    def __len__(self):
+        return 64
+    def __getitem__(self, i):
+        if i == 5:
+            raise ValueError("bad item")
+        return i
+
+try:
+    for _ in DataLoader(Bad(), batch_size=1, num_workers=2, worker_init_fn=ignore_interrupts):
+        pass
+except ValueError:
+    print("error: bad item", file=sys.stderr)
+    sys.exit(2)  # the loader's iterator is still alive, held by the traceback
+"""
+
+
+def test_exit_with_a_live_loader_does_not_wait_for_its_workers() -> None:
+    """Workers ignore SIGTERM, so multiprocessing's exit would wait for them forever."""
+    res = subprocess.run(
+        [sys.executable, "-c", EXIT_WITH_LIVE_WORKERS], capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 2
+    assert res.stderr.strip() == "error: bad item"  # one line, no report of the killed workers
+
+
 @pytest.mark.slow
 def test_ctrl_c_to_the_process_group_saves_and_exits_cleanly(tmp_path: Path) -> None:
     """Training with worker processes; SIGINT to the whole group, as a terminal sends it."""

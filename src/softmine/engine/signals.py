@@ -8,10 +8,19 @@ workers included, and a batch system's SIGTERM reaches every process of the job.
 Workers therefore ignore both (:func:`ignore_interrupts`, their ``worker_init_fn``):
 the main process alone decides to stop, saves, and shuts its workers down; a worker
 whose main process died exits on its own (torch's watchdog).
+
+Because a worker ignores SIGTERM, multiprocessing's own exit handler (which sends
+its daemonic children SIGTERM and then waits for them) would wait forever when the
+main process exits with a loader still alive, e.g. after an error raised in the
+middle of an epoch. :func:`_kill_loader_workers` runs before it at exit and kills
+those workers first: they hold nothing worth keeping.
 """
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
+import multiprocessing.util  # registers its exit handler now, so ours (below) runs before it
 import signal
 import threading
 from types import FrameType, TracebackType
@@ -73,3 +82,21 @@ def ignore_interrupts(worker_id: int = 0) -> None:
     """``worker_init_fn`` of every DataLoader: this worker ignores SIGINT and SIGTERM."""
     for s in GracefulInterrupt.SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+
+
+def _kill_loader_workers() -> None:
+    """At exit: SIGKILL the daemonic children still alive (DataLoader workers ignore SIGTERM).
+
+    multiprocessing would end them with SIGTERM right after this anyway; which
+    children are loader workers is not recorded once started, so all daemonic ones go.
+    """
+    children = [c for c in multiprocessing.active_children() if c.daemon]
+    if children and threading.current_thread() is threading.main_thread():
+        signal.signal(
+            signal.SIGCHLD, signal.SIG_DFL
+        )  # torch's handler would report the kill as an error
+    for child in children:
+        child.kill()
+
+
+atexit.register(_kill_loader_workers)
