@@ -391,8 +391,10 @@ def stamp() -> str:
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
     ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"],
+    outputs = [doc.relative_to(REPO).as_posix() for doc in [*DOCS, README]]
+    dirty = subprocess.run(  # the pages this script writes are its output, not a change to it
+        ["git", "status", "--porcelain", "--untracked-files=no", "--", "."]
+        + [f":(exclude){path}" for path in outputs],
         cwd=REPO,
         capture_output=True,
         text=True,
