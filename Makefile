@@ -74,9 +74,10 @@ ablation noise: setup
 	$(BIN)/softmine-report $$sweep && \
 	echo "make $@: $$(( $$(date +%s) - start )) s; table and plots in $$sweep"
 
-# docs/results.md and docs/benchmarks-digits-pairs.md: every results table regenerated from its
-# command (digits demo, ablation, noise and its control sweep; digits_pairs demo and ablation;
-# ~23 min on 2 shared CPU cores), stamped with commit, torch version, CPU and date, then the
+# docs/results.md, docs/benchmarks-digits-pairs.md and docs/evaluation-protocols.md: every
+# results table regenerated from its command (digits demo, ablation, noise and its control
+# sweep; digits_pairs demo and ablation; the model selection and cross-validation examples;
+# ~25 min on 2 shared CPU cores), stamped with commit, torch version, CPU and date, then the
 # README's demo and summary blocks copied from them. ARGS="--only demo" regenerates one table;
 # ARGS="--sweep ablation=DIR" reuses a finished sweep; ARGS="--readme" only copies into README.
 results: setup

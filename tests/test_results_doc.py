@@ -2,6 +2,8 @@
 
 * the demo table in docs/results.md is what the demo command prints today (within a stated
   tolerance);
+* every page's generated sections hold the tables ``scripts/results.py`` writes there, and
+  the prose around them quotes no 4-decimal number that is not in a generated table;
 * README.md's generated blocks are what ``scripts/results.py --readme`` writes from the docs'
   generated sections, so the README cannot drift from the docs.
 """
@@ -14,6 +16,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pandas as pd
 import pytest
 
 from tests.conftest import REPO, run_cli
@@ -95,6 +98,80 @@ def test_readme_block_is_what_readme_mode_writes(name: str) -> None:
 def test_every_generated_table_is_on_its_page() -> None:
     results = _results_script()
     assert set(results.read_all()) == set(results.TABLES)
+    for doc, parts in results.DOCS.items():
+        sections = results.generated_sections(doc)
+        for names, section in zip(parts, sections, strict=True):
+            assert list(results.read_sections(section)) == list(names), doc.name
+
+
+def test_write_doc_fills_each_section_and_keeps_the_prose_between(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    results = _results_script()
+    page = tmp_path / "page.md"
+    b, e = results.BEGIN, results.END
+    page.write_text(f"intro 0.1234\n{b}\nold\n{e}\nmiddle\n{b}\n{e}\nend\n")
+    monkeypatch.setattr(results, "DOCS", {page: (("a", "b"), ("c",))})
+    results.write_doc(page, {"a": "A", "c": "C", "x": "X"})
+    assert page.read_text() == (
+        f"intro 0.1234\n{b}\n<!-- table: a -->\nA\n\n{e}\nmiddle\n"
+        f"{b}\n<!-- table: c -->\nC\n\n{e}\nend\n"
+    )
+    assert results.read_all() == {"a": "A", "c": "C"}
+    page.write_text(f"{b}\n{e}\n")
+    with pytest.raises(SystemExit, match="1 generated section"):
+        results.generated_sections(page)
+
+
+def test_selection_tables_and_verdict_follow_the_run() -> None:
+    results = _results_script()
+    log = pd.DataFrame(
+        {
+            "iteration": [10, 20],
+            "recall@1": [0.5, 0.6],
+            "map@r": [0.3, 0.4],
+            "val/recall@1": [0.9, 0.8],
+            "val/map@r": [0.7, 0.6],
+        }
+    )
+    metrics = {
+        "map@r": 0.4,
+        "val/map@r": 0.6,
+        "selected/map@r": 0.3,
+        "selected/val/map@r": 0.7,
+        "selected_iteration": 10,
+        "best_test/map@r": 0.4,
+        "best_test/val/map@r": 0.6,
+        "best_test_iteration": 20,
+    }
+    lines = results.selection_text(log, metrics).splitlines()
+    assert lines[2] == "| 10 | 0.5000 | 0.3000 | 0.9000 | 0.7000 |"
+    assert lines[3] == "| 20 | 0.6000 | 0.4000 | 0.8000 | 0.6000 |"
+    assert lines[7] == "| final (last snapshot) | 20 | 0.4000 | 0.6000 |"
+    assert lines[8] == "| selected (best `val/map@r`) | 10 | 0.3000 | 0.7000 |"
+    assert lines[9] == "| best_test (best `map@r`, optimistic) | 20 | 0.4000 | 0.6000 |"
+    assert "scores lower on the test classes than the last one" in lines[-1]
+    metrics.update({"selected/map@r": 0.4, "selected/val/map@r": 0.6, "selected_iteration": 20})
+    assert "chose the last snapshot" in results.selection_text(log, metrics)
+
+
+def test_crossval_sentences_are_read_off_the_report_tables() -> None:
+    results = _results_script()
+    report = (
+        "# softmine report\n\nsome words\n\n"
+        "| dataset | n | map@r | concat/map@r |\n|---|---|---|---|\n"
+        "| d | 2 | 0.5000 ± 0.1000 | 0.6500 |\n\n## Cross-validation folds\n\n"
+        "| dataset | seed | fold | val/map@r | map@r | selected/map@r | best_test/map@r |\n"
+        "|---|---|---|---|---|---|---|\n"
+        "| d | 0 | 0 | 0.9000 | 0.6000 | 0.6000 | 0.6000 |\n"
+        "| d | 0 | 1 | 0.3000 | 0.4000 | 0.3500 | 0.4000 |\n"
+    )
+    got = results.crossval_text(report)
+    assert got.startswith("| dataset | n | map@r | concat/map@r |")
+    assert "| d | 0 | 1 | 0.3000 | 0.4000 | 0.3500 | 0.4000 |\n\n" in got
+    assert "In some fold a chosen snapshot is not the last one." in got
+    assert "score higher than the best of them alone" in got  # 0.65 > 0.60
+    assert "not always higher on its validation classes" in got  # fold 1: 0.30 < 0.40
 
 
 def test_summary_takes_map_at_r_and_n_per_loss_and_data_set() -> None:
@@ -127,11 +204,15 @@ def test_summary_takes_map_at_r_and_n_per_loss_and_data_set() -> None:
     assert "digits_pairs: [p.md](p.md), commit `def5678`" in got
 
 
-@pytest.mark.parametrize("page", ["results.md", "benchmarks-digits-pairs.md"])
+@pytest.mark.parametrize(
+    "page", ["results.md", "benchmarks-digits-pairs.md", "evaluation-protocols.md"]
+)
 def test_prose_quotes_only_numbers_of_the_generated_tables(page: str) -> None:
     results = _results_script()
     tables = "\n".join(results.read_all().values())
     text = (REPO / "docs" / page).read_text()
-    prose = text.split(results.BEGIN, 1)[0] + text.split(results.END, 1)[1]
+    outside, inside = results.split_page(text)
+    assert inside, f"docs/{page} has no generated section"
+    prose = "".join(outside)
     stale = [n for n in re.findall(r"\b\d\.\d{4}\b", prose) if n not in tables]
     assert not stale, f"docs/{page} quotes {stale}, found in no generated table: update the prose"
