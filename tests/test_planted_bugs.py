@@ -164,7 +164,7 @@ def test_grad_clip_bounds_the_update(tmp_path: Path, clip: float | None) -> None
     x, y = next(iter(t.loader))
     values = t.train_step(x, y)
     step = torch.cat([(p.detach() - b).flatten() for p, b in zip(t.params, before, strict=True)])
-    grad_norm = values["grad_norm"]  # before clipping
+    grad_norm = float(values["grad_norm"])  # before clipping
     assert grad_norm > 10 * (clip or 0)
     expected = grad_norm if clip is None else clip
     assert float(step.norm()) == pytest.approx(expected, rel=1e-4)

@@ -54,7 +54,8 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
 def _log_rows(run_dir: Path) -> list[dict[str, str]]:
     rows = list(csv.DictReader((run_dir / "train_log.csv").open()))
     for r in rows:
-        r.pop("epoch_time_s", None)
+        for timing in ("epoch_time_s", "data_s", "step_s", "images_per_s"):
+            r.pop(timing, None)
     return rows
 
 

@@ -1,147 +1,129 @@
-"""Training throughput of the reproduce-CUB setting, and the input pipeline against bare JPEG decoding.
+"""Training images/s of the real trainer (loader, logging, checks, clipping) against a bare step.
 
-Prints, in one run:
+For each setting the script builds a :class:`softmine.engine.Trainer` and, in one run,
+interleaving the two so that load on the machine affects both alike:
 
-1. the input pipeline's images/s (CUB200 + the standard DML train transform through a
-   DataLoader with the default worker count) against bare decoding of the same JPEG
-   files (Pillow open + RGB convert, one process): the ratio must be >= 0.9;
-2. images/s of full training steps of the reproduce-CUB model (BN-Inception, the
-   authors' 1024-d embedding, OSM+CAA, 8 classes x 7 images) on the CPU, and on the
-   GPU with precision 32 and bf16 when one is present.
+* **bare**: the trainer's own objective and optimizer stepped on batches already
+  fetched and already on the device (zero_grad, forward, backward, optimizer step:
+  the floor of any training loop);
+* **trainer**: ``Trainer.fit`` for ``--steps`` iterations (``trainer.max_iters``) of a
+  fresh trainer, timed by the epoch rows of its ``train_log.csv`` (``epoch_time_s``,
+  which leaves out the evaluation at the end): loader, host-device traffic, logging,
+  non-finite checks, interrupt checks and gradient clipping included.
 
-The data are a fake copy in the real CUB layout with CUB-sized JPEGs (500 x 375),
-written to a temporary folder. Usage: ``python scripts/bench/train.py [--steps N]``.
+It prints images/s of both (best of ``--trials``) and ``trainer/bare`` last per
+setting: 1.00 would mean the loop around the step costs nothing.
+
+Settings: the digits demo (tiny CNN, P x K = 8 x 8; small enough that per-step
+overheads show) and, with ``--cub``, the reproduce-CUB setting (BN-Inception, 8 x 7,
+``backbone.pretrained=false``) on a fake CUB folder at ``--cub-size`` pixels.
+Usage: ``python scripts/bench/train.py [--steps 150] [--trials 3] [--cub]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from softmine.config import compose_config
-from softmine.data import CUB200
 from softmine.data.fakes import make_cub
-from softmine.engine.objective import Objective
-from softmine.engine.setup import resolve_num_workers
-from softmine.losses import OSMCAALoss
+from softmine.engine import Trainer
+
+QUIET = ["trainer.progress_bar=false", "trainer.plots=false", "trainer.tensorboard=false"]
 
 
-def write_cub_sized_jpegs(root: Path) -> list[Path]:
-    """Replace the fake copy's tiny images by 500 x 375 JPEGs with natural-image-like content."""
-    rng = np.random.default_rng(0)
-    paths = sorted((root / "images").rglob("*.jpg"))
-    yy, xx = np.mgrid[0:375, 0:500]
-    for i, p in enumerate(paths):
-        base = np.stack([(xx + 7 * i) % 256, (yy + 3 * i) % 256, (xx + yy) // 4 % 256], -1)
-        noise = rng.integers(0, 40, size=base.shape)
-        Image.fromarray((base + noise).clip(0, 255).astype(np.uint8)).save(p, quality=90)
-    return paths
+def settings(root: Path | None, cub_size: int) -> dict[str, list[str]]:
+    """Name -> config overrides of each measured setting."""
+    out = {"digits tiny CNN (P x K = 8 x 8)": ["trainer.grad_clip=10.0"]}
+    if root is not None:
+        out[f"reproduce_cub BN-Inception (8 x 7, {cub_size} px)"] = [
+            "experiment=reproduce_cub",
+            "backbone.pretrained=false",
+            f"dataset.root={root}",
+            f"dataset.transform.size={cub_size}",
+            "trainer.eval_every_iters=0",
+            "trainer.checkpoint_every=0",
+        ]
+    return out
 
 
-def bare_decode(paths: list[Path], repeats: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        for p in paths:
-            with Image.open(p) as im:
-                im.convert("RGB").load()
-    return repeats * len(paths) / (time.perf_counter() - t0)
+def bare(overrides: list[str], steps: int) -> float:
+    """Images/s of bare optimizer steps of the trainer's objective on prefetched device batches."""
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Trainer(compose_config([*QUIET, *overrides]), Path(tmp))
+        batches: list = []
+        while len(batches) < steps:
+            batches += [b for _, b in zip(range(steps - len(batches)), t.loader, strict=False)]
+        from softmine.engine.embed import to_model_input
+
+        batches = [
+            (to_model_input(x, t.device, t.device_transform), y.to(t.device)) for x, y in batches
+        ]
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> None:
+            t.optimizer.zero_grad(set_to_none=True)
+            loss, _ = t.objective(x, y)
+            loss.backward()
+            t.optimizer.step()
+
+        step(*batches[0])  # warm-up
+        _sync(t.device)
+        t0 = time.perf_counter()
+        for x, y in batches:
+            step(x, y)
+        _sync(t.device)
+        return sum(len(y) for _, y in batches) / (time.perf_counter() - t0)
 
 
-def pipeline(root: Path, cfg, repeats: int, num_workers: int) -> float:
-    from hydra.utils import instantiate
-
-    transform = instantiate(cfg.dataset.transform.train)
-    ds = CUB200(str(root), "train", transform=transform)
-    idx = list(range(len(ds))) * repeats
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(ds, idx), batch_size=56, num_workers=num_workers
-    )
-    it = iter(loader)
-    next(it)  # worker start-up is not throughput
-    t0, n = time.perf_counter(), 0
-    for x, _ in it:
-        n += len(x)
-    return n / (time.perf_counter() - t0)
+def trainer(overrides: list[str], steps: int) -> float:
+    """Images/s of ``Trainer.fit`` over ``steps`` iterations (epoch rows' time, evaluation left out)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = compose_config([*QUIET, *overrides, f"trainer.max_iters={steps}"])
+        t = Trainer(cfg, Path(tmp))
+        batch = t.sampler.P * t.sampler.K
+        t.fit()
+        rows = list(csv.DictReader((Path(tmp) / "train_log.csv").open()))
+        seconds = sum(float(r["epoch_time_s"]) for r in rows if r.get("epoch_time_s"))
+        return steps * batch / seconds
 
 
-def train_steps(cfg, device: torch.device, precision: str, steps: int) -> float:
-    from hydra.utils import instantiate
-
-    torch.manual_seed(0)
-    model = instantiate(cfg.backbone).to(device)
-    loss = OSMCAALoss(num_classes=100, embedding_dim=int(cfg.backbone.embedding_dim)).to(device)
-    dtype = {"bf16": torch.bfloat16}.get(precision)
-    obj = Objective(model, loss, dtype).train()
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(obj.parameters(), lr=1e-4, momentum=0.9)
-    x = torch.rand(56, 3, 224, 224, device=device)
-    y = torch.arange(56, device=device) // 7
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        loss_value, _ = obj(x, y)
-        loss_value.backward()
-        opt.step()
-
-    step()  # warm-up
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return steps * 56 / (time.perf_counter() - t0)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=2, help="timed training steps on the CPU")
-    parser.add_argument("--gpu-steps", type=int, default=20, help="timed training steps on a GPU")
-    parser.add_argument(
-        "--repeats",
-        type=int,
-        default=12,
-        help="passes over the 80 training images (input pipeline)",
-    )
-    parser.add_argument("--trials", type=int, default=3, help="interleaved trials, best of each")
-    args = parser.parse_args()
-    cfg = compose_config(["experiment=reproduce_cub", "backbone.pretrained=false"])
-    with tempfile.TemporaryDirectory() as tmp:
-        root = make_cub(Path(tmp) / "CUB_200_2011", num_classes=8, images_per_class=20)
-        paths = write_cub_sized_jpegs(root)
-        train_files = [p for p in paths if int(p.parent.name[:3]) <= 4]
-        workers = resolve_num_workers(cfg.trainer.num_workers, CUB200(str(root), "train"))
-        # Interleaved trials, best of each: the least disturbed measurement of both sides.
-        bare, piped = 0.0, 0.0
-        for _ in range(args.trials):
-            bare = max(bare, bare_decode(train_files, repeats=args.repeats))
-            piped = max(piped, pipeline(root, cfg, repeats=args.repeats, num_workers=workers))
-    print(f"input pipeline ({os.cpu_count()} CPUs, num_workers={workers}, best of {args.trials})")
-    print(f"  bare JPEG decoding (1 process):      {bare:8.1f} images/s")
-    print(f"  CUB200 + DML transform + DataLoader: {piped:8.1f} images/s")
-    print(f"  ratio pipeline / bare decoding:      {piped / bare:8.2f}x   (target >= 0.90)")
-    print(
-        "training steps, reproduce-CUB model (BN-Inception, 1024-d authors' embedding, 8x7 batch)"
-    )
-    cpu = train_steps(cfg, torch.device("cpu"), "32", args.steps)
-    print(f"  CPU, precision 32:                   {cpu:8.1f} images/s")
-    if torch.cuda.is_available():
-        for precision in ("32", "bf16"):
-            gpu = train_steps(cfg, torch.device("cuda"), precision, args.gpu_steps)
-            print(f"  {torch.cuda.get_device_name()}, precision {precision}: {gpu:8.1f} images/s")
-    else:
-        print("  no GPU on this machine: GPU figures not measured")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=150, help="timed iterations (digits)")
+    p.add_argument("--cub-steps", type=int, default=6, help="timed iterations (CUB)")
+    p.add_argument("--trials", type=int, default=3, help="interleaved trials, best of each")
+    p.add_argument("--cub", action="store_true", help="also the reproduce-CUB setting")
+    p.add_argument("--cub-size", type=int, default=96, help="CUB image size (pixels)")
+    args = p.parse_args()
+    device = "cuda " + torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"training images/s, {device}, {os.cpu_count()} CPUs, best of {args.trials}")
+    with tempfile.TemporaryDirectory() as data:
+        root = (
+            make_cub(Path(data) / "CUB_200_2011", num_classes=16, images_per_class=8, size=64)
+            if args.cub
+            else None
+        )
+        for name, overrides in settings(root, args.cub_size).items():
+            steps = args.cub_steps if "cub" in name else args.steps
+            bare_best, real_best = 0.0, 0.0
+            for _ in range(args.trials):
+                bare_best = max(bare_best, bare(overrides, steps))
+                real_best = max(real_best, trainer(overrides, steps))
+            print(f"{name}, {steps} iterations:")
+            print(f"  bare optimizer step:  {bare_best:9.1f} images/s")
+            print(f"  Trainer.fit:          {real_best:9.1f} images/s")
+            print(f"  trainer/bare = {real_best / bare_best:.2f}")
 
 
 if __name__ == "__main__":

@@ -59,3 +59,41 @@ class WeightWatch:
 
     def reset(self) -> None:
         self.first_bad.fill_(-1)
+
+
+LOSS, GRADIENT = 1, 2  # StepGuard.kind: what was not finite
+
+
+class StepGuard:
+    """Device-side record of the first step whose loss or gradient norm was not finite.
+
+    The trainer records every step's fused finiteness flag here (no host sync) and
+    reads the record, together with :class:`WeightWatch`'s, where it syncs anyway:
+    every ``trainer.interrupt_every`` steps, before a row, a checkpoint or an
+    evaluation, and at the end. The step and the logged values of the first bad
+    step are kept, so the error names them exactly, however late it is read.
+
+    Args:
+        device: the training device.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.kind = torch.zeros((), dtype=torch.long, device=device)
+        self.values: torch.Tensor | None = None  # the first bad step's logged values
+
+    @torch.no_grad()
+    def record(
+        self, step: int, loss_ok: torch.Tensor, step_ok: torch.Tensor, values: torch.Tensor
+    ) -> None:
+        """Note ``step`` if ``step_ok`` is false and no earlier step was bad."""
+        new = ~step_ok & (self.first_bad < 0)
+        self.first_bad = torch.where(new, step, self.first_bad)
+        self.kind = torch.where(new, torch.where(loss_ok, GRADIENT, LOSS), self.kind)
+        if self.values is not None and len(self.values) < len(values):
+            self.values = torch.cat([self.values, values[len(self.values) :]])
+        self.values = values if self.values is None else torch.where(new, values, self.values)
+
+    def flags(self) -> list[torch.Tensor]:
+        """The record's tensors to read in one batch: first bad step, kind."""
+        return [self.first_bad, self.kind]

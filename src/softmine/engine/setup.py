@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,6 +33,23 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def configure_backends(deterministic: bool) -> None:
+    """cuDNN picks the fastest convolution algorithms for the (fixed) batch shape, unless
+    ``trainer.deterministic`` asks for exact repeats."""
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def describe_device(device: torch.device) -> str:
+    """One line naming the device: the GPU, torch and CUDA versions, or the CPU's usable cores."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return (
+            f"{torch.cuda.get_device_name(index)} (cuda:{index}, torch {torch.__version__}, "
+            f"CUDA {torch.version.cuda})"
+        )
+    return f"CPU ({available_cpus()} usable cores, torch {torch.__version__})"
+
+
 def rank_seed(seed: int, rank: int, step: int = 0) -> int:
     """The seed of rank ``rank``'s random streams: ``seed`` itself on rank 0 at step 0.
 
@@ -43,14 +61,34 @@ def rank_seed(seed: int, rank: int, step: int = 0) -> int:
     return int(np.random.SeedSequence([int(seed), int(rank), int(step)]).generate_state(1)[0])
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available, else the CPU; ``cuda`` without a GPU is an error."""
+def nvidia_driver_present() -> bool:
+    """Whether this machine has an NVIDIA driver loaded (Linux) or its ``nvidia-smi``."""
+    return os.path.exists("/proc/driver/nvidia/version") or shutil.which("nvidia-smi") is not None
+
+
+def resolve_device(name: str, warn: bool = True) -> torch.device:
+    """``auto`` picks CUDA when available, else the CPU; ``cuda`` without a GPU is an error.
+
+    With ``warn``, ``auto`` falling back to the CPU on a machine that has an NVIDIA
+    driver while this torch was built for CUDA is a warning (a torch newer than the
+    driver, or ``CUDA_VISIBLE_DEVICES`` empty); on a machine without a GPU it is not
+    (pip's default torch is a CUDA build everywhere).
+    """
     name = str(name)
     base = name.split(":")[0]
     if base not in DEVICES:
         raise ConfigError(f"trainer.device must be one of {DEVICES} (got {name!r})")
     if base == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if warn and torch.version.cuda is not None and nvidia_driver_present():
+            log.warning(
+                "trainer.device=auto: this torch was built for CUDA %s but finds no usable GPU "
+                "(no driver, a driver older than the build, or CUDA_VISIBLE_DEVICES empty); "
+                "training on the CPU. Check nvidia-smi, or install a torch that matches the driver",
+                torch.version.cuda,
+            )
+        return torch.device("cpu")
     if base == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             "trainer.device=cuda but no CUDA GPU is visible; use trainer.device=auto or cpu"

@@ -1,4 +1,5 @@
-"""Graceful interruption: SIGINT / SIGTERM set a flag that the training loop checks after each step.
+"""Graceful interruption: SIGINT / SIGTERM set a flag that the training loop checks every
+``trainer.interrupt_every`` steps (and after the first step of a run).
 
 A signal that arrived before the loop started (a sweep's handler notes it with
 :func:`note_pending`) counts as the first one: the loop stops after its first step.

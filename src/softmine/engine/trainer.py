@@ -14,6 +14,7 @@ import errno
 import json
 import logging
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,12 +52,14 @@ from softmine.engine.eval_history import (
 )
 from softmine.engine.evaluator import Evaluator, eval_protocol
 from softmine.engine.logger import RunLogger
-from softmine.engine.nonfinite import WeightWatch
+from softmine.engine.nonfinite import LOSS, StepGuard, WeightWatch
 from softmine.engine.objective import Objective
 from softmine.engine.optim import build_optimizer
 from softmine.engine.results import METRICS_FILE, format_table, write_metrics
 from softmine.engine.setup import (
     check_shared_memory,
+    configure_backends,
+    describe_device,
     rank_seed,
     resolve_device,
     resolve_num_workers,
@@ -64,6 +67,7 @@ from softmine.engine.setup import (
     set_sharing_strategy,
 )
 from softmine.engine.signals import GracefulInterrupt, ignore_interrupts
+from softmine.engine.step_stats import EPOCH, INTERVAL, StepStats
 from softmine.engine.sync_bn import convert_sync_batchnorm
 from softmine.engine.validate import validate_config
 from softmine.errors import ConfigError, Interrupted, StorageError, TrainingError
@@ -90,6 +94,10 @@ class TrainState:
         default_factory=dict
     )  # running sums of this epoch's logged values
     batches_in_epoch: int = 0
+    interval_sums: dict[str, float] = field(
+        default_factory=dict
+    )  # running sums since the last trainer.log_every row
+    interval_steps: int = 0  # applied steps in interval_sums
     skipped_steps: int = 0  # steps skipped for non-finite values (on_nonfinite=skip)
     best: float | None = None  # best monitored metric so far
     metrics: dict[str, float] = field(default_factory=dict)  # latest evaluation
@@ -132,17 +140,31 @@ def _check_train_labels(labels: np.ndarray) -> int:
     return len(classes)
 
 
-def _pair_weight_means(weights: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Mean mining weight over positive and negative pairs (for logging)."""
+def _pair_weight_means(weights: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Mean mining weight over positive and negative pairs (0 where a batch has none), on the device."""
     same = labels[:, None] == labels[None, :]
     off = ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
-    pos, neg = same & off, ~same
+    w = weights.detach()
     out = {}
-    if pos.any():
-        out["osm_weight_pos"] = float(weights[pos].mean())
-    if neg.any():
-        out["osm_weight_neg"] = float(weights[neg].mean())
+    for name, mask in (("osm_weight_pos", same & off), ("osm_weight_neg", ~same)):
+        n = mask.sum()
+        out[name] = torch.where(n > 0, torch.where(mask, w, 0).sum() / n.clamp(min=1), 0.0)
     return out
+
+
+def step_values(loss: torch.Tensor, details: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The values logged for a step, as 0-d device tensors (reading them is left to the caller)."""
+    values = {"loss": loss.detach()}
+    values.update(
+        {k: v.detach() for k, v in details.items() if torch.is_tensor(v) and v.dim() == 0}
+    )
+    if "attention" in details:
+        a = details["attention"].detach().float()
+        values["attention"] = a.mean()
+        values["attention_std"] = a.std() if a.numel() > 1 else torch.zeros((), device=a.device)
+    if "weights" in details:
+        values.update(_pair_weight_means(details["weights"], details["labels"]))
+    return values
 
 
 class Trainer:
@@ -158,6 +180,9 @@ class Trainer:
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         seed_everything(int(cfg.seed), bool(tcfg.deterministic))
+        configure_backends(bool(tcfg.deterministic))
+        if self.dist.is_main:
+            log.info("training on %s", describe_device(self.device))
         self.ckpt_dir = self.run_dir / CHECKPOINT_DIR
         self._check_run_folder()
 
@@ -243,8 +268,12 @@ class Trainer:
                 self.objective,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
             )
+        if tcfg.get("compile", False):  # model + loss as one graph; the first steps compile it
+            self.objective = torch.compile(self.objective)
         self.state = TrainState()
         self.weights = WeightWatch([self.model, self.loss_fn])
+        self.guard = StepGuard(self.device)
+        self.stats = StepStats(self.device)
         self.saved_step: int | None = None  # step of checkpoints/last.pt on disk, when known
         self.test_embeddings: tuple[int, np.ndarray, np.ndarray] | None = None
         self.logger = RunLogger.from_config(
@@ -271,7 +300,10 @@ class Trainer:
             )
 
     def _state_dict(self) -> dict[str, Any]:
-        self.state.log_rows = len(self.logger)
+        s = self.state
+        s.log_rows = len(self.logger)
+        s.sums, s.batches_in_epoch = self.stats.sums_of(EPOCH), self.stats.steps(EPOCH)
+        s.interval_sums, s.interval_steps = self.stats.sums_of(INTERVAL), self.stats.steps(INTERVAL)
         return {
             "format": 1,
             "num_classes": self.num_classes,
@@ -328,6 +360,8 @@ class Trainer:
             log.info("%s changed on resume: now %s", key, self.cfg.optimizer[key.split(".")[1]])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.state = TrainState(**ckpt["train_state"])
+        self.stats.load(EPOCH, self.state.sums, self.state.batches_in_epoch)
+        self.stats.load(INTERVAL, self.state.interval_sums, self.state.interval_steps)
         restore_rng_state(ckpt["rng"])
         if self.dist.rank > 0:  # the checkpoint holds rank 0's streams: give this rank its own
             torch.manual_seed(rank_seed(int(self.cfg.seed), self.dist.rank, self.state.step))
@@ -368,33 +402,40 @@ class Trainer:
         }
 
     # ---------------------------------------------------------------- one step
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        """Forward, backward and optimizer step on one batch; returns the values to log."""
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Forward, backward and optimizer step on one batch; returns the values to log.
+
+        The values stay 0-d device tensors and nothing here waits for the device,
+        except with ``trainer.on_nonfinite=skip``: the host must then know whether the
+        loss and gradient are finite before it steps (one read per step; {} when skipped).
+        With ``stop`` the step's finiteness goes into :attr:`guard`, read by
+        :meth:`check_weights`, which names the exact step however late it reads it.
+        """
         x = to_model_input(x, self.device, self.device_transform)
         y = y.to(self.device, non_blocking=True)
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         loss, details = self.objective(x, y)
-        values = {"loss": float(loss.detach())}
-        self.check_weights()  # read after the loss's sync: it adds no stall
-        values.update(
-            {k: float(v) for k, v in details.items() if torch.is_tensor(v) and v.dim() == 0}
-        )
-        if "attention" in details:
-            a = details["attention"].float()
-            values["attention"] = float(a.mean())
-            values["attention_std"] = float(a.std()) if a.numel() > 1 else 0.0
-        if "weights" in details:
-            values.update(_pair_weight_means(details["weights"], details["labels"]))
-        if not np.isfinite(values["loss"]):
-            return self._nonfinite("loss", values)
+        values = step_values(loss, details)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         clip = self.cfg.trainer.grad_clip
         norm = torch.nn.utils.clip_grad_norm_(self.params, float(clip) if clip else float("inf"))
-        if not torch.isfinite(norm) and not self.scaler.is_enabled():
-            return self._nonfinite("gradient", values)
+        values["grad_norm"] = norm.detach()
+        loss_ok = torch.isfinite(values["loss"])
+        # fp16's gradient scaler skips a step with Inf gradients itself (and lowers its scale)
+        step_ok = loss_ok & (torch.isfinite(norm) | self.scaler.is_enabled())
+        if self.cfg.trainer.on_nonfinite == "skip":
+            ok, loss_fine, bad_weights = torch.stack(
+                [step_ok.long(), loss_ok.long(), self.weights.first_bad]
+            ).tolist()
+            if bad_weights >= 0:
+                self.check_weights()
+            if not ok:
+                return self._skip("loss" if not loss_fine else "gradient", values)
+        else:
+            self.guard.record(self.state.step + 1, loss_ok, step_ok, self.stats.vector(values))
         try:
             self.scaler.step(self.optimizer)
         except RuntimeError as e:
@@ -407,17 +448,23 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         self.weights.update(self.state.step + 1)
-        values["grad_norm"] = float(norm)
         return values
 
     def check_weights(self) -> None:
-        """Stop if a parameter or buffer has become NaN/Inf (reads the device-side record once)."""
-        bad = self.weights.bad_step()
-        if bad is None:
+        """Stop at the first step whose loss or gradient (``on_nonfinite=stop``), or whose update
+        of the weights, was not finite; the earliest is named (one host sync for all records)."""
+        bad_step, kind, bad_weights = torch.stack(
+            [*self.guard.flags(), self.weights.first_bad.to(self.device)]
+        ).tolist()
+        if bad_step >= 0 and (bad_weights < 0 or bad_step <= bad_weights):
+            assert self.guard.values is not None
+            values = dict(zip(self.stats.names, self.guard.values.tolist(), strict=False))
+            self._stop_nonfinite("loss" if kind == LOSS else "gradient", bad_step, values)
+        if bad_weights < 0:
             return
         name = self.weights.first_bad_name() or "a parameter or buffer"
         raise TrainingError(
-            f"the weights became non-finite at step {bad} ({name}); {self._kept()}. "
+            f"the weights became non-finite at step {bad_weights} ({name}); {self._kept()}. "
             f"{self._lower_lr_hint()}"
             + (
                 " (trainer.on_nonfinite=skip cannot undo a step already applied)"
@@ -444,17 +491,20 @@ class Trainer:
             f"resume=true resume_override=[optimizer.lr] optimizer.lr={lower}"
         )
 
-    def _nonfinite(self, what: str, values: dict[str, float]) -> dict[str, float]:
+    def _skip(self, what: str, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``on_nonfinite=skip``: drop this step's gradients, count it, say so; {} (nothing to log)."""
+        pieces = ", ".join(f"{k}={float(v):.6g}" for k, v in values.items())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.skipped_steps += 1
+        log.warning(
+            "non-finite %s at step %d (%s); step skipped", what, self.state.step + 1, pieces
+        )
+        return {}
+
+    def _stop_nonfinite(self, what: str, step: int, values: dict[str, float]) -> None:
         pieces = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
-        if self.cfg.trainer.on_nonfinite == "skip":
-            self.optimizer.zero_grad(set_to_none=True)
-            self.state.skipped_steps += 1
-            log.warning(
-                "non-finite %s at step %d (%s); step skipped", what, self.state.step + 1, pieces
-            )
-            return {}
         raise TrainingError(
-            f"non-finite {what} at step {self.state.step + 1} ({pieces}); {self._kept()}. "
+            f"non-finite {what} at step {step} ({pieces}); {self._kept()}. "
             f"{self._lower_lr_hint()}, or set trainer.on_nonfinite=skip to skip such steps"
         )
 
@@ -465,16 +515,18 @@ class Trainer:
             return self.state.step >= int(t.max_iters)
         return self.state.epoch >= int(t.epochs)
 
-    def _end_epoch(self, t_epoch: float) -> None:
-        """Log the epoch's means, evaluate when due, then move to the next epoch."""
+    def _end_epoch(self, clock: EpochClock) -> None:
+        """Log the epoch's means and timing, evaluate when due, then move to the next epoch."""
         s, t = self.state, self.cfg.trainer
-        row: dict[str, Any] = {"epoch": s.epoch + 1, "step": s.step}
-        if s.batches_in_epoch:
-            row.update({k: v / s.batches_in_epoch for k, v in s.sums.items()})
+        self.check_weights()
+        row: dict[str, Any] = {"epoch": s.epoch + 1, "step": s.step, **self.stats.means(EPOCH)}
         row["lr"] = self.optimizer.param_groups[0]["lr"]
-        row["epoch_time_s"] = t_epoch
+        row.update(clock.row())
+        if self.device.type == "cuda":
+            row["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         s.epoch += 1
-        s.batch, s.sums, s.batches_in_epoch = 0, {}, 0
+        s.batch = 0
+        self.stats.reset(EPOCH)
         every = int(t.eval_every)
         if self._done() or (every > 0 and s.epoch % every == 0):
             if s.last_eval_step != s.step:
@@ -495,6 +547,7 @@ class Trainer:
     def _evaluate_now(self) -> dict[str, float]:
         """Evaluate, record the row in ``eval_log.csv`` and track ``best.pt``; returns the metrics."""
         s = self.state
+        self.check_weights()
         s.metrics = self.evaluate()
         s.last_eval_step = s.step
         s.evals.append({"iteration": s.step, "epoch": s.epoch, **s.metrics})
@@ -589,45 +642,40 @@ class Trainer:
         if t.baselines and not self.state.baselines:
             self.state.baselines = self.baselines()
 
-        every = int(t.checkpoint_every)
-        with GracefulInterrupt() as interrupt:
+        every, log_every = int(t.checkpoint_every), int(t.log_every)
+        check_every = int(t.get("interrupt_every", 10))
+        steps_here = 0  # steps of this process (a stop requested before the loop: after the first)
+        with GracefulInterrupt() as interrupt, self._progress_bar() as bar:
             while not self._done():
                 s = self.state
                 self.sampler.set_epoch(s.epoch, start_batch=s.batch)
                 seed = rank_seed(int(self.cfg.seed), self.dist.rank)  # workers differ per rank
                 self.loader_generator.manual_seed(seed * 1_000_003 + s.epoch)
-                t0, n_images = time.perf_counter(), 0
-                bar = tqdm(
-                    self.loader,
-                    desc=f"epoch {s.epoch + 1}",
-                    initial=s.batch,
-                    total=self.batches_per_epoch,
-                    leave=False,
-                    disable=not t.progress_bar,
-                )
-                for x, y in bar:
+                bar.set_description(f"epoch {s.epoch + 1}", refresh=False)
+                clock = EpochClock()
+                for x, y in clock.wrap(self.loader):
                     values = self.train_step(x, y)
                     s.step += 1
                     s.batch += 1
-                    n_images += len(y)
+                    steps_here += 1
+                    clock.images += len(y)
+                    bar.update()
                     if values:
-                        s.batches_in_epoch += 1
-                        for k, v in values.items():
-                            s.sums[k] = s.sums.get(k, 0.0) + v
-                        rate = n_images / max(time.perf_counter() - t0, 1e-9)
-                        bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{rate:.0f}")
-                        if int(t.log_every) > 0 and s.step % int(t.log_every) == 0:
-                            self.logger.log({"epoch": s.epoch + 1, "step": s.step, **values})
+                        self.stats.add(values)
+                    if log_every > 0 and s.step % log_every == 0 and self.stats.steps(INTERVAL):
+                        self._log_interval()
                     if self._eval_due_at_step():
                         self._evaluate_now()
                     if self._done():
                         break
                     if every > 0 and s.step % every == 0:
                         self.save_checkpoint()
-                    if any_rank(interrupt.requested, self.device):
-                        self._stop_interrupted(interrupt.signum or signal.SIGINT)
-                bar.close()
-                self._end_epoch(time.perf_counter() - t0)
+                    if steps_here == 1 or s.step % check_every == 0:
+                        self.check_weights()
+                        self._show_progress(bar, clock)
+                        if any_rank(interrupt.requested, self.device):
+                            self._stop_interrupted(interrupt.signum or signal.SIGINT)
+                self._end_epoch(clock)
                 if any_rank(interrupt.requested, self.device) and not self._done():
                     self._stop_interrupted(interrupt.signum or signal.SIGINT)
 
@@ -647,6 +695,33 @@ class Trainer:
             print(format_table({**self.state.baselines, "trained embedding": self.state.metrics}))
         self.logger.close()
         return self.final_metrics()
+
+    def _log_interval(self) -> None:
+        """A ``trainer.log_every`` row: the means over the applied steps since the previous row."""
+        self.check_weights()
+        s = self.state
+        self.logger.log({"epoch": s.epoch + 1, "step": s.step, **self.stats.means(INTERVAL)})
+        self.stats.reset(INTERVAL)
+
+    def _progress_bar(self) -> tqdm:
+        """One bar for the run; off a terminal it writes at most every ``trainer.progress_interval`` s."""
+        t = self.cfg.trainer
+        every = 0.1 if sys.stderr.isatty() else float(t.get("progress_interval", 30))
+        return tqdm(
+            total=self.total_steps,
+            initial=self.state.step,
+            leave=False,
+            disable=not t.progress_bar or not self.dist.is_main,
+            mininterval=every,
+            maxinterval=max(every, 10.0),  # tqdm's monitor forces a refresh after maxinterval
+        )
+
+    def _show_progress(self, bar: tqdm, clock: EpochClock) -> None:
+        """The epoch's mean loss and images/s on the bar (reads the loss sum: one sync)."""
+        if bar.disable or not self.stats.steps(EPOCH):
+            return
+        loss = self.stats.means(EPOCH).get("loss", float("nan"))
+        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{clock.rate():.0f}", refresh=False)
 
     def _stop_interrupted(self, signum: int) -> None:
         path = self.save_checkpoint()
@@ -668,3 +743,37 @@ class Trainer:
             msg = f"{len(bad)} unreadable training files were skipped (listed in {path})"
             log.warning(msg)
             print(f"warning: {msg}")
+
+
+class EpochClock:
+    """Wall time of an epoch split into waiting for the loader (``data_s``) and the rest (``step_s``)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.data_s = 0.0
+        self.images = 0
+
+    def wrap(self, loader: Any) -> Any:
+        """Yield ``loader``'s batches, adding the time spent waiting for each to :attr:`data_s`."""
+        it = iter(loader)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            self.data_s += time.perf_counter() - t0
+            yield batch
+
+    def rate(self) -> float:
+        return self.images / max(time.perf_counter() - self.start, 1e-9)
+
+    def row(self) -> dict[str, float]:
+        """``epoch_time_s``, ``data_s``, ``step_s`` and ``images_per_s`` of the epoch so far."""
+        total = time.perf_counter() - self.start
+        return {
+            "epoch_time_s": total,
+            "data_s": self.data_s,
+            "step_s": total - self.data_s,
+            "images_per_s": self.images / max(total, 1e-9),
+        }

@@ -106,6 +106,12 @@ def validate_config(cfg: DictConfig, run_dir: Path | None = None) -> None:
     _int(cfg, "trainer.max_iters", 1, "a whole number >= 1 or null")
     _int(cfg, "trainer.eval_every", 0)
     _int(cfg, "trainer.log_every", 0)
+    _int(cfg, "trainer.interrupt_every", 1, "a whole number >= 1")
+    interval = _num(cfg, "trainer.progress_interval")
+    if interval is not None and not interval >= 0:
+        raise ConfigError(
+            f"trainer.progress_interval must be a number of seconds >= 0 (got {interval:g})"
+        )
     _int(cfg, "trainer.eval_batch_size", 1)
     clip = _num(cfg, "trainer.grad_clip")
     if clip is not None and not clip > 0:
@@ -122,7 +128,7 @@ def validate_config(cfg: DictConfig, run_dir: Path | None = None) -> None:
             f"trainer.sharing_strategy must be one of {SHARING_STRATEGIES} (got {strategy!r})"
         )
     _int(cfg, "trainer.checkpoint_every", 0)
-    resolve_device(t.device)
+    resolve_device(t.device, warn=False)
     check_loggers(t.get("loggers", ["csv"]))
     if run_dir is not None:
         check_writable(Path(run_dir))

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# One prepared GPU check (< 8 minutes on one H200): a fake CUB at real size, the CUDA tests,
+# then reproduce_cub for 300 iterations in fp32 and bf16, with and without the decoded-image
+# cache + device augmentation, and a summary (images/s, data wait vs compute, peak GPU memory,
+# extrapolated wall time of the full 3,000-iteration run + its 9 evaluations).
+# Usage: bash scripts/gpu_check.sh [WORK_DIR]   (python: $PYTHON, default python3)
+set -euo pipefail
+PYTHON=${PYTHON:-python3}
+WORK=${1:-/tmp/softmine-gpu-check}
+ITERS=${ITERS:-300}
+DATA=$WORK/data/CUB_200_2011
+mkdir -p "$WORK"
+export PYTHONUNBUFFERED=1
+
+echo "== device"
+"$PYTHON" -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"
+
+echo "== fake CUB at real size (200 classes x 59 JPEGs of 500 x 375: 5,900 train + 5,900 test)"
+if [ ! -f "$DATA/images.txt" ]; then
+  "$PYTHON" - "$DATA" <<'PY'
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from softmine.data.fakes import make_cub
+
+
+def photo(args):
+    path, seed = args
+    rng = np.random.default_rng(seed)
+    low = rng.normal(size=(26, 34, 3))
+    low = ((low - low.min()) / np.ptp(low) * 255).astype(np.uint8)
+    smooth = np.asarray(Image.fromarray(low).resize((500, 375), Image.BICUBIC), np.float32)
+    noisy = smooth + rng.normal(0, 12, size=smooth.shape)
+    Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+
+
+root = make_cub(Path(sys.argv[1]), num_classes=200, images_per_class=59)
+paths = sorted((root / "images").rglob("*.jpg"))
+with ProcessPoolExecutor() as pool:
+    list(pool.map(photo, [(p, i) for i, p in enumerate(paths)], chunksize=64))
+print(f"{len(paths)} JPEGs in {root}")
+PY
+fi
+
+echo "== pytest -m cuda"
+"$PYTHON" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py || echo "CUDA TESTS FAILED"
+
+run() {  # name, overrides...
+  local name=$1; shift
+  local dir=$WORK/runs/$name
+  rm -rf "$dir"
+  local t0=$SECONDS
+  "$PYTHON" -m softmine.train experiment=reproduce_cub backbone.pretrained=false \
+    "dataset.root=$DATA" "trainer.max_iters=$ITERS" trainer.eval_every_iters=0 \
+    trainer.checkpoint_every=0 trainer.plots=false trainer.progress_bar=false \
+    "hydra.run.dir=$dir" "$@" > "$WORK/$name.log" 2>&1 || { tail -20 "$WORK/$name.log"; return 1; }
+  echo "$name: $((SECONDS - t0)) s wall (train $ITERS iterations + one evaluation)"
+  grep -h "evaluation at iteration" "$WORK/$name.log" | tail -1 || true
+}
+
+echo "== reproduce_cub, $ITERS iterations each"
+run fp32 trainer.precision=32
+run bf16 trainer.precision=bf16
+run fp32_cache trainer.precision=32 dataset.cache=ram dataset/transform=dml_device \
+  dataset.transform.device_transform.crop=full "dataset.transform.device_transform.size=[224,224]" \
+  dataset.transform.device_transform.flip=0 "dataset.cache_size=[224,224]"
+run bf16_cache trainer.precision=bf16 dataset.cache=ram dataset/transform=dml_device \
+  dataset.transform.device_transform.crop=full "dataset.transform.device_transform.size=[224,224]" \
+  dataset.transform.device_transform.flip=0 "dataset.cache_size=[224,224]"
+
+echo "== summary (rates leave out the first epoch: cuDNN autotuning and worker start)"
+"$PYTHON" scripts/bench/gpu_report.py "$WORK"/runs/{fp32,bf16,fp32_cache,bf16_cache} --full-iters 3000
