@@ -151,7 +151,8 @@ def test_readme_is_a_front_page() -> None:
     assert commands == ["make demo", "make test"]
     links = re.findall(r"\]\((docs/[^)#]+)", text)
     assert links, "the README links into the documentation site"
-    assert [link for link in links if not (REPO / link).is_file()] == []
+    generated = {"docs/configuration.md"}  # written by make docs (gitignored)
+    assert [link for link in links if not (REPO / link).is_file() and link not in generated] == []
 
 
 def _readme_train_commands() -> list[list[str]]:
