@@ -96,7 +96,7 @@ class PKSampler(Sampler[list[int]]):
         self.by_class = [np.flatnonzero(labels == c) for c in classes]
         self.epoch = 0
         self.start_batch = 0
-        self._cache: tuple[int, list[list[int]]] | None = None
+        self._cache: dict[int, list[list[int]]] = {}  # the last two epochs drawn
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Choose the epoch to draw, and skip its first ``start_batch`` batches (for resuming)."""
@@ -104,9 +104,9 @@ class PKSampler(Sampler[list[int]]):
         self.start_batch = int(start_batch)
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """All batches of ``epoch`` across every rank, in order (cached per epoch)."""
-        if self._cache is not None and self._cache[0] == epoch:
-            return self._cache[1]
+        """All batches of ``epoch`` across every rank, in order (the last two epochs cached)."""
+        if epoch in self._cache:
+            return self._cache[epoch]
         rng = np.random.default_rng([self.seed, epoch])
         queues: list[list[np.ndarray]] = []
         for idx in self.by_class:
@@ -122,21 +122,23 @@ class PKSampler(Sampler[list[int]]):
             chosen = rng.choice(len(queues), self.P, replace=False, p=remaining / remaining.sum())
             batches.append(np.concatenate([queues[c].pop() for c in chosen]).tolist())
             remaining[chosen] -= 1
-        self._cache = (epoch, batches)
+        self._cache = {e: b for e, b in self._cache.items() if e == epoch - 1}
+        self._cache[epoch] = batches
         return batches
 
-    def __iter__(self) -> Iterator[list[int]]:
-        batches = self.epoch_batches(self.epoch)
+    def rank_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of ``epoch``, in order (every rank gets the same number)."""
+        batches = self.epoch_batches(epoch)
         if self.split:  # the r-th of N equal blocks of whole K-groups of every batch
             share = self.P // self.world_size * self.K
             lo = self.rank * share
-            yield from (b[lo : lo + share] for b in batches[self.start_batch :])
-        else:
-            mine = batches[self.rank :: self.world_size]
-            yield from mine[self.start_batch : len(batches) // self.world_size]
+            return [b[lo : lo + share] for b in batches]
+        return batches[self.rank :: self.world_size][: len(batches) // self.world_size]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.rank_batches(self.epoch)[self.start_batch :]
         self.start_batch = 0
 
     def __len__(self) -> int:
         """Batches this rank yields in the current epoch (after ``start_batch``)."""
-        n = len(self.epoch_batches(self.epoch))
-        return (n if self.split else n // self.world_size) - self.start_batch
+        return len(self.rank_batches(self.epoch)) - self.start_batch

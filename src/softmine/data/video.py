@@ -7,8 +7,8 @@ of ``seq_len`` frames chosen by the ``sampling`` rule (:func:`clip_indices`):
   tracklet (deterministic; a short tracklet repeats frames, in order);
 * ``random``: ``seq_len`` distinct frames drawn uniformly and sorted; a
   tracklet shorter than ``seq_len`` is drawn with replacement (then sorted);
-  uses torch's global generator, so it follows the run's seed and each
-  DataLoader worker's own seed;
+  uses torch's global generator, which in training is seeded per item
+  (:class:`softmine.data.run_batches.SeededItems`);
 * ``all``: every frame, cut into consecutive chunks of ``seq_len``; the last
   chunk is padded by repeating the last frame. The item is then
   ``(num_chunks, seq_len, C, H, W)``; the true length of tracklet ``i`` is

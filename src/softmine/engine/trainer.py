@@ -6,6 +6,9 @@ trainer wires the pieces together, logs, evaluates, checkpoints and resumes.
 Training length: ``trainer.epochs`` passes over the sampler's batches, or, when
 ``trainer.max_iters`` is set, exactly that many iterations (epochs then only
 mark where the sampler reshuffles and where ``trainer.eval_every`` counts).
+Either way one DataLoader iterator serves the whole run
+(:class:`~softmine.data.run_batches.RunBatchSampler`); the loop finds the epoch
+boundaries by counting each epoch's batches.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from softmine.config import build
+from softmine.data.run_batches import RunBatchSampler, SeededItems
 from softmine.data.splits import build_train_and_validation
 from softmine.engine.artifacts import write_run_artifacts
 from softmine.engine.atomic import remove_partial
@@ -243,12 +248,19 @@ class Trainer:
         self.device_transform = (
             None if node is None else build(node, "dataset.transform.device_transform")
         )
+        # one loader iterator for the whole run; items seeded unless drawn in-process from memory
+        seed_items = self.num_workers > 0 or not getattr(self.train_set, "in_memory", False)
+        self.run_batches = RunBatchSampler(
+            self.sampler,
+            seed=int(cfg.seed),
+            rank=self.dist.rank,
+            seed_items=seed_items,
+        )
         self.loader_generator = torch.Generator()
         self.loader = DataLoader(
-            self.train_set,
-            batch_sampler=self.sampler,
+            SeededItems(self.train_set) if seed_items else self.train_set,
+            batch_sampler=self.run_batches,
             num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
             pin_memory=self.device.type == "cuda",
             generator=self.loader_generator,
             collate_fn=getattr(self.device_transform, "collate", None),
@@ -271,6 +283,7 @@ class Trainer:
         if tcfg.get("compile", False):  # model + loss as one graph; the first steps compile it
             self.objective = torch.compile(self.objective)
         self.state = TrainState()
+        self._start_run_batches()
         self.weights = WeightWatch([self.model, self.loss_fn])
         self.guard = StepGuard(self.device)
         self.stats = StepStats(self.device)
@@ -509,6 +522,14 @@ class Trainer:
         )
 
     # ---------------------------------------------------------------- the loop
+    def _start_run_batches(self) -> None:
+        """Point the run's batch sampler at the state's epoch and batch, to the run's end."""
+        t, s = self.cfg.trainer, self.state
+        if t.max_iters is not None:
+            self.run_batches.start_at(s.epoch, s.batch, max_batches=int(t.max_iters) - s.step)
+        else:
+            self.run_batches.start_at(s.epoch, s.batch, end_epoch=int(t.epochs))
+
     def _done(self) -> bool:
         t = self.cfg.trainer
         if t.max_iters is not None:
@@ -646,14 +667,16 @@ class Trainer:
         check_every = int(t.get("interrupt_every", 10))
         steps_here = 0  # steps of this process (a stop requested before the loop: after the first)
         with GracefulInterrupt() as interrupt, self._progress_bar() as bar:
+            s = self.state
+            self._start_run_batches()
+            seed = rank_seed(int(self.cfg.seed), self.dist.rank)  # workers differ per rank
+            self.loader_generator.manual_seed(seed * 1_000_003 + s.epoch)
+            batches = iter(self.loader)  # the run's batches: epoch boundaries found by counting
             while not self._done():
-                s = self.state
-                self.sampler.set_epoch(s.epoch, start_batch=s.batch)
-                seed = rank_seed(int(self.cfg.seed), self.dist.rank)  # workers differ per rank
-                self.loader_generator.manual_seed(seed * 1_000_003 + s.epoch)
                 bar.set_description(f"epoch {s.epoch + 1}", refresh=False)
                 clock = EpochClock()
-                for x, y in clock.wrap(self.loader):
+                left = len(self.sampler.rank_batches(s.epoch)) - s.batch
+                for x, y in clock.wrap(batches, left):
                     values = self.train_step(x, y)
                     s.step += 1
                     s.batch += 1
@@ -678,6 +701,7 @@ class Trainer:
                 self._end_epoch(clock)
                 if any_rank(interrupt.requested, self.device) and not self._done():
                     self._stop_interrupted(interrupt.signum or signal.SIGINT)
+            del batches  # its workers stop now, before the final evaluation
 
         self.check_weights()
         if not self.state.metrics:
@@ -753,13 +777,13 @@ class EpochClock:
         self.data_s = 0.0
         self.images = 0
 
-    def wrap(self, loader: Any) -> Any:
-        """Yield ``loader``'s batches, adding the time spent waiting for each to :attr:`data_s`."""
-        it = iter(loader)
-        while True:
+    def wrap(self, batches: Iterator[Any], n: int) -> Iterator[Any]:
+        """Yield the next ``n`` of ``batches`` (fewer if it ends), adding the time spent
+        waiting for each to :attr:`data_s`."""
+        for _ in range(n):
             t0 = time.perf_counter()
             try:
-                batch = next(it)
+                batch = next(batches)
             except StopIteration:
                 return
             self.data_s += time.perf_counter() - t0
