@@ -46,8 +46,12 @@ def _clean_copy(dest: Path) -> Path:
 
 
 def _pip(*args: str) -> None:
-    res = subprocess.run(
-        [sys.executable, "-m", "pip", *args], capture_output=True, text=True, timeout=600
+    res = subprocess.run(  # without PYTHONPATH: a softmine on it would count as installed
+        [sys.executable, "-m", "pip", *args],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
 
