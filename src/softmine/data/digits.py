@@ -24,7 +24,40 @@ PROTOCOLS = ("half", "zeroshot")
 SPLITS = ("train", "test")
 
 
-class Digits(Dataset):
+class InMemoryImages(Dataset):
+    """Items ``(transform(images[i]), targets[i])`` of images held as one tensor in memory.
+
+    The base of the embedded sets (:class:`Digits`, ``DigitsPairs``): a subclass sets
+    ``images``, ``targets`` (n,), ``classes`` and ``transform``.
+    """
+
+    #: All images live in memory: DataLoader worker processes would only add overhead.
+    in_memory = True
+    images: torch.Tensor
+    targets: np.ndarray
+    classes: np.ndarray
+    transform: Callable[[torch.Tensor], torch.Tensor] | None
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Integer label of every sample, shape (n,)."""
+        return self.targets
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x = self.images[i]
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, int(self.targets[i])
+
+
+class Digits(InMemoryImages):
     """The digits images as (1, 8, 8) float tensors in [0, 1] with integer labels.
 
     Args:
@@ -35,9 +68,6 @@ class Digits(Dataset):
             default so the test set never changes with the training seed.
         transform: optional callable applied to each image tensor.
     """
-
-    #: All images live in memory: DataLoader worker processes would only add overhead.
-    in_memory = True
 
     def __init__(
         self,
@@ -71,24 +101,6 @@ class Digits(Dataset):
         self.targets = targets[index]
         self.split, self.protocol, self.transform = split, protocol, transform
         self.classes = np.unique(self.targets)
-
-    @property
-    def labels(self) -> np.ndarray:
-        """Integer label of every sample, shape (n,)."""
-        return self.targets
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        x = self.images[i]
-        if self.transform is not None:
-            x = self.transform(x)
-        return x, int(self.targets[i])
 
 
 def write_pngs(

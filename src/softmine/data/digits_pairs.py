@@ -25,8 +25,8 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
+from softmine.data.digits import InMemoryImages
 from softmine.errors import ConfigError
 
 SPLITS = ("train", "test")
@@ -56,7 +56,7 @@ def digit_pools(targets: np.ndarray, split_seed: int = 0) -> dict[str, list[np.n
     return pools
 
 
-class DigitsPairs(Dataset):
+class DigitsPairs(InMemoryImages):
     """Pairs of scikit-learn digits as (1, 8, 16) float tensors in [0, 1] with integer labels.
 
     Args:
@@ -73,9 +73,6 @@ class DigitsPairs(Dataset):
         pair_codes: (n,) ``10 * left + right`` of every image.
         left, right: (n,) indices into scikit-learn's digits of the two halves.
     """
-
-    #: All images live in memory: DataLoader worker processes would only add overhead.
-    in_memory = True
 
     def __init__(
         self,
@@ -118,21 +115,3 @@ class DigitsPairs(Dataset):
             np.searchsorted(codes, self.pair_codes) if split == "train" else self.pair_codes
         )
         self.split, self.transform = split, transform
-
-    @property
-    def labels(self) -> np.ndarray:
-        """Integer label of every sample, shape (n,)."""
-        return self.targets
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        x = self.images[i]
-        if self.transform is not None:
-            x = self.transform(x)
-        return x, int(self.targets[i])

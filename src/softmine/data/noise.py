@@ -12,11 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from torch.utils.data import Dataset
 
+from softmine.data.views import DatasetView
 from softmine.errors import ConfigError
-
-_OWN = frozenset({"dataset", "fraction", "seed", "labels", "clean_labels", "flipped"})
 
 
 def flip_labels(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -60,7 +58,7 @@ def flip_labels(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
     return noisy, flipped
 
 
-class NoisyLabels(Dataset):
+class NoisyLabels(DatasetView):
     """A training set whose labels are partly flipped; items are ``(x, noisy_label)``.
 
     Every attribute of the wrapped dataset stays reachable (read and write), so the
@@ -77,6 +75,8 @@ class NoisyLabels(Dataset):
         clean_labels: (n,) the wrapped dataset's own labels.
         flipped: (n,) bool, True where the label was changed.
     """
+
+    OWN = frozenset({"dataset", "fraction", "seed", "labels", "clean_labels", "flipped"})
 
     def __init__(self, dataset: Any, fraction: float = 0.0, seed: int = 0) -> None:
         if not hasattr(dataset, "labels"):
@@ -98,15 +98,3 @@ class NoisyLabels(Dataset):
     def __getitem__(self, i: int) -> tuple[Any, ...]:
         item = self.dataset[i]
         return (item[0], int(self.labels[i]), *item[2:])
-
-    def __getattr__(self, name: str) -> Any:
-        # Called only for names not found on the wrapper: forward them to the dataset.
-        if name in _OWN or name.startswith("__"):
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _OWN:
-            object.__setattr__(self, name, value)
-        else:
-            setattr(self.dataset, name, value)

@@ -34,13 +34,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
 from softmine.config import build
+from softmine.data.views import DatasetView
 from softmine.errors import ConfigError, DataError
 
 #: Keys of the training dataset node replaced by the evaluation node's values when the
 #: validation split is read: how an item is read (augmentation, clip frames), not which.
 EVAL_READ_KEYS = ("transform", "sampling")
-
-_OWN = frozenset({"dataset", "index", "classes", "labels", "original_labels"})
 
 
 def class_folds(classes: np.ndarray, folds: int, seed: int = 0) -> list[np.ndarray]:
@@ -107,7 +106,7 @@ def held_out_classes(
     return np.sort(rng.choice(classes, size=val_classes, replace=False))
 
 
-class ClassSubset(Dataset):
+class ClassSubset(DatasetView):
     """The items of ``dataset`` whose label is in ``classes``, optionally relabelled 0..C-1.
 
     Items are ``(x, label, *rest)`` as the wrapped dataset gives them, with the label
@@ -121,6 +120,8 @@ class ClassSubset(Dataset):
             ``relabel``, else the wrapped dataset's own.
         original_labels: (n,) the wrapped dataset's labels of the kept items.
     """
+
+    OWN = frozenset({"dataset", "index", "classes", "labels", "original_labels"})
 
     def __init__(self, dataset: Any, classes: np.ndarray, relabel: bool = True) -> None:
         if not hasattr(dataset, "labels"):
@@ -149,18 +150,6 @@ class ClassSubset(Dataset):
     def __getitem__(self, i: int) -> tuple[Any, ...]:
         item = self.dataset[int(self.index[i])]
         return (item[0], int(self.labels[i]), *item[2:])
-
-    def __getattr__(self, name: str) -> Any:
-        # Called only for names not found on the wrapper: forward them to the dataset.
-        if name in _OWN or name.startswith("__"):
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _OWN:
-            object.__setattr__(self, name, value)
-        else:
-            setattr(self.dataset, name, value)
 
 
 class ReIDView(Dataset):
