@@ -2,7 +2,8 @@
 # One prepared GPU check (< 8 minutes on one H200): a fake CUB at real size, the CUDA tests,
 # then reproduce_cub for 300 iterations in fp32 and bf16, with and without the decoded-image
 # cache + device augmentation, and a summary (images/s, data wait vs compute, peak GPU memory,
-# extrapolated wall time of the full 3,000-iteration run + its 9 evaluations).
+# extrapolated wall time of the full 3,000-iteration run + its 9 evaluations (each as long as the
+# measured final one), and that time as a multiple of the run's data-decode floor).
 # Usage: bash scripts/gpu_check.sh [WORK_DIR]   (python: $PYTHON, default python3)
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
@@ -15,7 +16,7 @@ export PYTHONUNBUFFERED=1
 echo "== device"
 "$PYTHON" -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"
 
-echo "== fake CUB at real size (200 classes x 59 JPEGs of 500 x 375: 5,900 train + 5,900 test)"
+echo "== fake CUB at real size (200 classes, 5,864 train + 5,924 test JPEGs of 500 x 375)"
 if [ ! -f "$DATA/images.txt" ]; then
   "$PYTHON" - "$DATA" <<'PY'
 import sys
@@ -38,13 +39,45 @@ def photo(args):
     Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(path, quality=90)
 
 
-root = make_cub(Path(sys.argv[1]), num_classes=200, images_per_class=59)
+# the real split's sizes: classes 1-100 hold 5,864 images, classes 101-200 hold 5,924
+counts = [59] * 64 + [58] * 36 + [60] * 24 + [59] * 76
+assert (sum(counts[:100]), sum(counts[100:])) == (5864, 5924)
+root = make_cub(Path(sys.argv[1]), num_classes=200, images_per_class=counts)
 paths = sorted((root / "images").rglob("*.jpg"))
 with ProcessPoolExecutor() as pool:
     list(pool.map(photo, [(p, i) for i, p in enumerate(paths)], chunksize=64))
 print(f"{len(paths)} JPEGs in {root}")
 PY
 fi
+
+echo "== host JPEG decode rate, every core (the data-decode floor)"
+DECODE_RATE=$("$PYTHON" - "$DATA" <<'PY'
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from softmine.data.decode import read_image
+from softmine.hardware import available_cpus
+
+
+def decode(paths):
+    for p in paths:
+        read_image(p)
+    return len(paths)
+
+
+paths = [str(p) for p in sorted((Path(sys.argv[1]) / "images").rglob("*.jpg"))[:4096]]
+cores = available_cpus()
+chunks = [paths[i::cores] for i in range(cores)]
+with ProcessPoolExecutor(cores) as pool:
+    list(pool.map(decode, [c[:8] for c in chunks]))  # start the workers
+    t0 = time.perf_counter()
+    n = sum(pool.map(decode, chunks))
+print(f"{n / (time.perf_counter() - t0):.0f}")
+PY
+)
+echo "$DECODE_RATE images/s decoded with every core"
 
 echo "== pytest -m cuda"
 "$PYTHON" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py || echo "CUDA TESTS FAILED"
@@ -73,4 +106,5 @@ run bf16_cache trainer.precision=bf16 dataset.cache=ram dataset/transform=dml_de
   dataset.transform.device_transform.flip=0 "dataset.cache_size=[224,224]"
 
 echo "== summary (rates leave out the first epoch: cuDNN autotuning and worker start)"
-"$PYTHON" scripts/bench/gpu_report.py "$WORK"/runs/{fp32,bf16,fp32_cache,bf16_cache} --full-iters 3000
+"$PYTHON" scripts/bench/gpu_report.py "$WORK"/runs/{fp32,bf16,fp32_cache,bf16_cache} --full-iters 3000 \
+  --evals 9 --eval-images 5924 --decode-rate "$DECODE_RATE"

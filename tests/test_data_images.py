@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from scipy.io import savemat
 
 from softmine.data import CUB200, Cars196
@@ -60,15 +61,16 @@ def test_cub_split_is_by_class_and_labels_are_contiguous(cub: Path) -> None:
 
 def test_cub_items_are_rgb_images_with_labels_and_take_a_transform(cub: Path) -> None:
     img, label = CUB200(cub, "test")[4]
-    assert (img.mode, img.size, label) == ("RGB", (9, 8), 1)  # image k=1 of class 4: 9 x 8
-    sized = CUB200(cub, "test", transform=lambda im: im.size)
-    assert sized[2] == ((10, 8), 0)
+    # image k=1 of class 4: 9 x 8, a uint8 RGB tensor (3, H, W)
+    assert (img.dtype, tuple(img.shape), label) == (torch.uint8, (3, 8, 9), 1)
+    sized = CUB200(cub, "test", transform=lambda im: tuple(im.shape))
+    assert sized[2] == ((3, 8, 10), 0)
 
 
 def test_cub_crop_uses_the_bounding_box(cub: Path) -> None:
     img, _ = CUB200(cub, "train", crop=True)[0]
-    assert img.size == (4, 3)  # x=1, y=2, w=4, h=3
-    px = np.asarray(img).astype(int)
+    assert tuple(img.shape) == (3, 3, 4)  # x=1, y=2, w=4, h=3
+    px = img.permute(1, 2, 0).numpy().astype(int)
     # the fake's red = 16 * x and green = 16 * y, so the crop starts at (x, y) = (1, 2)
     assert abs(px[0, 0, 0] - 16) <= 4 and abs(px[0, 0, 1] - 32) <= 4
     assert abs(px[2, 3, 0] - 64) <= 4 and abs(px[2, 3, 1] - 64) <= 4
@@ -120,10 +122,10 @@ def test_corrupt_image_names_the_file_or_is_replaced_within_its_class(
     with pytest.raises(DataError, match="cannot decode image") as e:
         ds[1]
     assert str(bad) in str(e.value)
-    skip = CUB200(copy, "train", on_bad_image="skip", transform=lambda im: im.size)
-    assert skip[1] == ((10, 8), 0)  # the next image of class 1 (k=2: 10 x 8), same label
+    skip = CUB200(copy, "train", on_bad_image="skip", transform=lambda im: tuple(im.shape))
+    assert skip[1] == ((3, 8, 10), 0)  # the next image of class 1 (k=2: 10 x 8), same label
     assert skip.bad_images == {str(bad)}
-    assert skip[0] == ((8, 8), 0)  # readable items are untouched
+    assert skip[0] == ((3, 8, 8), 0)  # readable items are untouched
 
 
 def test_class_with_only_unreadable_images_is_a_clear_error(cub: Path, tmp_path: Path) -> None:
@@ -204,10 +206,10 @@ def test_cars_crop_converts_matlab_boxes(tmp_path: Path, layout: str) -> None:
     root = make_cars(tmp_path / "cars196", layout=layout)
     img, _ = Cars196(root, "test", crop=True)[0]
     # bbox_x1=2, bbox_y1=3, bbox_x2=6, bbox_y2=7, 1-based inclusive: columns 1..5, rows 2..6
-    assert img.size == (5, 5)
-    px = np.asarray(img).astype(int)
+    assert tuple(img.shape) == (3, 5, 5)
+    px = img.permute(1, 2, 0).numpy().astype(int)
     assert abs(px[0, 0, 0] - 16) <= 4 and abs(px[0, 0, 1] - 32) <= 4
-    assert Cars196(root, "test")[0][0].size == (12, 8)
+    assert tuple(Cars196(root, "test")[0][0].shape) == (3, 8, 12)
 
 
 def test_cars_without_labelled_test_annotations_says_which_file(tmp_path: Path) -> None:
@@ -237,3 +239,12 @@ def test_cars_mat_without_the_published_variable(tmp_path: Path) -> None:
     savemat(str(root / "cars_annos.mat"), {"something_else": np.zeros(3)})
     with pytest.raises(DataError, match=r"has no variable\(s\) \['annotations'\]"):
         Cars196(root, "train")
+
+
+def test_fake_cub_takes_a_count_per_class(tmp_path: Path) -> None:
+    root = make_cub(tmp_path / "CUB_200_2011", num_classes=4, images_per_class=[2, 3, 4, 5])
+    train, test = CUB200(root, "train"), CUB200(root, "test")
+    assert (len(train), len(test)) == (5, 9)
+    assert np.bincount(test.labels).tolist() == [4, 5]
+    with pytest.raises(ValueError, match="3 counts for 4 classes"):
+        make_cub(tmp_path / "other", num_classes=4, images_per_class=[1, 2, 3])

@@ -78,7 +78,7 @@ def test_image_folder_default_splits_every_class_by_image(folder: Path) -> None:
     }
     assert train.class_names[0] == "class_0"
     image, label = test[0]
-    assert image.size == (8, 8) and label == 0
+    assert tuple(image.shape) == (3, 8, 8) and label == 0
 
 
 def test_image_folder_class_split_and_two_roots(folder: Path, tmp_path: Path) -> None:

@@ -49,7 +49,7 @@ def test_sop_splits_are_the_two_ebay_lists(sop: Path) -> None:
     assert test.samples[0][0] == str(sop / "bicycle_final/111000000148_0.JPG")  # class 4
     assert train.super_classes == [2, 2, 3, 3, 4, 4]
     image, label = test[2]
-    assert image.size == (8, 8) and label == 1
+    assert tuple(image.shape) == (3, 8, 8) and label == 1
 
 
 def test_sop_missing_list_and_missing_image_are_one_clear_error(sop: Path, tmp_path: Path) -> None:
@@ -89,7 +89,7 @@ def test_inshop_partition(inshop: Path) -> None:
     assert query.pids.tolist() == [8, 8, 10, 12, 12] and set(query.camids.tolist()) == {0}
     assert gallery.pids.tolist() == [8, 10, 10, 12, 12] and set(gallery.camids.tolist()) == {1}
     image, item, camera = gallery[1]
-    assert image.size == (8, 8) and (item, camera) == (10, 1)
+    assert tuple(image.shape) == (3, 8, 8) and (item, camera) == (10, 1)
     assert train[3][1] == 1  # training items carry the 0..C-1 label
     test = InShop(inshop, "test")
     assert len(test) == 10 and test.classes.tolist() == [8, 10, 12]

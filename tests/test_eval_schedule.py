@@ -25,6 +25,9 @@ def test_every_n_iterations_from_a_start(tmp_path: Path) -> None:
     for k in ("recall@1", "map@r", "nmi"):
         assert metrics[f"best_test/{k}"] == best[k]
         assert metrics[k] == log[k].iloc[-1]
+    # each evaluation's wall time is logged beside it, and is not a metric of any snapshot
+    assert (log["eval_s"] > 0).all() and (log["eval_s"] < 60).all()
+    assert not any(k.endswith("eval_s") for k in metrics)
 
 
 def test_a_single_evaluation_adds_no_selection(tmp_path: Path) -> None:

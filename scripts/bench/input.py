@@ -2,7 +2,9 @@
 
 Prints, in one run, images/s per host core of:
 
-(a) bare JPEG decoding: Pillow open + RGB of each file (``read_rgb``), one process;
+(a) bare JPEG decoding: Pillow open + RGB of each file, one process (the issue's baseline;
+    also printed, (a'): libjpeg-turbo through ``torchvision.io.decode_jpeg``, the
+    decoder the loader uses, ``read_image``);
 (b) the decode loader path: CUB200 with the DML train transform (decode, resize +
     random crop, flip) through a DataLoader with the default workers
     (``trainer.num_workers=auto``), 56-image batches;
@@ -41,9 +43,9 @@ from torch.utils.data import DataLoader
 
 from softmine.config import compose_config
 from softmine.data import CUB200
+from softmine.data.decode import read_image
 from softmine.data.device_transforms import DeviceResizedCrop, ToHWC, collate_padded
 from softmine.data.fakes import make_cub
-from softmine.data.images import read_rgb
 from softmine.engine.setup import resolve_num_workers
 from softmine.hardware import available_cpus
 
@@ -95,11 +97,16 @@ def process_cpu(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def bare_decode(paths: list[str], repeats: int) -> Rate:
+def pillow_rgb(path: str) -> None:
+    with Image.open(path) as im:
+        im.convert("RGB")
+
+
+def bare_decode(paths: list[str], repeats: int, decode=pillow_rgb) -> Rate:  # noqa: ANN001
     t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(repeats):
         for p in paths:
-            read_rgb(p)
+            decode(p)
     return Rate(repeats * len(paths), time.process_time() - c0, time.perf_counter() - t0)
 
 
@@ -171,9 +178,10 @@ def main() -> None:
         cached_ds = CUB200(root, "train", transform=ToHWC(), cache="ram", cache_size=256)
         build = len(cached_ds) / (time.perf_counter() - t0)
         whole_ds = CUB200(root, "train", transform=ToHWC())
-        runs: dict[str, list[Rate]] = {k: [] for k in ("a", "b", "b2", "c", "c_loader")}
+        runs: dict[str, list[Rate]] = {k: [] for k in ("a", "a2", "b", "b2", "c", "c_loader")}
         for _ in range(args.trials):
             runs["a"].append(bare_decode(paths, args.repeats))
+            runs["a2"].append(bare_decode(paths, args.repeats, read_image))
             runs["b"].append(loader_rate(decode_ds, args.repeats, workers))
             runs["b2"].append(loader_rate(whole_ds, args.repeats, workers, collate_padded))
             runs["c"].append(host_side(cached_ds, args.repeats))
@@ -202,7 +210,11 @@ def main() -> None:
     )
     print("  images/s per host core (images per CPU-second of every process involved):")
     line("(a) bare JPEG decode (Pillow, 1 process)", "a")
+    line("(a') bare JPEG decode (torchvision, 1 process)", "a2", "   the loader's decoder")
     line(f"(b) decode loader, DML transform, {workers} workers", "b", "   target >= 0.90 x (a)")
+    own = best["b"].per_core / best["a2"].per_core
+    label = "    (b) against the decoder it uses, (a')"
+    print(f"  {label:<52} {'':8}  = {own:5.2f} x (a')")
     line("(b') decode loader for the device augmentation", "b2", "   no cache: decode + pad")
     line("(c) cached path, host side (1 process)", "c", "   target >= 5 x (a)")
     line(f"    the same through the DataLoader, {workers} workers", "c_loader")

@@ -9,7 +9,7 @@
   ``<name>.index.npz``, built once and reused by later runs; the operating system's
   page cache then keeps the hot part in memory for every process that maps it.
 
-Each image is decoded exactly as without a cache (:func:`softmine.data.decode.read_rgb`,
+Each image is decoded exactly as without a cache (:func:`softmine.data.decode.read_image`,
 crop box included), then resized with torchvision's ``resize`` (bilinear, antialiased)
 to ``size``: an int is the short side (what ``Resize(size)`` gives, aspect kept; 256 by
 default, the DML recipe's resize), a pair ``(height, width)`` a fixed size (video
@@ -22,7 +22,7 @@ key is in the file name, so a change of any of them builds a new cache, and the
 stale one of the same split and size is deleted. Concurrent builders (several ranks,
 several jobs) take a file lock; one builds, the others wait and map its result.
 
-Building decodes in parallel threads (Pillow and torch release the GIL), one per
+Building decodes in parallel threads (torchvision, Pillow and torch release the GIL), one per
 available CPU, with a progress bar on a terminal and one log line at the end.
 Unreadable images follow ``on_bad_image``: ``error`` stops the build naming the file
 (nothing is written); ``skip`` stores an empty entry that the dataset replaces like
@@ -100,7 +100,7 @@ def decoder_id() -> str:
     import torchvision
 
     return (
-        f"pillow-{PIL.__version__}+torch-{torch.__version__}+torchvision-"
+        f"jpeg-torchvision+pillow-{PIL.__version__}+torch-{torch.__version__}+torchvision-"
         f"{torchvision.__version__}:bilinear-antialias"
     )
 
@@ -305,9 +305,9 @@ def _decode(path: str, box: Box | None, size: Size) -> torch.Tensor:
     """The cached form of one file: decoded (cropped) and resized, uint8 (3, H, W)."""
     from torchvision.transforms.v2 import functional as F
 
-    from softmine.data.decode import read_rgb
+    from softmine.data.decode import read_image
 
-    img = F.pil_to_tensor(read_rgb(path, box))
+    img = read_image(path, box)
     return F.resize(img, [size] if isinstance(size, int) else list(size), antialias=True)
 
 

@@ -20,7 +20,7 @@ from softmine.data.csvlist import read_csv_table, row_splits
 from softmine.data.cub import CUB200
 from softmine.data.ilidsvid import ILIDSVID
 from softmine.data.imagefolder import ImageFolder
-from softmine.data.images import BadImageError, read_rgb
+from softmine.data.images import BadImageError, read_image
 from softmine.data.inshop import InShop
 from softmine.data.lpw import LPW
 from softmine.data.mars import MARS, read_tracks
@@ -66,7 +66,7 @@ def _compare(report: Report, counts: dict[str, int], expected: dict[str, int]) -
 
 def _decode(path: str) -> str | None:
     try:
-        read_rgb(path)
+        read_image(path)
     except BadImageError as e:
         return str(e)
     return None

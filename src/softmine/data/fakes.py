@@ -71,9 +71,15 @@ def _cell(strings: Sequence[str]) -> np.ndarray:
 
 
 def make_cub(
-    root: str | Path, num_classes: int = 4, images_per_class: int = 3, size: int = 8
+    root: str | Path,
+    num_classes: int = 4,
+    images_per_class: int | Sequence[int] = 3,
+    size: int = 8,
 ) -> Path:
     """A fake ``CUB_200_2011/`` folder: ``num_classes`` classes of ``images_per_class`` JPEGs.
+
+    ``images_per_class`` is one count for every class, or a count per class (e.g. the
+    real CUB's uneven classes: 5,864 training and 5,924 test images).
 
     Image ids run 1.. in class order; image ``k`` of a class is ``size + k``
     pixels wide and ``size`` high; its box in ``bounding_boxes.txt`` is
@@ -82,11 +88,18 @@ def make_cub(
     """
     root = Path(root)
     lines: dict[str, list[str]] = {k: [] for k in ("images", "labels", "classes", "split", "box")}
+    counts = (
+        [images_per_class] * num_classes
+        if isinstance(images_per_class, int)
+        else list(images_per_class)
+    )
+    if len(counts) != num_classes:
+        raise ValueError(f"images_per_class has {len(counts)} counts for {num_classes} classes")
     image_id = 0
-    for c in range(1, num_classes + 1):
+    for c, count in enumerate(counts, start=1):
         folder = f"{c:03d}.Fake_Bird_{c}"
         lines["classes"].append(f"{c} {folder}")
-        for k in range(images_per_class):
+        for k in range(count):
             image_id += 1
             rel = f"{folder}/Fake_Bird_{c}_{k:04d}_{image_id}.jpg"
             write_image(root / "images" / rel, size + k, size, blue=8 * c)

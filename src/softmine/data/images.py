@@ -1,6 +1,10 @@
 """Image reading shared by the real datasets, and the base class of the image sets (CUB, Cars).
 
-Images are decoded with Pillow to RGB. An unreadable file is a
+Images are decoded to RGB uint8 tensors (3, H, W) by
+:func:`softmine.data.decode.read_image` (libjpeg-turbo through torchvision for
+JPEG files, Pillow for other formats), so transforms receive tensors: every
+torchvision ``transforms.v2`` transform takes them, and a transform written for
+Pillow images can start with ``torchvision.transforms.v2.ToPILImage``. An unreadable file is a
 :class:`BadImageError` (a :class:`~softmine.errors.DataError`) that names the
 file. What a dataset does about it is its ``on_bad_image`` policy:
 
@@ -16,7 +20,7 @@ file. What a dataset does about it is its ``on_bad_image`` policy:
 
 With ``cache=ram|disk`` every image is decoded once, up front, into a
 :mod:`softmine.data.cache` of uint8 arrays resized to ``cache_size``; items then
-come from the cache as uint8 tensors (3, H, W) instead of Pillow images, and the
+come from the cache (uint8 tensors (3, H, W) at that size) instead of the files, and the
 transforms see exactly what they would have made of the file at that size.
 """
 
@@ -31,7 +35,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from softmine.data.cache import (
@@ -41,13 +44,13 @@ from softmine.data.cache import (
     check_cache_mode,
     check_cache_size,
 )
-from softmine.data.decode import BadImageError, Box, crop_box, read_rgb
+from softmine.data.decode import BadImageError, Box, crop_box, read_image
 from softmine.data.sources import Source, missing_files
 from softmine.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BadImageError", "Box", "ImageDataset", "crop_box", "read_rgb"]
+__all__ = ["BadImageError", "Box", "ImageDataset", "crop_box", "read_image"]
 
 BAD_IMAGE_POLICIES = ("error", "skip")
 IMAGE_SPLITS = ("train", "test")
@@ -142,7 +145,7 @@ class ImageDataset(Dataset):
         labels: int64 array of the labels, shape (n,).
         classes: published class ids (1-based) of labels ``0..C-1``.
         class_names: published class names of labels ``0..C-1``.
-        boxes: Pillow crop box per item, or None when not cropping.
+        boxes: crop box (left, top, right, bottom) per item, or None when not cropping.
         bad_images: paths skipped under ``on_bad_image=skip`` (in this process).
         cache: the decoded images (``cache=ram|disk``), or None.
     """
@@ -213,17 +216,17 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load(self, i: int) -> Image.Image | torch.Tensor:
-        """The (cropped) RGB image of item ``i``; raises BadImageError naming the file.
+    def load(self, i: int) -> torch.Tensor:
+        """The (cropped) RGB image of item ``i``, uint8 (3, H, W); raises BadImageError naming the file.
 
-        A Pillow image, or with a cache the cached uint8 tensor (3, H, W) (a view).
+        Decoded from the file, or with a cache a view of the cached image.
         """
         if self.cache is not None:
             return cached_image(self.cache, i, self.samples[i][0])
         box = None if self.boxes is None else self.boxes[i]
-        return read_rgb(self.samples[i][0], box)
+        return read_image(self.samples[i][0], box)
 
-    def _load_or_substitute(self, i: int) -> Image.Image:
+    def _load_or_substitute(self, i: int) -> torch.Tensor:
         try:
             return self.load(i)
         except BadImageError:
@@ -248,7 +251,7 @@ class ImageDataset(Dataset):
         note_bad_image(self, self.samples[i][0], "image")
 
     def __getitem__(self, i: int) -> tuple[Any, int]:
-        """(image, label): a Pillow RGB image (uint8 tensor when cached), or what ``transform`` makes of it."""
+        """(image, label): the uint8 RGB image (3, H, W), or what ``transform`` makes of it."""
         img = self._load_or_substitute(i)
         if self.transform is not None:
             img = self.transform(img)

@@ -57,7 +57,7 @@ from softmine.data.images import (
     cached_image,
     check_policy,
     note_bad_image,
-    read_rgb,
+    read_image,
 )
 from softmine.data.sources import Source
 from softmine.errors import ConfigError, DataError
@@ -169,12 +169,10 @@ class VideoDataset(Dataset):
 
     def _read(self, i: int, k: int) -> torch.Tensor:
         """Frame ``k`` of tracklet ``i`` as uint8 (3, H, W), from the cache when there is one."""
-        from torchvision.transforms.v2.functional import pil_to_tensor
-
         path = self.tracklets[i][0][k]
         if self.cache is not None:
             return cached_image(self.cache, int(self._cache_ids[i][k]), path)
-        return pil_to_tensor(read_rgb(path))
+        return read_image(path)
 
     def _frame(self, i: int, j: int) -> torch.Tensor:
         """Frame ``j`` of tracklet ``i`` as uint8 (3, H, W); under ``skip`` the nearest readable one."""

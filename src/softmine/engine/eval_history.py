@@ -24,6 +24,7 @@ from typing import Any
 from softmine.errors import ConfigError
 
 EVAL_LOG_FILE = "eval_log.csv"
+NOT_METRICS = ("iteration", "epoch", "eval_s")  # eval_log.csv columns that are not metrics
 VAL_PREFIX = "val/"  # metrics of the validation split (held-out training classes)
 TEST_PREFIX = "test/"  # accepted in trainer.monitor for the test split's plain names
 RETRIEVAL_METRICS = ("map@r", "r_precision", "nmi")
@@ -87,12 +88,13 @@ def best_test_summary(rows: Sequence[dict[str, Any]], monitor: str) -> dict[str,
     if best is None:
         return {}
     out: dict[str, float] = {"best_test_iteration": int(best["iteration"])}
-    out.update({f"best_test/{k}": v for k, v in best.items() if k not in ("iteration", "epoch")})
+    out.update({f"best_test/{k}": v for k, v in best.items() if k not in NOT_METRICS})
     return out
 
 
 def write_eval_log(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Write all evaluations (``iteration``, ``epoch``, every metric) atomically."""
+    """Write all evaluations (``iteration``, ``epoch``, every metric, ``eval_s``: the
+    evaluation's wall seconds) atomically."""
     fields: list[str] = []
     for r in rows:
         fields.extend(k for k in r if k not in fields)
@@ -121,7 +123,5 @@ def selection_summary(rows: Sequence[dict[str, Any]], monitor: str) -> dict[str,
     chosen = best_row(rows, VAL_PREFIX + name)
     if chosen is not None:
         out["selected_iteration"] = int(chosen["iteration"])
-        out.update(
-            {f"selected/{k}": v for k, v in chosen.items() if k not in ("iteration", "epoch")}
-        )
+        out.update({f"selected/{k}": v for k, v in chosen.items() if k not in NOT_METRICS})
     return out

@@ -569,13 +569,15 @@ class Trainer:
         """Evaluate, record the row in ``eval_log.csv`` and track ``best.pt``; returns the metrics."""
         s = self.state
         self.check_weights()
+        t0 = time.perf_counter()
         s.metrics = self.evaluate()
+        seconds = time.perf_counter() - t0
         s.last_eval_step = s.step
-        s.evals.append({"iteration": s.step, "epoch": s.epoch, **s.metrics})
+        s.evals.append({"iteration": s.step, "epoch": s.epoch, **s.metrics, "eval_s": seconds})
         if self.dist.is_main:
             write_eval_log(self.run_dir / EVAL_LOG_FILE, s.evals)
         shown = " ".join(f"{k} {v:.4f}" for k, v in s.metrics.items())
-        log.info("evaluation at iteration %d: %s", s.step, shown)
+        log.info("evaluation at iteration %d (%.1f s): %s", s.step, seconds, shown)
         self._track_best()
         return s.metrics
 
