@@ -167,5 +167,63 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path: Path, after_s: float) -> N
     time.sleep(after_s)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
+    # 130, or killed by SIGINT: when the interrupt landed in code that an extension runs
+    # through PyRun_* (pybind11's exec while torch imports), CPython marks it unhandled and
+    # ends by re-raising SIGINT after our exit(130). A shell reports both as 130.
+    assert proc.returncode in (130, -signal.SIGINT), err[-2000:]
     assert "Traceback" not in err and len(err.strip().splitlines()) <= 2
+    assert "interrupted" in err
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_an_interrupt_during_start_up_is_never_lost(monkeypatch, capsys) -> None:  # noqa: ANN001
+    """Python's own handler only raises KeyboardInterrupt, which a ``__del__`` swallows, or
+    which breaks a library half-way (OmegaConf then raises AttributeError); the command's
+    start-up handler notes the request, so either way it stops with the one line and 130."""
+    from softmine import train
+    from softmine.engine import signals
+
+    saved = {s: signal.getsignal(s) for s in signals.GracefulInterrupt.SIGNALS}
+    monkeypatch.setattr(signals, "_pending", None)
+    monkeypatch.setattr(sys, "argv", ["softmine-train"])
+
+    class Swallows:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGINT)  # its KeyboardInterrupt is printed and ignored
+
+    def start_up_broken_by_the_interrupt() -> None:
+        obj = Swallows()
+        del obj
+        raise AttributeError("'NoneType' object has no attribute '_invalidate_flags_cache'")
+
+    monkeypatch.setattr(train, "_main", start_up_broken_by_the_interrupt)
+    try:
+        with pytest.raises(SystemExit) as e:
+            train.main()
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    assert e.value.code == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("interrupted before training began")
+    assert signals.pending() == signal.SIGINT  # a training loop would still stop after a step
+
+
+def test_a_real_error_during_start_up_without_an_interrupt_is_not_hidden(monkeypatch) -> None:  # noqa: ANN001
+    from softmine import train
+    from softmine.engine import signals
+
+    saved = {s: signal.getsignal(s) for s in signals.GracefulInterrupt.SIGNALS}
+    monkeypatch.setattr(signals, "_pending", None)
+    monkeypatch.setattr(sys, "argv", ["softmine-train"])
+
+    def bug() -> None:
+        raise AttributeError("a bug")
+
+    monkeypatch.setattr(train, "_main", bug)
+    try:
+        with pytest.raises(AttributeError, match="a bug"):
+            train.main()
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)

@@ -3,7 +3,7 @@
 Prints, in one run, images/s per host core of:
 
 (a) bare JPEG decoding: Pillow open + RGB of each file, one process (the issue's baseline;
-    also printed, (a'): libjpeg-turbo through ``torchvision.io.decode_jpeg``, the
+    also printed, (a'): libjpeg-turbo through TorchCodec's ``decode_jpeg``, the
     decoder the loader uses, ``read_image``);
 (b) the decode loader path: CUB200 with the DML train transform (decode, resize +
     random crop, flip) through a DataLoader with the default workers
@@ -210,7 +210,7 @@ def main() -> None:
     )
     print("  images/s per host core (images per CPU-second of every process involved):")
     line("(a) bare JPEG decode (Pillow, 1 process)", "a")
-    line("(a') bare JPEG decode (torchvision, 1 process)", "a2", "   the loader's decoder")
+    line("(a') bare JPEG decode (TorchCodec, 1 process)", "a2", "   the loader's decoder")
     line(f"(b) decode loader, DML transform, {workers} workers", "b", "   target >= 0.90 x (a)")
     own = best["b"].per_core / best["a2"].per_core
     label = "    (b) against the decoder it uses, (a')"

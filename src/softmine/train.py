@@ -278,10 +278,18 @@ def main() -> None:
     if sys.argv[1:] == ["--version"]:
         print(version_line("softmine-train"))
         return
+    from softmine.engine import signals
+
+    signals.interrupt_start_up()
     try:
         _main()
     except KeyboardInterrupt:
-        _stopped(signal.SIGINT)
+        _stopped(signals.pending() or signal.SIGINT)
+    except Exception:
+        signum = signals.pending()
+        if signum is None:
+            raise
+        _stopped(signum)  # the interrupt broke a library half-way; this error is its consequence
 
 
 if __name__ == "__main__":

@@ -40,6 +40,28 @@ def pending() -> int | None:
     return _pending
 
 
+def interrupt_start_up() -> None:
+    """Install the command's handler for SIGINT/SIGTERM until training begins.
+
+    It notes the request (:func:`note_pending`) and raises KeyboardInterrupt, so the
+    command stops where it is. Python's own handler only raises, and a
+    KeyboardInterrupt can be lost: raised inside a ``__del__`` or a weakref callback
+    it is printed and ignored, and the run went on to train. Noted, it is never
+    lost: the command checks :func:`pending` when an exception reaches it (an
+    interrupt that broke a library half-way, e.g. OmegaConf while Hydra composes,
+    surfaces as that library's error), and the training loop stops after its first
+    step if the request is still pending then.
+    """
+    if threading.current_thread() is threading.main_thread():
+        for s in GracefulInterrupt.SIGNALS:
+            signal.signal(s, _start_up_handler)
+
+
+def _start_up_handler(signum: int, frame: FrameType | None) -> None:
+    note_pending(signum)
+    raise KeyboardInterrupt
+
+
 class GracefulInterrupt:
     """Context manager: the first SIGINT/SIGTERM sets ``self.signum``; a second one aborts at once.
 
