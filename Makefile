@@ -20,7 +20,7 @@ demo: setup
 	$(BIN)/softmine-train experiment=demo
 
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto
 
 lint: setup
 	$(BIN)/ruff check .
