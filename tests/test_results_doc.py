@@ -205,7 +205,8 @@ def test_summary_takes_map_at_r_and_n_per_loss_and_data_set() -> None:
 
 
 @pytest.mark.parametrize(
-    "page", ["results.md", "benchmarks-digits-pairs.md", "evaluation-protocols.md"]
+    "page",
+    ["results.md", "benchmarks-digits-pairs.md", "evaluation-protocols.md", "distributed.md"],
 )
 def test_prose_quotes_only_numbers_of_the_generated_tables(page: str) -> None:
     results = _results_script()
@@ -216,3 +217,20 @@ def test_prose_quotes_only_numbers_of_the_generated_tables(page: str) -> None:
     prose = "".join(outside)
     stale = [n for n in re.findall(r"\b\d\.\d{4}\b", prose) if n not in tables]
     assert not stale, f"docs/{page} quotes {stale}, found in no generated table: update the prose"
+
+
+def test_distributed_table_shows_what_the_page_says_of_it() -> None:
+    """docs/distributed.md: the split run is the one-process run's experiment (same batch and
+    steps, epoch-1 losses equal to float32 rounding); the defaults double the batch."""
+    results = _results_script()
+    table = results.read_all()["distributed"]
+    rows = [
+        [c.strip() for c in line.strip().strip("|").split("|")]
+        for line in table.splitlines()
+        if line.startswith("| ") and not line.startswith("| run ")
+    ]
+    assert [r[0] for r in rows] == [name for name, _, _ in results.DISTRIBUTED_RUNS]
+    assert [(int(r[1]), int(r[2])) for r in rows] == [(16, 112), (16, 112), (32, 56)]
+    one, split, default = (float(r[3]) for r in rows)
+    assert abs(one - split) < 1e-6 < abs(one - default)
+    assert "torchrun --nproc_per_node=2 -m softmine.train" in table
