@@ -11,7 +11,8 @@ into a uint8 tensor: the same pixels as Pillow (same library, same IDCT and
 upsampling) for about 20 % less CPU than Pillow's decode plus its conversion to a
 tensor, which is the floor of an uncached input pipeline. Anything else (PNG, BMP,
 a JPEG that libjpeg-turbo rejects but Pillow reads), and every file when TorchCodec
-cannot be loaded (it is built for torch >= 2.11), goes through Pillow.
+is not installed (it is not a dependency on macOS, which has no wheels of its image
+decoders) or cannot be loaded (it is built for torch >= 2.11), goes through Pillow.
 """
 
 from __future__ import annotations
