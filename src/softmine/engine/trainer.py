@@ -612,7 +612,7 @@ class Trainer:
             return self._fit()
         except KeyboardInterrupt:  # a second Ctrl-C: stop now, the last checkpoint stays valid
             raise Interrupted(
-                f"aborted at step {self.state.step} by a second interrupt; {self._kept()}. "
+                f"aborted at step {self.state.step} by an interrupt; {self._kept()}. "
                 f"Resume with the same command plus: resume=true hydra.run.dir={self.run_dir}",
                 signal.SIGINT,
             ) from None
