@@ -320,9 +320,13 @@ def _build(
     target: Path | None,
 ) -> ImageCache:
     """Decode every file into a new buffer (RAM, or ``target``'s pixel file, written atomically)."""
+    # imported here, once: two decoding threads importing it at once stalled each other for seconds
+    import torchvision.transforms.v2.functional  # noqa: F401
     from tqdm import tqdm
 
-    from softmine.data.decode import BadImageError
+    from softmine.data.decode import BadImageError, jpeg_decoder
+
+    jpeg_decoder()  # loaded once here, not by each thread
 
     t0 = time.perf_counter()
     n = len(files)
