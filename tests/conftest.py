@@ -52,3 +52,15 @@ FAST_DIGITS = [
     "sampler.num_classes=5",
     "sampler.num_samples=4",
 ]
+
+#: A short CPU run on a fake CUB (tests/fakes): 2 classes x 3 images a batch, RGB input.
+FAST_CUB = [
+    "dataset=cub",
+    "trainer.device=cpu",
+    "trainer.progress_bar=false",
+    "trainer.tensorboard=false",
+    "trainer.plots=false",
+    "sampler.num_classes=2",
+    "sampler.num_samples=3",
+    "backbone.trunk.in_channels=3",
+]

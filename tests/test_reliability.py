@@ -16,7 +16,7 @@ import torch
 
 from softmine.engine import Trainer
 from softmine.errors import ConfigError, TrainingError
-from tests.conftest import FAST_DIGITS, compose, run_cli
+from tests.conftest import FAST_CUB, FAST_DIGITS, compose, run_cli
 
 # Four short epochs (~45 iterations each) with a checkpoint every 7 iterations.
 RUN = [
@@ -263,15 +263,8 @@ def _cub_with_corrupt_image(tmp_path: Path) -> tuple[Path, Path]:
 
 BAD_IMAGE_RUN = [
     "softmine.train",
-    "dataset=cub",
+    *FAST_CUB,
     "trainer.epochs=2",
-    "trainer.device=cpu",
-    "trainer.progress_bar=false",
-    "trainer.tensorboard=false",
-    "trainer.plots=false",
-    "sampler.num_classes=2",
-    "sampler.num_samples=3",
-    "backbone.trunk.in_channels=3",
     "dataset.transform.resize=16",
     "dataset.transform.crop_size=16",
 ]

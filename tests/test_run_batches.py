@@ -20,7 +20,7 @@ from softmine.data import PKSampler
 from softmine.data.fakes import make_cub
 from softmine.data.run_batches import RunBatchSampler, SeededItems, item_seeds
 from softmine.engine import Trainer
-from tests.conftest import compose
+from tests.conftest import FAST_CUB, compose
 
 LABELS = np.repeat(np.arange(5), [12, 2, 2, 2, 4])  # unequal classes: epochs differ in length
 
@@ -118,17 +118,10 @@ MAX_ITERS = 11
 
 def _image_run(root: Path, workers: int, *extra: str) -> list[str]:
     return [
-        "dataset=cub",
+        *FAST_CUB,
         f"dataset.root={root}",
         f"trainer.max_iters={MAX_ITERS}",
-        "trainer.device=cpu",
         f"trainer.num_workers={workers}",
-        "trainer.progress_bar=false",
-        "trainer.tensorboard=false",
-        "trainer.plots=false",
-        "sampler.num_classes=2",
-        "sampler.num_samples=3",
-        "backbone.trunk.in_channels=3",
         "dataset.transform.resize=16",
         "dataset.transform.crop_size=12",
         "dataset.transform.scale=[0.2,1.0]",
