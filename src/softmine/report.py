@@ -72,7 +72,8 @@ IGNORED = (
 CONCAT_PREFIX = "concat/"  # test metrics of the K fold models' concatenated embeddings
 # metric families, in table order: final test, validation, validation-chosen, test-chosen, folds together
 METRIC_PREFIXES = ("", "val/", "selected/", "best_test/", CONCAT_PREFIX)
-RUN_COLUMNS = {"run", "dataset", "seed", "status", "fold", "folds"}  # never metrics
+#: Never metrics (``iteration``: the training step of a run's final metrics).
+RUN_COLUMNS = {"run", "dataset", "seed", "status", "fold", "folds", "iteration"}
 METRIC_ORDER = re.compile(r"^(recall@|cmc@|precision@|map@r|r_precision|mAP|nmi|attention_auc)")
 MAIN_METRICS = ("map@r", "mAP", "recall@1", "cmc@1")
 STATUS_OK, STATUS_FAILED = "ok", "failed"

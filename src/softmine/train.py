@@ -68,8 +68,10 @@ def train(inv: Invocation) -> dict[str, float]:
     record only once the checks have passed and the trainer is built.
     """
     from softmine.engine import Trainer
+    from softmine.engine.atomic import remove_partial
     from softmine.engine.distributed import DistEnv, barrier, export_submitit_ranks, init_from_env
     from softmine.engine.run_folder import Plan, RunLock, attach_log, commit_plan, plan_run
+    from softmine.engine.trainer import CHECKPOINT_DIR
     from softmine.engine.validate import validate_config
 
     cfg = inv.cfg
@@ -94,23 +96,48 @@ def train(inv: Invocation) -> dict[str, float]:
     handler: logging.Handler | None = None
     try:
         action, metrics = _on_rank0(decide)
+        if env.is_main:  # temporary files of a writer killed in this folder
+            remove_partial(inv.run_dir / CHECKPOINT_DIR)
+            remove_partial(inv.run_dir)
         if action == "finished":
             log.info("%s has already finished; its metrics are unchanged", inv.run_dir)
             return dict(metrics or {})
         trainer = Trainer(cfg, inv.run_dir)
+        trainer.restore()  # a checkpoint that cannot be resumed is refused before any write
         if plan is not None:
             commit_plan(plan)
             handler = attach_log(inv.run_dir)
             for change in plan.changes:
                 log.info("resume_override: %s", change)
         barrier()
-        return trainer.fit()
+        try:
+            return trainer.fit()
+        except BaseException as e:
+            if handler is not None:  # the reason is in the run's own log, not only on stderr
+                _log_failure(handler, e)
+            raise
     finally:
         if handler is not None:
             logging.getLogger().removeHandler(handler)
             handler.close()
         if lock is not None:
             lock.release()
+
+
+def _log_failure(handler: logging.Handler, e: BaseException) -> None:
+    """Write why the run stopped into its own log (``train.log``) alone: the console gets
+    the one-line ``error:`` from the command, not a second copy."""
+    if isinstance(e, Interrupted):
+        level, text, exc = logging.WARNING, str(e), None
+    elif isinstance(e, SoftmineError):
+        level, text, exc = logging.ERROR, f"the run stopped: {user_message(e)}", None
+    elif isinstance(e, KeyboardInterrupt):
+        level, text, exc = logging.WARNING, "the run was interrupted", None
+    else:
+        level, text, exc = logging.ERROR, "the run stopped on an unexpected error", e
+    exc_info = (type(exc), exc, exc.__traceback__) if exc is not None else None
+    record = log.makeRecord(log.name, level, __file__, 0, text, (), exc_info)
+    handler.handle(record)
 
 
 def invocation(cfg: DictConfig) -> Invocation:

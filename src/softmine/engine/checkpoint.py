@@ -133,6 +133,21 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         ) from e
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """The training step a softmine checkpoint holds (``train_state.step``), None if it has none.
+
+    Memory-maps the file, so only the small ``train_state`` entry is read from disk.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a zip checkpoint (mmap needs one): load it the checked way
+        state = load_checkpoint(path)
+    train_state = state.get("train_state") if isinstance(state, dict) else None
+    if not isinstance(train_state, dict) or "step" not in train_state:
+        return None
+    return int(train_state["step"])
+
+
 def _foreign_objects(path: Path) -> list[str]:
     """Classes a zip checkpoint would need to unpickle (empty for softmine's own checkpoints)."""
     lister = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)

@@ -35,7 +35,10 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from softmine.engine.atomic import write_text_atomic
+from softmine.engine.results import STEP_KEY, read_metrics
 from softmine.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 LOCK_FILE = ".softmine.lock"
 RECORD_DIR = ".hydra"
@@ -43,7 +46,7 @@ CONFIG_FILE = "config.yaml"
 OVERRIDES_FILE = "overrides.yaml"
 HYDRA_FILE = "hydra.yaml"
 RESUMES_FILE = "resumes.yaml"
-METRICS_FILE = "metrics.json"
+METRICS_FILE = "metrics.json"  # also softmine.engine.results.METRICS_FILE
 LOG_FILE = "train.log"
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's format
 LAST_CHECKPOINT = Path("checkpoints") / "last.pt"
@@ -372,6 +375,10 @@ class Plan:
     changes: list[Difference] = field(default_factory=list)  # allowed by resume_override
     metrics: dict[str, Any] | None = None  # of a finished run
     recorded_overrides: list[str] = field(default_factory=list)
+    #: The config as the command composed it, taken before anything is built from it:
+    #: building resolves interpolations of shared nodes in place (Hydra's ``instantiate``),
+    #: and a record written afterwards would no longer compare equal to the same command.
+    config_yaml: str = ""
 
 
 def _new_folder_hint(multirun: bool) -> str:
@@ -408,6 +415,7 @@ def plan_run(inv: Invocation) -> Plan:
     or when the command's settings differ from the recorded ones.
     """
     run_dir, cfg = inv.run_dir, inv.cfg
+    snapshot = OmegaConf.to_yaml(cfg)
     found = holds_run(run_dir)
     if not bool(cfg.get("resume")):
         if found:
@@ -415,10 +423,10 @@ def plan_run(inv: Invocation) -> Plan:
                 f"the run folder {run_dir} already holds a run ({found}); "
                 f"{_new_folder_hint(inv.multirun)}"
             )
-        return Plan("new", inv)
+        return Plan("new", inv, config_yaml=snapshot)
     if not found:
         if inv.multirun:  # a job that had not started when its sweep stopped
-            return Plan("new", inv)
+            return Plan("new", inv, config_yaml=snapshot)
         raise ConfigError(
             f"resume=true but {run_dir} holds no run (no {RECORD_DIR}/{CONFIG_FILE}, no "
             f"checkpoint); give the folder of the run to resume with hydra.run.dir=..., or drop "
@@ -432,6 +440,7 @@ def plan_run(inv: Invocation) -> Plan:
     new_config = _container(cfg, resolve)
     allowed = resume_overrides(cfg)
     diffs = config_differences(rec_config, new_config, rec_choices, inv.choices)
+    diffs = _same_when_resolved(diffs, rec_config, cfg)
     refused = [d for d in diffs if not _covers(allowed, d.key)]
     if refused:
         shown = ", ".join(str(d) for d in refused[:6])
@@ -444,11 +453,73 @@ def plan_run(inv: Invocation) -> Plan:
         )
     metrics_file = run_dir / METRICS_FILE
     finished = metrics_file.exists()
-    if finished and not diffs:
-        return Plan("finished", inv, metrics=json.loads(metrics_file.read_text()))
+    if finished:
+        metrics = read_metrics(metrics_file)
+        stale = stale_checkpoint(run_dir, metrics)
+        if stale is not None:  # killed between the result and the final weights: finish the job
+            start = "its last checkpoint" if (run_dir / LAST_CHECKPOINT).is_file() else "the start"
+            log.warning("%s; training again from %s to write it", stale, start)
+            return Plan(
+                "resume", inv, changes=diffs, recorded_overrides=rec_overrides, config_yaml=snapshot
+            )
+        if not diffs:
+            return Plan("finished", inv, metrics=metrics)
     if diffs:
         _check_length_change(run_dir, rec_config, new_config, finished)
-    return Plan("resume", inv, changes=diffs, recorded_overrides=rec_overrides)
+    return Plan(
+        "resume", inv, changes=diffs, recorded_overrides=rec_overrides, config_yaml=snapshot
+    )
+
+
+def _same_when_resolved(
+    diffs: list[Difference], recorded: dict[str, Any], cfg: DictConfig
+) -> list[Difference]:
+    """``diffs`` without the keys whose values are equal once interpolations are resolved.
+
+    Keys are compared as written, so that a changed ``seed`` is one difference rather than
+    one per key that follows it; a record that holds some values resolved (written by an
+    older softmine after building the run had resolved them in place) then differs as
+    written but not in value, and is no difference.
+    """
+    if not diffs:
+        return diffs
+    a = flatten(_container(recorded, resolve=True))
+    b = flatten(_container(cfg, resolve=True))
+    return [d for d in diffs if d.key not in a or d.key not in b or a[d.key] != b[d.key]]
+
+
+def stale_checkpoint(run_dir: Path, metrics: dict[str, Any] | None = None) -> str | None:
+    """Why ``checkpoints/last.pt`` is not the network ``metrics.json`` describes; None if it is.
+
+    ``metrics.json`` names the step of its final metrics (``iteration``) and a checkpoint
+    holds its step; a run stopped between writing the two (SIGKILL, full disk) leaves a
+    checkpoint of an earlier step. Runs written before ``iteration`` was recorded, and
+    folders without both files, are taken as consistent.
+    """
+    run_dir = Path(run_dir)
+    last = run_dir / LAST_CHECKPOINT
+    metrics_file = run_dir / METRICS_FILE
+    if metrics is None:
+        if not metrics_file.is_file():
+            return None
+        metrics = read_metrics(metrics_file)
+    if metrics.get(STEP_KEY) is None:
+        return None
+    final = int(metrics[STEP_KEY])
+    if not last.is_file():
+        return (
+            f"{metrics_file} describes the network at step {final} but there is no {last} "
+            "(its final write failed)"
+        )
+    from softmine.engine.checkpoint import checkpoint_step
+
+    step = checkpoint_step(last)
+    if step is None or step == final:
+        return None
+    return (
+        f"{last} holds step {step} but {metrics_file} describes the network at step {final} "
+        "(the run stopped before its final checkpoint was written)"
+    )
 
 
 def _checkpoint_config(path: Path) -> dict[str, Any]:
@@ -503,8 +574,9 @@ def commit_plan(plan: Plan) -> None:
     d = record_dir(inv.run_dir)
     d.mkdir(parents=True, exist_ok=True)
     overrides = strip_command_keys(inv.overrides)
+    config_text = plan.config_yaml or OmegaConf.to_yaml(inv.cfg)
     if plan.action == "new":
-        write_text_atomic(d / CONFIG_FILE, OmegaConf.to_yaml(inv.cfg))
+        write_text_atomic(d / CONFIG_FILE, config_text)
         write_text_atomic(d / HYDRA_FILE, _hydra_file_text(inv.hydra_cfg))
         write_text_atomic(d / OVERRIDES_FILE, yaml.safe_dump(overrides))
         return
@@ -523,7 +595,7 @@ def commit_plan(plan: Plan) -> None:
         }
         kept = [o for o in plan.recorded_overrides if not _covers(changed, override_key(o))]
         given = [o for o in overrides if _covers(changed, override_key(o))]
-        write_text_atomic(d / CONFIG_FILE, OmegaConf.to_yaml(inv.cfg))
+        write_text_atomic(d / CONFIG_FILE, config_text)
         write_text_atomic(d / OVERRIDES_FILE, yaml.safe_dump(kept + given))
         metrics = inv.run_dir / METRICS_FILE
         if metrics.exists():  # an extended run: its earlier result stays on record here

@@ -60,7 +60,7 @@ from softmine.engine.logger import RunLogger
 from softmine.engine.nonfinite import LOSS, StepGuard, WeightWatch
 from softmine.engine.objective import Objective
 from softmine.engine.optim import build_optimizer
-from softmine.engine.results import METRICS_FILE, format_table, write_metrics
+from softmine.engine.results import METRICS_FILE, STEP_KEY, format_table, write_metrics
 from softmine.engine.setup import (
     check_shared_memory,
     configure_backends,
@@ -75,7 +75,13 @@ from softmine.engine.signals import GracefulInterrupt, ignore_interrupts
 from softmine.engine.step_stats import EPOCH, INTERVAL, StepStats
 from softmine.engine.sync_bn import convert_sync_batchnorm
 from softmine.engine.validate import validate_config
-from softmine.errors import ConfigError, Interrupted, StorageError, TrainingError
+from softmine.errors import (
+    ConfigError,
+    DataError,
+    Interrupted,
+    StorageError,
+    TrainingError,
+)
 from softmine.evaluation import retrieval_metrics
 from softmine.evaluation.knn import NonFiniteEmbeddings
 
@@ -288,6 +294,7 @@ class Trainer:
         self.guard = StepGuard(self.device)
         self.stats = StepStats(self.device)
         self.saved_step: int | None = None  # step of checkpoints/last.pt on disk, when known
+        self._restored = False  # resume=true: the checkpoint is loaded (restore())
         self.test_embeddings: tuple[int, np.ndarray, np.ndarray] | None = None
         self.logger = RunLogger.from_config(
             self.run_dir, TRAIN_LOG_FILE, cfg, enabled=self.dist.is_main
@@ -486,6 +493,14 @@ class Trainer:
             )
         )
 
+    def _saved_model_hint(self) -> str:
+        """After a failed final evaluation: where the trained network is and how to evaluate it."""
+        return (
+            f"The trained network is saved in {self.ckpt_dir / LAST} (step {self.state.step}): "
+            f"once the cause is fixed, finish the run with the same command plus resume=true "
+            f"hydra.run.dir={self.run_dir}, or evaluate it with `softmine-eval {self.run_dir}`"
+        )
+
     def _kept(self) -> str:
         """Where the last checkpoint with finite weights is (for stop and write-failure messages)."""
         last = self.ckpt_dir / LAST
@@ -569,8 +584,19 @@ class Trainer:
         """Evaluate, record the row in ``eval_log.csv`` and track ``best.pt``; returns the metrics."""
         s = self.state
         self.check_weights()
+        final = self._done()
+        if final and self.saved_step != s.step:  # the trained network is kept whatever happens next
+            try:
+                self.save_checkpoint()
+            except StorageError as e:  # evaluate all the same: fit() says what was kept
+                log.warning("%s; evaluating the trained network all the same", e)
         t0 = time.perf_counter()
-        s.metrics = self.evaluate()
+        try:
+            s.metrics = self.evaluate()
+        except (ConfigError, DataError, TrainingError) as e:
+            if not final:
+                raise
+            raise type(e)(f"{e}. {self._saved_model_hint()}") from e
         seconds = time.perf_counter() - t0
         s.last_eval_step = s.step
         s.evals.append({"iteration": s.step, "epoch": s.epoch, **s.metrics, "eval_s": seconds})
@@ -583,10 +609,12 @@ class Trainer:
 
     def final_metrics(self) -> dict[str, float]:
         """What ``metrics.json`` holds: the final metrics, plus the test-chosen snapshot's
-        (``best_test/*``) and, with a validation split, the validation-chosen one's (``selected/*``)."""
+        (``best_test/*``), with a validation split the validation-chosen one's (``selected/*``),
+        and the step the final metrics belong to (``iteration``, the step of ``last.pt``)."""
         return {
             **self.state.metrics,
             **selection_summary(self.state.evals, self.monitor),
+            STEP_KEY: self.state.last_eval_step,
         }
 
     def _track_best(self) -> None:
@@ -635,11 +663,27 @@ class Trainer:
                 if last.exists() and self.saved_step is not None
                 else ""
             )
-            return f"the results are safe in {metrics}, but the final weights were not saved{older}"
+            return (
+                f"the results are safe in {metrics}, but the final weights were not saved{older}; "
+                "free space and run the same command with resume=true to write them"
+            )
         return (
             f"training stopped at step {self.state.step}; {self._kept()}; free space and "
             "continue with resume=true"
         )
+
+    def restore(self) -> None:
+        """With ``resume=true``, load ``checkpoints/last.pt`` (once; :meth:`fit` calls it too).
+
+        Called before the run's record is touched, so a damaged or foreign checkpoint is
+        refused by a command that has written nothing.
+        """
+        if self._restored or not self.cfg.resume:
+            return
+        last = self.ckpt_dir / LAST
+        if last.exists():
+            self.load_checkpoint(last)
+        self._restored = True
 
     def _fit(self) -> dict[str, float]:
         t = self.cfg.trainer
@@ -648,7 +692,7 @@ class Trainer:
             remove_partial(self.ckpt_dir)
             remove_partial(self.run_dir)
         if self.cfg.resume and last.exists():
-            self.load_checkpoint(last)
+            self.restore()
             log.info(
                 "resumed from %s at step %d (epoch %d)", last, self.state.step, self.state.epoch + 1
             )
@@ -706,12 +750,12 @@ class Trainer:
             del batches  # its workers stop now, before the final evaluation
 
         self.check_weights()
-        if not self.state.metrics:
+        if self.state.last_eval_step != self.state.step:
             self._evaluate_now()
         self.state.finished = True
-        if self.dist.is_main:  # the result first: a failed checkpoint write must not lose it
+        if self.dist.is_main:  # the result, naming the step of the checkpoint saved before it
             write_metrics(self.run_dir, self.final_metrics())
-        self.save_checkpoint()
+        self.save_checkpoint()  # again: the finished state and the final evaluation's row
         if self.dist.is_main:
             write_run_artifacts(self)  # plots; attention.csv + attention_auc under label noise
         save_fold_embeddings(self)  # dataset.folds: test_embeddings.npz for softmine-report

@@ -10,6 +10,7 @@ those the run computed when it evaluated the same image.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,11 @@ from torch import nn
 
 from softmine.config import build
 from softmine.engine.checkpoint import load_checkpoint, load_state_checked
+from softmine.engine.run_folder import stale_checkpoint
 from softmine.engine.setup import resolve_device
 from softmine.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"
@@ -150,6 +154,7 @@ def load_model(path: str | Path, device: str = "auto") -> LoadedModel:
         device: ``auto`` (CUDA when there is one) | ``cpu`` | ``cuda`` | ``cuda:N``.
     """
     ckpt = find_checkpoint(path)
+    _warn_if_stale(ckpt)
     state = load_checkpoint(ckpt)
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
         raise ConfigError(f"{ckpt} is not a softmine checkpoint (no 'config'/'model' entries)")
@@ -172,6 +177,21 @@ def load_model(path: str | Path, device: str = "auto") -> LoadedModel:
         channels=input_channels(model),
         step=int(train_state.get("step", 0)),
     )
+
+
+def _warn_if_stale(ckpt: Path) -> None:
+    """Say so when a run's ``last.pt`` is not the network its ``metrics.json`` describes."""
+    if ckpt.name != LAST or ckpt.parent.name != CHECKPOINT_DIR:
+        return
+    run_dir = ckpt.parent.parent
+    stale = stale_checkpoint(run_dir)
+    if stale is not None:
+        log.warning(
+            "%s; these weights are not the ones its metrics describe: finish the run with its "
+            "command plus resume=true hydra.run.dir=%s",
+            stale,
+            run_dir,
+        )
 
 
 def build_network(cfg: DictConfig, num_classes: int | None) -> nn.Module:
