@@ -244,7 +244,8 @@ class ImageDataset(Dataset):
                 self._record_bad(int(j))
         raise DataError(
             f"{self.source.name}: no readable image left in class "
-            f"{self.classes[self.samples[i][1]]} ({len(members)} files, e.g. {self.samples[i][0]})"
+            f"{self.class_names[self.samples[i][1]]!r} ({len(members)} files, "
+            f"e.g. {self.samples[i][0]})"
         )
 
     def _record_bad(self, i: int) -> None:

@@ -371,5 +371,9 @@ _DIGITS = re.compile(r"(\d+)")
 
 
 def natural_key(name: str) -> tuple:
-    """Sort key that orders embedded numbers numerically (frame 9 before frame 10)."""
-    return tuple(int(t) if t.isdigit() else t for t in _DIGITS.split(name))
+    """Sort key that orders embedded numbers numerically (frame 9 before frame 10).
+
+    Names equal as numbers (``1`` and ``01``) are ordered by their text, so every list
+    of distinct names has one order, whatever order the names came in.
+    """
+    return tuple(int(t) if t.isdigit() else t for t in _DIGITS.split(name)), name
