@@ -286,6 +286,31 @@ def test_csv_missing_file_and_missing_image(tmp_path: Path) -> None:
     assert kept == 3
 
 
+def test_own_data_errors_name_dataset_file_and_never_advise_a_download(tmp_path: Path) -> None:
+    """The user's own folders and CSV files were never downloaded: no advice to do it again,
+    and a CSV is dataset.file (dataset.root is not read for dataset=csv)."""
+    file = make_csv(tmp_path / "csv", labels=(0, 1), images_per_label=2, query_gallery=False)
+    (tmp_path / "csv/images/1/0.png").unlink()
+    bad_split = _write_csv(tmp_path / "bad.csv", "path,label,split", ["a.png,1,dev"], False)
+    root = make_image_folder(tmp_path / "photos", 2, 2, size=8)
+    (root / "class_1" / "img_0.png").write_bytes(b"not an image")
+    messages = []
+    for make in (
+        lambda: CSVDataset(tmp_path / "none.csv"),
+        lambda: [CSVDataset(file, split) for split in ("train", "test")],
+        lambda: CSVDataset(bad_split),
+        lambda: ImageFolder(tmp_path / "none"),
+        lambda: [item for s in ("train", "test") for item in ImageFolder(root, s)],
+    ):
+        with pytest.raises(DataError) as e:
+            make()
+        messages.append(str(e.value))
+    assert "missing file 'none.csv'" in messages[0] and "cannot decode" in messages[4]
+    assert all("download" not in m for m in messages), messages
+    assert all("dataset.file" in m and "dataset.root" not in m for m in messages[:3])
+    assert "restore them or correct their paths" in messages[1]
+
+
 def test_csv_sequence_column_gives_tracklets(tmp_path: Path) -> None:
     header = "path,label,sequence,camera,is_query,is_gallery"
     rows = [

@@ -95,8 +95,8 @@ def cached_image(cache: ImageCache, i: int, path: str) -> torch.Tensor:
     if cache.bad[i]:
         raise BadImageError(
             f"cannot decode image {path} (found unreadable when the image cache was built); "
-            "re-download or re-extract it, or set dataset.on_bad_image=skip to use another "
-            "image of the same class instead"
+            "replace it with a good copy or remove it, or set dataset.on_bad_image=skip to use "
+            "another image of the same class instead"
         )
     return cache[i].permute(2, 0, 1)
 

@@ -147,7 +147,7 @@ class ClassSubset(DatasetView):
 
     @property
     def class_names(self) -> list[str]:
-        """Names of this view's labels (the wrapped dataset's ``class_names`` of the kept classes)."""
+        """The names of this view's labels (``class_names`` of the kept classes)."""
         names = self.dataset.class_names
         if not self.relabel:
             return list(names)
