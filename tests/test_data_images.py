@@ -133,7 +133,7 @@ def test_class_with_only_unreadable_images_is_a_clear_error(cub: Path, tmp_path:
     for f in (copy / "images/002.Fake_Bird_2").iterdir():
         f.write_bytes(b"junk")
     ds = CUB200(copy, "train", on_bad_image="skip")
-    with pytest.raises(DataError, match="no readable image left in class 2"):
+    with pytest.raises(DataError, match="no readable image left in class '002.Fake_Bird_2'"):
         ds[4]
     assert len(ds.bad_images) == 3
 

@@ -14,6 +14,7 @@ from softmine.data import CSVDataset, ImageFolder
 from softmine.data.csvlist import CSVImages, CSVTracklets, read_csv_table
 from softmine.data.custom import held_out, number_names
 from softmine.data.fakes import make_csv, make_image_folder, write_image
+from softmine.data.sources import natural_key
 from softmine.engine.embed import extract_reid_embeddings
 from softmine.engine.evaluator import Evaluator
 from softmine.errors import ConfigError, DataError
@@ -33,6 +34,16 @@ def test_integer_names_keep_their_value_others_are_numbered_naturally() -> None:
         "class10": 3,
     }
     assert number_names(["3", "x"]) == {"3": 0, "x": 1}  # mixed: all numbered
+
+
+def test_names_equal_as_numbers_stay_distinct_classes_in_one_order() -> None:
+    # "1" and "01" are two folders / two labels: two classes, numbered in natural order
+    # with ties broken by the text, whatever order the names come in
+    expected = {"01": 0, "1": 1, "002": 2, "2": 3}
+    for names in (["1", "01", "2", "002"], ["002", "2", "01", "1"], ["2", "1", "002", "01"]):
+        assert number_names(names) == expected
+        assert sorted(names, key=natural_key) == ["01", "1", "002", "2"]
+    assert number_names(["07", "8"]) == {"07": 7, "8": 8}  # distinct numbers keep their value
 
 
 def test_per_image_split_takes_the_ratio_of_every_class_with_a_fixed_seed() -> None:
@@ -104,6 +115,53 @@ def test_image_folder_query_and_gallery_roots(tmp_path: Path) -> None:
     assert q[0][1:] == (0, 0) and g[7][1:] == (3, 1)
     with pytest.raises(ConfigError, match="dataset.query_root is not set"):
         ImageFolder(train, "query")
+
+
+def test_folders_1_and_01_are_two_classes(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "photos", 3, 4, size=8, names=["1", "01", "2"])
+    for split in ("train", "test"):
+        data = ImageFolder(root, split)
+        assert data.num_classes == 3 and data.class_names == ["01", "1", "2"]
+        for path, label in data.samples:  # every image in the class of its own folder
+            assert Path(path).parent.name == data.class_names[label]
+
+
+def test_csv_labels_1_and_01_are_two_classes(tmp_path: Path) -> None:
+    file = make_csv(tmp_path, labels=("3", "03", "1", "01"), images_per_label=3)
+    train, query = CSVDataset(file, "train"), CSVDataset(file, "query")
+    assert train.class_names == ["03", "3"] and len(train) == 6
+    assert query.class_names == ["01", "1"] and len(set(query.pids.tolist())) == 2
+    for path, label in train.samples:
+        assert Path(path).parent.name == train.class_names[label]
+
+
+def test_held_out_classes_keep_their_names(tmp_path: Path) -> None:
+    from softmine.data.splits import ClassSubset
+
+    root = make_image_folder(tmp_path / "photos", 4, 2, size=8, names=["ant", "bee", "cat", "dog"])
+    data = ImageFolder(root, "train")
+    kept = ClassSubset(data, np.array([1, 3]), relabel=True)  # bee, dog -> labels 0, 1
+    assert kept.class_names == ["bee", "dog"] and kept.labels.tolist() == [0, 1]
+    assert ClassSubset(data, np.array([1, 3]), relabel=False).class_names == data.class_names
+
+
+def test_errors_name_a_class_by_its_folder_not_its_id(tmp_path: Path) -> None:
+    from softmine.engine.trainer import Trainer
+
+    root = make_image_folder(tmp_path / "photos", 3, 8, size=8, names=["ant", "bee", "cat"])
+    for path in sorted((root / "bee").iterdir())[2:]:
+        path.unlink()  # bee keeps 2 images: 1 trains, fewer than K = 2
+    cfg = compose(["dataset=imagefolder", f"dataset.root={root}", *FAST])
+    cfg.sampler.num_classes, cfg.sampler.num_samples = 2, 2
+    with pytest.raises(ConfigError, match=r"e\.g\. class 'bee'\)"):
+        Trainer(cfg, tmp_path / "run")
+    bad = ImageFolder(root, "train", on_bad_image="skip")
+    for path, _ in bad.samples:
+        if Path(path).parent.name == "cat":
+            Path(path).write_bytes(b"not an image")
+    cat = next(i for i, (p, _) in enumerate(bad.samples) if Path(p).parent.name == "cat")
+    with pytest.raises(DataError, match="no readable image left in class 'cat'"):
+        bad[cat]
 
 
 def test_label_noise_and_bad_images_work_as_for_the_published_sets(tmp_path: Path) -> None:
@@ -226,6 +284,31 @@ def test_csv_missing_file_and_missing_image(tmp_path: Path) -> None:
     assert str(tmp_path / "images/1/0.png") in errors[0]
     kept = sum(len(CSVDataset(file, s, on_bad_image="skip")) for s in ("train", "test"))
     assert kept == 3
+
+
+def test_own_data_errors_name_dataset_file_and_never_advise_a_download(tmp_path: Path) -> None:
+    """The user's own folders and CSV files were never downloaded: no advice to do it again,
+    and a CSV is dataset.file (dataset.root is not read for dataset=csv)."""
+    file = make_csv(tmp_path / "csv", labels=(0, 1), images_per_label=2, query_gallery=False)
+    (tmp_path / "csv/images/1/0.png").unlink()
+    bad_split = _write_csv(tmp_path / "bad.csv", "path,label,split", ["a.png,1,dev"], False)
+    root = make_image_folder(tmp_path / "photos", 2, 2, size=8)
+    (root / "class_1" / "img_0.png").write_bytes(b"not an image")
+    messages = []
+    for make in (
+        lambda: CSVDataset(tmp_path / "none.csv"),
+        lambda: [CSVDataset(file, split) for split in ("train", "test")],
+        lambda: CSVDataset(bad_split),
+        lambda: ImageFolder(tmp_path / "none"),
+        lambda: [item for s in ("train", "test") for item in ImageFolder(root, s)],
+    ):
+        with pytest.raises(DataError) as e:
+            make()
+        messages.append(str(e.value))
+    assert "missing file 'none.csv'" in messages[0] and "cannot decode" in messages[4]
+    assert all("download" not in m for m in messages), messages
+    assert all("dataset.file" in m and "dataset.root" not in m for m in messages[:3])
+    assert "restore them or correct their paths" in messages[1]
 
 
 def test_csv_sequence_column_gives_tracklets(tmp_path: Path) -> None:

@@ -178,6 +178,8 @@ def test_encode_labels() -> None:
     assert labels.tolist() == [3, 10, 3] and classes is None
     labels, classes = encode_labels(["dog", "cat", "dog"])
     assert classes == ["cat", "dog"] and labels.tolist() == [1, 0, 1]
+    labels, classes = encode_labels(["1", "01", "2", "1"])  # folders 1/ and 01/: two classes
+    assert classes == ["01", "1", "2"] and labels.tolist() == [1, 0, 2, 1]
 
 
 @pytest.mark.parametrize("suffix", [".npz", ".parquet"])

@@ -134,3 +134,71 @@ def test_metric_lines_and_bars_depend_on_values(tmp_path: Path) -> None:
     c = _pixels(plots.plot_metric_bars(["a", "b"], [0.9, 0.5], [0.01, 0.1], tmp_path / "c.png"))
     d = _pixels(plots.plot_metric_bars(["a", "b"], [0.5, 0.9], [0.01, 0.1], tmp_path / "d.png"))
     assert (c != d).any()
+
+
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+@pytest.fixture
+def drawn_text(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
+    """PNG file name -> every text drawn on its figure, recorded as each figure is saved."""
+    from matplotlib.figure import Figure
+    from matplotlib.text import Text
+
+    texts: dict[str, list[str]] = {}
+    save = Figure.savefig
+
+    def record(fig: Figure, path: object, *args: object, **kwargs: object) -> None:
+        texts[Path(str(path)).name] = [t.get_text() for t in fig.findobj(Text) if t.get_text()]
+        save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    return texts
+
+
+def test_grid_and_map_write_class_names_not_labels(
+    tmp_path: Path, drawn_text: dict[str, list[str]]
+) -> None:
+    images = np.zeros((4, 1, 8, 8), np.float32)
+    labels = np.array([3, 3, 7, 7])
+    names = [f"class {c}" for c in range(7)] + ["a very long class name indeed"]
+    grid = tmp_path / "g.png"
+    plots.plot_retrieval_grid(images, labels, [0], np.array([[1, 2]]), grid, class_names=names)
+    assert drawn_text["g.png"][:3] == ["query class 3", "class 3", "a very long class…"]
+    plots.plot_embedding_map(np.zeros((4, 2)), labels, tmp_path / "m.png", class_names=names)
+    assert {"class 3", "a very long class…"} <= set(drawn_text["m.png"])
+    plots.plot_embedding_map(np.zeros((4, 2)), labels, tmp_path / "n.png")  # no names: labels
+    assert {"3", "7"} <= set(drawn_text["n.png"])
+
+
+def test_a_runs_grids_and_tsne_name_the_folders(
+    tmp_path: Path, drawn_text: dict[str, list[str]]
+) -> None:
+    """Folders zero..nine are labels 0..9 in alphabetical order ("three" is 7): the plots of
+    the run must say "three", never 7."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from softmine.data import ImageFolder
+    from softmine.data.fakes import make_image_folder
+    from softmine.engine.artifacts import _plot_test_set
+
+    root = make_image_folder(tmp_path / "digits", 10, 4, size=8, names=DIGIT_NAMES)
+    test = ImageFolder(root, "test")
+    assert test.class_names[7] == "three"  # the remapping the plots must undo
+    emb = np.eye(10, dtype=np.float32)[test.labels] + 0.01 * np.arange(len(test))[:, None]
+    trainer = SimpleNamespace(
+        state=SimpleNamespace(step=5),
+        test_embeddings=(5, emb, test.labels),
+        cfg=OmegaConf.create({"seed": 0}),
+    )
+    _plot_test_set(trainer, tmp_path / "plots", test)
+    for grid in ("retrieval_grid.png", "retrieval_grid_worst.png"):
+        captions = [t for t in drawn_text[grid] if t not in ("same class", "other class")]
+        captions = [t for t in captions if not t.startswith("lowest AP@R")]
+        queries = [t.removeprefix("query ") for t in captions if t.startswith("query ")]
+        assert len(queries) == 6 and len(captions) == 36  # 6 queries x (itself + 5 results)
+        assert set(queries) <= set(DIGIT_NAMES)
+        assert set(captions) - {f"query {n}" for n in DIGIT_NAMES} <= set(DIGIT_NAMES)
+    assert set(DIGIT_NAMES) <= set(drawn_text["tsne.png"])  # the legend

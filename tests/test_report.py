@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from softmine import html_report
 from softmine.report import REFERENCE_SOURCE, aggregate, load_runs, main, report, to_markdown
 
 LOSSES = ("contrastive", "osm_caa")
@@ -138,3 +140,37 @@ def test_run_plots_are_drawn_from_the_files_a_run_leaves(tmp_path: Path) -> None
     report([run], out=tmp_path / "out", run_plots=True)
     assert (run / "plots" / "training_curves.png").stat().st_size > 0
     assert (run / "plots" / "attention.png").stat().st_size > 0
+
+
+def _links(page: str) -> list[str]:
+    return re.findall(r'<a href="([^"#][^"]*)"', page)
+
+
+def test_a_run_folders_own_page_is_never_overwritten(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = tmp_path / "outputs" / "run"
+    _write_run(run, ["loss=osm_caa"], {"map@r": 0.5, "recall@1": 0.75})
+    own = html_report.write_run_report(run).read_bytes()  # what the run wrote at its end
+    assert main([str(run)]) == 0
+    assert "| digits | 1 | 0.7500 | 0.5000 |" in capsys.readouterr().out
+    assert (run / "report.html").read_bytes() == own
+    summary = (run / "summary" / "report.html").read_text()
+    assert _links(summary) == ["../report.html"]  # the run's page, not itself
+    assert (run / "summary" / "report.md").is_file()
+    with pytest.raises(SystemExit) as e:  # nothing is written into a run folder
+        main([str(tmp_path / "outputs"), "-o", str(run)])
+    assert e.value.code == 2 and "is a run folder" in capsys.readouterr().err
+    assert (run / "report.html").read_bytes() == own and not (run / "report.md").exists()
+
+
+def test_a_sweep_page_never_links_to_itself(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _write_run(run, ["loss=osm_caa"], {"map@r": 0.5})
+    html_report.write_run_report(run)
+    runs = load_runs([run])
+    page = html_report.sweep_report_html(pd.DataFrame({"n": [1]}), runs, [], [], out=run)
+    assert _links(page) == []
+    assert _links(html_report.sweep_report_html(pd.DataFrame(), runs, [], [], out=tmp_path)) == [
+        "run/report.html"
+    ]

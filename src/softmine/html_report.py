@@ -355,7 +355,8 @@ def sweep_report_html(
         runs: one row per run (``run``, ``status``), as :func:`softmine.report.load_runs`.
         images: PNG files to inline, in order.
         intro: sentences shown above the table.
-        out: the folder the page is written to (links to the runs are relative to it).
+        out: the folder the page is written to (links to the runs are relative to it; a
+            run's page that would be this page itself gets no link).
         right: columns to right-align (the metrics).
     """
     out = Path(out)
@@ -368,10 +369,11 @@ def sweep_report_html(
         body.append('<h2 id="plots">Plots</h2>')
         body.extend(_figure(p, p.stem.replace("_", " "), p.name) for p in pngs)
     body.append('<h2 id="runs">Runs</h2><ul>')
+    itself = (out / REPORT_FILE).resolve()
     for _, r in runs.iterrows():
         run = Path(r["run"])
         label = f"<code>{_esc(run)}</code> ({_esc(r['status'])})"
-        if (run / REPORT_FILE).is_file():
+        if (run / REPORT_FILE).is_file() and (run / REPORT_FILE).resolve() != itself:
             href = Path(_relative(run / REPORT_FILE, out)).as_posix()
             label = f'<a href="{_esc(href)}">{label}</a>'
         body.append(f"<li>{label}</li>")

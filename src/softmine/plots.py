@@ -37,6 +37,20 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
+#: Class names longer than this are shortened (with an ellipsis) under a grid tile.
+MAX_NAME = 18
+
+
+def class_name(label: object, class_names: Sequence[str] | None, limit: int | None = None) -> str:
+    """How a label shows on a plot: its class name when the data name their classes, else the label.
+
+    ``class_names[label]`` is the name of label ``label`` (a dataset's ``class_names``);
+    names longer than ``limit`` end in an ellipsis.
+    """
+    name = str(class_names[int(label)]) if class_names is not None else str(label)
+    return name if limit is None or len(name) <= limit else name[: limit - 1] + "…"
+
+
 def _class_colors(n: int) -> list:
     from matplotlib import colormaps
 
@@ -138,11 +152,12 @@ def plot_retrieval_grid(
     path: str | Path,
     tile: int = 64,
     title: str | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> Path:
     """Queries (first column, blue frame) and their nearest results, framed green (same class) or red.
 
     The grid is one mosaic image (fast to draw): every item is scaled by nearest
-    neighbour to about ``tile`` pixels and framed; its label is written above it.
+    neighbour to about ``tile`` pixels and framed; its class is written above it.
 
     Args:
         images: item index -> image, (C, H, W) or (H, W) in [0, 1] (or 0..255).
@@ -150,6 +165,8 @@ def plot_retrieval_grid(
         queries: (q,) item indices of the queries.
         neighbours: (q, k) item indices of each query's results, nearest first.
         title: a line above the grid.
+        class_names: name of every label (``class_names[label]``), written instead of the
+            label; None: the labels are their own names.
     """
     from matplotlib.colors import to_rgb
 
@@ -178,7 +195,8 @@ def plot_retrieval_grid(
             mosaic[top + border : top + cell_h - border, left + border : left + cell_w - border] = (
                 img
             )
-            name = f"query {labels[item]}" if col == 0 else str(labels[item])
+            name = class_name(labels[item], class_names, MAX_NAME)
+            name = f"query {name}" if col == 0 else name
             notes.append((left + cell_w / 2, top - 1, name, color))
     title_in = 0.25 if title else 0.0  # inches above the grid for the title
     height = mosaic.shape[0] / DPI * 1.3 + 0.3 + title_in
@@ -217,9 +235,16 @@ def tsne_map(
 
 
 def plot_embedding_map(
-    points: np.ndarray, labels: np.ndarray, path: str | Path, title: str = "t-SNE of embeddings"
+    points: np.ndarray,
+    labels: np.ndarray,
+    path: str | Path,
+    title: str = "t-SNE of embeddings",
+    class_names: Sequence[str] | None = None,
 ) -> Path:
-    """Scatter of 2-D points (n, 2) coloured by class; a legend when there are at most 20 classes."""
+    """Scatter of 2-D points (n, 2) coloured by class; a legend when there are at most 20 classes.
+
+    The legend names a class ``class_names[label]`` when given, else by its label.
+    """
     points, labels = np.asarray(points), np.asarray(labels)
     if points.ndim != 2 or points.shape[1] != 2 or len(points) != len(labels):
         raise ValueError(
@@ -231,7 +256,8 @@ def plot_embedding_map(
     ax = fig.subplots()
     for c, color in zip(classes, colors, strict=True):
         sel = labels == c
-        ax.scatter(points[sel, 0], points[sel, 1], s=6, color=color, label=str(c))
+        name = class_name(c, class_names, MAX_NAME)
+        ax.scatter(points[sel, 0], points[sel, 1], s=6, color=color, label=name)
     if len(classes) <= 20:
         ax.legend(fontsize=6, markerscale=2, loc="best", ncol=2)
     ax.set_xticks([])

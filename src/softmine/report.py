@@ -26,10 +26,12 @@ configuration and seed are also scored together, their test embeddings concatena
 second table lists every fold's model: its validation, final test and
 validation-selected test metric.
 
-Written to OUT (default: PATH when one folder is given, else ``./report``):
-``report.md`` (also printed), ``report.csv``, ``report.html`` (the table, the plots
-and a link to each run's own report, in one self-contained page:
-:mod:`softmine.html_report`), and PNG plots: the main metric
+Written to OUT (default: PATH when one folder is given, ``PATH/summary`` when that
+folder is a run folder, else ``./report``): ``report.md`` (also printed),
+``report.csv``, ``report.html`` (the table, the plots and a link to each run's own
+report, in one self-contained page: :mod:`softmine.html_report`), and PNG plots.
+OUT is never a run folder: the ``report.html`` there is the run's own page, written
+by the run, and stays as it is (``-o RUN`` is refused). The plots: the main metric
 against a numeric swept key with error bars, one line per configuration of the
 other keys (or one bar per configuration when no numeric key varies), the same
 for ``attention_auc`` when runs have it, and the mean training loss per epoch.
@@ -89,7 +91,7 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
         path = Path(raw)
         if not path.exists():
             raise DataError(f"{path} does not exist; give a run folder or a sweep folder")
-        if (path / ".hydra" / "overrides.yaml").is_file():
+        if is_run_folder(path):
             runs = [path]
         else:
             runs = sorted(
@@ -107,6 +109,28 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
             )
         found.extend(r for r in runs if r not in found)
     return found
+
+
+def is_run_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a run folder (it holds ``.hydra/overrides.yaml``)."""
+    return (Path(path) / ".hydra" / "overrides.yaml").is_file()
+
+
+def output_folder(paths: Sequence[str | Path], out: str | Path | None) -> Path:
+    """Where :func:`report` writes: ``out``, else the one folder given (``RUN/summary`` for a
+    run folder), else ``./report``. A run folder is refused: its ``report.html`` is the run's own.
+    """
+    if out is None:
+        if len(paths) == 1 and Path(paths[0]).is_dir():
+            one = Path(paths[0])
+            return one / "summary" if is_run_folder(one) else one
+        return Path("report")
+    if is_run_folder(out):
+        raise ConfigError(
+            f"-o {out} is a run folder, and its report.html is that run's own page; write the "
+            f"report to another folder, e.g. -o {Path(out) / 'summary'}"
+        )
+    return Path(out)
 
 
 def _natural_key(path: Path) -> list[Any]:
@@ -572,12 +596,10 @@ def report(
 
     Returns ``(table with reference rows, markdown, written files)``.
     """
+    out = output_folder(paths, out)
     runs = load_runs(paths)
     notes = add_fold_ensembles(runs)
     table = with_references(aggregate(runs, metrics, ignore))
-    if out is None:
-        out = paths[0] if len(paths) == 1 and Path(paths[0]).is_dir() else "report"
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     used = table.attrs["metrics"]
     n_ok = int((runs["status"] == STATUS_OK).sum())
@@ -638,7 +660,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=version_line("softmine-report"))
     p.add_argument("paths", nargs="+", help="run folders, sweep folders, or folders above them")
-    p.add_argument("-o", "--out", help="output folder (default: PATH if one folder, else ./report)")
+    p.add_argument(
+        "-o",
+        "--out",
+        help="output folder, not a run folder (default: PATH if one folder, PATH/summary if "
+        "that is a run folder, else ./report)",
+    )
     p.add_argument("--metrics", nargs="+", help="metrics to show (default: all in metrics.json)")
     p.add_argument("--x", help="numeric override to plot against (default: the first that varies)")
     p.add_argument(

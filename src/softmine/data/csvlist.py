@@ -3,7 +3,7 @@
 The file has a header row and these columns (any order, extra columns ignored)::
 
     path        image file, relative to the CSV's folder (or absolute)       required
-    label       class / identity name; integers keep their value as the id   required
+    label       class / identity name (``1`` and ``01`` are two classes)        required
     split       train | test (OML's "validation" = test)                     optional
     is_query    1/0, true/false, yes/no: the row is a query (test rows)      optional
     is_gallery  the same for the gallery                                     optional

@@ -3,12 +3,15 @@
 Shared by :class:`~softmine.data.imagefolder.ImageFolder` and the CSV lists of
 :mod:`softmine.data.csvlist`, so both number classes and split them the same way.
 
-Ids (:func:`number_names`): when every class name is an integer (``0``, ``17``,
-``-1``), the id *is* that integer, so 0-based and 1-based identities keep their
-values (what ``dataset.junk_pids`` / ``dataset.distractor_pids`` and the re-ID
-evaluation see); otherwise classes are numbered ``0..C-1`` in natural sort order of
-their names (``class2`` before ``class10``). Training labels are always remapped to
-``0..C-1`` by the dataset.
+Ids (:func:`number_names`): a class is its name, and distinct names are distinct
+classes. When every class name is an integer (``0``, ``17``, ``-1``) and no two
+names are the same number, the id *is* that integer, so 0-based and 1-based
+identities keep their values (what ``dataset.junk_pids`` /
+``dataset.distractor_pids`` and the re-ID evaluation see); otherwise (other names,
+or ``1`` beside ``01``) classes are numbered ``0..C-1`` in natural sort order of
+their names (``class2`` before ``class10``; ``01`` before ``1``). Training labels
+are always remapped to ``0..C-1`` by the dataset, and it keeps every name
+(``class_names``) for messages, reports and saved embeddings.
 
 Train/test (:func:`held_out`), when the data do not say it themselves:
 
@@ -24,6 +27,7 @@ Train/test (:func:`held_out`), when the data do not say it themselves:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -32,20 +36,19 @@ from softmine.data.sources import natural_key
 from softmine.errors import ConfigError
 
 SPLIT_BY = ("images", "classes")
-
-
-def _is_int(name: str) -> bool:
-    try:
-        int(name)
-    except ValueError:
-        return False
-    return True
+_INTEGER = re.compile(r"-?[0-9]+")
 
 
 def number_names(names: Iterable[str]) -> dict[str, int]:
-    """Class name -> id: the integer itself if all names are integers, else natural-sort rank."""
+    """Class name -> id, one id per distinct name (module docstring).
+
+    The integer itself when every name is an integer and no two are the same number
+    (``1`` and ``01`` are two classes, so they are numbered instead); else the rank
+    of the name in natural sort order.
+    """
     unique = sorted(set(names), key=natural_key)
-    if unique and all(_is_int(n) for n in unique):
+    values = {int(n) for n in unique if _INTEGER.fullmatch(n)}
+    if unique and len(values) == len(unique):
         return {n: int(n) for n in unique}
     return {n: i for i, n in enumerate(unique)}
 

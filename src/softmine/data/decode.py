@@ -93,8 +93,8 @@ def _pillow_rgb(data: bytes, path: str) -> Image.Image:
 
 def _undecodable(path: str, error: Exception) -> BadImageError:
     return BadImageError(
-        f"cannot decode image {path} ({error}); re-download or re-extract it, or set "
-        "dataset.on_bad_image=skip to use another image of the same class instead"
+        f"cannot decode image {path} ({error}); replace it with a good copy or remove it, or "
+        "set dataset.on_bad_image=skip to use another image of the same class instead"
     )
 
 

@@ -1,9 +1,11 @@
 """Your own images in class folders: ``ROOT/CLASS/*.jpg`` (torchvision's ImageFolder layout).
 
 Every sub-folder of ``root`` is a class; every image file below it (any depth,
-extensions :data:`IMAGE_EXTENSIONS`, any case) is an image of that class. Class
+extensions :data:`IMAGE_EXTENSIONS`, any case) is an image of that class; folders
+with different names are different classes (``1`` and ``01`` are two). Class
 names become ids as :mod:`softmine.data.custom` says (integer names keep their
-value, others are numbered in natural order), the same way in every folder given.
+value unless two are the same number, others are numbered in natural order), the
+same way in every folder given.
 
 Train / test:
 

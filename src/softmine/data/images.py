@@ -95,8 +95,8 @@ def cached_image(cache: ImageCache, i: int, path: str) -> torch.Tensor:
     if cache.bad[i]:
         raise BadImageError(
             f"cannot decode image {path} (found unreadable when the image cache was built); "
-            "re-download or re-extract it, or set dataset.on_bad_image=skip to use another "
-            "image of the same class instead"
+            "replace it with a good copy or remove it, or set dataset.on_bad_image=skip to use "
+            "another image of the same class instead"
         )
     return cache[i].permute(2, 0, 1)
 
@@ -244,7 +244,8 @@ class ImageDataset(Dataset):
                 self._record_bad(int(j))
         raise DataError(
             f"{self.source.name}: no readable image left in class "
-            f"{self.classes[self.samples[i][1]]} ({len(members)} files, e.g. {self.samples[i][0]})"
+            f"{self.class_names[self.samples[i][1]]!r} ({len(members)} files, "
+            f"e.g. {self.samples[i][0]})"
         )
 
     def _record_bad(self, i: int) -> None:

@@ -41,6 +41,8 @@ class PKSampler(Sampler[list[int]]):
         split_across_ranks: instead, every rank takes P / world_size whole classes of
             every batch (rank r the r-th block of K-groups), so the ranks together
             train on the one-process batches; P must be divisible by world_size.
+        class_names: name of every label ``0..C-1`` (the dataset's ``class_names``), so an
+            error names a class as the data do; None: by its label.
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class PKSampler(Sampler[list[int]]):
         rank: int = 0,
         world_size: int = 1,
         split_across_ranks: bool = False,
+        class_names: Sequence[str] | None = None,
     ) -> None:
         labels = np.asarray(labels)
         if num_classes < 1 or num_samples < 1:
@@ -73,9 +76,10 @@ class PKSampler(Sampler[list[int]]):
             )
         small = classes[counts < num_samples]
         if len(small) and not allow_replacement:
+            name = repr(class_names[int(small[0])]) if class_names is not None else small[0]
             raise ConfigError(
                 f"{len(small)} of {len(classes)} training classes have fewer than "
-                f"K={num_samples} samples (smallest has {counts.min()}, e.g. class {small[0]}); "
+                f"K={num_samples} samples (smallest has {counts.min()}, e.g. class {name}); "
                 f"lower sampler.num_samples or set sampler.allow_replacement=true"
             )
         if not 0 <= rank < world_size:

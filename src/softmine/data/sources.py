@@ -30,6 +30,7 @@ class Source:
         url: where the publisher distributes it (empty for the user's own data).
         layout: the expected files under ``dataset.root``, in one line.
         stats: the published counts that :mod:`softmine.data.check` compares against.
+        key: the config key that points to the data: ``root`` (a folder) or ``file`` (CSV).
     """
 
     name: str
@@ -38,6 +39,12 @@ class Source:
     url: str
     layout: str
     stats: dict[str, int] = field(default_factory=dict)
+    key: str = "root"
+
+    @property
+    def own(self) -> bool:
+        """The user's own data (no publisher): nothing to download again."""
+        return not self.url
 
     def where(self) -> str:
         """The end of every data error: expected layout and where the set is published."""
@@ -48,8 +55,9 @@ class Source:
             else ""
         )
         return (
-            f"Expected layout: dataset.root (default {self.folder}, relative to the "
-            f"directory the command is launched from) holds {self.layout}. {published}"
+            f"Expected layout: dataset.{self.key} (default {self.folder}, relative to the "
+            f"directory the command is launched from) {'is' if self.key == 'file' else 'holds'} "
+            f"{self.layout}. {published}"
             f"Check a copy with `python scripts/check_data.py {self.config} ROOT`."
         )
 
@@ -238,9 +246,10 @@ CSV_SOURCE = Source(
     folder="data/dataset.csv",
     url="",
     layout=(
-        "a CSV file (dataset.file) with a header and the columns path,label and optionally "
+        "a CSV file with a header and the columns path,label and optionally "
         "split,is_query,is_gallery,camera,sequence; paths relative to the CSV's folder"
     ),
+    key="file",
 )
 
 SOURCES: dict[str, Source] = {
@@ -296,9 +305,18 @@ def require_any(source: Source, candidates: Sequence[Path], what: str = "file") 
 
 def missing_files(source: Source, paths: Sequence[str], listed_in: str) -> DataError:
     """The error for files that an index lists but that are not on disk."""
+    if not source.own:
+        why = "the download or extraction is incomplete"
+    elif source.key == "file":
+        why = (
+            "restore them or correct their paths (relative to the CSV's folder), or set "
+            "dataset.on_bad_image=skip to leave them out"
+        )
+    else:
+        why = "they were moved or deleted while the folders were read; restore them"
     return DataError(
         f"{source.name}: {len(paths)} file(s) listed in {listed_in} are missing, "
-        f"e.g. {paths[0]}; the download or extraction is incomplete. {source.where()}"
+        f"e.g. {paths[0]}; {why}. {source.where()}"
     )
 
 
@@ -371,5 +389,9 @@ _DIGITS = re.compile(r"(\d+)")
 
 
 def natural_key(name: str) -> tuple:
-    """Sort key that orders embedded numbers numerically (frame 9 before frame 10)."""
-    return tuple(int(t) if t.isdigit() else t for t in _DIGITS.split(name))
+    """Sort key that orders embedded numbers numerically (frame 9 before frame 10).
+
+    Names equal as numbers (``1`` and ``01``) are ordered by their text, so every list
+    of distinct names has one order, whatever order the names came in.
+    """
+    return tuple(int(t) if t.isdigit() else t for t in _DIGITS.split(name)), name

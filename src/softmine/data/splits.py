@@ -121,7 +121,7 @@ class ClassSubset(DatasetView):
         original_labels: (n,) the wrapped dataset's labels of the kept items.
     """
 
-    OWN = frozenset({"dataset", "index", "classes", "labels", "original_labels"})
+    OWN = frozenset({"dataset", "index", "classes", "labels", "original_labels", "relabel"})
 
     def __init__(self, dataset: Any, classes: np.ndarray, relabel: bool = True) -> None:
         if not hasattr(dataset, "labels"):
@@ -139,10 +139,19 @@ class ClassSubset(DatasetView):
         object.__setattr__(self, "classes", classes)
         object.__setattr__(self, "original_labels", original)
         object.__setattr__(self, "labels", labels.astype(np.int64))
+        object.__setattr__(self, "relabel", bool(relabel))
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def class_names(self) -> list[str]:
+        """The names of this view's labels (``class_names`` of the kept classes)."""
+        names = self.dataset.class_names
+        if not self.relabel:
+            return list(names)
+        return [names[int(c)] for c in self.classes]
 
     def __len__(self) -> int:
         return len(self.index)

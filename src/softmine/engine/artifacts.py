@@ -257,6 +257,7 @@ def _plot_test_set(trainer: Any, out: Path, test_set: Any) -> None:
             batch_size=int(trainer.cfg.trainer.eval_batch_size),
             num_workers=_num_workers(trainer),
         )
+    names = class_names(test_set)
     ks = [k for k in RECALL_KS if k < len(labels)]
     _attempt(
         "recall_at_k",
@@ -269,7 +270,9 @@ def _plot_test_set(trainer: Any, out: Path, test_set: Any) -> None:
     def tsne() -> None:
         points, index = plots.tsne_map(emb, TSNE_POINTS, seed=seed)
         title = f"t-SNE of {len(index)} test embeddings"
-        plots.plot_embedding_map(points, labels[index], out / "tsne.png", title=title)
+        plots.plot_embedding_map(
+            points, labels[index], out / "tsne.png", title=title, class_names=names
+        )
 
     _attempt("tsne", tsne)
     first = test_set[0][0]
@@ -278,11 +281,31 @@ def _plot_test_set(trainer: Any, out: Path, test_set: Any) -> None:
         return
     rng = np.random.default_rng(seed)
     queries = np.sort(rng.choice(len(emb), size=min(GRID_QUERIES, len(emb)), replace=False))
-    _attempt("retrieval_grid", _retrieval_grid, test_set, emb, labels, queries, out, "")
-    _attempt("retrieval_grid_worst", _worst_queries_grid, test_set, emb, labels, out)
+    _attempt(
+        "retrieval_grid", _retrieval_grid, test_set, emb, labels, queries, out, "", None, names
+    )
+    _attempt("retrieval_grid_worst", _worst_queries_grid, test_set, emb, labels, out, names)
 
 
-def _worst_queries_grid(test_set: Any, emb: np.ndarray, labels: np.ndarray, out: Path) -> None:
+def class_names(dataset: Any) -> list[str] | None:
+    """The names of a dataset's labels (its ``class_names``, e.g. the folder names), or None.
+
+    None where the labels are their own names (digits) or the dataset does not say them.
+    A ``torch.utils.data.Subset`` shows its dataset's names (it keeps the labels).
+    """
+    names = getattr(dataset, "class_names", None)
+    if names is None and isinstance(dataset, Subset):
+        return class_names(dataset.dataset)
+    return None if names is None else [str(n) for n in names]
+
+
+def _worst_queries_grid(
+    test_set: Any,
+    emb: np.ndarray,
+    labels: np.ndarray,
+    out: Path,
+    names: list[str] | None = None,
+) -> None:
     """The retrieval grid of the queries with the lowest AP@R (the per-query term of MAP@R)."""
     from softmine.evaluation import average_precision_at_r
 
@@ -293,7 +316,7 @@ def _worst_queries_grid(test_set: Any, emb: np.ndarray, labels: np.ndarray, out:
         log.info("plot retrieval_grid_worst skipped: no query has another item of its class")
         return
     title = "lowest AP@R: " + ", ".join(f"{ap[q]:.2f}" for q in queries)
-    _retrieval_grid(test_set, emb, labels, queries, out, "_worst", title)
+    _retrieval_grid(test_set, emb, labels, queries, out, "_worst", title, names)
 
 
 def _retrieval_grid(
@@ -304,6 +327,7 @@ def _retrieval_grid(
     out: Path,
     suffix: str,
     title: str | None = None,
+    names: list[str] | None = None,
 ) -> None:
     """``retrieval_grid{suffix}.png``: the given test queries and their nearest neighbours."""
     from softmine import plots
@@ -315,4 +339,6 @@ def _retrieval_grid(
     neighbours = np.argsort(-sims, axis=1, kind="stable")[:, :k]
     items = {int(i): test_set[int(i)][0].numpy() for i in {*queries, *neighbours.ravel()}}
     path = out / f"retrieval_grid{suffix}.png"
-    plots.plot_retrieval_grid(items, labels, queries, neighbours, path, title=title)
+    plots.plot_retrieval_grid(
+        items, labels, queries, neighbours, path, title=title, class_names=names
+    )

@@ -231,7 +231,12 @@ class Trainer:
             else {}
         )
         self.sampler = build(
-            cfg.sampler, "sampler", labels=labels, seed=int(cfg.seed), **shard_args
+            cfg.sampler,
+            "sampler",
+            labels=labels,
+            seed=int(cfg.seed),
+            class_names=getattr(self.train_set, "class_names", None),
+            **shard_args,
         )
         self.batches_per_epoch = len(self.sampler)
         if self.batches_per_epoch == 0:

@@ -93,9 +93,11 @@ def read_image_list(file: str | Path) -> ImageList:
 
 
 def encode_labels(names: Sequence[str]) -> tuple[np.ndarray, list[str] | None]:
-    """Integer labels of label names: the integers themselves when every name is one, else
-    the index of the name in the sorted list of names (returned as ``classes``)."""
-    if all(INTEGER.match(n) for n in names):
+    """Integer labels of label names: the integers themselves when every name is one and no
+    two names are the same number, else the index of the name in the sorted list of names
+    (returned as ``classes``; ``1`` and ``01`` are two classes)."""
+    unique = set(names)
+    if all(INTEGER.match(n) for n in unique) and len({int(n) for n in unique}) == len(unique):
         return np.array([int(n) for n in names], dtype=np.int64), None
     classes = sorted(set(names))
     return np.searchsorted(np.array(classes), np.array(names)).astype(np.int64), classes
