@@ -143,6 +143,16 @@ def test_skip_lists_them_and_leaves_their_items_out_of_every_evaluation_split(
     assert train_file in file_check.known_bad(train)  # training skips it without retrying
 
 
+def test_a_missing_test_image_is_counted_and_listed_too(fakes: Path, tmp_path: Path) -> None:
+    where = _copy(fakes, "cub", tmp_path)
+    gone = _cub_files(Path(where), "test")[0]
+    gone.unlink()
+    _, train, evaluator = _sets("cub", where, "skip")  # dropped when the split is built
+    evaluator.check_files(train, tmp_path / "bad_images.txt")
+    assert evaluator.dropped_counts() == {"dropped_items/test": 1}
+    assert (tmp_path / "bad_images.txt").read_text() == f"{gone}\tdoes not exist\n"
+
+
 def test_a_bad_frame_keeps_its_tracklet_in_the_evaluation(fakes: Path, tmp_path: Path) -> None:
     where = _copy(fakes, "mars", tmp_path)
     _, train, evaluator = _sets("mars", where, "skip")
@@ -172,17 +182,19 @@ def test_check_files_can_be_switched_off(fakes: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "bad_images.txt").exists()
 
 
+@pytest.mark.parametrize("name", ["cub", "mars"])
 def test_files_of_a_built_cache_are_not_read_again(
-    fakes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    fakes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
 ) -> None:
-    where = _copy(fakes, "cub", tmp_path)
-    bad = sorted(Path(where, "images").rglob("*.jpg"))[1]  # id 2: the train split
-    _break([str(bad)])
-    _, train, evaluator = _sets("cub", where, "skip", "dataset.cache=ram", "dataset.cache_size=8")
+    where = _copy(fakes, name, tmp_path)
+    _, train, _ = _sets(name, where, "skip")
+    bad = item_files(train)[1][-1]  # a training image, or the last frame of a tracklet
+    _break([bad])
+    _, train, evaluator = _sets(name, where, "skip", "dataset.cache=ram")
     calls: list[str] = []
     monkeypatch.setattr(file_check, "image_header", lambda p: calls.append(p))
     evaluator.check_files(train, tmp_path / "bad_images.txt")
-    assert calls == []
+    assert calls == []  # the cache's build read every file already
     assert (tmp_path / "bad_images.txt").read_text() == f"{bad}\t{file_check.CACHED}\n"
 
 

@@ -55,6 +55,7 @@ from softmine.data.file_check import (
     known_bad,
     unreadable_items,
 )
+from softmine.data.images import ImageDataset
 from softmine.data.splits import ValidationSplit
 from softmine.engine.distributed import DistEnv, gather_shards, shard
 from softmine.engine.embed import extract_embeddings, extract_reid_embeddings
@@ -202,12 +203,7 @@ class Evaluator:
             self.query_set = build(d.query, "dataset.query")
             self.gallery_set = build(d.gallery, "dataset.gallery")
         self.listing: Path | None = None  # the run's bad_images.txt, once check_files set it
-        # items left out per split: the missing files a test split dropped when it was built
-        # count (the validation reading's are the training split's, not only its classes')
-        self.dropped = {
-            name: 0 if name.startswith("val") else len(known_bad(self._split(name)))
-            for name in self._slots()
-        }
+        self.dropped = {name: self._missing_items(name) for name in self._slots()}
 
     # ---------------------------------------------------------------- unreadable items
     def _slots(self) -> dict[str, tuple[Any, str]]:
@@ -222,6 +218,14 @@ class Evaluator:
         elif val is not None:
             slots.update(val_query=(val, "query"), val_gallery=(val, "gallery"))
         return slots
+
+    def _missing_items(self, name: str) -> int:
+        """Items split ``name`` dropped when it was built: its missing image files (one an
+        item; none counted for the validation reading, whose are the whole training split's)."""
+        base = base_dataset(self._split(name))
+        if name.startswith("val") or not isinstance(base, ImageDataset):
+            return 0
+        return len(base.bad_images)
 
     def _split(self, name: str) -> Any:
         holder, attr = self._slots()[name]
