@@ -171,7 +171,7 @@ def test_unreadable_image_stops_the_build_or_is_replaced_within_its_class(
     img, label = ds[1]
     assert label == 0 and torch.equal(img, _decoded(ds.samples[2][0], 24))  # the next of class 1
     assert ds.bad_images == {str(bad)}
-    assert log_file.read_text() == f"{bad}\n"
+    assert log_file.read_text() == f"{bad}\tfound unreadable when the image cache was built\n"
     if mode == "disk":  # reused under `error`: the unreadable entry is named again
         with pytest.raises(BadImageError, match="cannot decode image") as e:
             CUB200(root, "train", cache=mode, cache_size=24)

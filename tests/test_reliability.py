@@ -290,6 +290,7 @@ def test_corrupt_training_image_is_named_or_skipped_and_reported(tmp_path: Path)
         tmp_path,
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "1 unreadable training files were skipped" in res.stdout
-    assert (run_dir / "bad_images.txt").read_text() == f"{bad}\n"
+    assert "1 unreadable image files were skipped" in res.stdout
+    reason = "not an image file Pillow can identify (unknown format or damaged header)"
+    assert (run_dir / "bad_images.txt").read_text() == f"{bad}\t{reason}\n"
     assert (run_dir / "metrics.json").exists()

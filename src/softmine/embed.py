@@ -83,7 +83,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             loaded, images, on_bad_image=args.on_bad_image, source=source, **common
         )
     else:
-        result = embed_split(loaded, args.dataset_split, root=args.dataset_root, **common)
+        result = embed_split(
+            loaded,
+            args.dataset_split,
+            root=args.dataset_root,
+            on_bad_image=args.on_bad_image,
+            **common,
+        )
     save_embeddings(result.embeddings, out)
     emb = result.embeddings
     labels = "with labels" if emb.labels is not None else "without labels"

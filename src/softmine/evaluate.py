@@ -98,10 +98,14 @@ def evaluate_embeddings_file(
 def evaluate_checkpoint(path: Path, device: str = "auto") -> dict[str, float]:
     """Rebuild the model and evaluation split(s) from the checkpoint's config and evaluate it.
 
-    Uses the run's own protocol: leave-one-out retrieval, or re-ID query/gallery.
+    Uses the run's own protocol: leave-one-out retrieval, or re-ID query/gallery. Under the
+    run's ``data.on_bad_image=skip`` an unreadable item is left out and counted
+    (``dropped_items/<split>``), as in training.
     """
     loaded = load_model(path, device)
-    return Evaluator(loaded.config, loaded.device).evaluate(loaded.model)
+    evaluator = Evaluator(loaded.config, loaded.device)
+    metrics = evaluator.evaluate(loaded.model)
+    return {**metrics, **evaluator.dropped_counts()}  # dropped_items/*, as in metrics.json
 
 
 def _id_list(option: str, text: str) -> tuple[int, ...]:

@@ -24,9 +24,11 @@ several jobs) take a file lock; one builds, the others wait and map its result.
 
 Building decodes in parallel threads (torchvision, Pillow and torch release the GIL), one per
 available CPU, with a progress bar on a terminal and one log line at the end.
-Unreadable images follow ``on_bad_image``: ``error`` stops the build naming the file
-(nothing is written); ``skip`` stores an empty entry that the dataset replaces like
-any unreadable file (:mod:`softmine.data.images`).
+Unreadable images follow ``on_bad_image``: ``error`` stops the build after the header
+pass, before any image is decoded, naming every file whose header is unreadable (nothing is
+written); ``skip`` stores an empty entry that the dataset treats like any unreadable file
+(:mod:`softmine.data.images`). The temporary files of a build that was killed are deleted
+by the next build of the same split and size.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ CACHE_MODES = ("none", "ram", "disk")
 CACHE_FOLDER = "cache"  # under the dataset root, unless dataset.cache_dir says otherwise
 FORMAT = 1  # bump when the stored layout changes: every disk cache is rebuilt
 BLOCK = 32  # images decoded per thread task
+SHOWN_BAD = 5  # unreadable files named in full in an error
 
 Size = int | tuple[int, int]
 Box = tuple[float, float, float, float]
@@ -210,6 +213,7 @@ def build_cache(
     index = folder / f"{prefix}-{key[:16]}.index.npz"
     _make_folder(folder)
     with _locked(folder / f"{prefix}.lock"):
+        _remove_temporary(folder, prefix)
         if not index.exists():
             _remove_stale(folder, prefix, keep=index)
             cache = _build(files, size, on_bad_image, threads, name, target=index)
@@ -257,6 +261,20 @@ def _remove_stale(folder: Path, prefix: str, keep: Path) -> None:
             log.info("removing the stale image cache %s (its files, size or decoder changed)", old)
             _pixels_file(old).unlink(missing_ok=True)
             old.unlink(missing_ok=True)
+    for pixels in folder.glob(f"{prefix}-*.pixels"):  # a build killed between its two renames
+        if pixels != _pixels_file(keep):
+            log.info("removing %s, an image cache without its index", pixels)
+            pixels.unlink(missing_ok=True)
+
+
+def _remove_temporary(folder: Path, prefix: str) -> None:
+    """Delete the temporary files a killed build of this split and size left (pixels, index).
+
+    Called under the split's lock, so no live builder of these files can be writing them.
+    """
+    for tmp in folder.glob(f"{prefix}-*.tmp*"):
+        log.info("removing %s, left by an image cache build that did not finish", tmp)
+        tmp.unlink(missing_ok=True)
 
 
 def _open(index: Path) -> ImageCache:
@@ -281,22 +299,22 @@ def _check_bad(
         raise BadImageError(
             f"cannot decode image {first} ({len(bad)} unreadable when the image cache {index} "
             "was built); fix the file and delete that cache, or set "
-            "dataset.on_bad_image=skip to use another image of the same class instead"
+            "data.on_bad_image=skip to leave it out",
+            first,
+            "found unreadable when the image cache was built",
         )
     log.warning("%d cached images were unreadable (e.g. %s); they are skipped", len(bad), first)
 
 
-def _header_shape(path: str, box: Box | None) -> tuple[int, int] | None:
-    """(height, width) the decoded (cropped) image will have, from the file header; None if unreadable."""
-    from PIL import Image
-
-    from softmine.data.decode import crop_box
+def _header_shape(path: str, box: Box | None) -> tuple[int, int] | str:
+    """(height, width) the decoded (cropped) image will have, from the file header; else the
+    one-line reason the file is unreadable (missing, empty, not an image, a decompression bomb)."""
+    from softmine.data.decode import BadImageError, crop_box, image_header
 
     try:
-        with Image.open(path) as im:
-            w, h = im.size
-    except (OSError, SyntaxError, ValueError):
-        return None
+        w, h = image_header(path)
+    except BadImageError as e:
+        return e.reason
     cut = crop_box(box, w, h)
     return (h, w) if cut is None else (cut[3] - cut[1], cut[2] - cut[0])
 
@@ -334,11 +352,12 @@ def _build(
     with ThreadPoolExecutor(threads) as pool:
         parts = pool.map(lambda b: [_header_shape(*f) for f in files[b : b + BLOCK]], blocks)
         headers = [h for part in parts for h in part]
-    bad = np.array([h is None for h in headers], dtype=bool)
-    if bad.any() and on_bad_image == "error":
-        _decode(*files[int(np.flatnonzero(bad)[0])], size)  # raises the BadImageError naming it
+    bad = np.array([isinstance(h, str) for h in headers], dtype=bool)
+    if bad.any() and on_bad_image == "error":  # before decoding anything: nothing is written
+        raise _unreadable_headers(name, files, headers, bad)
     shapes = np.array(
-        [(0, 0) if h is None else resized_shape(*h, size) for h in headers], dtype=np.int64
+        [(0, 0) if isinstance(h, str) else resized_shape(*h, size) for h in headers],
+        dtype=np.int64,
     ).reshape(n, 2)
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(shapes[:, 0] * shapes[:, 1] * 3, out=offsets[1:])
@@ -406,6 +425,26 @@ def _build(
             files[int(np.flatnonzero(bad)[0])][0],
         )
     return cache
+
+
+def _unreadable_headers(
+    name: str, files: Sequence[tuple[str, Box | None]], headers: list[Any], bad: np.ndarray
+) -> Exception:
+    """The BadImageError naming every file whose header is unreadable (the first few in full)."""
+    from softmine.data.decode import BAD_IMAGE_HINT, BadImageError
+
+    where = np.flatnonzero(bad)
+    shown = "; ".join(f"{files[int(i)][0]} ({headers[int(i)]})" for i in where[:SHOWN_BAD])
+    more = f"; and {len(where) - SHOWN_BAD} more" if len(where) > SHOWN_BAD else ""
+    first = int(where[0])
+    if len(where) == 1:
+        message = f"cannot decode image {files[first][0]} ({headers[first]}); {BAD_IMAGE_HINT}"
+    else:
+        message = (
+            f"{name}: {len(where)} image files cannot be decoded: {shown}{more}; replace them with "
+            "good copies or remove them, or set data.on_bad_image=skip to leave them out"
+        )
+    return BadImageError(message, files[first][0], headers[first])
 
 
 def _commit(

@@ -9,14 +9,17 @@ Pillow images can start with ``torchvision.transforms.v2.ToPILImage``. An unread
 file. What a dataset does about it is its ``on_bad_image`` policy:
 
 * ``error`` (default): raise, naming the file;
-* ``skip``: use the next readable image of the same class instead (cyclically,
-  in dataset order), so a P x K batch keeps its label structure; the path is
-  added to the dataset's ``bad_images`` set and logged once. Files missing at
+* ``skip``: the item gives the next readable image of the same class instead
+  (cyclically, in dataset order), so a P x K batch keeps its label structure; the
+  path is added to the dataset's ``bad_images`` set and logged once. That stand-in
+  is for training only: evaluation leaves such an item out altogether
+  (:mod:`softmine.data.file_check` finds the items whose file is bad, and the
+  evaluator drops them from queries and gallery alike). Files missing at
   construction are dropped up front under ``skip`` (and also recorded).
   ``bad_images`` lives in the process that loads the images (each DataLoader
-  worker keeps its own set); every process also appends the path to the file
-  ``bad_image_log`` when one is set, which is how the trainer counts and reports
-  the skipped files of all workers at the end of a run.
+  worker keeps its own set); every process also appends ``path<TAB>reason`` to the
+  file ``bad_image_log`` when one is set, which is how the trainer and the evaluator
+  collect the skipped files of all workers.
 
 With ``cache=ram|disk`` every image is decoded once, up front, into a
 :mod:`softmine.data.cache` of uint8 arrays resized to ``cache_size``; items then
@@ -44,7 +47,14 @@ from softmine.data.cache import (
     check_cache_mode,
     check_cache_size,
 )
-from softmine.data.decode import BadImageError, Box, crop_box, read_image
+from softmine.data.decode import (
+    BAD_IMAGE_HINT,
+    BadImageError,
+    Box,
+    crop_box,
+    file_problem,
+    read_image,
+)
 from softmine.data.sources import Source, missing_files
 from softmine.errors import ConfigError, DataError
 
@@ -93,10 +103,9 @@ class CacheOptions:
 def cached_image(cache: ImageCache, i: int, path: str) -> torch.Tensor:
     """Entry ``i`` of ``cache`` as a uint8 (3, H, W) view; BadImageError for an unreadable file."""
     if cache.bad[i]:
+        reason = "found unreadable when the image cache was built"
         raise BadImageError(
-            f"cannot decode image {path} (found unreadable when the image cache was built); "
-            "replace it with a good copy or remove it, or set dataset.on_bad_image=skip to use "
-            "another image of the same class instead"
+            f"cannot decode image {path} ({reason}); {BAD_IMAGE_HINT}", path, reason
         )
     return cache[i].permute(2, 0, 1)
 
@@ -115,21 +124,21 @@ def check_split(source: Source, split: str, allowed: Sequence[str]) -> str:
     return split
 
 
-def note_bad_image(dataset: Any, path: str, what: str) -> None:
+def note_bad_image(dataset: Any, path: str, what: str, reason: str = "") -> None:
     """Record a skipped file once: in ``dataset.bad_images``, the log, and ``dataset.bad_image_log``.
 
-    ``bad_image_log`` (a file path the trainer sets, or None) collects the skipped
-    paths of every DataLoader worker process, one per line, so the run can count
-    and report them at the end.
+    ``bad_image_log`` (a file path the trainer or evaluator sets, or None) collects the
+    skipped paths of every DataLoader worker process, ``path<TAB>reason`` per line, so
+    the run can count and report them.
     """
     if path in dataset.bad_images:
         return
     dataset.bad_images.add(path)
-    log.warning("%s: skipping unreadable %s %s", dataset.source.name, what, path)
+    log.warning("%s: skipping unreadable %s %s (%s)", dataset.source.name, what, path, reason)
     log_file = getattr(dataset, "bad_image_log", None)
     if log_file:
         with open(log_file, "a") as f:
-            f.write(path + "\n")
+            f.write(f"{path}\t{reason}\n")
 
 
 class ImageDataset(Dataset):
@@ -177,6 +186,16 @@ class ImageDataset(Dataset):
         """Check the files exist, drop or reject missing ones, remap class ids to 0..C-1."""
         missing = [i for i, (p, _) in enumerate(items) if not os.path.isfile(p)]
         if missing and self.on_bad_image == "error":
+            links = [items[i][0] for i in missing if os.path.islink(items[i][0])]
+            if links:  # a symlink loop or a dangling link: not an incomplete download
+                problem = file_problem(links[0]) or "unreadable link"
+                raise BadImageError(
+                    f"image file {links[0]} is a {problem}"
+                    + (f" ({len(links)} such links)" if len(links) > 1 else "")
+                    + "; fix the link, or set data.on_bad_image=skip to leave it out",
+                    links[0],
+                    problem,
+                )
             raise missing_files(self.source, [items[i][0] for i in missing], listed_in)
         if missing:
             log.warning(
@@ -229,10 +248,10 @@ class ImageDataset(Dataset):
     def _load_or_substitute(self, i: int) -> torch.Tensor:
         try:
             return self.load(i)
-        except BadImageError:
+        except BadImageError as e:
             if self.on_bad_image == "error":
                 raise
-            self._record_bad(i)
+            self._record_bad(i, e.reason)
         members = self._class_members[self.samples[i][1]]
         start = int(np.searchsorted(members, i))
         for j in np.roll(members, -start - 1)[:-1]:
@@ -240,16 +259,16 @@ class ImageDataset(Dataset):
                 continue
             try:
                 return self.load(int(j))
-            except BadImageError:
-                self._record_bad(int(j))
+            except BadImageError as e:
+                self._record_bad(int(j), e.reason)
         raise DataError(
             f"{self.source.name}: no readable image left in class "
             f"{self.class_names[self.samples[i][1]]!r} ({len(members)} files, "
             f"e.g. {self.samples[i][0]})"
         )
 
-    def _record_bad(self, i: int) -> None:
-        note_bad_image(self, self.samples[i][0], "image")
+    def _record_bad(self, i: int, reason: str = "") -> None:
+        note_bad_image(self, self.samples[i][0], "image", reason)
 
     def __getitem__(self, i: int) -> tuple[Any, int]:
         """(image, label): the uint8 RGB image (3, H, W), or what ``transform`` makes of it."""

@@ -32,7 +32,9 @@ resized to the first frame's size before stacking.
 
 A frame that cannot be read is a :class:`~softmine.data.images.BadImageError`
 under ``on_bad_image=error``; under ``skip`` the nearest readable frame of the
-same tracklet replaces it and the path is added to ``bad_images``.
+same tracklet replaces it (the tracklet's own pixels, in training and evaluation
+alike) and the path is added to ``bad_images``. Evaluation leaves out a tracklet
+none of whose frames is readable (:mod:`softmine.data.file_check`).
 
 With ``cache=ram|disk`` every frame of the split is decoded once into a
 :mod:`softmine.data.cache`, resized to ``cache_size`` (the training size, (height,
@@ -184,10 +186,10 @@ class VideoDataset(Dataset):
                 continue
             try:
                 return self._read(i, k)
-            except BadImageError:
+            except BadImageError as e:
                 if self.on_bad_image == "error":
                     raise
-                note_bad_image(self, path, "frame")
+                note_bad_image(self, path, "frame", e.reason)
         raise DataError(f"{self.source.name}: no readable frame in the tracklet of {frames[0]}")
 
     def load_clip(self, i: int) -> torch.Tensor:

@@ -22,6 +22,14 @@ With a validation split (held-out training classes, :mod:`softmine.data.splits`)
 evaluation also scores it, by leave-one-out retrieval (or re-ID query/gallery for re-ID
 sets), and reports those metrics as ``val/<metric>`` beside the test ones.
 
+Unreadable images under ``data.on_bad_image=skip``: an evaluation item whose image cannot be
+read is left out, from queries and gallery alike, never scored through a stand-in (another
+image of its class would find its twin at distance 0 and inflate Recall@1). The trainer
+finds the bad files of every split before training (:meth:`Evaluator.check_files`); a file
+that passes that header check but does not decode is found while a split is embedded, and
+its item leaves that evaluation and every later one. :meth:`Evaluator.dropped_counts` gives
+the number left out per split (``dropped_items/<split>`` in ``metrics.json``).
+
 Scoring is separate from embedding: :meth:`Evaluator.embed_test` gives the arrays
 (the ``.npz`` layout ``softmine-eval`` reads) and :func:`score_arrays` turns arrays into
 metrics with the run's protocol, so cross-validation can score concatenated embeddings.
@@ -29,11 +37,25 @@ metrics with the run's protocol, so cross-validation can score concatenated embe
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from softmine.config import build
+from softmine.data.file_check import (
+    base_dataset,
+    check_files,
+    collect_unreadable,
+    item_files,
+    keep_items,
+    known_bad,
+    unreadable_items,
+)
+from softmine.data.images import ImageDataset
 from softmine.data.splits import ValidationSplit
 from softmine.engine.distributed import DistEnv, gather_shards, shard
 from softmine.engine.embed import extract_embeddings, extract_reid_embeddings
@@ -41,7 +63,10 @@ from softmine.engine.eval_history import metric_names
 from softmine.errors import ConfigError
 from softmine.evaluation import query_gallery_metrics, reid_metrics, retrieval_metrics
 
+log = logging.getLogger(__name__)
+
 EVAL_PROTOCOLS = ("retrieval", "query_gallery", "reid")
+DROPPED_PREFIX = "dropped_items/"  # metrics.json: evaluation items left out as unreadable
 VAL_PREFIX = "val/"
 RETRIEVAL_ARRAYS = ("embeddings", "labels")
 REID_ARRAYS = ("query", "query_pids", "query_camids", "gallery", "gallery_pids", "gallery_camids")
@@ -177,6 +202,106 @@ class Evaluator:
         else:
             self.query_set = build(d.query, "dataset.query")
             self.gallery_set = build(d.gallery, "dataset.gallery")
+        self.listing: Path | None = None  # the run's bad_images.txt, once check_files set it
+        self.dropped = {name: self._missing_items(name) for name in self._slots()}
+
+    # ---------------------------------------------------------------- unreadable items
+    def _slots(self) -> dict[str, tuple[Any, str]]:
+        """Evaluation split name -> (object, attribute) holding its dataset."""
+        if self.protocol == "retrieval":
+            slots: dict[str, tuple[Any, str]] = {"test": (self, "test_set")}
+        else:
+            slots = {"query": (self, "query_set"), "gallery": (self, "gallery_set")}
+        val = self.validation
+        if val is not None and val.test is not None:
+            slots["val"] = (val, "test")
+        elif val is not None:
+            slots.update(val_query=(val, "query"), val_gallery=(val, "gallery"))
+        return slots
+
+    def _missing_items(self, name: str) -> int:
+        """Items split ``name`` dropped when it was built: its missing image files (one an
+        item; none counted for the validation reading, whose are the whole training split's)."""
+        base = base_dataset(self._split(name))
+        if name.startswith("val") or not isinstance(base, ImageDataset):
+            return 0
+        return len(base.bad_images)
+
+    def _split(self, name: str) -> Any:
+        holder, attr = self._slots()[name]
+        return getattr(holder, attr)
+
+    def check_files(self, train_set: Any, listing: Path, *, write: bool = True) -> None:
+        """Check the image files of every split before training; leave the unreadable items out.
+
+        ``data.check_files=false`` skips the check (unreadable files are then found as they
+        are read). Under ``on_bad_image=error`` any bad file stops here, all of them named
+        (:func:`~softmine.data.file_check.check_files`); under ``skip`` they are listed in
+        ``listing`` (the run's ``bad_images.txt``) and their evaluation items leave the
+        splits. ``write``: whether this process writes ``listing`` (rank 0); every rank
+        appends the files it finds unreadable later, while it embeds its shard.
+        """
+        self.listing = listing
+        if not bool(OmegaConf.select(self.cfg, "data.check_files", default=True)):
+            return
+        splits = {"train": train_set, **{n: self._split(n) for n in self._slots()}}
+        bad = check_files(splits, listing, write=write)
+        for name in self._slots():
+            self._leave_out(name, ~unreadable_items(self._split(name), bad), bad)
+
+    def _leave_out(self, name: str, keep: np.ndarray, bad: dict[str, str]) -> None:
+        """Replace split ``name`` by its items where ``keep`` is True; count and log the others."""
+        if keep.all():
+            return
+        holder, attr = self._slots()[name]
+        dataset = getattr(holder, attr)
+        setattr(holder, attr, keep_items(dataset, keep))
+        gone = int((~keep).sum())
+        self.dropped[name] += gone
+        files = [f for i in np.flatnonzero(~keep)[:3] for f in _files_of(dataset, int(i))[:1]]
+        log.warning(
+            "%s: %d item(s) left out of the evaluation, their image unreadable (e.g. %s); the "
+            "metrics are over the %d others%s",
+            name,
+            gone,
+            ", ".join(f"{f} ({bad.get(f) or 'unreadable'})" for f in files),
+            int(keep.sum()),
+            f" (listed in {self.listing})" if self.listing else "",
+        )
+
+    def _read(self, name: str, embed: Any) -> tuple[np.ndarray, ...]:
+        """``embed(shard)``'s arrays for split ``name``, without the items found unreadable.
+
+        Each rank reads its shard; the items whose files turned out unreadable (in any
+        DataLoader worker) are removed from the gathered arrays and from the split.
+        """
+        dataset = self._split(name)
+        part = shard(dataset, self.dist)
+        with collect_unreadable(dataset) as found:
+            arrays = embed(part)
+        keep = ~unreadable_items(part, set(found) | known_bad(dataset))
+        *arrays, keep = gather_shards((*arrays, keep), len(dataset), self.dist)
+        if found and self.listing is not None:  # appended: ranks may find some at once
+            with open(self.listing, "a") as f:
+                f.writelines(f"{p}\t{r}\n" for p, r in found.items())
+        if keep.all():
+            return tuple(arrays)
+        self._leave_out(name, keep, found)
+        return tuple(a[keep] for a in arrays)
+
+    def dropped_counts(self) -> dict[str, int]:
+        """``dropped_items/<split>``: evaluation items left out as unreadable, per split.
+
+        Present when a split reads image files under ``on_bad_image=skip`` (zeros
+        included, so a run says none were dropped), or whenever one is not zero.
+        """
+        skip = any(
+            getattr(base_dataset(self._split(n)), "on_bad_image", None) == "skip"
+            for n in self._slots()
+        )
+        if not skip and not any(self.dropped.values()):
+            return {}
+        return {DROPPED_PREFIX + name: int(n) for name, n in self.dropped.items()}
 
     def metric_names(self) -> list[str]:
         """Names of the metrics :meth:`evaluate` returns (what ``trainer.monitor`` may name)."""
@@ -188,33 +313,39 @@ class Evaluator:
             names += [VAL_PREFIX + n for n in val]
         return names
 
-    def _embed(self, model: torch.nn.Module, dataset) -> tuple[np.ndarray, np.ndarray]:
-        emb, labels = extract_embeddings(
-            model,
-            shard(dataset, self.dist),
-            device=self.device,
-            batch_size=int(self.cfg.trainer.eval_batch_size),
-            num_workers=self.num_workers,
+    def _embed(self, model: torch.nn.Module, name: str) -> tuple[np.ndarray, ...]:
+        """(embeddings, labels) of split ``name``, its unreadable items left out."""
+        return self._read(
+            name,
+            lambda part: extract_embeddings(
+                model,
+                part,
+                device=self.device,
+                batch_size=int(self.cfg.trainer.eval_batch_size),
+                num_workers=self.num_workers,
+            ),
         )
-        return gather_shards((emb, labels), len(dataset), self.dist)
 
-    def _reid_embeddings(self, model: torch.nn.Module, dataset) -> tuple[np.ndarray, ...]:
-        parts = extract_reid_embeddings(
-            model,
-            shard(dataset, self.dist),
-            device=self.device,
-            frame_batch_size=int(self.cfg.evaluation.frame_batch_size),
-            num_workers=self.num_workers,
-            batch_size=int(self.cfg.trainer.eval_batch_size),
+    def _reid_embeddings(self, model: torch.nn.Module, name: str) -> tuple[np.ndarray, ...]:
+        """(embeddings, ids, cameras) of split ``name``, its unreadable items left out."""
+        return self._read(
+            name,
+            lambda part: extract_reid_embeddings(
+                model,
+                part,
+                device=self.device,
+                frame_batch_size=int(self.cfg.evaluation.frame_batch_size),
+                num_workers=self.num_workers,
+                batch_size=int(self.cfg.trainer.eval_batch_size),
+            ),
         )
-        return gather_shards(parts, len(dataset), self.dist)
 
     def embed_test(self, model: torch.nn.Module) -> dict[str, np.ndarray]:
         """The test split's embedding arrays (see :func:`score_arrays` for the keys)."""
         if self.protocol == "retrieval":
-            return dict(zip(RETRIEVAL_ARRAYS, self._embed(model, self.test_set), strict=True))
-        query = self._reid_embeddings(model, self.query_set)
-        gallery = self._reid_embeddings(model, self.gallery_set)
+            return dict(zip(RETRIEVAL_ARRAYS, self._embed(model, "test"), strict=True))
+        query = self._reid_embeddings(model, "query")
+        gallery = self._reid_embeddings(model, "gallery")
         return dict(zip(REID_ARRAYS, (*query, *gallery), strict=True))
 
     def evaluate_validation(self, model: torch.nn.Module) -> dict[str, float]:
@@ -224,11 +355,11 @@ class Evaluator:
             return {}
         ecfg = self.cfg.evaluation
         if val.test is not None:
-            out = retrieval_metrics(*self._embed(model, val.test), ecfg.ks)
+            out = retrieval_metrics(*self._embed(model, "val"), ecfg.ks)
         else:  # every identity of the training split is real: no junk, no distractors
             out = reid_metrics(
-                *self._reid_embeddings(model, val.query),
-                *self._reid_embeddings(model, val.gallery),
+                *self._reid_embeddings(model, "val_query"),
+                *self._reid_embeddings(model, "val_gallery"),
                 ranks=tuple(ecfg.ranks),
                 rerank=bool(ecfg.rerank),
                 ap=str(ecfg.ap),
@@ -246,3 +377,9 @@ class Evaluator:
         if self.protocol == "retrieval":
             self.embeddings = (arrays["embeddings"], arrays["labels"])
         return {**score_arrays(arrays, self.cfg), **self.evaluate_validation(model)}
+
+
+def _files_of(dataset: Any, i: int) -> tuple[str, ...]:
+    """The files item ``i`` of ``dataset`` reads (none for a set without image files)."""
+    files = item_files(dataset)
+    return () if files is None else files[i]

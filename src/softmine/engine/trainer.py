@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from softmine.config import build
+from softmine.data.file_check import read_listing, write_listing
 from softmine.data.run_batches import RunBatchSampler, SeededItems
 from softmine.data.splits import build_train_and_validation
 from softmine.engine.artifacts import write_run_artifacts
@@ -202,6 +203,10 @@ class Trainer:
             cfg.dataset, reid=eval_protocol(cfg.dataset) == "reid"
         )
         self.evaluator = Evaluator(cfg, self.device, dist=self.dist, validation=validation)
+        # every split's image files, before any training: all the unreadable ones at once
+        self.evaluator.check_files(
+            self.train_set, self.run_dir / BAD_IMAGES_FILE, write=self.dist.is_main
+        )
         labels = np.asarray(self.train_set.labels)
         self.num_classes = _check_train_labels(labels)
         self.monitor = resolve_monitor(str(tcfg.monitor), self.evaluator.metric_names())
@@ -620,6 +625,7 @@ class Trainer:
             **self.state.metrics,
             **selection_summary(self.state.evals, self.monitor),
             STEP_KEY: self.state.last_eval_step,
+            **self.evaluator.dropped_counts(),  # dropped_items/*: unreadable, left out
         }
 
     def _track_best(self) -> None:
@@ -808,14 +814,22 @@ class Trainer:
         )
 
     def _report_bad_images(self) -> None:
-        """Say how many unreadable training files were skipped (data.on_bad_image=skip)."""
+        """Say how many unreadable files were skipped and evaluation items left out
+        (data.on_bad_image=skip); ``bad_images.txt`` lists each file once, with its reason."""
         path = self.run_dir / BAD_IMAGES_FILE
         if not self.dist.is_main or not path.exists():
             return
-        bad = sorted(set(path.read_text().split("\n")) - {""})
+        bad = read_listing(path)
         if bad:
-            path.write_text("".join(p + "\n" for p in bad))
-            msg = f"{len(bad)} unreadable training files were skipped (listed in {path})"
+            write_listing(path, bad)  # sorted, each file once
+            dropped = {k: v for k, v in self.evaluator.dropped.items() if v}
+            left_out = (
+                "; evaluation left out "
+                + ", ".join(f"{n} {name} item(s)" for name, n in dropped.items())
+                if dropped
+                else ""
+            )
+            msg = f"{len(bad)} unreadable image files were skipped{left_out} (listed in {path})"
             log.warning(msg)
             print(f"warning: {msg}")
 

@@ -28,6 +28,8 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from softmine.data.decode import file_problem
+from softmine.data.file_check import collect_unreadable, known_bad, unreadable_items
 from softmine.engine.embed import to_model_input
 from softmine.errors import ConfigError, DataError
 from softmine.inference.embeddings import Embeddings
@@ -215,10 +217,13 @@ def split_names(cfg: DictConfig) -> list[str]:
     return [k for k in ("test", "train", "query", "gallery") if k in cfg.get("dataset", {})]
 
 
-def build_split(loaded: LoadedModel, split: str, root: str | None = None) -> Dataset:
+def build_split(
+    loaded: LoadedModel, split: str, root: str | None = None, on_bad_image: str | None = None
+) -> Dataset:
     """The run's own dataset split ``split``, with the test transform (no augmentation).
 
     ``root``: the dataset folder, when it is not where the run found it.
+    ``on_bad_image``: replaces the run's ``error`` | ``skip`` (None: keep the run's).
     """
     from omegaconf import OmegaConf
 
@@ -231,6 +236,8 @@ def build_split(loaded: LoadedModel, split: str, root: str | None = None) -> Dat
     node = OmegaConf.create(OmegaConf.to_container(cfg.dataset[split], resolve=True))
     if root is not None:
         _replace_root(node, str(cfg.dataset.get("root")), root)
+    if on_bad_image is not None:
+        _set_key(node, "on_bad_image", on_bad_image)
     if split == "train":  # the test transform, never the training augmentation
         _set_transform(node, loaded)
     return build(node, f"dataset.{split}")
@@ -243,6 +250,15 @@ def _replace_root(node: DictConfig, old: str, new: str) -> None:
             node[key] = new
         elif isinstance(value, DictConfig):
             _replace_root(value, old, new)
+
+
+def _set_key(node: DictConfig, key: str, value: str) -> None:
+    """Set ``key`` wherever the node (or a dataset it wraps) has it."""
+    for name in list(node.keys()):
+        if name == key:
+            node[name] = value
+        elif isinstance(node[name], DictConfig):
+            _set_key(node[name], key, value)
 
 
 def _set_transform(node: DictConfig, loaded: LoadedModel) -> None:
@@ -272,13 +288,21 @@ def embed_split(
     precision: str = "32",
     num_workers: int | str = "auto",
     progress: bool | None = None,
+    on_bad_image: str | None = None,
 ) -> EmbedResult:
     """Embeddings of a split of the run's own dataset, with its labels and class names.
 
     Items must be single images (``(image, label)``); video tracklets of the re-ID
-    sets are evaluated by ``softmine-eval RUN`` instead.
+    sets are evaluated by ``softmine-eval RUN`` instead. An unreadable image follows
+    ``on_bad_image`` (None: the run's ``data.on_bad_image``): ``error`` stops, naming it;
+    ``skip`` leaves its item out (never another image's embedding under its path) and
+    lists it in :attr:`EmbedResult.bad`.
     """
-    dataset = build_split(loaded, split, root)
+    if on_bad_image is not None and on_bad_image not in BAD_IMAGE_POLICIES:
+        raise ConfigError(
+            f"--on-bad-image must be one of {BAD_IMAGE_POLICIES} (got {on_bad_image!r})"
+        )
+    dataset = build_split(loaded, split, root, on_bad_image)
     first = dataset[0][0] if len(dataset) else None
     if not isinstance(first, torch.Tensor) or first.dim() != 3:
         raise ConfigError(
@@ -298,18 +322,28 @@ def embed_split(
     )
     t0 = time.perf_counter()
     chunks, labels = [], []
-    with tqdm(total=n, unit="img", desc=f"embedding {split}", disable=_no_bar(progress)) as bar:
+    bar = tqdm(total=n, unit="img", desc=f"embedding {split}", disable=_no_bar(progress))
+    with bar, collect_unreadable(dataset) as found:
         for x, y in loader:
             chunks.append(embed_batch(loaded, x, flip=flip, precision=precision))
             labels.append(torch.as_tensor(y))
             bar.update(len(y))
+    # an unreadable item was read as another image of its class: leave it out
+    keep = ~unreadable_items(dataset, set(found) | known_bad(dataset))
+    if not keep.any():
+        raise DataError(f"--dataset-split {split}: none of its {n} images could be read")
+    bad = sorted(  # the missing files were dropped when the split was built
+        (p, found.get(p) or file_problem(p) or "cannot be decoded")
+        for p in set(found) | known_bad(dataset)
+    )
     base = getattr(dataset, "dataset", dataset)
     classes = getattr(base, "class_names", None)
+    paths = _items_paths(dataset, split)
     emb = Embeddings(
-        torch.cat(chunks).numpy(),
-        _items_paths(dataset, split),
-        torch.cat(labels).numpy().astype(np.int64),
+        torch.cat(chunks).numpy()[keep],
+        [p for p, k in zip(paths, keep, strict=True) if k],
+        torch.cat(labels).numpy().astype(np.int64)[keep],
         [str(c) for c in classes] if classes is not None else None,
         _meta(loaded, flip, precision, f"dataset split {split}"),
     )
-    return EmbedResult(emb, [], time.perf_counter() - t0)
+    return EmbedResult(emb, bad, time.perf_counter() - t0)
