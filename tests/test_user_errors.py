@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from tests.conftest import FAST_DIGITS
+from softmine.errors import ConfigError
+from tests.conftest import FAST_DIGITS, compose
 
 
 def _train(args: list[str], tmp_path: Path, monkeypatch, capsys) -> tuple[int, str]:
@@ -66,6 +68,64 @@ def test_bad_command_is_one_line_and_exit_2(
     assert code == 2
     assert message in _one_line(err)
     assert not any((tmp_path / "outputs").rglob("*.yaml"))  # no run was recorded
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["optimizer.weight_decay=-1"], "optimizer.weight_decay must be a finite number >= 0"),
+        (["optimizer=sgd", "optimizer.momentum=-1"], "optimizer.momentum must be a finite number"),
+        (["optimizer=adamw", "optimizer.betas=[0.9,1.5]"], "optimizer.betas must be two numbers"),
+        (["optimizer=sgd", "optimizer.momentum=0", "optimizer.nesterov=true"], "needs optimizer."),
+        (["evaluation.ks=[0,1]"], "evaluation.ks must be a list of whole numbers >= 1"),
+        (["evaluation.ks=[]"], "evaluation.ks must be a list of whole numbers >= 1"),
+        (["evaluation.ranks=[1,abc]"], "evaluation.ranks must be a list of whole numbers >= 1"),
+        (["evaluation.ap=markte"], "evaluation.ap must be one of ('standard', 'market')"),
+        (["evaluation.rerank=maybe"], "evaluation.rerank must be true or false (got 'maybe')"),
+        (["evaluation.frame_batch_size=0"], "evaluation.frame_batch_size must be a whole number"),
+        (
+            ["+evaluation.reid_variants.x.ap=standard"],
+            "evaluation.reid_variants applies to re-ID evaluation",
+        ),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else "",
+)
+def test_bad_optimizer_and_evaluation_values_fail_before_training(
+    tmp_path: Path, monkeypatch, capsys, overrides: list[str], message: str
+) -> None:
+    """torch's optimizers raised ValueError tracebacks; evaluation.ks=[0,1] failed only once
+    training had ended. Every such value is one line before the run starts."""
+    args = [*overrides, "trainer.max_iters=2", *FAST_DIGITS]
+    code, err = _train(args, tmp_path, monkeypatch, capsys)
+    assert code == 2
+    assert message in _one_line(err)
+    assert not any(tmp_path.rglob("train_log.csv"))  # no step was trained
+
+
+def test_an_optimizer_value_torch_refuses_is_one_line(tmp_path: Path) -> None:
+    """A check validate_config lacks (here a key the optimizer gains with +) is still one line."""
+    from softmine.engine.optim import build_optimizer
+
+    cfg = compose(["optimizer=adamw", "+optimizer.amsgrad=true"]).optimizer
+    cfg.lr = -1.0  # torch's "Invalid learning rate", past validate_config
+    with pytest.raises(ConfigError, match="optimizer: Invalid learning rate: -1.0"):
+        build_optimizer(cfg, [("model.w", torch.nn.Parameter(torch.zeros(2)))])
+
+
+def test_softmine_eval_bad_ks_is_a_usage_error(tmp_path: Path, capsys) -> None:
+    from softmine.evaluate import main
+
+    path = tmp_path / "e.npz"
+    x = np.array([[1, 0], [1, 0.1], [0, 1], [0.1, 1]], np.float32)  # two tight pairs
+    np.savez(path, embeddings=x, labels=np.array([0, 0, 1, 1]))
+    for ks in ("1,abc", "0,1", ""):
+        with pytest.raises(SystemExit) as e:
+            main([str(path), "--ks", ks])
+        assert e.value.code == 2
+        assert "--ks 1,2,4,8" in _one_line(capsys.readouterr().err)
+    main([str(path), "--ks", "1, 2"])
+    out = capsys.readouterr().out
+    assert '"recall@1": 1.0' in out and '"recall@2": 1.0' in out
 
 
 def test_an_interpolation_in_an_override_is_kept_as_written(

@@ -20,6 +20,7 @@ the same way. Prints the metrics as JSON; ``--out FILE`` also writes them.
 
 from __future__ import annotations
 
+import argparse
 import json
 import zipfile
 from pathlib import Path
@@ -114,6 +115,19 @@ def _id_list(option: str, text: str) -> tuple[int, ...]:
         ) from None
 
 
+def _ks(text: str) -> list[int]:
+    """``--ks 1,2,4,8`` -> ``[1, 2, 4, 8]``; anything but whole numbers >= 1 is a usage error."""
+    try:
+        ks = [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        ks = []
+    if not ks or min(ks) < 1:
+        raise argparse.ArgumentTypeError(
+            f"give comma-separated whole numbers >= 1, e.g. --ks 1,2,4,8 (got {text!r})"
+        )
+    return ks
+
+
 @user_errors_exit
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="softmine-eval", description=__doc__.split("\n")[0])
@@ -121,7 +135,9 @@ def main(argv: list[str] | None = None) -> None:
         "path", type=Path, help="run folder, checkpoint (.pt) or embeddings (.npz, .parquet)"
     )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
-    parser.add_argument("--ks", default="1,2,4,8", help="comma-separated K of Recall@K (npz only)")
+    parser.add_argument(
+        "--ks", type=_ks, default="1,2,4,8", help="comma-separated K of Recall@K (npz only)"
+    )
     parser.add_argument(
         "--ap",
         default="standard",
@@ -142,10 +158,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="also write the metrics to this JSON file")
     args = parser.parse_args(argv)
     if args.path.suffix in (".npz", ".parquet"):
-        ks = [int(k) for k in args.ks.split(",")]
         metrics = evaluate_embeddings_file(
             args.path,
-            ks,
+            args.ks,
             ap=args.ap,
             rerank=args.rerank,
             junk_pids=_id_list("--junk-pids", args.junk_pids),
