@@ -287,3 +287,96 @@ def test_a_real_error_during_start_up_without_an_interrupt_is_not_hidden(monkeyp
     finally:
         for s, handler in saved.items():
             signal.signal(s, handler)
+
+
+#: A start-up that a first Ctrl-C interrupts while the process still has slow work to wind
+#: down at exit: an exit handler (atexit) or a thread Python joins before exiting (a cache
+#: build's decoder). The child prints "winding down" when that work starts.
+_SLOW_EXIT = """
+import atexit, os, signal, sys, threading, time
+from softmine import train
+
+def slow():
+    print("winding down", flush=True)
+    time.sleep(20)
+
+def start_up():
+    if sys.argv[1] == "atexit":
+        atexit.register(slow)
+    else:
+        threading.Thread(target=lambda: (time.sleep(0.5), slow())).start()
+    os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C
+    time.sleep(20)
+
+train._main = start_up
+train.main()
+"""
+
+
+@pytest.mark.parametrize("where", ["atexit", "thread"])
+def test_a_second_ctrl_c_while_exiting_is_no_traceback(tmp_path: Path, where: str) -> None:
+    """The issue's rare atexit traceback on a double Ctrl-C during start-up: the second
+    KeyboardInterrupt landed in an exit handler (or in Python's join of a running thread)
+    and was printed as "Exception ignored in ...". Now it ends the process at once."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SOFTMINE_DEBUG": ""}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_EXIT, where],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "winding down"
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)  # the second Ctrl-C
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - start < 10  # at once, not after the 20 s of work
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == [
+        "interrupted before training began; nothing was saved (run the command again)"
+    ]
+
+
+_LOST_FIRST = """
+import os, signal, time
+from softmine import train
+
+class Swallows:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: raised in __del__, it is lost
+
+def start_up():
+    obj = Swallows()
+    del obj
+    print("swallowed", flush=True)
+    time.sleep(20)  # start-up goes on
+
+train._main = start_up
+train.main()
+"""
+
+
+def test_a_second_ctrl_c_when_the_first_was_lost_ends_the_start_up(tmp_path: Path) -> None:
+    """The first KeyboardInterrupt landed in a ``__del__``: Python printed it as "Exception
+    ignored in ..." with a traceback, and start-up went on. The interrupt is noted, so that
+    print is silenced, and the second signal stops the command with the one line at once
+    (not, say, after a long cache build)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SOFTMINE_DEBUG": ""}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _LOST_FIRST],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "swallowed"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == [
+        "interrupted before training began; nothing was saved (run the command again)"
+    ]
