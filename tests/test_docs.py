@@ -252,3 +252,24 @@ def test_every_page_is_in_the_nav() -> None:
     on_disk = {p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md")} | {"configuration.md"}
     assert on_disk <= listed, f"pages missing from the nav of mkdocs.yml: {on_disk - listed}"
     assert listed <= on_disk, f"nav entries without a page: {listed - on_disk}"
+
+
+def _headings(page: Path) -> set[str]:
+    return {m.strip() for m in re.findall(r"^#+ (.+?)(?: \{.*\})?$", page.read_text(), re.M)}
+
+
+def test_section_references_in_configs_and_data_readme_exist() -> None:
+    """data/README.md and three dataset configs sent readers to a README section "Real data"
+    that does not exist. Every `See README "X"` and `docs/page.md ("X", ...)` names a heading."""
+    files = [*sorted((REPO / "configs").rglob("*.yaml")), REPO / "data" / "README.md"]
+    refs = []
+    for f in files:
+        text = f.read_text()
+        for m in re.finditer(r'(?:See|top-level) README,? "([^"]+)"', text):
+            refs.append((f, REPO / "README.md", m.group(1)))
+        for m in re.finditer(r"(docs/[\w-]+\.md) \(([^)]*)\)", text):
+            refs += [(f, REPO / m.group(1), h) for h in re.findall(r'"([^"]+)"', m.group(2))]
+    assert refs, "the dataset configs point to their documentation"
+    dead = [f"{f.relative_to(REPO)}: {page.name} {h!r}" for f, page, h in refs]
+    dead = [d for d, (_, page, h) in zip(dead, refs, strict=True) if h not in _headings(page)]
+    assert dead == []
