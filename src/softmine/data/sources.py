@@ -50,7 +50,7 @@ class Source:
         return (
             f"Expected layout: dataset.root (default {self.folder}, relative to the "
             f"directory the command is launched from) holds {self.layout}. {published}"
-            f"Check a copy with `python scripts/check_data.py {self.config} ROOT`."
+            f"Check a copy with `softmine-data check {self.config} ROOT`."
         )
 
 
@@ -261,14 +261,38 @@ SOURCES: dict[str, Source] = {
 
 
 def check_root(source: Source, root: str | Path) -> Path:
-    """``root`` as a Path; a DataError if the folder does not exist."""
+    """``root`` as a Path; a DataError if the folder does not exist (naming the download)."""
     path = Path(root).expanduser()
     if not path.is_dir():
         raise DataError(
             f"{source.name}: dataset folder {path.resolve()} does not exist "
-            f"(dataset.root={root}). {source.where()}"
+            f"(dataset.root={root}). {download_hint(source, path)}{source.where()}"
         )
     return path
+
+
+def download_hint(source: Source, path: Path) -> str:
+    """The ``softmine-data download`` command that puts ``source`` at ``path`` ("" if none).
+
+    A set with a published archive is downloaded and verified by that command; for the
+    others it prints where to get the set and how to unpack it.
+    """
+    from softmine.data.download import DOWNLOADS
+
+    entry = DOWNLOADS.get(source.config)
+    if entry is None:
+        return ""
+    if entry.archives:
+        creates = entry.archives[0].creates
+        if path.name == creates:
+            return (
+                f"Download it with `softmine-data download {source.config} --root {path.parent}`. "
+            )
+        return (
+            f"Download it with `softmine-data download {source.config} --root DIR`, then "
+            f"set dataset.root=DIR/{creates}. "
+        )
+    return f"`softmine-data download {source.config}` says where to get it and how to unpack it. "
 
 
 def require(source: Source, path: Path, what: str = "file") -> Path:
