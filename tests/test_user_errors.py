@@ -128,6 +128,41 @@ def test_softmine_eval_bad_ks_is_a_usage_error(tmp_path: Path, capsys) -> None:
     assert '"recall@1": 1.0' in out and '"recall@2": 1.0' in out
 
 
+@pytest.mark.parametrize(
+    ("argv", "hint"),
+    [
+        (  # what the shell makes of an unquoted path with spaces
+            ["dataset.root=/tmp/my", "big", "photos", "trainer.epochs=1"],
+            "'big' is not key=value: a value with spaces must be quoted as one argument, "
+            "'dataset.root=/tmp/my big photos'",
+        ),
+        (["photos"], "overrides are key=value, e.g. trainer.epochs=5 (got 'photos')"),
+        (["dataset.root=/tmp/my (1)"], "quote the value for Hydra: \"dataset.root='/tmp/my (1)'\""),
+        (["dataset.root=/tmp/it's"], 'quote the value for Hydra: "dataset.root=\\"/tmp/it\'s\\""'),
+    ],
+)
+def test_a_value_that_needs_quotes_gets_the_quoting_hint(
+    tmp_path: Path, monkeypatch, capsys, argv: list[str], hint: str
+) -> None:
+    """Hydra's grammar error alone did not say that the path needed quotes, nor how."""
+    code, err = _train([*argv, *FAST_DIGITS], tmp_path, monkeypatch, capsys)
+    assert code == 2
+    line = _one_line(err)
+    assert hint in line and "see https://hydra.cc/docs/advanced/override_grammar/basic/" in line
+
+
+def test_the_suggested_quoting_is_what_hydra_reads() -> None:
+    """Each hint, run through a shell, gives Hydra the value the user meant."""
+    import shlex
+
+    from softmine.hydra_errors import quoting_hint
+
+    for value in ("/tmp/my (1)", "/tmp/it's", "/tmp/a=b", "C:\\data"):
+        hint = quoting_hint(f"dataset.root={value}", [])
+        (word,) = shlex.split(hint.rsplit(": ", 1)[1])  # one argument, as the shell passes it
+        assert compose([word]).dataset.root == value
+
+
 def test_an_interpolation_in_an_override_is_kept_as_written(
     tmp_path: Path, monkeypatch, capsys
 ) -> None:
