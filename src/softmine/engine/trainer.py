@@ -43,6 +43,7 @@ from softmine.engine.checkpoint import (
     load_checkpoint,
     load_state_checked,
     reapply_optimizer_settings,
+    require_finite_state,
     restore_rng_state,
     save_atomic,
 )
@@ -351,6 +352,9 @@ class Trainer:
             raise ConfigError(
                 f"{path} is not a softmine training checkpoint (lacks {sorted(missing)})"
             )
+        names = {id(p): f"model.{n}" for n, p in self.model.named_parameters()}
+        names |= {id(p): f"loss.{n}" for n, p in self.loss_fn.named_parameters()}
+        require_finite_state(path, ckpt, self.optimizer, names)
         load_state_checked(self.model, ckpt["model"], "model", path)
         load_state_checked(self.loss_fn, ckpt["loss"], "loss (class vectors / classifier)", path)
         try:
