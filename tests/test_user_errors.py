@@ -83,6 +83,7 @@ def test_bad_command_is_one_line_and_exit_2(
         (["evaluation.ap=markte"], "evaluation.ap must be one of ('standard', 'market')"),
         (["evaluation.rerank=maybe"], "evaluation.rerank must be true or false (got 'maybe')"),
         (["evaluation.frame_batch_size=0"], "evaluation.frame_batch_size must be a whole number"),
+        (["trainer.num_threads=0"], "trainer.num_threads must be auto or a whole number >= 1"),
         (
             ["+evaluation.reid_variants.x.ap=standard"],
             "evaluation.reid_variants applies to re-ID evaluation",

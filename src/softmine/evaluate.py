@@ -29,6 +29,7 @@ import numpy as np
 
 from softmine.cli import ArgumentParser, user_errors_exit
 from softmine.engine.evaluator import Evaluator
+from softmine.engine.setup import set_cpu_threads
 from softmine.errors import ConfigError, DataError, SoftmineError
 from softmine.evaluation import reid_metrics, retrieval_metrics
 from softmine.inference.embeddings import load_embeddings
@@ -102,6 +103,7 @@ def evaluate_checkpoint(path: Path, device: str = "auto") -> dict[str, float]:
     Uses the run's own protocol: leave-one-out retrieval, or re-ID query/gallery.
     """
     loaded = load_model(path, device)
+    set_cpu_threads(loaded.config.trainer.get("num_threads", "auto"))  # the run's own count
     return Evaluator(loaded.config, loaded.device).evaluate(loaded.model)
 
 

@@ -70,6 +70,7 @@ from softmine.engine.setup import (
     resolve_device,
     resolve_num_workers,
     seed_everything,
+    set_cpu_threads,
     set_sharing_strategy,
 )
 from softmine.engine.signals import GracefulInterrupt, ignore_interrupts
@@ -187,6 +188,7 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
         seed_everything(int(cfg.seed), bool(tcfg.deterministic))
         configure_backends(bool(tcfg.deterministic))
+        set_cpu_threads(tcfg.get("num_threads", "auto"))
         if self.dist.is_main:
             log.info("training on %s", describe_device(self.device))
         self.ckpt_dir = self.run_dir / CHECKPOINT_DIR

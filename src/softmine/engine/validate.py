@@ -206,6 +206,8 @@ def validate_config(cfg: DictConfig, run_dir: Path | None = None) -> None:
             f"trainer.sharing_strategy must be one of {SHARING_STRATEGIES} (got {strategy!r})"
         )
     _int(cfg, "trainer.checkpoint_every", 0)
+    if str(t.get("num_threads", "auto")) != "auto":
+        _int(cfg, "trainer.num_threads", 1, "auto or a whole number >= 1")
     resolve_device(t.device, warn=False)
     check_loggers(t.get("loggers", ["csv"]))
     if run_dir is not None:
