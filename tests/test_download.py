@@ -301,3 +301,15 @@ def test_softmine_data_check_a_copy_of_your_own(
     assert e.value.code == 1
     out = capsys.readouterr().out
     assert f"[FAIL]   cannot decode image {bad}" in out and "problem(s) found" in out
+
+
+def test_the_sources_know_which_sets_the_command_downloads() -> None:
+    """Data errors name `softmine-data download` from softmine.data.sources alone (which the
+    download module imports): what they say must match DOWNLOADS."""
+    from softmine.data.sources import SOURCES
+
+    assert {n for n, s in SOURCES.items() if s.url} == set(DOWNLOADS)
+    verified = {n for n, s in SOURCES.items() if s.verified_download}
+    assert verified == {n for n, e in DOWNLOADS.items() if e.archives}
+    for name in verified:  # the archive unpacks into the default dataset.root's folder
+        assert DOWNLOADS[name].archives[0].creates == Path(SOURCES[name].folder).name

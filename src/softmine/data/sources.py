@@ -30,6 +30,9 @@ class Source:
         url: where the publisher distributes it (empty for the user's own data).
         layout: the expected files under ``dataset.root``, in one line.
         stats: the published counts that :mod:`softmine.data.check` compares against.
+        verified_download: ``softmine-data download`` fetches and verifies the published
+            archive, which unpacks into the folder named like ``folder``'s last part; for
+            the other published sets it prints where to get them and how to unpack them.
     """
 
     name: str
@@ -38,6 +41,7 @@ class Source:
     url: str
     layout: str
     stats: dict[str, int] = field(default_factory=dict)
+    verified_download: bool = False
 
     def where(self) -> str:
         """The end of every data error: expected layout and where the set is published."""
@@ -64,6 +68,7 @@ CUB = Source(
         "train_test_split.txt, bounding_boxes.txt"
     ),
     stats={"images": 11788, "classes": 200, "train_images": 5864, "test_images": 5924},
+    verified_download=True,
 )
 
 CARS = Source(
@@ -172,6 +177,7 @@ SOP_SOURCE = Source(
         "test_images": 60502,
         "test_classes": 11316,
     },
+    verified_download=True,
 )
 
 INSHOP_SOURCE = Source(
@@ -274,16 +280,13 @@ def check_root(source: Source, root: str | Path) -> Path:
 def download_hint(source: Source, path: Path) -> str:
     """The ``softmine-data download`` command that puts ``source`` at ``path`` ("" if none).
 
-    A set with a published archive is downloaded and verified by that command; for the
-    others it prints where to get the set and how to unpack it.
+    A set with a verified archive is downloaded by that command; for the other published
+    sets it prints where to get the set and how to unpack it; the user's own have none.
     """
-    from softmine.data.download import DOWNLOADS
-
-    entry = DOWNLOADS.get(source.config)
-    if entry is None:
+    if not source.url:
         return ""
-    if entry.archives:
-        creates = entry.archives[0].creates
+    if source.verified_download:
+        creates = Path(source.folder).name
         if path.name == creates:
             return (
                 f"Download it with `softmine-data download {source.config} --root {path.parent}`. "
