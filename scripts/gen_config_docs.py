@@ -9,7 +9,9 @@ one table per config file, under the name a user types on the command line
     python scripts/gen_config_docs.py                 # -> docs/configuration.md
     python scripts/gen_config_docs.py --out page.md
 
-``make docs`` runs it before building the site, so the page follows the configs.
+``make docs`` runs it before building the site, so the page follows the configs. The page
+is committed (the README links to it on a fresh clone): after editing a config, run this
+script and commit the page with it; ``tests/test_docs.py`` fails while they differ.
 The keys it finds in a file must be exactly the keys YAML loads from that file
 (a construct it cannot read is an error, never a silently missing row).
 """
@@ -329,8 +331,8 @@ def render(config_dir: Path = CONFIG_DIR) -> str:
         "",
         "This page lists every group, every option and every key with its default and the "
         "comment it has where it is defined. It is generated from the configs "
-        "(`python scripts/gen_config_docs.py`, run by `make docs`), so it cannot drift from "
-        "them. Keys are shown under the name you type: a key `margin` of `configs/loss/osm.yaml` "
+        "(`python scripts/gen_config_docs.py`, run by `make docs`) and committed with them; a "
+        "test fails when it is not what the configs give. Keys are shown under the name you type: a key `margin` of `configs/loss/osm.yaml` "
         "is `loss.margin`. A value `null` for `num_classes` or `embedding_dim` is filled at run "
         "time from the data and the backbone; a value `${...}` is taken from another key.",
         "",

@@ -1,4 +1,4 @@
-"""The dataset configs build working datasets; check_data.py; the CLI's data error."""
+"""The dataset configs build working datasets; softmine-data check; the CLI's data error."""
 
 from __future__ import annotations
 
@@ -17,7 +17,10 @@ from torch.utils.data import DataLoader
 from softmine.config import build
 from softmine.data import PKSampler
 from softmine.data.check import check
+from softmine.data.download import DOWNLOADS
 from softmine.data.fakes import BUILDERS
+from softmine.data.sources import SOURCES, check_root
+from softmine.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = str(REPO / "configs")
@@ -129,13 +132,14 @@ def test_transform_group_can_be_swapped(fakes: dict[str, Path]) -> None:
     assert x.shape == (3, 256, 128)
 
 
-# ------------------------------------------------------------------- check_data
+# ------------------------------------------------------------------- softmine-data check
 
 
 def _script(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``softmine-data check ARGS`` (a command every install has, unlike a repository script)."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "check_data.py"), *args],
+        [sys.executable, "-m", "softmine.data_cli", "check", *args],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -240,6 +244,28 @@ def test_train_on_a_missing_dataset_is_one_line_and_exit_2(tmp_path: Path) -> No
     msg = errors[0]
     assert "CUB-200-2011: dataset folder /nowhere does not exist" in msg
     assert "images.txt" in msg and "vision.caltech.edu" in msg
+    # commands a wheel install has: the download that fits dataset.root, and the check
+    assert "Download it with `softmine-data download cub --root DIR`, then set " in msg
+    assert "dataset.root=DIR/CUB_200_2011" in msg
+    assert "Check a copy with `softmine-data check cub ROOT`" in msg and "scripts/" not in msg
+
+
+@pytest.mark.parametrize("name", sorted(SOURCES))
+def test_a_missing_set_names_the_commands_that_get_and_check_it(name: str, tmp_path: Path) -> None:
+    """Every data error ends with `softmine-data check` (scripts/check_data.py is not in a
+    wheel); a missing folder also names `softmine-data download` where it knows the set."""
+    with pytest.raises(DataError) as e:
+        check_root(SOURCES[name], tmp_path / "data" / SOURCES[name].folder.split("/")[-1])
+    msg = str(e.value)
+    assert f"Check a copy with `softmine-data check {name} ROOT`." in msg
+    if name in ("cub", "sop"):  # verified archives: the command downloads into dataset.root
+        assert (
+            f"Download it with `softmine-data download {name} --root {tmp_path / 'data'}`." in msg
+        )
+    elif name in DOWNLOADS:  # behind a form: the command says where and how
+        assert f"`softmine-data download {name}` says where to get it and how to unpack it." in msg
+    else:  # the user's own folders and files
+        assert "softmine-data download" not in msg
 
 
 @pytest.mark.parametrize("name", ["cub", "mars"])

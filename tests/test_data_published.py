@@ -180,7 +180,7 @@ def test_reproduce_lpw_has_the_authors_settings() -> None:
     assert frames == 54  # train.prototxt: input_dim 54 frames, 6 tracklets
 
 
-# ------------------------------------------------------------------- check_data
+# ------------------------------------------------------------------- softmine-data check
 
 
 @pytest.mark.parametrize(
@@ -229,10 +229,10 @@ def test_check_passes_complete_copies(
     assert report.ok, report.render()
 
 
-def test_check_data_script_knows_the_published_counts(sop: Path, tmp_path: Path) -> None:
+def test_softmine_data_check_knows_the_published_counts(sop: Path, tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     res = subprocess.run(
-        [sys.executable, str(REPO / "scripts/check_data.py"), "sop", str(sop), "--workers", "1"],
+        [sys.executable, "-m", "softmine.data_cli", "check", "sop", str(sop), "--workers", "1"],
         cwd=tmp_path,
         env=env,
         capture_output=True,

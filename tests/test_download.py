@@ -260,7 +260,10 @@ def test_sets_behind_a_form_print_where_and_how(
     out = capsys.readouterr().out
     assert "has no public URL with a published checksum" in out
     assert DOWNLOADS[name].source.url in out and str(tmp_path) in out
-    assert f"scripts/check_data.py {name}" in out
+    assert (
+        f"`softmine-data check {name} {tmp_path / DOWNLOADS[name].source.folder.split('/')[-1]}`"
+        in out
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -276,3 +279,37 @@ def test_list(capsys: pytest.CaptureFixture[str]) -> None:
     main(["list"])
     out = capsys.readouterr().out
     assert "cub" in out and "automatic, 1.1 GiB" in out and "sop" in out and "2.9 GiB" in out
+
+
+def test_softmine_data_check_a_copy_of_your_own(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`softmine-data check` (the command every data error names) exits 0 on a good copy and
+    1 on a damaged one; it knows every set softmine.data.check can check."""
+    from softmine.data.check import CHECKS
+    from softmine.data.fakes import make_image_folder
+    from softmine.data_cli import CHECKABLE
+
+    assert sorted(CHECKABLE) == sorted(CHECKS)
+    root = make_image_folder(tmp_path / "images")
+    main(["check", "imagefolder", str(root), "--workers", "1"])  # returns: exit 0
+    assert capsys.readouterr().out.rstrip().endswith("all checks passed")
+    bad = next(p for p in sorted(root.rglob("*")) if p.is_file())
+    bad.write_bytes(b"not an image")
+    with pytest.raises(SystemExit) as e:
+        main(["check", "imagefolder", str(root), "--workers", "1"])
+    assert e.value.code == 1
+    out = capsys.readouterr().out
+    assert f"[FAIL]   cannot decode image {bad}" in out and "problem(s) found" in out
+
+
+def test_the_sources_know_which_sets_the_command_downloads() -> None:
+    """Data errors name `softmine-data download` from softmine.data.sources alone (which the
+    download module imports): what they say must match DOWNLOADS."""
+    from softmine.data.sources import SOURCES
+
+    assert {n for n, s in SOURCES.items() if s.url} == set(DOWNLOADS)
+    verified = {n for n, s in SOURCES.items() if s.verified_download}
+    assert verified == {n for n, e in DOWNLOADS.items() if e.archives}
+    for name in verified:  # the archive unpacks into the default dataset.root's folder
+        assert DOWNLOADS[name].archives[0].creates == Path(SOURCES[name].folder).name

@@ -306,3 +306,17 @@ def test_a_video_model_embeds_an_image_as_a_one_frame_tracklet(pooling: str) -> 
         want = video(x[:, None])  # 5 clips of one frame each
         got = ImageEmbedder(video)(x)
     assert torch.allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_index_refuses_nonfinite_embeddings_and_queries(value: float) -> None:
+    """faiss would silently never return a NaN item, and a NaN query would match nothing."""
+    emb = _clusters(n=50)
+    emb.vectors[[3, 7]] = value
+    with pytest.raises(DataError, match=r"NaN or Inf in 2 of 50 rows \(the first: 3.png\)"):
+        EmbeddingIndex.build(emb, "flat")
+    index = EmbeddingIndex.build(_clusters(n=50), "flat")
+    queries = np.ones((2, index.dim), np.float32)
+    queries[1, 0] = value
+    with pytest.raises(DataError, match=r"the queries hold NaN or Inf in 1 of 2 rows .*: q1"):
+        index.search(queries, 3, names=["q0", "q1"])

@@ -290,3 +290,27 @@ def test_reproduce_cub_run_embed_index_search_eval_export(
     )
     diff = float(re.search(r"max abs difference from PyTorch on random inputs: (\S+)", out)[1])
     assert diff <= 1e-4 and "(N, 3, 96, 96)" in out
+
+
+def test_index_build_and_search_refuse_nonfinite_embeddings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The issue's probe: a NaN item was indexed (never returned) and a NaN query printed
+    zero hits with exit 0; softmine-eval already refused such embeddings."""
+    from softmine.inference.embeddings import Embeddings, save_embeddings
+
+    rng = np.random.default_rng(0)
+    good = rng.normal(size=(20, 8)).astype(np.float32)
+    paths = [f"{i}.png" for i in range(20)]
+    bad = good.copy()
+    bad[5, 2] = np.nan
+    save_embeddings(Embeddings(good, paths), tmp_path / "good.npz")
+    save_embeddings(Embeddings(bad, paths), tmp_path / "bad.npz")
+    err = _fails(
+        index_main, ["build", str(tmp_path / "bad.npz"), "-o", str(tmp_path / "i")], capsys
+    )
+    assert "bad.npz hold NaN or Inf in 1 of 20 rows (the first: 5.png)" in err
+    assert not (tmp_path / "i").exists()
+    _ok(index_main, ["build", str(tmp_path / "good.npz"), "-o", str(tmp_path / "i")], capsys)
+    argv = ["search", str(tmp_path / "i"), "--embeddings", str(tmp_path / "bad.npz")]
+    assert "query embeddings in" in _fails(index_main, argv, capsys)

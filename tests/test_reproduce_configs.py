@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from softmine.engine.schedules import multistep
-from tests.conftest import compose, run_cli
+from tests.conftest import REPO, compose, run_cli
 
 HEADS = {"loss1": "inception_3c", "loss2": "embedding", "loss3": "pool5"}  # train.prototxt
 
@@ -140,3 +140,27 @@ def test_cfg_job_shows_the_schedule_and_no_augmentation(tmp_path) -> None:
     assert list(job.scheduler.milestones) == [500, 1000, 1500, 1501, 2000, 2001]
     train = OmegaConf.to_yaml(job.dataset.transform.train)
     assert "RandomResizedCrop" not in train and "Flip" not in train and "Crop" not in train
+
+
+EXPERIMENTS = sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_resolves(experiment: str) -> None:
+    """What ``--cfg job --resolve`` does: every interpolation replaced in place by its value
+    (a resolver whose default is a list literal cannot be, the issue's "Value 'list' is not a
+    supported primitive type")."""
+    cfg = compose([f"experiment={experiment}"])
+    OmegaConf.resolve(cfg)
+    assert not OmegaConf.to_yaml(cfg).count("${")  # nothing left unresolved
+    assert list(cfg.evaluation.ks) == list(cfg.dataset.recall_ks)
+
+
+def test_cfg_job_resolve_prints_the_final_values(tmp_path) -> None:
+    res = run_cli(
+        ["softmine.train", "experiment=reproduce_cub", "--cfg", "job", "--resolve"], tmp_path
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    job = OmegaConf.create(res.stdout)
+    assert list(job.evaluation.ks) == [1, 2, 4, 8]  # CUB's Recall@K (the paper's table)
+    assert job.dataset.test.root == job.dataset.root == "data/CUB_200_2011"  # values, not ${..root}

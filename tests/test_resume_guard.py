@@ -113,3 +113,34 @@ def test_resume_with_other_settings_is_one_line_and_exit_2(tmp_path: Path) -> No
     (line,) = res.stderr.strip().splitlines()
     assert "optimizer.lr (0.01 -> 0.5)" in line and "seed (0 -> 5)" in line
     assert "resume_override=[optimizer.lr,seed]" in line
+
+
+@pytest.mark.parametrize(
+    ("what", "message"),
+    [
+        ("exp_avg", r"the optimizer's exp_avg of (model|loss)\.\S+ holds NaN or Inf"),
+        ("weight", r"the weight \S+ holds NaN or Inf"),
+    ],
+)
+def test_a_checkpoint_with_nonfinite_state_is_called_damaged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, what: str, message: str
+) -> None:
+    """The issue's probe: NaN in Adam's exp_avg of a saved checkpoint made the resumed run
+    stop with "non-finite weights ... lower the learning rate", a wrong diagnosis."""
+    given = ["trainer.device=cpu", "optimizer=adam", "trainer.checkpoint_every=2", *FAST_DIGITS]
+    _poison_loss_at(monkeypatch, 5)
+    with pytest.raises(TrainingError):
+        train(Invocation(tmp_path, compose([*given, "trainer.epochs=1"]), given, choices={}))
+    monkeypatch.undo()
+    last = tmp_path / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    if what == "exp_avg":
+        slot = next(iter(state["optimizer"]["state"].values()))
+        slot["exp_avg"].view(-1)[0] = float("nan")
+    else:
+        name = next(k for k, v in state["model"].items() if v.is_floating_point())
+        state["model"][name].view(-1)[0] = float("inf")
+    torch.save(state, last)
+    resumed = [*given, "trainer.epochs=1", "resume=true"]
+    with pytest.raises(ConfigError, match=rf"checkpoint {last} is damaged: {message}"):
+        train(Invocation(tmp_path, compose(resumed), resumed, choices={}))

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from tests.conftest import FAST_DIGITS
+from softmine.errors import ConfigError
+from tests.conftest import FAST_DIGITS, compose
 
 
 def _train(args: list[str], tmp_path: Path, monkeypatch, capsys) -> tuple[int, str]:
@@ -66,6 +68,100 @@ def test_bad_command_is_one_line_and_exit_2(
     assert code == 2
     assert message in _one_line(err)
     assert not any((tmp_path / "outputs").rglob("*.yaml"))  # no run was recorded
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["optimizer.weight_decay=-1"], "optimizer.weight_decay must be a finite number >= 0"),
+        (["optimizer=sgd", "optimizer.momentum=-1"], "optimizer.momentum must be a finite number"),
+        (["optimizer=adamw", "optimizer.betas=[0.9,1.5]"], "optimizer.betas must be two numbers"),
+        (["optimizer=sgd", "optimizer.momentum=0", "optimizer.nesterov=true"], "needs optimizer."),
+        (["evaluation.ks=[0,1]"], "evaluation.ks must be a list of whole numbers >= 1"),
+        (["evaluation.ks=[]"], "evaluation.ks must be a list of whole numbers >= 1"),
+        (["evaluation.ranks=[1,abc]"], "evaluation.ranks must be a list of whole numbers >= 1"),
+        (["evaluation.ap=markte"], "evaluation.ap must be one of ('standard', 'market')"),
+        (["evaluation.rerank=maybe"], "evaluation.rerank must be true or false (got 'maybe')"),
+        (["evaluation.frame_batch_size=0"], "evaluation.frame_batch_size must be a whole number"),
+        (["trainer.num_threads=0"], "trainer.num_threads must be auto or a whole number >= 1"),
+        (
+            ["+evaluation.reid_variants.x.ap=standard"],
+            "evaluation.reid_variants applies to re-ID evaluation",
+        ),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else "",
+)
+def test_bad_optimizer_and_evaluation_values_fail_before_training(
+    tmp_path: Path, monkeypatch, capsys, overrides: list[str], message: str
+) -> None:
+    """torch's optimizers raised ValueError tracebacks; evaluation.ks=[0,1] failed only once
+    training had ended. Every such value is one line before the run starts."""
+    args = [*overrides, "trainer.max_iters=2", *FAST_DIGITS]
+    code, err = _train(args, tmp_path, monkeypatch, capsys)
+    assert code == 2
+    assert message in _one_line(err)
+    assert not any(tmp_path.rglob("train_log.csv"))  # no step was trained
+
+
+def test_an_optimizer_value_torch_refuses_is_one_line(tmp_path: Path) -> None:
+    """A check validate_config lacks (here a key the optimizer gains with +) is still one line."""
+    from softmine.engine.optim import build_optimizer
+
+    cfg = compose(["optimizer=adamw", "+optimizer.amsgrad=true"]).optimizer
+    cfg.lr = -1.0  # torch's "Invalid learning rate", past validate_config
+    with pytest.raises(ConfigError, match="optimizer: Invalid learning rate: -1.0"):
+        build_optimizer(cfg, [("model.w", torch.nn.Parameter(torch.zeros(2)))])
+
+
+def test_softmine_eval_bad_ks_is_a_usage_error(tmp_path: Path, capsys) -> None:
+    from softmine.evaluate import main
+
+    path = tmp_path / "e.npz"
+    x = np.array([[1, 0], [1, 0.1], [0, 1], [0.1, 1]], np.float32)  # two tight pairs
+    np.savez(path, embeddings=x, labels=np.array([0, 0, 1, 1]))
+    for ks in ("1,abc", "0,1", ""):
+        with pytest.raises(SystemExit) as e:
+            main([str(path), "--ks", ks])
+        assert e.value.code == 2
+        assert "--ks 1,2,4,8" in _one_line(capsys.readouterr().err)
+    main([str(path), "--ks", "1, 2"])
+    out = capsys.readouterr().out
+    assert '"recall@1": 1.0' in out and '"recall@2": 1.0' in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "hint"),
+    [
+        (  # what the shell makes of an unquoted path with spaces
+            ["dataset.root=/tmp/my", "big", "photos", "trainer.epochs=1"],
+            "'big' is not key=value: a value with spaces must be quoted as one argument, "
+            "'dataset.root=/tmp/my big photos'",
+        ),
+        (["photos"], "overrides are key=value, e.g. trainer.epochs=5 (got 'photos')"),
+        (["dataset.root=/tmp/my (1)"], "quote the value for Hydra: \"dataset.root='/tmp/my (1)'\""),
+        (["dataset.root=/tmp/it's"], 'quote the value for Hydra: "dataset.root=\\"/tmp/it\'s\\""'),
+    ],
+)
+def test_a_value_that_needs_quotes_gets_the_quoting_hint(
+    tmp_path: Path, monkeypatch, capsys, argv: list[str], hint: str
+) -> None:
+    """Hydra's grammar error alone did not say that the path needed quotes, nor how."""
+    code, err = _train([*argv, *FAST_DIGITS], tmp_path, monkeypatch, capsys)
+    assert code == 2
+    line = _one_line(err)
+    assert hint in line and "see https://hydra.cc/docs/advanced/override_grammar/basic/" in line
+
+
+def test_the_suggested_quoting_is_what_hydra_reads() -> None:
+    """Each hint, run through a shell, gives Hydra the value the user meant."""
+    import shlex
+
+    from softmine.hydra_errors import quoting_hint
+
+    for value in ("/tmp/my (1)", "/tmp/it's", "/tmp/a=b", "C:\\data"):
+        hint = quoting_hint(f"dataset.root={value}", [])
+        (word,) = shlex.split(hint.rsplit(": ", 1)[1])  # one argument, as the shell passes it
+        assert compose([word]).dataset.root == value
 
 
 def test_an_interpolation_in_an_override_is_kept_as_written(
@@ -227,3 +323,96 @@ def test_a_real_error_during_start_up_without_an_interrupt_is_not_hidden(monkeyp
     finally:
         for s, handler in saved.items():
             signal.signal(s, handler)
+
+
+#: A start-up that a first Ctrl-C interrupts while the process still has slow work to wind
+#: down at exit: an exit handler (atexit) or a thread Python joins before exiting (a cache
+#: build's decoder). The child prints "winding down" when that work starts.
+_SLOW_EXIT = """
+import atexit, os, signal, sys, threading, time
+from softmine import train
+
+def slow():
+    print("winding down", flush=True)
+    time.sleep(20)
+
+def start_up():
+    if sys.argv[1] == "atexit":
+        atexit.register(slow)
+    else:
+        threading.Thread(target=lambda: (time.sleep(0.5), slow())).start()
+    os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C
+    time.sleep(20)
+
+train._main = start_up
+train.main()
+"""
+
+
+@pytest.mark.parametrize("where", ["atexit", "thread"])
+def test_a_second_ctrl_c_while_exiting_is_no_traceback(tmp_path: Path, where: str) -> None:
+    """The issue's rare atexit traceback on a double Ctrl-C during start-up: the second
+    KeyboardInterrupt landed in an exit handler (or in Python's join of a running thread)
+    and was printed as "Exception ignored in ...". Now it ends the process at once."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SOFTMINE_DEBUG": ""}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_EXIT, where],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "winding down"
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)  # the second Ctrl-C
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - start < 10  # at once, not after the 20 s of work
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == [
+        "interrupted before training began; nothing was saved (run the command again)"
+    ]
+
+
+_LOST_FIRST = """
+import os, signal, time
+from softmine import train
+
+class Swallows:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: raised in __del__, it is lost
+
+def start_up():
+    obj = Swallows()
+    del obj
+    print("swallowed", flush=True)
+    time.sleep(20)  # start-up goes on
+
+train._main = start_up
+train.main()
+"""
+
+
+def test_a_second_ctrl_c_when_the_first_was_lost_ends_the_start_up(tmp_path: Path) -> None:
+    """The first KeyboardInterrupt landed in a ``__del__``: Python printed it as "Exception
+    ignored in ..." with a traceback, and start-up went on. The interrupt is noted, so that
+    print is silenced, and the second signal stops the command with the one line at once
+    (not, say, after a long cache build)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SOFTMINE_DEBUG": ""}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _LOST_FIRST],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "swallowed"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == [
+        "interrupted before training began; nothing was saved (run the command again)"
+    ]

@@ -1,4 +1,4 @@
-"""``softmine-data``: download the published data sets, verified, into the layout the loaders read.
+"""``softmine-data``: download the published data sets into the layout the loaders read; check a copy.
 
 Examples::
 
@@ -6,23 +6,36 @@ Examples::
     softmine-data download cub --root data/         # -> data/CUB_200_2011 (dataset=cub's default)
     softmine-data download sop --root data/         # -> data/Stanford_Online_Products
     softmine-data download mars --root data/        # prints where to get MARS and how to unpack it
+    softmine-data check cub data/CUB_200_2011       # files, published counts, every image decoded
+    softmine-data check sop data/Stanford_Online_Products --sample 20000 --workers 8
+    softmine-data check csv data/my_set.csv         # your own data: counts listed, images decoded
 
 A download checks the published size, MD5 and SHA-256 before anything is
-unpacked; an interrupted download resumes when the same command runs again. Exit
-status: 0 done, 1 the set must be fetched by hand (instructions printed), 2 an
-error (one ``error:`` line).
+unpacked; an interrupted download resumes when the same command runs again.
+``check`` takes a ``dataset=`` config name (cub, cars196, sop, inshop, mars,
+ilidsvid, prid2011, lpw, or imagefolder / csv for your own data, which have no
+published counts: theirs are listed and every image decoded) and what
+``dataset.root`` points to (for csv, the CSV file), and prints one line per finding.
+Exit status: 0 done (a check: everything matches), 1 the set must be fetched by
+hand (instructions printed) or the check found something missing, miscounted or
+unreadable, 2 an error (one ``error:`` line).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from softmine.cli import user_errors_exit
+from softmine.cli import ArgumentParser, user_errors_exit
 from softmine.data.download import DOWNLOADS, ManualDownload, download
+from softmine.hardware import available_cpus
+
+#: The data sets ``check`` knows (softmine.data.check.CHECKS; listed here so that
+#: ``--help`` does not import every loader).
+CHECKABLE = (*DOWNLOADS, "imagefolder", "csv")
 
 EXIT_MANUAL = 1
+EXIT_CHECK_FAILED = 1
 
 
 class _Progress:
@@ -55,10 +68,20 @@ def _list() -> None:
         print(f"{name:<10} {entry.source.name:<42} {how}")
 
 
+def _check(dataset: str, root: str, sample: int | None, workers: int) -> None:
+    """Print the check of the copy at ``root``; exit 1 when it found a problem."""
+    from softmine.data.check import check
+
+    report = check(dataset, root, sample=sample, workers=workers)
+    print(report.render())
+    if not report.ok:
+        sys.exit(EXIT_CHECK_FAILED)
+
+
 @user_errors_exit
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="softmine-data", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = ArgumentParser(prog="softmine-data", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,download,check}")
     sub.add_parser("list", help="the data sets and how each is obtained")
     get = sub.add_parser("download", help="download, verify and unpack one data set")
     get.add_argument("name", choices=sorted(DOWNLOADS), help="dataset config name")
@@ -72,9 +95,28 @@ def main(argv: list[str] | None = None) -> None:
         "--timeout", type=float, default=60.0, help="seconds without data before giving up"
     )
     get.add_argument("--no-progress", action="store_true", help="no progress bar")
+    chk = sub.add_parser(
+        "check", help="check a copy: files present, published counts, every image readable"
+    )
+    chk.add_argument("dataset", choices=sorted(CHECKABLE), help="dataset config name")
+    chk.add_argument(
+        "root", help="the dataset folder (what dataset.root points to); for csv the CSV file"
+    )
+    chk.add_argument(
+        "--sample", type=int, default=None, help="decode only this many random images (all)"
+    )
+    chk.add_argument(
+        "--workers",
+        type=int,
+        default=min(8, available_cpus()),
+        help="processes decoding images (default: min(8, usable CPUs))",
+    )
     args = parser.parse_args(argv)
     if args.command == "list":
         _list()
+        return
+    if args.command == "check":
+        _check(args.dataset, args.root, args.sample, args.workers)
         return
     progress = None if args.no_progress else _Progress()
     try:

@@ -20,6 +20,7 @@ the same way. Prints the metrics as JSON; ``--out FILE`` also writes them.
 
 from __future__ import annotations
 
+import argparse
 import json
 import zipfile
 from pathlib import Path
@@ -28,6 +29,7 @@ import numpy as np
 
 from softmine.cli import ArgumentParser, user_errors_exit
 from softmine.engine.evaluator import Evaluator
+from softmine.engine.setup import set_cpu_threads
 from softmine.errors import ConfigError, DataError, SoftmineError
 from softmine.evaluation import reid_metrics, retrieval_metrics
 from softmine.inference.embeddings import load_embeddings
@@ -103,6 +105,7 @@ def evaluate_checkpoint(path: Path, device: str = "auto") -> dict[str, float]:
     (``dropped_items/<split>``), as in training.
     """
     loaded = load_model(path, device)
+    set_cpu_threads(loaded.config.trainer.get("num_threads", "auto"))  # the run's own count
     evaluator = Evaluator(loaded.config, loaded.device)
     metrics = evaluator.evaluate(loaded.model)
     return {**metrics, **evaluator.dropped_counts()}  # dropped_items/*, as in metrics.json
@@ -118,6 +121,19 @@ def _id_list(option: str, text: str) -> tuple[int, ...]:
         ) from None
 
 
+def _ks(text: str) -> list[int]:
+    """``--ks 1,2,4,8`` -> ``[1, 2, 4, 8]``; anything but whole numbers >= 1 is a usage error."""
+    try:
+        ks = [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        ks = []
+    if not ks or min(ks) < 1:
+        raise argparse.ArgumentTypeError(
+            f"give comma-separated whole numbers >= 1, e.g. --ks 1,2,4,8 (got {text!r})"
+        )
+    return ks
+
+
 @user_errors_exit
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="softmine-eval", description=__doc__.split("\n")[0])
@@ -125,7 +141,9 @@ def main(argv: list[str] | None = None) -> None:
         "path", type=Path, help="run folder, checkpoint (.pt) or embeddings (.npz, .parquet)"
     )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
-    parser.add_argument("--ks", default="1,2,4,8", help="comma-separated K of Recall@K (npz only)")
+    parser.add_argument(
+        "--ks", type=_ks, default="1,2,4,8", help="comma-separated K of Recall@K (npz only)"
+    )
     parser.add_argument(
         "--ap",
         default="standard",
@@ -146,10 +164,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="also write the metrics to this JSON file")
     args = parser.parse_args(argv)
     if args.path.suffix in (".npz", ".parquet"):
-        ks = [int(k) for k in args.ks.split(",")]
         metrics = evaluate_embeddings_file(
             args.path,
-            ks,
+            args.ks,
             ap=args.ap,
             rerank=args.rerank,
             junk_pids=_id_list("--junk-pids", args.junk_pids),

@@ -68,12 +68,54 @@ def _closest(word: str, candidates: Sequence[str]) -> str | None:
     return close[0] if close else None
 
 
+#: Characters of an unquoted value that Hydra's override grammar reads as syntax.
+SPECIAL = re.compile(r"""[\s()\[\]{}'",=:\\]""")
+
+
+def shell_quoted(text: str) -> str:
+    """``text`` as one shell word: in single quotes, or in double quotes when it holds one."""
+    if "'" not in text:
+        return f"'{text}'"
+    escaped = "".join("\\" + c if c in '\\"$`' else c for c in text)
+    return f'"{escaped}"'
+
+
+def quoting_hint(override: str, argv: Sequence[str]) -> str:
+    """How to quote an override Hydra could not parse, or "" when quoting is not the fix.
+
+    An unquoted path with spaces reaches Hydra as several arguments (``dataset.root=/tmp/my``
+    and ``photos``): the words after the override are joined back into it. A value with
+    characters of the override grammar (parentheses, ``=``, quotes) is quoted for Hydra.
+    """
+    words = list(argv)
+    if "=" not in override and not override.startswith("~") and override in words:
+        i = words.index(override)
+        start = i
+        while start > 0 and "=" not in words[start - 1]:
+            start -= 1
+        if start == 0:
+            return f"; overrides are key=value, e.g. trainer.epochs=5 (got {override!r})"
+        end = i + 1
+        while end < len(words) and "=" not in words[end]:
+            end += 1
+        joined = " ".join(words[start - 1 : end])
+        return (
+            f"; {override!r} is not key=value: a value with spaces must be quoted as one "
+            f"argument, {shell_quoted(joined)}"
+        )
+    key, eq, value = override.partition("=")
+    if eq and value and SPECIAL.search(value) and value[0] not in "'\"[{":
+        quote = '"' if "'" in value else "'"
+        return f"; quote the value for Hydra: {shell_quoted(f'{key}={quote}{value}{quote}')}"
+    return ""
+
+
 def describe(e: BaseException, argv: Sequence[str]) -> str:
     """One sentence for a Hydra composition or override error of the command ``argv``."""
     if isinstance(e, OverrideParseException):
         return (
-            f"cannot parse the override {e.override!r} ({_first_line(e.message)}); "
-            f"see {GRAMMAR_URL}"
+            f"cannot parse the override {e.override!r} ({_first_line(e.message)})"
+            f"{quoting_hint(str(e.override), argv)}; see {GRAMMAR_URL}"
         )
     if isinstance(e, MissingConfigException) and e.missing_cfg_file:
         group, _, option = str(e.missing_cfg_file).rpartition("/")

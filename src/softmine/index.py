@@ -70,6 +70,7 @@ def cmd_build(args) -> None:  # noqa: ANN001 - argparse namespace
     index = EmbeddingIndex.build(
         emb,
         args.type,
+        source=f"the embeddings in {args.embeddings}",
         hnsw_m=args.hnsw_m,
         ef_construction=args.ef_construction,
         ef_search=args.ef_search,
@@ -126,6 +127,7 @@ def cmd_search(args) -> None:  # noqa: ANN001 - argparse namespace
     index.tune(nprobe=args.nprobe, ef_search=args.ef_search)
     if args.image:
         queries, names = _query_images(index, args)
+        source = "the query images' embeddings"
     else:
         emb = load_embeddings(args.embeddings)
         index.check_queries_from(
@@ -133,7 +135,8 @@ def cmd_search(args) -> None:  # noqa: ANN001 - argparse namespace
             f"the embeddings {args.embeddings}",
         )
         queries, names = emb.vectors, emb.paths
-    hits = index.search(queries, args.k)
+        source = f"the query embeddings in {args.embeddings}"
+    hits = index.search(queries, args.k, names, source)
     if args.json:
         print(json.dumps([[h.as_dict() for h in row] for row in hits], indent=2))
         return

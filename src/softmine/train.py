@@ -245,16 +245,20 @@ def task(cfg: DictConfig) -> float:
 
 
 def _stopped(signum: int) -> None:
-    """Ctrl-C / SIGTERM outside the training loop: one line (a sweep: its summary), nothing lost."""
+    """Ctrl-C / SIGTERM outside the training loop: one line (a sweep: its summary), nothing lost.
+
+    A further signal from here on ends the process at once (:func:`signals.exiting`).
+    """
+    from softmine.engine import signals
+
     sweep = sys.modules.get("softmine.engine.sweep")
     state = getattr(sweep, "ACTIVE", None)
     if sweep is not None and state is not None:
-        sweep.report_stop(state, signum)
+        sweep.report_stop(state, signum)  # its summary is written even on a second signal
+        signals.exiting()
     else:
-        print(
-            "interrupted before training began; nothing was saved (run the command again)",
-            file=sys.stderr,
-        )
+        signals.exiting()
+        print(signals.STOPPED_BEFORE_TRAINING, file=sys.stderr)
     sys.exit(128 + signum)
 
 

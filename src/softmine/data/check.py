@@ -1,6 +1,6 @@
 """Check a downloaded dataset: files present, counts equal to the published statistics, images readable.
 
-The logic behind ``scripts/check_data.py DATASET ROOT``. Every dataset is
+The logic behind ``softmine-data check DATASET ROOT``. Every dataset is
 loaded with the same classes training uses (so a copy that passes here loads
 there), the counts are compared with :attr:`Source.stats`, and every image
 (or a random sample of them) is decoded.

@@ -336,7 +336,7 @@ def download(
             f"{entry.source.name} has no public URL with a published checksum (it is "
             f"behind a form, a login or a drive link, or only on mirrors): open {entry.source.url}, "
             f"then {entry.manual.replace('ROOT', str(root))}. Check the copy with "
-            f"`python scripts/check_data.py {name} {root / entry.source.folder.split('/')[-1]}`."
+            f"`softmine-data check {name} {root / entry.source.folder.split('/')[-1]}`."
         )
     for archive in entry.archives:
         target = root / archive.creates

@@ -31,6 +31,9 @@ class Source:
         layout: the expected files under ``dataset.root``, in one line.
         stats: the published counts that :mod:`softmine.data.check` compares against.
         key: the config key that points to the data: ``root`` (a folder) or ``file`` (CSV).
+        verified_download: ``softmine-data download`` fetches and verifies the published
+            archive, which unpacks into the folder named like ``folder``'s last part; for
+            the other published sets it prints where to get them and how to unpack them.
     """
 
     name: str
@@ -40,6 +43,7 @@ class Source:
     layout: str
     stats: dict[str, int] = field(default_factory=dict)
     key: str = "root"
+    verified_download: bool = False
 
     @property
     def own(self) -> bool:
@@ -58,7 +62,7 @@ class Source:
             f"Expected layout: dataset.{self.key} (default {self.folder}, relative to the "
             f"directory the command is launched from) {'is' if self.key == 'file' else 'holds'} "
             f"{self.layout}. {published}"
-            f"Check a copy with `python scripts/check_data.py {self.config} ROOT`."
+            f"Check a copy with `softmine-data check {self.config} ROOT`."
         )
 
 
@@ -72,6 +76,7 @@ CUB = Source(
         "train_test_split.txt, bounding_boxes.txt"
     ),
     stats={"images": 11788, "classes": 200, "train_images": 5864, "test_images": 5924},
+    verified_download=True,
 )
 
 CARS = Source(
@@ -180,6 +185,7 @@ SOP_SOURCE = Source(
         "test_images": 60502,
         "test_classes": 11316,
     },
+    verified_download=True,
 )
 
 INSHOP_SOURCE = Source(
@@ -270,14 +276,35 @@ SOURCES: dict[str, Source] = {
 
 
 def check_root(source: Source, root: str | Path) -> Path:
-    """``root`` as a Path; a DataError if the folder does not exist."""
+    """``root`` as a Path; a DataError if the folder does not exist (naming the download)."""
     path = Path(root).expanduser()
     if not path.is_dir():
         raise DataError(
             f"{source.name}: dataset folder {path.resolve()} does not exist "
-            f"(dataset.root={root}). {source.where()}"
+            f"(dataset.root={root}). {download_hint(source, path)}{source.where()}"
         )
     return path
+
+
+def download_hint(source: Source, path: Path) -> str:
+    """The ``softmine-data download`` command that puts ``source`` at ``path`` ("" if none).
+
+    A set with a verified archive is downloaded by that command; for the other published
+    sets it prints where to get the set and how to unpack it; the user's own have none.
+    """
+    if not source.url:
+        return ""
+    if source.verified_download:
+        creates = Path(source.folder).name
+        if path.name == creates:
+            return (
+                f"Download it with `softmine-data download {source.config} --root {path.parent}`. "
+            )
+        return (
+            f"Download it with `softmine-data download {source.config} --root DIR`, then "
+            f"set dataset.root=DIR/{creates}. "
+        )
+    return f"`softmine-data download {source.config}` says where to get it and how to unpack it. "
 
 
 def require(source: Source, path: Path, what: str = "file") -> Path:

@@ -202,6 +202,41 @@ def reapply_optimizer_settings(
     return applied
 
 
+def first_nonfinite(named: list[tuple[str, Any]]) -> str | None:
+    """The name of the first floating-point tensor of ``named`` that holds NaN or Inf, else None."""
+    tensors = [(n, t) for n, t in named if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not tensors:
+        return None
+    finite = torch.stack([torch.isfinite(t).all() for _, t in tensors])
+    return None if bool(finite.all()) else tensors[int((~finite).nonzero()[0])][0]
+
+
+def require_finite_state(
+    path: Path, ckpt: dict[str, Any], optimizer: torch.optim.Optimizer, names: dict[int, str]
+) -> None:
+    """Refuse a checkpoint whose weights or optimizer state hold NaN or Inf.
+
+    Training never saves one (its steps stop at the first non-finite value), so the file
+    is damaged; resumed, its NaN would surface steps later as a diverging run, blamed on
+    the learning rate. ``names`` maps ``id(parameter)`` to its name, for the message.
+    """
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    order = [names.get(id(p), f"parameter {i}") for i, p in enumerate(params)]
+    named = [(f"the weight {k}", t) for k, t in ckpt["model"].items()]
+    named += [(f"the loss's {k}", t) for k, t in ckpt["loss"].items()]
+    named += [
+        (f"the optimizer's {key} of {order[int(i)] if int(i) < len(order) else i}", t)
+        for i, state in (ckpt["optimizer"].get("state") or {}).items()
+        for key, t in state.items()
+    ]
+    bad = first_nonfinite(named)
+    if bad is not None:
+        raise ConfigError(
+            f"checkpoint {path} is damaged: {bad} holds NaN or Inf, which training never "
+            "saves; resume from an intact copy of it, or start a new run"
+        )
+
+
 def load_state_checked(
     module: torch.nn.Module, state: dict[str, Any], what: str, path: Path
 ) -> None:

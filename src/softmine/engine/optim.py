@@ -107,7 +107,11 @@ def build_optimizer(cfg: DictConfig, named: Iterable[tuple[str, nn.Parameter]]) 
     factory: Callable[..., Optimizer] = build(node, "optimizer")
     lr = float(node.get("lr", 1e-3))
     weight_decay = float(node.get("weight_decay", 0.0) or 0.0)
-    optimizer = factory(group_parameters(named, list(rules), lr, weight_decay))
+    groups = group_parameters(named, list(rules), lr, weight_decay)
+    try:
+        optimizer = factory(groups)
+    except ValueError as e:  # torch's own hyperparameter checks ("Invalid momentum value: -1")
+        raise ConfigError(f"optimizer: {e}; fix the optimizer.* value it names") from None
     if any(FROZEN_ITERS in g for g in optimizer.param_groups):
         optimizer.register_step_pre_hook(_hold_frozen_groups)
     return optimizer

@@ -39,6 +39,23 @@ def configure_backends(deterministic: bool) -> None:
     torch.backends.cudnn.benchmark = not deterministic
 
 
+def set_cpu_threads(value: object) -> int | None:
+    """``trainer.num_threads``: ``auto`` leaves torch's default (``OMP_NUM_THREADS``, else the
+    usable cores); a number N pins torch's and faiss's CPU thread pools to N threads.
+
+    The thread count changes the order of floating-point sums, so a run on the CPU gives
+    the same numbers on any machine only with a fixed count. Returns N, or None for auto.
+    """
+    if str(value) == "auto":
+        return None
+    import faiss
+
+    n = int(value)  # type: ignore[call-overload]
+    torch.set_num_threads(n)
+    faiss.omp_set_num_threads(n)
+    return n
+
+
 def describe_device(device: torch.device) -> str:
     """One line naming the device: the GPU, torch and CUDA versions, or the CPU's usable cores."""
     if device.type == "cuda":

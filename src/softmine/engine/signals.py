@@ -15,6 +15,12 @@ its daemonic children SIGTERM and then waits for them) would wait forever when t
 main process exits with a loader still alive, e.g. after an error raised in the
 middle of an epoch. :func:`_kill_loader_workers` runs before it at exit and kills
 those workers first: they hold nothing worth keeping.
+
+Once the command is on its way out, a further SIGINT/SIGTERM must not raise
+KeyboardInterrupt: raised while Python joins the remaining threads or runs its exit
+handlers, it is printed as a traceback ("Exception ignored in atexit callback").
+:func:`exiting` (called when an interrupted command stops, and first thing at
+interpreter shutdown) makes such a signal end the process at once, quietly.
 """
 
 from __future__ import annotations
@@ -22,11 +28,19 @@ from __future__ import annotations
 import atexit
 import multiprocessing
 import multiprocessing.util  # registers its exit handler now, so ours (below) runs before it
+import os
 import signal
+import sys
 import threading
+from collections.abc import Callable
 from types import FrameType, TracebackType
+from typing import Any
 
 _pending: int | None = None
+#: What an interrupt during start-up prints (the command's last line).
+STOPPED_BEFORE_TRAINING = (
+    "interrupted before training began; nothing was saved (run the command again)"
+)
 
 
 def note_pending(signum: int) -> None:
@@ -50,16 +64,57 @@ def interrupt_start_up() -> None:
     lost: the command checks :func:`pending` when an exception reaches it (an
     interrupt that broke a library half-way, e.g. OmegaConf while Hydra composes,
     surfaces as that library's error), and the training loop stops after its first
-    step if the request is still pending then.
+    step if the request is still pending then; Python's print of the lost one (a
+    traceback) is silenced (:class:`_QuietInterrupts`). A second signal while one is
+    pending ends the command at once with the same one line.
     """
     if threading.current_thread() is threading.main_thread():
         for s in GracefulInterrupt.SIGNALS:
             signal.signal(s, _start_up_handler)
+    if not isinstance(sys.unraisablehook, _QuietInterrupts):
+        sys.unraisablehook = _QuietInterrupts(sys.unraisablehook)
+
+
+class _QuietInterrupts:
+    """``sys.unraisablehook`` that drops a KeyboardInterrupt Python could not raise.
+
+    Raised by our handlers inside a ``__del__``, a weakref callback, an exit handler or
+    Python's join of the remaining threads, it would be printed with a traceback and
+    ignored; the stop request itself is kept (:func:`pending`, :class:`GracefulInterrupt`).
+    Every other unraisable exception goes to the previous hook.
+    """
+
+    def __init__(self, previous: Callable[[Any], object]) -> None:
+        self.previous = previous
+
+    def __call__(self, info: Any) -> None:
+        if not isinstance(info.exc_value, KeyboardInterrupt):
+            self.previous(info)
 
 
 def _start_up_handler(signum: int, frame: FrameType | None) -> None:
+    if _pending is not None:  # a second one: the first is already stopping the command, or was lost
+        print(STOPPED_BEFORE_TRAINING, file=sys.stderr, flush=True)
+        _exit_now(signum, frame)
     note_pending(signum)
     raise KeyboardInterrupt
+
+
+def exiting() -> None:
+    """From now on a SIGINT/SIGTERM ends the process at once (``os._exit(128 + signum)``).
+
+    For a command that is stopping anyway: a KeyboardInterrupt raised now could only land
+    in the code that winds the process down (joining threads, exit handlers) and be
+    printed there as a traceback. Nothing is lost: what had to be saved was saved before.
+    """
+    if threading.current_thread() is threading.main_thread():
+        for s in GracefulInterrupt.SIGNALS:
+            signal.signal(s, _exit_now)
+
+
+def _exit_now(signum: int, frame: FrameType | None) -> None:
+    sys.stderr.flush()
+    os._exit(128 + signum)
 
 
 class GracefulInterrupt:
@@ -123,3 +178,6 @@ def _kill_loader_workers() -> None:
 
 
 atexit.register(_kill_loader_workers)
+# First thing at interpreter shutdown, before Python joins the threads still running (a
+# cache build's decoders, say) and runs the exit handlers: an interrupt now ends the process.
+getattr(threading, "_register_atexit", atexit.register)(exiting)

@@ -44,6 +44,7 @@ from softmine.engine.checkpoint import (
     load_checkpoint,
     load_state_checked,
     reapply_optimizer_settings,
+    require_finite_state,
     restore_rng_state,
     save_atomic,
 )
@@ -70,6 +71,7 @@ from softmine.engine.setup import (
     resolve_device,
     resolve_num_workers,
     seed_everything,
+    set_cpu_threads,
     set_sharing_strategy,
 )
 from softmine.engine.signals import GracefulInterrupt, ignore_interrupts
@@ -193,6 +195,7 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
         seed_everything(int(cfg.seed), bool(tcfg.deterministic))
         configure_backends(bool(tcfg.deterministic))
+        set_cpu_threads(tcfg.get("num_threads", "auto"))
         if self.dist.is_main:
             log.info("training on %s", describe_device(self.device))
         self.ckpt_dir = self.run_dir / CHECKPOINT_DIR
@@ -368,6 +371,9 @@ class Trainer:
             raise ConfigError(
                 f"{path} is not a softmine training checkpoint (lacks {sorted(missing)})"
             )
+        names = {id(p): f"model.{n}" for n, p in self.model.named_parameters()}
+        names |= {id(p): f"loss.{n}" for n, p in self.loss_fn.named_parameters()}
+        require_finite_state(path, ckpt, self.optimizer, names)
         load_state_checked(self.model, ckpt["model"], "model", path)
         load_state_checked(self.loss_fn, ckpt["loss"], "loss (class vectors / classifier)", path)
         try:

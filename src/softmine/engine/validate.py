@@ -11,11 +11,13 @@ import os
 import tempfile
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from softmine.engine.evaluator import eval_protocol, reid_variants
 from softmine.engine.logger import check_loggers
 from softmine.engine.setup import SHARING_STRATEGIES, resolve_device
 from softmine.errors import ConfigError
+from softmine.evaluation.reid import AP_TYPES
 from softmine.losses.osm_caa import check_loss_hparams
 
 PRECISIONS = ("32", "bf16", "fp16")
@@ -76,6 +78,80 @@ def _check_lr(cfg: DictConfig) -> None:
         raise ConfigError(f"optimizer.lr must be a finite number > 0 (got {lr:g})")
 
 
+def _check_optimizer(cfg: DictConfig) -> None:
+    """The hyperparameters torch's optimizers check only when built (with a traceback)."""
+    for key in ("weight_decay", "momentum", "dampening", "eps"):
+        value = _num(cfg, f"optimizer.{key}")
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"optimizer.{key} must be a finite number >= 0 (got {value:g})")
+    betas = _node(cfg, "optimizer.betas")
+    if betas is not None:
+        values = list(betas) if isinstance(betas, ListConfig) else []
+        if len(values) != 2 or not all(
+            isinstance(b, int | float) and not isinstance(b, bool) and 0 <= b < 1 for b in values
+        ):
+            raise ConfigError(
+                f"optimizer.betas must be two numbers in [0, 1), e.g. [0.9, 0.999] (got {_shown(betas)})"
+            )
+    if _node(cfg, "optimizer.nesterov") is True and not (
+        (_num(cfg, "optimizer.momentum") or 0) > 0 and not _num(cfg, "optimizer.dampening")
+    ):
+        raise ConfigError(
+            "optimizer.nesterov=true needs optimizer.momentum > 0 and no dampening; "
+            "set optimizer.momentum=0.9, say, or optimizer.nesterov=false"
+        )
+
+
+def _shown(node: object) -> object:
+    """A config value as the user wrote it (a list, not a ListConfig)."""
+    if isinstance(node, DictConfig | ListConfig):
+        return OmegaConf.to_container(node)
+    return repr(node)
+
+
+def _whole_numbers(cfg: DictConfig, key: str, example: str) -> None:
+    """``key`` must be a non-empty list of whole numbers >= 1."""
+    node = _node(cfg, key)
+    values = list(node) if isinstance(node, ListConfig) else []
+    if not values or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values
+    ):
+        raise ConfigError(
+            f"{key} must be a list of whole numbers >= 1, e.g. {key}={example} (got {_shown(node)})"
+        )
+
+
+def _check_evaluation(cfg: DictConfig) -> None:
+    """Every ``evaluation.*`` value, so that a bad one fails now and not after training."""
+    if not isinstance(_node(cfg, "evaluation"), DictConfig):
+        return
+    _whole_numbers(cfg, "evaluation.ks", "[1,2,4,8]")
+    _whole_numbers(cfg, "evaluation.ranks", "[1,5,10,20]")
+    ap = _node(cfg, "evaluation.ap")
+    if ap not in AP_TYPES:
+        raise ConfigError(f"evaluation.ap must be one of {AP_TYPES} (got {_shown(ap)})")
+    if not isinstance(_node(cfg, "evaluation.rerank"), bool):
+        raise ConfigError(
+            f"evaluation.rerank must be true or false (got {_shown(_node(cfg, 'evaluation.rerank'))})"
+        )
+    if _node(cfg, "evaluation.frame_batch_size") is None:
+        raise ConfigError("evaluation.frame_batch_size must be a whole number >= 1 (got null)")
+    _int(cfg, "evaluation.frame_batch_size", 1)
+    variants = _node(cfg, "evaluation.reid_variants")
+    if variants is not None and not isinstance(variants, DictConfig):
+        raise ConfigError(
+            "evaluation.reid_variants must be a mapping name -> {junk_pids, distractor_pids, ap} "
+            f"(got {_shown(variants)})"
+        )
+    if variants and "dataset" in cfg:
+        for name, opts in reid_variants(cfg, eval_protocol(cfg.dataset)).items():
+            if opts["ap"] not in AP_TYPES:
+                raise ConfigError(
+                    f"evaluation.reid_variants.{name}.ap must be one of {AP_TYPES} "
+                    f"(got {opts['ap']!r})"
+                )
+
+
 def _check_resume_override(cfg: DictConfig) -> None:
     keys = cfg.get("resume_override")
     keys = [keys] if isinstance(keys, str) else list(keys or [])
@@ -100,6 +176,8 @@ def validate_config(cfg: DictConfig, run_dir: Path | None = None) -> None:
     for key in ("sampler.num_classes", "sampler.num_samples"):
         _int(cfg, key, 1, "a positive integer")
     _check_lr(cfg)
+    _check_optimizer(cfg)
+    _check_evaluation(cfg)
     _check_resume_override(cfg)
     t = cfg.trainer
     _int(cfg, "trainer.epochs", 1, "a whole number >= 1")
@@ -128,6 +206,8 @@ def validate_config(cfg: DictConfig, run_dir: Path | None = None) -> None:
             f"trainer.sharing_strategy must be one of {SHARING_STRATEGIES} (got {strategy!r})"
         )
     _int(cfg, "trainer.checkpoint_every", 0)
+    if str(t.get("num_threads", "auto")) != "auto":
+        _int(cfg, "trainer.num_threads", 1, "auto or a whole number >= 1")
     resolve_device(t.device, warn=False)
     check_loggers(t.get("loggers", ["csv"]))
     if run_dir is not None:

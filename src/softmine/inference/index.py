@@ -47,6 +47,19 @@ def normalize(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
 
 
+def require_finite(x: np.ndarray, paths: list[str], what: str) -> None:
+    """Refuse vectors holding NaN or Inf: faiss would never return such an item, and such a
+    query would match nothing (``what`` names them in the error, e.g. ``the queries``)."""
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        first = int(np.argmax(bad))
+        name = paths[first] if first < len(paths) else f"row {first}"
+        raise DataError(
+            f"{what} hold NaN or Inf in {int(bad.sum())} of {len(x)} rows (the first: {name}); "
+            "embed them again with a model whose outputs are finite (softmine-embed)"
+        )
+
+
 def _auto_nlist(n: int) -> int:
     """Cells of an IVF index: about 4 sqrt(n), with at least 39 training vectors per cell."""
     return max(1, min(round(4 * math.sqrt(n)), n // 39))
@@ -94,6 +107,7 @@ class EmbeddingIndex:
         emb: Embeddings,
         kind: str = "flat",
         *,
+        source: str = "the embeddings",
         hnsw_m: int = 32,
         ef_construction: int = 200,
         ef_search: int = 128,
@@ -103,9 +117,13 @@ class EmbeddingIndex:
         nprobe: int | None = None,
         seed: int = 0,
     ) -> EmbeddingIndex:
-        """Index ``emb`` with faiss; see the module docstring for the types and their settings."""
+        """Index ``emb`` with faiss; see the module docstring for the types and their settings.
+
+        ``source`` names the embeddings in an error (their file, say).
+        """
         if kind not in INDEX_TYPES:
             raise ConfigError(f"--type must be one of {INDEX_TYPES} (got {kind!r})")
+        require_finite(emb.vectors, emb.paths, source)
         x = normalize(emb.vectors)
         n, d = x.shape
         if n == 0:
@@ -247,8 +265,17 @@ class EmbeddingIndex:
         if ef_search is not None and hasattr(self.index, "hnsw"):
             self.index.hnsw.efSearch = int(ef_search)
 
-    def search(self, queries: np.ndarray, k: int = 10) -> list[list[Hit]]:
-        """The ``k`` nearest items of each query by cosine similarity, best first."""
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int = 10,
+        names: list[str] | None = None,
+        source: str = "the queries",
+    ) -> list[list[Hit]]:
+        """The ``k`` nearest items of each query by cosine similarity, best first.
+
+        ``names`` (a path per query) and ``source`` name a non-finite query in the error.
+        """
         queries = np.asarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise DataError(
@@ -257,6 +284,7 @@ class EmbeddingIndex:
             )
         if int(k) < 1:
             raise ConfigError(f"-k must be >= 1 (got {k})")
+        require_finite(queries, names or [], source)
         k = min(int(k), len(self))
         scores, ids = self.index.search(normalize(queries), k)
         return [
