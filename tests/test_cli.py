@@ -31,13 +31,16 @@ def test_short_run_writes_its_run_folder(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr[-3000:]
     run = _only_run_dir(tmp_path)
     metrics = json.loads((run / "metrics.json").read_text())
-    # two evaluations: the final metrics, and the snapshot the test set picks, named as such
+    # two evaluations: the final metrics, and the snapshot the test set picks, named as such;
+    # `iteration`: the step the final metrics (and checkpoints/last.pt) belong to
     assert set(metrics) == METRIC_KEYS | {f"best_test/{k}" for k in METRIC_KEYS} | {
-        "best_test_iteration"
+        "best_test_iteration",
+        "iteration",
     }
     assert all(0.0 <= metrics[k] <= 1.0 for k in METRIC_KEYS)
     rows = list(csv.DictReader((run / "train_log.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert metrics["iteration"] == int(rows[-1]["step"])
     assert "map@r" in rows[0] and rows[0]["map@r"]  # evaluated every epoch
     assert (run / "checkpoints" / "last.pt").stat().st_size > 0
     assert (run / ".hydra" / "config.yaml").exists()
