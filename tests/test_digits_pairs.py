@@ -83,3 +83,22 @@ def test_make_targets_take_the_dataset(target: str) -> None:
 
     assert f"experiment={target} dataset=digits_pairs" in dry_run("DATASET=digits_pairs")
     assert f"experiment={target} dataset=digits " in dry_run()  # the default stays digits
+
+
+def test_augmentation_is_off_by_default_and_one_key_turns_it_on() -> None:
+    # issue 23: the 1-pixel zero-filled shift cut ink off 8 x 8 digits and moved the seam
+    cfg = compose(["dataset=digits_pairs", "dataset.per_class=2"])
+    train = build(cfg.dataset.train, "train")
+    plain = DigitsPairs(split="train", per_class=2)
+    torch.manual_seed(0)
+    assert all(torch.equal(train[i][0], plain.images[i]) for i in range(len(train)))
+    on = compose(
+        [
+            "dataset=digits_pairs",
+            "dataset.per_class=2",
+            "dataset.train.dataset.transform.max_shift=1",
+        ]
+    )
+    shifted = build(on.dataset.train, "train")
+    torch.manual_seed(0)
+    assert any(not torch.equal(shifted[i][0], plain.images[i]) for i in range(len(shifted)))
