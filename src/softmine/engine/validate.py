@@ -128,7 +128,7 @@ def _check_test_mode(cfg: DictConfig) -> None:
 
 def _check_tuned(cfg: DictConfig) -> None:
     """experiment=fair: the loss's tuned setting on this data set must exist."""
-    if "tuned" in cfg and OmegaConf.is_missing(cfg, "tuned"):
+    if "tuned" in cfg.keys() and OmegaConf.is_missing(cfg, "tuned"):  # `in` skips ??? values
         from hydra.core.hydra_config import HydraConfig
 
         dataset = str(cfg.dataset.get("name") or "<dataset>")
