@@ -45,12 +45,21 @@ GROUPS = {
     "dataset/transform": "Image transforms of a data set (a group nested in `dataset/`, "
     "placed at `dataset.transform`).",
     "backbone": "The embedding network: trunk, embedding head, input normalisation.",
+    "backbone/benchmark": "The fair benchmark's network on each data set (`experiment=tune|fair` "
+    "pick `backbone=benchmark/<dataset>`).",
     "sampler": "How a training batch is drawn (P classes x K samples).",
     "loss": "The metric-learning loss.",
     "optimizer": "The optimizer and its parameter groups.",
     "scheduler": "The learning-rate schedule, stepped per iteration.",
     "experiment": "Named settings that override everything above for one published result "
     "(`@package _global_`: their keys are full paths).",
+    "benchmark": "The fair benchmark's protocol on a data set, shared by `experiment=tune` and "
+    "`experiment=fair` (docs/fair-benchmark.md).",
+    "study": "A tuning study on a data set (`experiment=tune`): the trial budget, the sampler and "
+    "the search ranges every loss shares.",
+    "hparams_search": "A loss's own search ranges (`experiment=tune`).",
+    "tuned": "The tuned setting of a loss on a data set, written by `make tune` "
+    "(`tuned/<dataset>/<loss>.yaml`, read by `experiment=fair`).",
     "hydra/launcher": "Where the jobs of a sweep (`-m`) run.",
 }
 

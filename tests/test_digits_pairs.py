@@ -83,3 +83,40 @@ def test_make_targets_take_the_dataset(target: str) -> None:
 
     assert f"experiment={target} dataset=digits_pairs" in dry_run("DATASET=digits_pairs")
     assert f"experiment={target} dataset=digits " in dry_run()  # the default stays digits
+
+
+def test_augmentation_is_off_by_default_and_one_key_turns_it_on() -> None:
+    # issue 23: the 1-pixel zero-filled shift cut ink off 8 x 8 digits and moved the seam
+    cfg = compose(["dataset=digits_pairs", "dataset.per_class=2"])
+    train = build(cfg.dataset.train, "train")
+    plain = DigitsPairs(split="train", per_class=2)
+    torch.manual_seed(0)
+    assert all(torch.equal(train[i][0], plain.images[i]) for i in range(len(train)))
+    on = compose(
+        [
+            "dataset=digits_pairs",
+            "dataset.per_class=2",
+            "dataset.train.dataset.transform.max_shift=1",
+        ]
+    )
+    shifted = build(on.dataset.train, "train")
+    torch.manual_seed(0)
+    assert any(not torch.equal(shifted[i][0], plain.images[i]) for i in range(len(shifted)))
+
+
+def test_held_out_classes_use_digit_images_no_training_pair_uses() -> None:
+    from softmine.data.splits import build_train_and_validation
+
+    cfg = compose(["dataset=digits_pairs", "dataset.per_class=20", "dataset.val_classes=10"])
+    train, val = build_train_and_validation(cfg.dataset)
+    raw = train.dataset  # DigitsPairs under the class subset
+    kept = train.index
+    held = val.test.index
+    assert len(held) == 10 * 20 and len(kept) == 40 * 20
+    images = lambda idx: set(raw.left[idx].tolist()) | set(raw.right[idx].tolist())  # noqa: E731
+    assert not images(kept) & images(held)
+    test = build(cfg.dataset.test, "test")
+    assert not (images(kept) | images(held)) & (set(test.left.tolist()) | set(test.right.tolist()))
+    # without held-out classes the set is what it always was
+    plain = build(compose(["dataset=digits_pairs", "dataset.per_class=20"]).dataset.train, "t")
+    assert np.array_equal(plain.dataset.left, DigitsPairs(split="train", per_class=20).left)

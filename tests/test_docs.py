@@ -49,6 +49,24 @@ def _leaves(node: Any, prefix: str = "") -> set[str]:
     return {prefix}
 
 
+def _selection(group: str, option: str) -> list[str]:
+    """The overrides that compose option ``option`` of ``group`` as softmine-train would.
+
+    The fair benchmark's groups are chosen by experiment=tune|fair from the data set and
+    the loss (their files exist for those only), so they are composed that way.
+    """
+    if group in ("benchmark", "study", "backbone/benchmark"):
+        return ["experiment=tune", f"dataset={option}"]
+    if group == "hparams_search":
+        return ["experiment=tune", "dataset=digits_pairs", f"loss={option}"]
+    if group.startswith("tuned/"):
+        return ["experiment=fair", f"dataset={group.split('/', 1)[1]}", f"loss={option}"]
+    if group == "experiment" and option in ("tune", "fair"):
+        return [f"experiment={option}", "dataset=digits_pairs"]
+    base = ["dataset=cub"] if group == "dataset/transform" else []
+    return [*base, f"{group}={option}"]
+
+
 def _composed_configs() -> dict[str, set[str]]:
     """Every option of every group, composed as softmine-train would: override -> its keys."""
     selections = [[]]
@@ -56,8 +74,7 @@ def _composed_configs() -> dict[str, set[str]]:
         group = path.parent.relative_to(REPO / "configs").as_posix()
         if group in (".", "hydra/launcher"):  # train.yaml is always in; hydra.* is Hydra's
             continue
-        base = ["dataset=cub"] if group == "dataset/transform" else []
-        selections.append([*base, f"{group}={path.stem}"])
+        selections.append(_selection(group, path.stem))
     out = {}
     for overrides in selections:
         cfg = OmegaConf.to_container(compose(overrides), resolve=False)

@@ -97,11 +97,15 @@ def test_readme_block_is_what_readme_mode_writes(name: str) -> None:
 
 def test_every_generated_table_is_on_its_page() -> None:
     results = _results_script()
-    assert set(results.read_all()) == set(results.TABLES)
+    assert (
+        set(results.TABLES) - set(results.PENDING) <= set(results.read_all()) <= set(results.TABLES)
+    )
     for doc, parts in results.DOCS.items():
         sections = results.generated_sections(doc)
         for names, section in zip(parts, sections, strict=True):
-            assert list(results.read_sections(section)) == list(names), doc.name
+            have = list(results.read_sections(section))
+            assert have == [n for n in names if n in have], doc.name
+            assert set(names) - set(have) <= set(results.PENDING), doc.name
 
 
 def test_write_doc_fills_each_section_and_keeps_the_prose_between(
@@ -206,7 +210,13 @@ def test_summary_takes_map_at_r_and_n_per_loss_and_data_set() -> None:
 
 @pytest.mark.parametrize(
     "page",
-    ["results.md", "benchmarks-digits-pairs.md", "evaluation-protocols.md", "distributed.md"],
+    [
+        "results.md",
+        "benchmarks-digits-pairs.md",
+        "evaluation-protocols.md",
+        "distributed.md",
+        "fair-benchmark.md",
+    ],
 )
 def test_prose_quotes_only_numbers_of_the_generated_tables(page: str) -> None:
     results = _results_script()

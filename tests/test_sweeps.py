@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import subprocess
@@ -31,7 +30,9 @@ def test_a_job_that_raises_is_recorded_and_the_sweep_goes_on(
         raise KeyError("a bug\nwith a second line")
 
     monkeypatch.setattr("softmine.train.train", bug)
-    assert math.isnan(sweep_job(_inv(tmp_path / "0", "seed=3"), tmp_path, 0))
+    assert (
+        sweep_job(_inv(tmp_path / "0", "seed=3"), tmp_path, 0) is None
+    )  # no score (NaN would stop an Optuna study)
     assert "error: job 0 failed: KeyError" in capsys.readouterr().err
     (row,) = sweep.collect_runs(tmp_path).to_dict("records")
     assert row["status"] == "failed" and row["seed"] == "3"
@@ -43,7 +44,9 @@ def test_a_stopped_sweep_skips_the_jobs_not_started(
 ) -> None:
     monkeypatch.setattr("softmine.train.train", lambda inv: pytest.fail("must not run"))
     sweep.request_stop(tmp_path, signal.SIGINT)
-    assert math.isnan(sweep_job(_inv(tmp_path / "1", "seed=1"), tmp_path, 1))
+    assert (
+        sweep_job(_inv(tmp_path / "1", "seed=1"), tmp_path, 1) is None
+    )  # no score (NaN would stop an Optuna study)
     assert not (tmp_path / "1").exists()  # nothing written into its folder
     planned = [["seed=0"], ["seed=1"], ["seed=2"]]
     (tmp_path / "0" / ".hydra").mkdir(parents=True)  # job 0 had started: it holds a run

@@ -110,6 +110,24 @@ def quoting_hint(override: str, argv: Sequence[str]) -> str:
     return ""
 
 
+#: Groups experiment=tune|fair choose from the data set (or the loss) by interpolation.
+BENCHMARK_GROUPS = ("benchmark", "study", "backbone/benchmark", "hparams_search")
+
+
+def _no_benchmark(group: str, option: str, options: Sequence[str]) -> str:
+    """A data set (or loss) the fair benchmark has no config for, named with the ones it has."""
+    have = ", ".join(sorted(options)) or "none"
+    if group == "hparams_search":
+        return (
+            f"experiment=tune has no search space for loss={option} "
+            f"(configs/hparams_search/{option}.yaml); losses with one: {have}"
+        )
+    return (
+        f"the fair benchmark (experiment=tune|fair) has no protocol for dataset={option} "
+        f"(configs/{group}/{option}.yaml); data sets with one: {have}"
+    )
+
+
 def describe(e: BaseException, argv: Sequence[str]) -> str:
     """One sentence for a Hydra composition or override error of the command ``argv``."""
     if isinstance(e, OverrideParseException):
@@ -120,6 +138,8 @@ def describe(e: BaseException, argv: Sequence[str]) -> str:
     if isinstance(e, MissingConfigException) and e.missing_cfg_file:
         group, _, option = str(e.missing_cfg_file).rpartition("/")
         options = [str(o) for o in (e.options or [])]
+        if group in BENCHMARK_GROUPS:
+            return _no_benchmark(group, option, options)
         if group and options:
             close = _closest(option, options)
             hint = f"did you mean {group}={close}? " if close else ""

@@ -17,7 +17,6 @@ inside :func:`main`, so a Ctrl-C at any point of the start-up is one line too.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shlex
 import signal
@@ -159,8 +158,14 @@ def invocation(cfg: DictConfig) -> Invocation:
     )
 
 
+#: What a job returns to the sweeper (Optuna maximises it), first found: chosen on held-out
+#: training classes when the run has them, never on the test split then.
+SCORES = ("val/map@r", "val/mAP", "map@r", "mAP")
+
+
 def _score(metrics: dict[str, float]) -> float:
-    return float(metrics.get("map@r", metrics.get("mAP", 0.0)))
+    """The run's score for a sweeper: the first of :data:`SCORES` in ``metrics`` (0.0 if none)."""
+    return float(next((metrics[k] for k in SCORES if k in metrics), 0.0))
 
 
 def resume_hint(argv: list[str], run_dir: Path) -> str:
@@ -195,11 +200,14 @@ def run_job(inv: Invocation) -> float:
         sys.exit(EXIT_USER_ERROR)
 
 
-def sweep_job(inv: Invocation, folder: Path, num: int) -> float:
+def sweep_job(inv: Invocation, folder: Path, num: int) -> float | None:
     """Job ``num`` of the sweep in ``folder``: its outcome is recorded, a failure never stops the others.
 
     When the sweep has been asked to stop, a job that has not started skips itself,
     and an interrupted job records it and asks the rest of the sweep to stop.
+    Returns the run's score (:func:`_score`), or None when it has none (failed, interrupted,
+    skipped): a sweeper that reads scores, Optuna's, then records a failed trial and goes on
+    (it stops the whole study on a NaN).
     """
     from softmine.engine import sweep
 
@@ -211,7 +219,7 @@ def sweep_job(inv: Invocation, folder: Path, num: int) -> float:
 
     if sweep.stop_requested(folder) is not None:
         record(sweep.NOT_STARTED, "the sweep was stopped")
-        return math.nan
+        return None
     try:
         score = _score(train(inv))
     except (Interrupted, KeyboardInterrupt) as e:
@@ -219,7 +227,7 @@ def sweep_job(inv: Invocation, folder: Path, num: int) -> float:
         reason = str(e).split(" Resume with", 1)[0] if isinstance(e, Interrupted) else ""
         record(sweep.INTERRUPTED, reason or "interrupted")
         sweep.request_stop(folder, signum)
-        return math.nan
+        return None
     except Exception as e:  # a clean error or a bug: this job failed, the sweep goes on
         if isinstance(e, SoftmineError):
             reason = user_message(e)
@@ -228,12 +236,12 @@ def sweep_job(inv: Invocation, folder: Path, num: int) -> float:
             log.exception("job %d raised", num)
         record(sweep.FAILED, reason)
         print(f"error: job {num} failed: {reason}", file=sys.stderr)
-        return math.nan
+        return None
     record(sweep.OK)
     return score
 
 
-def task(cfg: DictConfig) -> float:
+def task(cfg: DictConfig) -> float | None:
     """The Hydra task: one run, or one job of a sweep."""
     inv = invocation(cfg)
     if not inv.multirun:

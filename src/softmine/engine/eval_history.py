@@ -48,7 +48,7 @@ def resolve_monitor(monitor: str, names: Sequence[str]) -> str:
     (the test split's metrics have plain names); anything else must be one of ``names``.
     """
     if monitor == "auto":
-        main = "mAP" if "mAP" in names else "map@r"
+        main = "mAP" if "mAP" in names or VAL_PREFIX + "mAP" in names else "map@r"
         return VAL_PREFIX + main if VAL_PREFIX + main in names else main
     key = monitor[len(TEST_PREFIX) :] if monitor.startswith(TEST_PREFIX) else monitor
     if key not in names:
@@ -77,12 +77,13 @@ def best_row(rows: Sequence[dict[str, Any]], monitor: str) -> dict[str, Any] | N
 
 
 def best_test_summary(rows: Sequence[dict[str, Any]], monitor: str) -> dict[str, float]:
-    """``best_test_iteration`` and ``best_test/<metric>`` when more than one evaluation ran.
+    """``best_test_iteration`` and ``best_test/<metric>`` when more than one evaluation scored
+    the test split (``evaluation.test=final`` scores it once: there is no choice to report).
 
     The snapshot is chosen by ``monitor`` ON THE TEST SPLIT, as the authors chose theirs:
     a number to compare with theirs, not an unbiased estimate.
     """
-    if len(rows) < 2:
+    if sum(row.get(monitor) is not None for row in rows) < 2:
         return {}
     best = best_row(rows, monitor)
     if best is None:

@@ -61,7 +61,12 @@ from softmine.engine.distributed import DistEnv, gather_shards, shard
 from softmine.engine.embed import extract_embeddings, extract_reid_embeddings
 from softmine.engine.eval_history import metric_names
 from softmine.errors import ConfigError
-from softmine.evaluation import query_gallery_metrics, reid_metrics, retrieval_metrics
+from softmine.evaluation import (
+    mirror_confusion,
+    query_gallery_metrics,
+    reid_metrics,
+    retrieval_metrics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +131,15 @@ def reid_variants(cfg: DictConfig, protocol: str) -> dict[str, dict]:
     return out
 
 
+def mirror_metrics(dataset: object, embeddings: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """``mirror_confusion`` of a retrieval split whose classes have mirrors (``digits_pairs``:
+    the dataset's ``mirror_labels``), else nothing."""
+    mirror = getattr(dataset, "mirror_labels", None)
+    if mirror is None:
+        return {}
+    return {"mirror_confusion": mirror_confusion(embeddings, labels, mirror(labels))}
+
+
 def score_arrays(arrays: dict[str, np.ndarray], cfg: DictConfig) -> dict[str, float]:
     """The test metrics of embedding arrays under the run's protocol and evaluation options.
 
@@ -171,6 +185,8 @@ class Evaluator:
         num_workers: DataLoader worker processes for embedding.
         dist: this process's place in a distributed job.
         validation: held-out training classes, scored too (``val/<metric>``); None: none.
+        test: build and score the test split (``evaluation.test``); False: the
+            validation split alone, and the test split is never even read (tuning).
     """
 
     def __init__(
@@ -180,10 +196,17 @@ class Evaluator:
         num_workers: int = 0,
         dist: DistEnv | None = None,
         validation: ValidationSplit | None = None,
+        test: bool = True,
     ) -> None:
         self.cfg, self.device, self.num_workers = cfg, device, num_workers
         self.dist = dist or DistEnv()
         self.validation = validation
+        self.has_test = bool(test)
+        if not self.has_test and validation is None:
+            raise ConfigError(
+                "evaluation.test=false scores no test split, so it needs held-out training "
+                "classes to score: set dataset.val_classes=N or dataset.folds=K"
+            )
         self.last_test_arrays: dict[str, np.ndarray] = {}
         self.embeddings: tuple[np.ndarray, np.ndarray] | None = None
         d = cfg.dataset
@@ -197,9 +220,9 @@ class Evaluator:
                 "query_gallery or reid"
             )
         reid_variants(cfg, self.protocol)  # a bad variant fails here, before training
-        if self.protocol == "retrieval":
+        if self.has_test and self.protocol == "retrieval":
             self.test_set = build(d.test, "dataset.test")
-        else:
+        elif self.has_test:
             self.query_set = build(d.query, "dataset.query")
             self.gallery_set = build(d.gallery, "dataset.gallery")
         self.listing: Path | None = None  # the run's bad_images.txt, once check_files set it
@@ -208,10 +231,11 @@ class Evaluator:
     # ---------------------------------------------------------------- unreadable items
     def _slots(self) -> dict[str, tuple[Any, str]]:
         """Evaluation split name -> (object, attribute) holding its dataset."""
-        if self.protocol == "retrieval":
-            slots: dict[str, tuple[Any, str]] = {"test": (self, "test_set")}
-        else:
-            slots = {"query": (self, "query_set"), "gallery": (self, "gallery_set")}
+        slots: dict[str, tuple[Any, str]] = {}
+        if self.has_test and self.protocol == "retrieval":
+            slots["test"] = (self, "test_set")
+        elif self.has_test:
+            slots.update(query=(self, "query_set"), gallery=(self, "gallery_set"))
         val = self.validation
         if val is not None and val.test is not None:
             slots["val"] = (val, "test")
@@ -303,11 +327,14 @@ class Evaluator:
             return {}
         return {DROPPED_PREFIX + name: int(n) for name, n in self.dropped.items()}
 
-    def metric_names(self) -> list[str]:
-        """Names of the metrics :meth:`evaluate` returns (what ``trainer.monitor`` may name)."""
+    def metric_names(self, test: bool = True) -> list[str]:
+        """Names of the metrics every :meth:`evaluate` returns (what ``trainer.monitor`` may
+        name); ``test=False``: those of the validation split alone."""
         e = self.cfg.evaluation
-        names = metric_names(self.protocol, e.ks, e.ranks)
-        names += [f"{v}/{n}" for v in reid_variants(self.cfg, self.protocol) for n in names]
+        names: list[str] = []
+        if test and self.has_test:
+            names = metric_names(self.protocol, e.ks, e.ranks)
+            names += [f"{v}/{n}" for v in reid_variants(self.cfg, self.protocol) for n in names]
         if self.validation is not None:
             val = metric_names(self.validation.protocol, e.ks, e.ranks)
             names += [VAL_PREFIX + n for n in val]
@@ -368,15 +395,21 @@ class Evaluator:
             )
         return {VAL_PREFIX + k: v for k, v in out.items()}
 
-    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        """The flat metrics dict of ``model``: ``recall@K``, ``map@r``, ... or ``cmc@R``, ``mAP``,
-        then ``val/<metric>`` with a validation split. The test embedding arrays stay in
-        :attr:`last_test_arrays` (retrieval: also :attr:`embeddings`) until the next call."""
-        arrays = self.embed_test(model)
-        self.last_test_arrays = arrays
-        if self.protocol == "retrieval":
-            self.embeddings = (arrays["embeddings"], arrays["labels"])
-        return {**score_arrays(arrays, self.cfg), **self.evaluate_validation(model)}
+    def evaluate(self, model: torch.nn.Module, test: bool = True) -> dict[str, float]:
+        """The flat metrics dict of ``model``: ``recall@K``, ``map@r``, ... or ``cmc@R``, ``mAP``
+        (and ``mirror_confusion`` on a set with mirrored classes), then ``val/<metric>`` with a
+        validation split. ``test=False`` (or an evaluator built without the test split): the
+        validation metrics alone. The test embedding arrays stay in :attr:`last_test_arrays`
+        (retrieval: also :attr:`embeddings`) until the next call that scores the test split."""
+        out: dict[str, float] = {}
+        if test and self.has_test:
+            arrays = self.embed_test(model)
+            self.last_test_arrays = arrays
+            out = score_arrays(arrays, self.cfg)
+            if self.protocol == "retrieval":
+                self.embeddings = (arrays["embeddings"], arrays["labels"])
+                out.update(mirror_metrics(self.test_set, *self.embeddings))
+        return {**out, **self.evaluate_validation(model)}
 
 
 def _files_of(dataset: Any, i: int) -> tuple[str, ...]:

@@ -77,7 +77,7 @@ from softmine.engine.setup import (
 from softmine.engine.signals import GracefulInterrupt, ignore_interrupts
 from softmine.engine.step_stats import EPOCH, INTERVAL, StepStats
 from softmine.engine.sync_bn import convert_sync_batchnorm
-from softmine.engine.validate import validate_config
+from softmine.engine.validate import EVERY, FINAL, NEVER, test_mode, validate_config
 from softmine.errors import (
     ConfigError,
     DataError,
@@ -205,14 +205,19 @@ class Trainer:
         self.train_set, validation = build_train_and_validation(
             cfg.dataset, reid=eval_protocol(cfg.dataset) == "reid"
         )
-        self.evaluator = Evaluator(cfg, self.device, dist=self.dist, validation=validation)
+        self.test_mode = test_mode(cfg)  # evaluation.test: every evaluation, the final one, never
+        self.evaluator = Evaluator(
+            cfg, self.device, dist=self.dist, validation=validation, test=self.test_mode != NEVER
+        )
         # every split's image files, before any training: all the unreadable ones at once
         self.evaluator.check_files(
             self.train_set, self.run_dir / BAD_IMAGES_FILE, write=self.dist.is_main
         )
         labels = np.asarray(self.train_set.labels)
         self.num_classes = _check_train_labels(labels)
-        self.monitor = resolve_monitor(str(tcfg.monitor), self.evaluator.metric_names())
+        self.monitor = resolve_monitor(
+            str(tcfg.monitor), self.evaluator.metric_names(test=self.test_mode == EVERY)
+        )
 
         emb_dim = int(cfg.backbone.embedding_dim)
         self.model = build(
@@ -316,7 +321,7 @@ class Trainer:
     def _loaders_in_flight(self) -> list[tuple[Any, int]]:
         """(dataset, batch size) of the loaders whose worker batches sit in shared memory."""
         batches = [(self.train_set, self.sampler.P * self.sampler.K)]
-        if self.evaluator.protocol == "retrieval":
+        if self.evaluator.protocol == "retrieval" and self.evaluator.has_test:
             batches.append((self.evaluator.test_set, int(self.cfg.trainer.eval_batch_size)))
         return batches
 
@@ -408,6 +413,10 @@ class Trainer:
     def evaluate(self, model: torch.nn.Module | None = None) -> dict[str, float]:
         """Metrics of ``model`` (default: the trained one): retrieval on ``test``, or re-ID.
 
+        ``evaluation.test`` says when the trained network meets the test split: at every
+        evaluation (``true``), at the final one only (``final``), or never (``false``: the
+        validation split alone, for tuning).
+
         Under torch.distributed every rank first takes rank 0's BatchNorm statistics,
         so all ranks embed with the network rank 0 saves. The test embeddings of the
         trained network are kept (``test_embeddings``, with the step) for the plots.
@@ -415,8 +424,9 @@ class Trainer:
         if model is None:
             broadcast_buffers(self.model)
             broadcast_buffers(self.loss_fn)
+        test = self.test_mode == EVERY or (self.test_mode == FINAL and self._done())
         try:
-            metrics = self.evaluator.evaluate(model or self.model)
+            metrics = self.evaluator.evaluate(model or self.model, test=test or model is not None)
         except NonFiniteEmbeddings:
             raise TrainingError(
                 f"the test embeddings are not finite at step {self.state.step} (the weights are "

@@ -20,6 +20,23 @@ from softmine.errors import ConfigError
 from softmine.evaluation.reid import AP_TYPES
 from softmine.losses.osm_caa import check_loss_hparams
 
+EVERY, FINAL, NEVER = "every", "final", "never"  # when the test split is scored (evaluation.test)
+TEST_MODES = {True: EVERY, "final": FINAL, False: NEVER}
+
+
+def test_mode(cfg: DictConfig) -> str:
+    """``evaluation.test`` as one of :data:`EVERY` (``true``, the default), :data:`FINAL`, :data:`NEVER`."""
+    value = cfg.evaluation.get("test", True)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        value = value.lower() == "true"
+    if not (isinstance(value, bool) or value == "final"):
+        raise ConfigError(
+            f"evaluation.test must be true (score the test split at every evaluation), final "
+            f"(at the final one only) or false (never: tuning on held-out classes), got {value!r}"
+        )
+    return TEST_MODES[value]
+
+
 PRECISIONS = ("32", "bf16", "fp16")
 ON_NONFINITE = ("stop", "skip")
 
@@ -166,9 +183,45 @@ def _check_resume_override(cfg: DictConfig) -> None:
 _ABSENT = object()
 
 
+def _check_test_mode(cfg: DictConfig) -> None:
+    """``evaluation.test`` other than ``true`` needs held-out classes, and no baselines."""
+    mode = test_mode(cfg)
+    if mode == EVERY:
+        return
+    shown = f"evaluation.test={str(cfg.evaluation.test).lower()}"
+    d = cfg.get("dataset") or {}
+    if not (int(d.get("val_classes") or 0) or int(d.get("folds") or 0)):
+        raise ConfigError(
+            f"{shown} keeps the test split out of the evaluations during training, so they "
+            "score held-out training classes instead: set dataset.val_classes=N or dataset.folds=K"
+        )
+    if cfg.trainer.get("baselines"):
+        raise ConfigError(
+            f"trainer.baselines scores raw pixels and the untrained network on the test split, "
+            f"which {shown} keeps for the end or never reads; set trainer.baselines=false"
+        )
+
+
+def _check_tuned(cfg: DictConfig) -> None:
+    """experiment=fair: the loss's tuned setting on this data set must exist."""
+    if "tuned" in cfg.keys() and OmegaConf.is_missing(cfg, "tuned"):  # `in` skips ??? values
+        from hydra.core.hydra_config import HydraConfig
+
+        dataset = str(cfg.dataset.get("name") or "<dataset>")
+        loss = HydraConfig.get().runtime.choices.get("loss") if HydraConfig.initialized() else None
+        loss = loss or "<loss>"
+        raise ConfigError(
+            f"experiment=fair trains loss={loss} with its tuned setting on dataset={dataset}, "
+            f"and there is none (configs/tuned/{dataset}/{loss}.yaml); run "
+            f"`make tune DATASET={dataset} LOSS={loss}` first (docs/fair-benchmark.md)"
+        )
+
+
 def validate_config(cfg: DictConfig, run_dir: Path | None = None) -> None:
     """Check the values that would otherwise fail late, silently, or with a traceback."""
     _check_seed(cfg)
+    _check_test_mode(cfg)
+    _check_tuned(cfg)
     check_loss_hparams(*(_num(cfg, f"loss.{k}") for k in ("margin", "sigma", "lam")))
     if _num(cfg, "backbone.embedding_dim") is None:
         raise ConfigError("backbone.embedding_dim must be a positive integer (got null)")

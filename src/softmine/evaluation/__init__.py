@@ -1,5 +1,6 @@
-"""Evaluation: faiss k-NN search, retrieval metrics, re-ID protocols, re-ranking, tracklet pooling."""
+"""Evaluation: faiss k-NN search, retrieval metrics, mirror confusion, re-ID protocols, re-ranking, tracklet pooling."""
 
+from softmine.evaluation.confusion import mirror_confusion, partner_confusion
 from softmine.evaluation.knn import faiss_gpu_available, iter_knn, knn_search
 from softmine.evaluation.reid import (
     ReIDResult,
@@ -33,7 +34,9 @@ __all__ = [
     "k_reciprocal_distances",
     "knn_search",
     "map_at_r",
+    "mirror_confusion",
     "nmi",
+    "partner_confusion",
     "pool_tracklet_features",
     "query_gallery_metrics",
     "r_precision",
