@@ -51,9 +51,9 @@ def test_the_final_checkpoint_is_on_disk_before_the_final_evaluation(
     seen: list[int] = []
     evaluate = Evaluator.evaluate
 
-    def spy(self, model):
+    def spy(self, model, **kwargs):
         seen.append(_step(tmp_path / "checkpoints" / "last.pt"))
-        return evaluate(self, model)
+        return evaluate(self, model, **kwargs)
 
     monkeypatch.setattr(Evaluator, "evaluate", spy)
     metrics = train(_inv(tmp_path))
@@ -67,7 +67,7 @@ def test_the_final_checkpoint_is_on_disk_before_the_final_evaluation(
 def test_a_failed_final_evaluation_keeps_the_model_and_says_how_to_evaluate_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken(self, model):
+    def broken(self, model, **kwargs):
         raise DataError("cannot read test image data/x.jpg (truncated)")
 
     monkeypatch.setattr(Evaluator, "evaluate", broken)
