@@ -248,11 +248,12 @@ def check_files(
             to_read.update(dict.fromkeys(f for item in items for f in item))
     bad = {**find_unreadable([p for p in to_read if p not in known], threads), **known}
     n_files = len(to_read)
-    log.info(
-        "checked the headers of %d image files in %.1f s (data.check_files=false skips this)",
-        n_files,
-        time.perf_counter() - t0,
-    )
+    if n_files:  # sets without image files (digits) have nothing to say
+        log.info(
+            "checked the headers of %d image files in %.1f s (data.check_files=false skips this)",
+            n_files,
+            time.perf_counter() - t0,
+        )
     if not bad:
         return bad
     per_split = {
