@@ -349,20 +349,25 @@ train.main()
 """
 
 
-@pytest.mark.parametrize("where", ["atexit", "thread"])
-def test_a_second_ctrl_c_while_exiting_is_no_traceback(tmp_path: Path, where: str) -> None:
-    """The issue's rare atexit traceback on a double Ctrl-C during start-up: the second
-    KeyboardInterrupt landed in an exit handler (or in Python's join of a running thread)
-    and was printed as "Exception ignored in ...". Now it ends the process at once."""
+def _python(cwd: Path, *args: str) -> subprocess.Popen:
+    """``python ARGS`` in ``cwd`` with pipes, as a user's shell would start a command."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "SOFTMINE_DEBUG": ""}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _SLOW_EXIT, where],
-        cwd=tmp_path,
+    return subprocess.Popen(
+        [sys.executable, *args],
+        cwd=cwd,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+@pytest.mark.parametrize("where", ["atexit", "thread"])
+def test_a_second_ctrl_c_while_exiting_is_no_traceback(tmp_path: Path, where: str) -> None:
+    """The issue's rare atexit traceback on a double Ctrl-C during start-up: the second
+    KeyboardInterrupt landed in an exit handler (or in Python's join of a running thread)
+    and was printed as "Exception ignored in ...". Now it ends the process at once."""
+    proc = _python(tmp_path, "-c", _SLOW_EXIT, where)
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "winding down"
     start = time.monotonic()
@@ -399,15 +404,7 @@ def test_a_second_ctrl_c_when_the_first_was_lost_ends_the_start_up(tmp_path: Pat
     ignored in ..." with a traceback, and start-up went on. The interrupt is noted, so that
     print is silenced, and the second signal stops the command with the one line at once
     (not, say, after a long cache build)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SOFTMINE_DEBUG": ""}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _LOST_FIRST],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _python(tmp_path, "-c", _LOST_FIRST)
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "swallowed"
     proc.send_signal(signal.SIGINT)
