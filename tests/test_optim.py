@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from softmine.engine.optim import build_optimizer, group_parameters
+from softmine.engine.optim import CaffeSGD, build_optimizer, group_parameters
+from softmine.engine.schedules import multistep
 from softmine.errors import ConfigError
+from tests.conftest import compose
 
 
 def _named():
@@ -114,3 +117,119 @@ def test_optional_rule_may_match_nothing() -> None:
     assert len(groups) == 1 and groups[0]["lr"] == 0.1
     with pytest.raises(ConfigError, match="matches no trainable parameter"):
         group_parameters(named, [{"pattern": "loss.proxies"}], lr=0.1, weight_decay=0.0)
+
+
+# Caffe's solver, step by step (CaffeMex_V28/src/caffe/solvers/sgd_solver.cpp): multistep rate
+# (GetLearningRate, one stepvalue passed per iteration), Regularize (diff += decay * w),
+# ComputeUpdateValue (history = momentum * history + rate * lr_mult * diff), Blob::Update (w -= history).
+BASE_LR, MOMENTUM, DECAY, GAMMA, STEPS = 0.1, 0.9, 0.01, 0.5, [3, 4]  # two steps: x0.25 at 3-4
+
+
+def _caffe_reference(w0, bias0, grad_fn, iters):
+    """float64 NumPy loop of Caffe's update; the bias has lr_mult 2 and decay_mult 0."""
+    blobs = {"w": w0.copy(), "b": bias0.copy()}
+    mults = {"w": (1.0, 1.0), "b": (2.0, 0.0)}
+    history = {k: np.zeros_like(v) for k, v in blobs.items()}
+    current_step, path = 0, []
+    for it in range(iters):
+        if current_step < len(STEPS) and it >= STEPS[current_step]:
+            current_step += 1
+        rate = BASE_LR * GAMMA**current_step
+        diffs = grad_fn(blobs["w"], blobs["b"])
+        for k in blobs:
+            lr_mult, decay_mult = mults[k]
+            diff = diffs[k] + DECAY * decay_mult * blobs[k]
+            history[k] = MOMENTUM * history[k] + rate * lr_mult * diff
+            blobs[k] = blobs[k] - history[k]
+        path.append({k: v.copy() for k, v in blobs.items()})
+    return path
+
+
+def _quadratic_problem():
+    """A linear layer on fixed data with a squared loss; its NumPy gradient by hand."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(6, 3)), rng.normal(size=(6, 2))
+    w0, b0 = rng.normal(size=(2, 3)), rng.normal(size=2)
+
+    def grad_fn(w, b):
+        r = x @ w.T + b - y  # loss = sum(r^2) / 2
+        return {"w": r.T @ x, "b": r.sum(0)}
+
+    return x, y, w0, b0, grad_fn
+
+
+def _train(optimizer_cfg: dict, iters: int):
+    x, y, w0, b0, _ = _quadratic_problem()
+    layer = torch.nn.Linear(3, 2).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(w0))
+        layer.bias.copy_(torch.from_numpy(b0))
+    named = [(f"loss.heads.loss3.linear.{n}", p) for n, p in layer.named_parameters()]
+    cfg = OmegaConf.create(
+        {
+            "_partial_": True,
+            "lr": BASE_LR,
+            "momentum": MOMENTUM,
+            "weight_decay": DECAY,
+            "param_groups": [
+                {"pattern": "loss.heads.*.linear.bias", "lr_mult": 2, "decay_mult": 0}
+            ],
+            **optimizer_cfg,
+        }
+    )
+    opt = build_optimizer(cfg, named)
+    sched = multistep(opt, iters, milestones=STEPS, gamma=GAMMA)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    path = []
+    for _ in range(iters):
+        opt.zero_grad()
+        ((layer(xt) - yt).square().sum() / 2).backward()
+        opt.step()
+        sched.step()
+        path.append(
+            {"w": layer.weight.detach().numpy().copy(), "b": layer.bias.detach().numpy().copy()}
+        )
+    return path
+
+
+def test_caffe_sgd_is_caffes_update_through_a_step_down() -> None:
+    """optimizer=caffe_sgd against a float64 loop of sgd_solver.cpp, across two lr drops."""
+    _, _, w0, b0, grad_fn = _quadratic_problem()
+    ref = _caffe_reference(w0, b0, grad_fn, iters=7)
+    ours = _train({"_target_": "softmine.engine.optim.CaffeSGD"}, iters=7)
+    for it, (r, o) in enumerate(zip(ref, ours, strict=True)):
+        for k in ("w", "b"):
+            np.testing.assert_allclose(o[k], r[k], rtol=1e-12, atol=1e-14, err_msg=f"{k} at {it}")
+
+
+def test_torch_sgd_departs_from_caffe_right_after_the_drop() -> None:
+    """PyTorch's SGD (lr outside the history) equals Caffe's until the first drop, not after."""
+    _, _, w0, b0, grad_fn = _quadratic_problem()
+    ref = _caffe_reference(w0, b0, grad_fn, iters=5)
+    torch_sgd = _train({"_target_": "torch.optim.SGD"}, iters=5)
+    for it in range(STEPS[0]):  # iterations 0-2 at the base rate: the same weights
+        np.testing.assert_allclose(torch_sgd[it]["w"], ref[it]["w"], rtol=1e-12)
+    gap = np.abs(torch_sgd[STEPS[0]]["w"] - ref[STEPS[0]]["w"]).max()
+    assert gap > 1e-3, gap  # the first update at the lower rate
+
+
+def test_caffe_sgd_skips_parameters_without_gradients_and_checks_its_values() -> None:
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    opt = CaffeSGD([a, b], lr=0.1, momentum=0.9, weight_decay=0.0)
+    a.grad = torch.ones(3)
+    opt.step()
+    torch.testing.assert_close(a.detach(), torch.full((3,), 0.9))
+    assert torch.equal(b.detach(), torch.ones(2)) and b not in opt.state
+    with pytest.raises(ConfigError, match="momentum"):
+        build_optimizer(
+            OmegaConf.create(
+                {"_target_": "softmine.engine.optim.CaffeSGD", "_partial_": True, "momentum": -1}
+            ),
+            [("model.w", a)],
+        )
+
+
+def test_optimizer_caffe_sgd_composes() -> None:
+    cfg = compose(["optimizer=caffe_sgd", "optimizer.lr=0.01"])
+    opt = build_optimizer(cfg.optimizer, [("model.w", torch.nn.Parameter(torch.zeros(2)))])
+    assert isinstance(opt, CaffeSGD) and opt.param_groups[0]["lr"] == 0.01

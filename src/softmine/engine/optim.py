@@ -20,6 +20,9 @@ A rule that matches no parameter is an error (a typo must not pass silently), un
 it says ``optional: true``: an experiment whose loss is a choice can give "the loss's
 own parameters" (``loss.*``: Proxy-Anchor's proxies, OSM+CAA's class vectors) their own
 rate and still run a loss that has none.
+
+:class:`CaffeSGD` (``optimizer=caffe_sgd``) is SGD with momentum in Caffe's form, the
+learning rate inside the momentum history: the ``reproduce_*`` experiments train with it.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import fnmatch
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 from torch.optim import Optimizer
@@ -126,3 +130,62 @@ def _hold_frozen_groups(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
             for p in group["params"]:
                 p.grad = None
         group[STEPS] += 1
+
+
+class CaffeSGD(Optimizer):
+    """SGD with momentum as Caffe's ``SGDSolver`` computes it: the learning rate inside the history.
+
+    Per parameter, with the group's ``lr`` (its ``lr_mult`` applied) and ``weight_decay``
+    (its ``decay_mult`` applied)::
+
+        history = momentum * history + lr * (grad + weight_decay * w)
+        w = w - history
+
+    (``sgd_solver.cpp``: ``Regularize`` adds the decay to the gradient, ``ComputeUpdateValue``
+    the ``caffe_cpu_axpby`` into the history, ``Blob::Update`` subtracts it). PyTorch's SGD
+    keeps ``buf = momentum * buf + grad`` and steps ``w -= lr * buf``: the two agree while the
+    rate is constant, but right after a step-down Caffe's history still carries the old
+    rate's steps while PyTorch rescales all of it at once. The history starts at zero (as
+    Caffe's ``PreSolve``); parameters without a gradient are left alone.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+    ) -> None:
+        for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
+            if not float(value) >= 0:
+                raise ValueError(f"Invalid {name} value: {value}")
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One Caffe update of every parameter that has a gradient (vectorised per group)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError("CaffeSGD does not support sparse gradients")
+            history = [self._history(p) for p in params]
+            grads = [p.grad for p in params]
+            if group["weight_decay"]:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            torch._foreach_mul_(history, group["momentum"])
+            torch._foreach_add_(history, grads, alpha=group["lr"])
+            torch._foreach_sub_(params, history)
+        return loss
+
+    def _history(self, p: torch.Tensor) -> torch.Tensor:
+        """The parameter's momentum history (Caffe's ``history_``), zero at first."""
+        state = self.state[p]
+        if "history" not in state:
+            state["history"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state["history"]
