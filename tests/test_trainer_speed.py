@@ -4,12 +4,15 @@ bar off a terminal, log rows as interval means, and the timing columns of train_
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 import torch
 
+from softmine import evaluate as evaluate_mod
 from softmine.engine import Trainer
 from softmine.engine import setup as setup_mod
 from softmine.errors import ConfigError
@@ -27,7 +30,8 @@ def test_the_device_is_named_once_at_start(
         _trainer(tmp_path)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("training on")]
     assert lines == [
-        f"training on CPU ({setup_mod.available_cpus()} usable cores, torch {torch.__version__})"
+        f"training on CPU ({setup_mod.available_cpus()} usable cores, torch {torch.__version__}), "
+        "TF32 on"
     ]
 
 
@@ -132,11 +136,81 @@ def test_log_rows_are_means_over_the_interval_and_epoch_rows_carry_timing(tmp_pa
     assert "peak_mem_gib" not in log  # CUDA only
 
 
+@pytest.fixture
+def tf32_flags() -> Iterator[None]:
+    """Put torch's two TF32 flags back as they were (they are process-wide)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _tf32_state() -> tuple[bool, bool]:
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+@pytest.mark.usefixtures("tf32_flags")
+def test_trainer_tf32_sets_matmul_and_cudnn_and_names_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each run sets both flags as configured, whatever an earlier run of the process left."""
+    torch.backends.cuda.matmul.allow_tf32 = False  # torch's defaults: matmul off, cuDNN on
+    torch.backends.cudnn.allow_tf32 = True
+    for i, on in enumerate([False, True, False]):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="softmine.engine.trainer"):
+            _trainer(tmp_path / str(i), f"trainer.tf32={str(on).lower()}")
+        assert _tf32_state() == (on, on)
+        # the matmul precision reads the same through torch's other API
+        assert torch.get_float32_matmul_precision() == ("high" if on else "highest")
+        (line,) = [
+            r.getMessage() for r in caplog.records if r.getMessage().startswith("training on")
+        ]
+        assert line.endswith(f"), TF32 {'on' if on else 'off'}"), line
+
+
+@pytest.mark.usefixtures("tf32_flags")
+def test_device_line_names_each_flag_when_they_differ() -> None:
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True
+    assert setup_mod.describe_device(torch.device("cpu")).endswith("TF32 matmul off, cuDNN on")
+
+
+@pytest.mark.usefixtures("tf32_flags")
+@pytest.mark.parametrize("recorded", [{"tf32": False}, {"tf32": True}, {}])
+def test_evaluate_checkpoint_uses_the_runs_tf32(
+    monkeypatch: pytest.MonkeyPatch, recorded: dict
+) -> None:
+    """softmine-eval evaluates in the run's float32; a run recorded before the key: untouched."""
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.create({"trainer": {"num_threads": "auto", **recorded}})
+    loaded = SimpleNamespace(config=config, model=None, device=torch.device("cpu"))
+    monkeypatch.setattr(evaluate_mod, "load_model", lambda path, device: loaded)
+    seen = []
+
+    class FakeEvaluator:
+        def __init__(self, *args: object) -> None:
+            pass
+
+        def evaluate(self, model: object) -> dict:
+            seen.append(_tf32_state())
+            return {}
+
+        def dropped_counts(self) -> dict:
+            return {}
+
+    monkeypatch.setattr(evaluate_mod, "Evaluator", FakeEvaluator)
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True
+    evaluate_mod.evaluate_checkpoint(Path("run"), "cpu")
+    on = recorded.get("tf32")
+    assert seen == [(on, on) if on is not None else (False, True)]
+
+
 @pytest.mark.parametrize(
     ("override", "match"),
     [
         ("trainer.interrupt_every=0", "interrupt_every"),
         ("trainer.progress_interval=-1", "progress_interval"),
+        ("trainer.tf32=sometimes", "trainer.tf32 must be true or false"),
     ],
 )
 def test_bad_speed_options_are_config_errors(tmp_path: Path, override: str, match: str) -> None:

@@ -29,7 +29,7 @@ import numpy as np
 
 from softmine.cli import ArgumentParser, user_errors_exit
 from softmine.engine.evaluator import Evaluator
-from softmine.engine.setup import set_cpu_threads
+from softmine.engine.setup import set_cpu_threads, set_tf32
 from softmine.errors import ConfigError, DataError, SoftmineError
 from softmine.evaluation import reid_metrics, retrieval_metrics
 from softmine.inference.embeddings import load_embeddings
@@ -106,6 +106,10 @@ def evaluate_checkpoint(path: Path, device: str = "auto") -> dict[str, float]:
     """
     loaded = load_model(path, device)
     set_cpu_threads(loaded.config.trainer.get("num_threads", "auto"))  # the run's own count
+    if (
+        "tf32" in loaded.config.trainer
+    ):  # the run's own float32 (runs before the key: torch's defaults)
+        set_tf32(bool(loaded.config.trainer.tf32))
     evaluator = Evaluator(loaded.config, loaded.device)
     metrics = evaluator.evaluate(loaded.model)
     return {**metrics, **evaluator.dropped_counts()}  # dropped_items/*, as in metrics.json

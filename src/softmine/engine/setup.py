@@ -33,10 +33,30 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def configure_backends(deterministic: bool) -> None:
+def configure_backends(deterministic: bool, tf32: bool = True) -> None:
     """cuDNN picks the fastest convolution algorithms for the (fixed) batch shape, unless
-    ``trainer.deterministic`` asks for exact repeats."""
+    ``trainer.deterministic`` asks for exact repeats; ``tf32`` sets :func:`set_tf32`."""
     torch.backends.cudnn.benchmark = not deterministic
+    set_tf32(tf32)
+
+
+def set_tf32(on: bool) -> None:
+    """``trainer.tf32``: float32 matrix products and cuDNN convolutions in TF32 on Ampere and
+    later GPUs (faster, 10-bit mantissa inputs), or in full float32.
+
+    torch's defaults differ (matmul off, cuDNN on); both are set here, through the flags
+    every torch >= 2.4 has (torch 2.9's ``fp32_precision`` reads them back consistently).
+    """
+    torch.backends.cuda.matmul.allow_tf32 = bool(on)
+    torch.backends.cudnn.allow_tf32 = bool(on)
+
+
+def describe_tf32() -> str:
+    """``TF32 on`` / ``TF32 off`` as the flags stand now (each named when they differ)."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if matmul == cudnn:
+        return f"TF32 {'on' if matmul else 'off'}"
+    return f"TF32 matmul {'on' if matmul else 'off'}, cuDNN {'on' if cudnn else 'off'}"
 
 
 def set_cpu_threads(value: object) -> int | None:
@@ -57,14 +77,15 @@ def set_cpu_threads(value: object) -> int | None:
 
 
 def describe_device(device: torch.device) -> str:
-    """One line naming the device: the GPU, torch and CUDA versions, or the CPU's usable cores."""
+    """One line naming the device (the GPU, torch and CUDA versions, or the CPU's usable
+    cores) and whether float32 runs in TF32 (which only CUDA GPUs use)."""
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         return (
             f"{torch.cuda.get_device_name(index)} (cuda:{index}, torch {torch.__version__}, "
-            f"CUDA {torch.version.cuda})"
+            f"CUDA {torch.version.cuda}), {describe_tf32()}"
         )
-    return f"CPU ({available_cpus()} usable cores, torch {torch.__version__})"
+    return f"CPU ({available_cpus()} usable cores, torch {torch.__version__}), {describe_tf32()}"
 
 
 def rank_seed(seed: int, rank: int, step: int = 0) -> int:

@@ -194,7 +194,7 @@ class Trainer:
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         seed_everything(int(cfg.seed), bool(tcfg.deterministic))
-        configure_backends(bool(tcfg.deterministic))
+        configure_backends(bool(tcfg.deterministic), bool(tcfg.get("tf32", True)))
         set_cpu_threads(tcfg.get("num_threads", "auto"))
         if self.dist.is_main:
             log.info("training on %s", describe_device(self.device))

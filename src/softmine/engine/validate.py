@@ -259,6 +259,8 @@ def validate_config(cfg: DictConfig, run_dir: Path | None = None) -> None:
             f"trainer.sharing_strategy must be one of {SHARING_STRATEGIES} (got {strategy!r})"
         )
     _int(cfg, "trainer.checkpoint_every", 0)
+    if not isinstance(t.get("tf32", True), bool):
+        raise ConfigError(f"trainer.tf32 must be true or false (got {_shown(t.get('tf32'))})")
     if str(t.get("num_threads", "auto")) != "auto":
         _int(cfg, "trainer.num_threads", 1, "auto or a whole number >= 1")
     resolve_device(t.device, warn=False)
