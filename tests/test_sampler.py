@@ -6,8 +6,10 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from scipy.stats import chisquare
 
 from softmine.data import PKSampler
+from softmine.data.run_batches import RunBatchSampler
 from softmine.errors import ConfigError
 
 
@@ -131,3 +133,110 @@ def test_split_across_ranks_needs_p_divisible_by_the_ranks() -> None:
     with pytest.raises(ConfigError, match=r"P=sampler.num_classes=5 is not divisible by N=2"):
         PKSampler(_labels([4] * 6), 5, 2, rank=0, world_size=2, split_across_ranks=True)
     PKSampler(_labels([4] * 6), 5, 2, rank=0, world_size=2)  # without the split any P works
+
+
+# --- draw=uniform_classes: the authors' get_train_minibatch.m ---------------------------------
+
+UNEVEN = [30, 8, 12, 50, 9, 20, 7, 15, 40, 10]  # class sizes; P=4, K=3: 201 // 12 = 16 batches
+
+
+def _uniform(labels: np.ndarray, p: int, k: int, **kw) -> PKSampler:
+    return PKSampler(labels, p, k, draw="uniform_classes", **kw)
+
+
+def _many_batches(s: PKSampler, epochs: int) -> list[list[int]]:
+    return [b for e in range(epochs) for b in s.rank_batches(e)]
+
+
+def test_uniform_classes_draws_every_class_equally_often_whatever_its_size() -> None:
+    """Chi-square on 9,600 class draws: uniform over the 10 classes (their randperm(ids, 8)),
+    while the epoch draw follows the class sizes (the same test rejects it)."""
+    labels = _labels(UNEVEN)
+    batches = _many_batches(_uniform(labels, 4, 3, seed=123), 150)
+    assert len(batches) == 150 * 16
+    counts = np.bincount(labels[np.array(batches)[:, ::3]].ravel(), minlength=10)
+    assert chisquare(counts).pvalue > 0.001, counts
+    epochs = np.array(_many_batches(PKSampler(labels, 4, 3, seed=123), 150))
+    by_size = np.bincount(labels[epochs[:, ::3]].ravel(), minlength=10)
+    assert chisquare(by_size).pvalue < 1e-6, by_size
+
+
+def test_uniform_classes_batches_are_p_classes_of_k_distinct_items() -> None:
+    labels = _labels(UNEVEN)
+    batches = _many_batches(_uniform(labels, 4, 3, seed=1), 40)
+    for b in batches:
+        blocks = np.array(b).reshape(4, 3)  # K-groups one after another
+        assert len(set(labels[blocks[:, 0]].tolist())) == 4  # P distinct classes
+        assert all(len(set(labels[g].tolist())) == 1 for g in blocks)  # one class per group
+        assert all(len(set(g.tolist())) == 3 for g in blocks)  # K distinct items
+    # within a class every item is equally likely (randperm(len, K)): the 50-item class
+    flat = np.concatenate(batches)
+    biggest = flat[labels[flat] == 3]
+    per_item = np.bincount(biggest, minlength=len(labels))[labels == 3]
+    assert chisquare(per_item).pvalue > 0.001, per_item
+
+
+def test_uniform_classes_cycles_a_small_class_by_their_mod_rule() -> None:
+    """A class of 3 items with K=7: mod(randperm(7), 3) + 1 takes items 2, 3, 1, 2, 3, 1, 2 in
+    some order, so its second item (in data order) comes 3 times and the others twice."""
+    labels = np.array([1, 0, 1, 0, 0, 1, 0, 0, 0, 0, 0] + [2] * 7)  # class 1: items 0, 2, 5
+    with pytest.raises(ConfigError, match="fewer than K=7"):
+        _uniform(labels, 2, 7)
+    s = _uniform(labels, 2, 7, seed=0, allow_replacement=True)
+    seen = 0
+    for b in _many_batches(s, 20):
+        got = Counter(i for i in b if labels[i] == 1)
+        if got:
+            assert got == {0: 2, 2: 3, 5: 2}, got
+            seen += 1
+    assert seen > 10
+
+
+def test_uniform_classes_independent_draws_may_repeat_an_item() -> None:
+    """within_class=independent (their MARS randperm(len, 1) per slot): 2 tracklets an
+    identity, K=2: the same tracklet comes twice in about half of the groups."""
+    labels = _labels([2] * 30)
+    with pytest.raises(ConfigError, match="fewer than K=3"):
+        _uniform(labels, 3, 3)  # distinct items need allow_replacement for a class of 2
+    s = _uniform(labels, 3, 2, seed=4, within_class="independent")
+    groups = np.array(_many_batches(s, 40)).reshape(-1, 2)
+    assert (labels[groups[:, 0]] == labels[groups[:, 1]]).all()
+    repeats = (groups[:, 0] == groups[:, 1]).mean()
+    assert 0.4 < repeats < 0.6, repeats
+    _uniform(labels, 3, 3, within_class="independent")  # K > class size is fine here
+
+
+def test_uniform_classes_replays_from_the_seed_and_resumes_part_way() -> None:
+    labels = _labels(UNEVEN)
+    a, b = _uniform(labels, 4, 3, seed=7), _uniform(labels, 4, 3, seed=7)
+    assert len(a) == 16 and list(a) == list(b)
+    a.set_epoch(3)
+    full = list(a)
+    assert full != list(b)  # another epoch, other batches
+    a.set_epoch(3, start_batch=5)
+    assert len(a) == 11 and list(a) == full[5:]
+    assert list(_uniform(labels, 4, 3, seed=8)) != list(b)
+    run = RunBatchSampler(_uniform(labels, 4, 3, seed=7), seed=7)
+    run.start_at(2, 10, max_batches=20)
+    assert list(run) == (a.rank_batches(2)[10:] + a.rank_batches(3))[:20]
+
+
+def test_uniform_classes_split_across_ranks_rebuilds_the_one_process_batch() -> None:
+    labels = _labels(UNEVEN)
+    one = _uniform(labels, 4, 3, seed=5)
+    ranks = [
+        _uniform(labels, 4, 3, seed=5, rank=r, world_size=2, split_across_ranks=True)
+        for r in range(2)
+    ]
+    shares = [s.rank_batches(1) for s in ranks]
+    assert [x + y for x, y in zip(*shares, strict=True)] == one.rank_batches(1)
+    whole = [_uniform(labels, 4, 3, seed=5, rank=r, world_size=2) for r in range(2)]
+    assert len(whole[0]) == len(whole[1]) == 8  # every other batch of the 16
+
+
+def test_bad_draw_settings_are_config_errors() -> None:
+    labels = _labels([4] * 4)
+    with pytest.raises(ConfigError, match="sampler.draw must be one of"):
+        PKSampler(labels, 2, 2, draw="uniform")
+    with pytest.raises(ConfigError, match="needs sampler.draw=uniform_classes"):
+        PKSampler(labels, 2, 2, within_class="independent")

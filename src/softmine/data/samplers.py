@@ -14,6 +14,16 @@ of global batches. By default rank r takes every N-th of them whole, so the batc
 the loss sees (gathered over ranks) is N x P x K. With ``split_across_ranks`` every
 rank takes its share of every global batch instead, P/N whole classes each, so the
 gathered batch is the P x K batch one process would train on.
+
+``draw="uniform_classes"`` is the authors' draw instead (``get_train_minibatch.m``): every
+batch picks its P classes uniformly among all classes, independently of the other batches
+(no epochs: a class can come in consecutive batches and another wait long), and its K items
+of each class uniformly, either K distinct ones (``within_class="distinct"``, their
+``randperm(len, K)``; a class with fewer than K items repeats them by their
+``mod(randperm(K), len)`` rule) or K independent draws (``within_class="independent"``, their
+MARS/LPW tracklet draw, where the same tracklet can come twice). An "epoch" of this draw is
+``len(labels) // (P*K)`` batches drawn from ``(seed, epoch)``, so the run's seed replays it
+and a resume part-way is exact as for the other draw.
 """
 
 from __future__ import annotations
@@ -24,6 +34,26 @@ import numpy as np
 from torch.utils.data import Sampler
 
 from softmine.errors import ConfigError
+
+DRAWS = ("epochs", "uniform_classes")
+WITHIN_CLASS = ("distinct", "independent")
+
+
+def distinct_draws(rng: np.random.Generator, n: np.ndarray, k: int) -> np.ndarray:
+    """``k`` distinct integers uniform in ``[0, n[i])`` for every row ``i``, in random order.
+
+    Floyd's algorithm over all rows at once: a uniformly random ``k``-subset (every ``n[i]``
+    must be at least ``k``), then shuffled, so each row is distributed as MATLAB's
+    ``randperm(n[i], k) - 1``. Returns shape ``(len(n), k)``.
+    """
+    n = np.asarray(n, dtype=np.int64)
+    out = np.empty((len(n), k), dtype=np.int64)
+    for step in range(k):
+        top = n - k + step  # Floyd: draw t in [0, top]; if taken, take top itself
+        t = rng.integers(0, top + 1)
+        taken = (out[:, :step] == t[:, None]).any(axis=1)
+        out[:, step] = np.where(taken, top, t)
+    return rng.permuted(out, axis=1)
 
 
 class PKSampler(Sampler[list[int]]):
@@ -43,6 +73,11 @@ class PKSampler(Sampler[list[int]]):
             train on the one-process batches; P must be divisible by world_size.
         class_names: name of every label ``0..C-1`` (the dataset's ``class_names``), so an
             error names a class as the data do; None: by its label.
+        draw: ``epochs`` (every item about once per epoch, classes in proportion to their
+            remaining chunks) or ``uniform_classes`` (the authors' draw: P classes uniformly
+            for every batch; see the module's notes).
+        within_class: for ``uniform_classes``, how the K items of a class are drawn:
+            ``distinct`` (K different items) or ``independent`` (K draws with replacement).
     """
 
     def __init__(
@@ -56,8 +91,20 @@ class PKSampler(Sampler[list[int]]):
         world_size: int = 1,
         split_across_ranks: bool = False,
         class_names: Sequence[str] | None = None,
+        draw: str = "epochs",
+        within_class: str = "distinct",
     ) -> None:
         labels = np.asarray(labels)
+        if draw not in DRAWS or within_class not in WITHIN_CLASS:
+            raise ConfigError(
+                f"sampler.draw must be one of {DRAWS} and sampler.within_class one of "
+                f"{WITHIN_CLASS} (got draw={draw!r}, within_class={within_class!r})"
+            )
+        if draw == "epochs" and within_class != "distinct":
+            raise ConfigError(
+                f"sampler.within_class={within_class} needs sampler.draw=uniform_classes "
+                "(the epoch draw takes every item once); set sampler.within_class=distinct"
+            )
         if num_classes < 1 or num_samples < 1:
             raise ConfigError(
                 f"sampler.num_classes (P={num_classes}) and sampler.num_samples "
@@ -75,7 +122,7 @@ class PKSampler(Sampler[list[int]]):
                 f"classes in the training set; lower sampler.num_classes"
             )
         small = classes[counts < num_samples]
-        if len(small) and not allow_replacement:
+        if len(small) and not allow_replacement and within_class == "distinct":
             name = repr(class_names[int(small[0])]) if class_names is not None else small[0]
             raise ConfigError(
                 f"{len(small)} of {len(classes)} training classes have fewer than "
@@ -98,6 +145,14 @@ class PKSampler(Sampler[list[int]]):
         self.rank, self.world_size = rank, world_size
         self.split = bool(split_across_ranks) and world_size > 1
         self.by_class = [np.flatnonzero(labels == c) for c in classes]
+        self.draw, self.within_class = draw, within_class
+        # uniform_classes: every class's items in data order, one after another
+        self._items = np.argsort(labels, kind="stable")
+        self._sizes = counts.astype(np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        self._uniform_batches = max(
+            len(labels) // (self.P * self.K), 1 if self.split else world_size
+        )
         self.epoch = 0
         self.start_batch = 0
         self._cache: dict[int, list[list[int]]] = {}  # the last two epochs drawn
@@ -111,6 +166,16 @@ class PKSampler(Sampler[list[int]]):
         """All batches of ``epoch`` across every rank, in order (the last two epochs cached)."""
         if epoch in self._cache:
             return self._cache[epoch]
+        if self.draw == "uniform_classes":
+            batches = self._uniform_epoch(epoch)
+        else:
+            batches = self._chunked_epoch(epoch)
+        self._cache = {e: b for e, b in self._cache.items() if e == epoch - 1}
+        self._cache[epoch] = batches
+        return batches
+
+    def _chunked_epoch(self, epoch: int) -> list[list[int]]:
+        """``draw=epochs``: every class's shuffled items in chunks of K, P chunks a batch."""
         rng = np.random.default_rng([self.seed, epoch])
         queues: list[list[np.ndarray]] = []
         for idx in self.by_class:
@@ -126,9 +191,31 @@ class PKSampler(Sampler[list[int]]):
             chosen = rng.choice(len(queues), self.P, replace=False, p=remaining / remaining.sum())
             batches.append(np.concatenate([queues[c].pop() for c in chosen]).tolist())
             remaining[chosen] -= 1
-        self._cache = {e: b for e, b in self._cache.items() if e == epoch - 1}
-        self._cache[epoch] = batches
         return batches
+
+    def _uniform_epoch(self, epoch: int) -> list[list[int]]:
+        """``draw=uniform_classes``: P classes uniformly per batch, K items of each uniformly.
+
+        Mirrors ``get_train_minibatch.m``:6-21 (``randperm(length(ids), id_num)``, then
+        ``randperm(len, image_per_id)`` or, for a class with fewer items,
+        ``mod(randperm(image_per_id), len) + 1``) and, with ``within_class=independent``,
+        ``get_train_minibatch_Mars_V006_even.m``:8-17 (one ``randperm(len, 1)`` per slot).
+        """
+        rng = np.random.default_rng([self.seed, epoch])
+        n_batches, n_classes = self._uniform_batches, len(self._sizes)
+        classes = distinct_draws(rng, np.full(n_batches, n_classes), self.P).ravel()
+        sizes = self._sizes[classes]
+        if self.within_class == "independent":
+            pos = rng.integers(0, sizes[:, None], size=(len(classes), self.K))
+        else:
+            pos = np.empty((len(classes), self.K), dtype=np.int64)
+            whole = sizes >= self.K
+            pos[whole] = distinct_draws(rng, sizes[whole], self.K)
+            if not whole.all():  # 1..K shuffled, modulo the class size (their rule)
+                cycle = np.tile(np.arange(1, self.K + 1), (int((~whole).sum()), 1))
+                pos[~whole] = rng.permuted(cycle, axis=1) % sizes[~whole, None]
+        items = self._items[self._starts[classes, None] + pos]
+        return items.reshape(n_batches, self.P * self.K).tolist()
 
     def rank_batches(self, epoch: int) -> list[list[int]]:
         """This rank's batches of ``epoch``, in order (every rank gets the same number)."""
