@@ -32,7 +32,9 @@ def _common_image(cfg) -> None:
     assert OmegaConf.to_container(cfg.optimizer.param_groups) == [
         {"pattern": "loss.heads.*.linear.bias", "lr_mult": 2.0, "decay_mult": 0.0}
     ]  # classifier_1 bias: lr_mult 2, decay_mult 0
-    assert cfg.optimizer._target_ == "torch.optim.SGD" and cfg.optimizer.momentum == 0.9
+    assert cfg.optimizer.momentum == 0.9  # solver.prototxt momentum
+    # get_train_minibatch.m:6-21: 8 classes uniformly per batch, randperm(len, 7) images of each
+    assert (cfg.sampler.draw, cfg.sampler.within_class) == ("uniform_classes", "distinct")
     assert (cfg.trainer.eval_every_iters, cfg.trainer.eval_start_iter) == (250, 1000)  # train.m
     _authors_backbone(cfg)
 
@@ -102,6 +104,8 @@ def test_reproduce_mars_holds_the_released_values() -> None:
     }
     assert list(cfg.dataset.junk_pids) == [-1] and list(cfg.dataset.distractor_pids) == [0]
     assert cfg.trainer.monitor == "authors/cmc@1"
+    # get_train_minibatch_Mars_V006_even.m:8-17: 3 identities uniformly, a tracklet per slot
+    assert (cfg.sampler.draw, cfg.sampler.within_class) == ("uniform_classes", "independent")
     _authors_backbone(cfg)
 
 
@@ -143,6 +147,18 @@ def test_cfg_job_shows_the_schedule_and_no_augmentation(tmp_path) -> None:
 
 
 EXPERIMENTS = sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_reproduce_experiments_train_as_caffe_did_and_the_others_do_not(experiment: str) -> None:
+    """Caffe's SGD (sgd_solver.cpp:221), full float32 (no cuDNN, no TF32) and the authors'
+    uniform class draw in every reproduce_* experiment; TF32 stays on everywhere else."""
+    needs_benchmark = ["dataset=digits_pairs"] if experiment in ("fair", "tune") else []
+    cfg = compose([f"experiment={experiment}", *needs_benchmark])
+    authors = experiment.startswith("reproduce_")
+    assert (cfg.optimizer._target_ == "softmine.engine.optim.CaffeSGD") is authors
+    assert cfg.trainer.tf32 is not authors
+    assert (cfg.sampler.draw == "uniform_classes") is authors
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
