@@ -6,7 +6,8 @@ STAMP  := $(VENV)/.setup-stamp
 DOCS_STAMP := $(VENV)/.docs-stamp
 
 .PHONY: setup demo test lint bench ablation noise results clean docs docs-serve tune fair \
-        reproduce-cub reproduce-cars reproduce-mars reproduce-ilidsvid reproduce-lpw
+        reproduce-cub reproduce-cars reproduce-mars reproduce-ilidsvid reproduce-lpw \
+        reproduce-cub-bbox reproduce-cars-bbox
 
 setup: $(STAMP)
 
@@ -51,6 +52,12 @@ reproduce-cub: setup
 
 reproduce-cars: setup
 	$(BIN)/softmine-train experiment=reproduce_cars $(ARGS)
+
+reproduce-cub-bbox: setup
+	$(BIN)/softmine-train experiment=reproduce_cub_bbox $(ARGS)
+
+reproduce-cars-bbox: setup
+	$(BIN)/softmine-train experiment=reproduce_cars_bbox $(ARGS)
 
 reproduce-mars: setup
 	$(BIN)/softmine-train experiment=reproduce_mars $(ARGS)

@@ -245,3 +245,74 @@ def googlenet_bn_layers(
     x = pool("pool5/7x7_s1", x)
     classifier("loss3/classifier", x, 1024)
     return layers
+
+
+# ------------------------------------- lim0606's GoogLeNet-BN, from its real layer list
+
+#: The TRAIN-phase layers of lim0606's train_val.prototxt (names, types, blob names and
+#: parameter shapes), derived once by tests/data/derive_googlenet_bn_layers.py.
+LIM0606_LAYER_LIST = Path(__file__).parent / "data" / "googlenet_bn_layers.tsv"
+
+
+@dataclass(frozen=True)
+class ListedLayer:
+    """One row of :data:`LIM0606_LAYER_LIST`."""
+
+    name: str
+    type: str
+    bottom: tuple[str, ...]
+    top: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+
+def lim0606_layer_list() -> list[ListedLayer]:
+    """The rows of :data:`LIM0606_LAYER_LIST`, in the prototxt's order."""
+    rows = []
+    for line in LIM0606_LAYER_LIST.read_text().splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, kind, bottom, top, shapes = line.split("\t")
+
+        def names(field: str) -> tuple[str, ...]:
+            return () if field == "-" else tuple(field.split(","))
+
+        dims = (
+            ()
+            if shapes == "-"
+            else tuple(tuple(int(d) for d in s.split("x")) for s in shapes.split(";"))
+        )
+        rows.append(ListedLayer(name, kind, names(bottom), names(top), dims))
+    return rows
+
+
+def lim0606_layers(
+    rng: np.random.Generator, *, drop: Sequence[str] = (), scale_factor: float = 999.98
+) -> list[Layer]:
+    """Layers of lim0606's GoogLeNet-BN with random values in the listed shapes, minus the
+    layers named in ``drop`` (a name ending in ``/`` drops every layer under it).
+
+    BatchNorm blobs hold mean * s, variance * s (variance in [0.5, 2]) and s; Scale
+    gamma in [0.5, 1.5]; everything else normal with scale 0.05.
+    """
+    prefixes = tuple(d for d in drop if d.endswith("/"))
+    layers = []
+    for row in lim0606_layer_list():
+        if row.name in drop or row.name.startswith(prefixes):
+            continue
+        if row.type == "BatchNorm":
+            (c,), _, _ = row.shapes
+            s = np.float32(scale_factor)
+            blobs = [
+                (rng.normal(size=c) * s).astype(np.float32),
+                (rng.uniform(0.5, 2.0, size=c) * s).astype(np.float32),
+                np.array([s], dtype=np.float32),
+            ]
+        elif row.type == "Scale":
+            blobs = [rng.uniform(0.5, 1.5, size=row.shapes[0]).astype(np.float32)]
+            blobs += [
+                rng.normal(scale=0.1, size=shape).astype(np.float32) for shape in row.shapes[1:]
+            ]
+        else:
+            blobs = [rng.normal(scale=0.05, size=shape).astype(np.float32) for shape in row.shapes]
+        layers.append(Layer(row.name, row.type, blobs, row.bottom, row.top))
+    return layers

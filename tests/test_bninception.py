@@ -96,7 +96,7 @@ def test_load_from_a_local_file_with_old_style_shapes(reference, tmp_path):
             continue
         torch.testing.assert_close(own[k], v, rtol=0, atol=0)
 
-    aux = BNInception(pretrained=str(path), embedding_from="inception_4e")
+    aux = BNInception(pretrained=str(path), embedding_from="inception_4e", partial_load=True)
     assert not any(k.startswith("inception_5") for k in aux.state_dict())
     torch.testing.assert_close(aux.inception_4e_3x3.weight, reference.inception_4e_3x3.weight)
 
@@ -192,16 +192,30 @@ def test_conv_biases_fold_into_batchnorm_exactly(reference, tmp_path):
             torch.testing.assert_close(ours.feature_map(x), ref.features(x), rtol=1e-6, atol=1e-6)
 
 
-def test_cadene_weights_leave_the_branches_random_and_say_so(reference, tmp_path, caplog):
+def test_cadene_weights_have_no_branches_an_error_unless_partial_load(reference, tmp_path, caplog):
+    """Cadene's port has no loss1/loss2 branches: strict by default, naming them (loss2 is
+    the embedding); partial_load=True loads the rest and warns, listing what stayed random."""
     torch.save(reference.state_dict(), tmp_path / "cadene.pth")
-    with caplog.at_level("INFO"):
-        net = BNInception(
-            pretrained=str(tmp_path / "cadene.pth"),
-            embedding_from="inception_4e",
-            features=("inception_3c", "pool5"),
-            conv_bias=False,
-        )
-    assert "loss1, loss2" in caplog.text and "random" in caplog.text
+    kwargs = {
+        "pretrained": str(tmp_path / "cadene.pth"),
+        "embedding_from": "inception_4e",
+        "features": ("inception_3c", "pool5"),
+        "conv_bias": False,
+    }
+    with pytest.raises(DataError) as info:
+        BNInception(**kwargs)
+    msg = str(info.value)
+    assert "auxiliary branch loss1 (Caffe loss1/conv, loss1/fc" in msg
+    assert (
+        "auxiliary branch loss2 (Caffe loss2/conv, loss2/fc and their BatchNorm layers, the embedding)"
+        in msg
+    )
+    assert "backbone.trunk.partial_load=true" in msg and "\n" not in msg
+    with caplog.at_level("WARNING"):
+        net = BNInception(**kwargs, partial_load=True)
+    assert "loss1_conv, loss1_conv_bn, loss1_fc, loss1_fc_bn" in caplog.text
+    assert "loss2_conv, loss2_conv_bn, loss2_fc, loss2_fc_bn" in caplog.text
+    assert "random" in caplog.text
     torch.testing.assert_close(net.inception_5b_1x1.weight, reference.inception_5b_1x1.weight)
 
 

@@ -37,6 +37,8 @@ from tests.caffe_files import (
     bn_layers,
     conv_bn_block,
     googlenet_bn_layers,
+    lim0606_layer_list,
+    lim0606_layers,
     random_bn,
     write_caffemodel,
 )
@@ -344,8 +346,13 @@ def _googlenet_bn_modules() -> list[str]:
 
 @pytest.fixture(scope="module", params=["batchnorm", "bn"])
 def googlenet_bn(request, tmp_path_factory):
-    """A full-size random GoogLeNet-BN .caffemodel in lim0606's layer names, and its layers."""
-    layers = googlenet_bn_layers(request.param, np.random.default_rng(13))
+    """A full-size random GoogLeNet-BN .caffemodel in lim0606's layer names, and its layers:
+    lim0606's real layer list (BatchNorm + Scale), or the same network with custom BN layers."""
+    rng = np.random.default_rng(13)
+    if request.param == "batchnorm":
+        layers = lim0606_layers(rng)
+    else:
+        layers = googlenet_bn_layers(request.param, rng)
     path = tmp_path_factory.mktemp("caffe") / f"googlenet_bn_{request.param}.caffemodel"
     return write_caffemodel(path, layers), {layer.name: layer for layer in layers}
 
@@ -369,6 +376,15 @@ def test_full_googlenet_bn_converts_every_layer(googlenet_bn) -> None:
         else:
             value = blobs[_BLOB_INDEX[key.rpartition(".")[2]]]
         np.testing.assert_array_equal(tensor.numpy(), value.astype(np.float32), err_msg=key)
+
+
+def test_the_hand_written_network_has_lim0606s_weighted_layers() -> None:
+    """googlenet_bn_layers (which also writes the custom-BN layout) against the layer list
+    derived from lim0606's train_val.prototxt: the same 222 layers, types and shapes."""
+    hand = googlenet_bn_layers("batchnorm", np.random.default_rng(0))
+    written = [(x.name, x.type, tuple(np.shape(b) for b in x.blobs)) for x in hand if x.blobs]
+    real = [(r.name, r.type, r.shapes) for r in lim0606_layer_list() if r.shapes]
+    assert len(real) == 222 and written == real
 
 
 # Blob index of each parameter in Convolution / InnerProduct / Scale / BN layers.

@@ -148,6 +148,11 @@ class BNInception(nn.Module):
         widths: inception module widths (:data:`WIDTHS`): ``pretrainedmodels`` (Cadene's
             port) or ``googlenet_bn`` (lim0606's network, which the authors fine-tuned:
             96-channel pool projections in 4c and 4d instead of 128).
+        partial_load: what to do when ``pretrained`` lacks layers the network has (an
+            auxiliary branch, as in Cadene's port; the ``Scale`` (gamma, beta) of a Caffe
+            ``BatchNorm``; any other module): ``False`` (default) stops with a
+            :class:`~softmine.errors.DataError` naming them; ``True`` loads the rest and
+            leaves them at their initialisation, with a warning listing them.
 
     Auxiliary branch after module X (``inception_3c``: Caffe ``loss1/*``; ``inception_4e``:
     ``loss2/*``): 5x5/3 average pool (ceil mode, as Caffe) -> 1x1 conv 128 -> BN -> ReLU ->
@@ -168,6 +173,7 @@ class BNInception(nn.Module):
         conv_bias: bool = True,
         branch_dim: int = FEATURE_DIM,
         widths: str = "pretrainedmodels",
+        partial_load: bool = False,
     ) -> None:
         super().__init__()
         embedding_from = _ALIASES.get(embedding_from, embedding_from)
@@ -191,6 +197,11 @@ class BNInception(nn.Module):
         self.features = tuple(dict.fromkeys(wanted))
         self.num_classes = int(num_classes)
         self.conv_bias = bool(conv_bias)
+        if not isinstance(partial_load, bool):
+            raise ConfigError(
+                f"backbone.trunk.partial_load must be true or false (got {partial_load!r})"
+            )
+        self.partial_load = partial_load
 
         self._conv_bn("conv1_7x7_s2", 3, 64, 7, stride=2)
         self.pool1_3x3_s2 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
@@ -331,10 +342,13 @@ class BNInception(nn.Module):
 
         Keys the model lacks on purpose are skipped (``last_linear`` without a
         classifier, ``inception_5*`` without pool5, the ImageNet auxiliary classifiers,
-        branches not built); branches the file does not have (Cadene's port has none)
-        keep their initialisation and a log line says so once. Conv biases in the file
-        of a bias-free model are folded into the following BN's running mean. Anything
-        else missing or mis-shaped is a :class:`~softmine.errors.DataError`.
+        branches not built). Conv biases in the file of a bias-free model are folded
+        into the following BN's running mean. Layers the network has and the file
+        lacks (a whole auxiliary branch, as in Cadene's port; a Caffe ``BatchNorm``
+        without its ``Scale``, whose gamma and beta would silently be 1 and 0; any
+        other module) are a :class:`~softmine.errors.DataError` naming them, unless
+        ``partial_load``: then they keep their initialisation and one warning lists
+        them. Anything unexpected or mis-shaped is a :class:`~softmine.errors.DataError`.
         """
         state = read_state_dict(source)
         self._check_widths(state, source)
@@ -346,17 +360,77 @@ class BNInception(nn.Module):
         built_blocks = {b.name for b in self.blocks}
         skip += [f"{b.name}_" for b in _BLOCKS if b.name not in built_blocks]
         skip += [f"{p}_" for n, p in BRANCH_PREFIX.items() if n not in self.feature_dims]
-        built = [BRANCH_PREFIX[n] + "_" for n in self.feature_dims if n in BRANCH_PREFIX]
-        new = tuple(p for p in built if not any(k.startswith(p) for k in state))
-        if new:
-            log.info(
-                "%s has no weights for the auxiliary branch(es) %s: they start from random "
-                "initialisation",
-                source,
-                ", ".join(p.rstrip("_") for p in new),
+        built = [BRANCH_PREFIX[n] for n in self.feature_dims if n in BRANCH_PREFIX]
+        absent = [p for p in built if not any(k.startswith(f"{p}_") for k in state)]
+        own = self.state_dict()
+        unscaled = set(getattr(state, "bn_without_scale", ()))  # a converted .caffemodel's
+        no_scale = sorted(
+            (key.removesuffix(".weight"), layer)
+            for key, layer in getattr(state, "origin", {}).items()
+            if layer in unscaled and key.endswith(".weight") and key in own
+        )
+        if (absent or no_scale) and not self.partial_load:
+            raise DataError(self._incomplete(source, absent, no_scale))
+        new = tuple(f"{p}_" for p in absent)
+        missing = load_matching_state_dict(
+            self,
+            state,
+            source=source,
+            skip_prefixes=tuple(skip),
+            new_prefixes=new,
+            allow_missing=self.partial_load,
+        )
+        if absent or no_scale or missing:
+            self._warn_partial(source, absent, no_scale, missing)
+
+    def _branch_what(self, prefix: str) -> str:
+        """``the auxiliary branch loss2 (Caffe loss2/conv, loss2/fc + BatchNorm; the embedding)``."""
+        role = ", the embedding" if BRANCH_PREFIX.get(self.embedding_from) == prefix else ""
+        return (
+            f"the auxiliary branch {prefix} (Caffe {prefix}/conv, {prefix}/fc and their "
+            f"BatchNorm layers{role})"
+        )
+
+    def _incomplete(self, source: str, absent: list[str], no_scale: list[tuple[str, str]]) -> str:
+        """The one-line error for weights that lack branches or BatchNorm Scale layers."""
+        parts = [self._branch_what(p) for p in absent]
+        if no_scale:
+            names = ", ".join(repr(layer) for _, layer in no_scale[:5])
+            more = f" and {len(no_scale) - 5} more" if len(no_scale) > 5 else ""
+            parts.append(
+                f"the Scale layer (gamma, beta) of {len(no_scale)} BatchNorm layer(s): {names}{more}"
             )
-        load_matching_state_dict(
-            self, state, source=source, skip_prefixes=tuple(skip), new_prefixes=new
+        return (
+            f"the weights in {source} lack {'; and '.join(parts)}; use a file that has them "
+            "(lim0606's googlenet_bn caffemodel has every layer) or set "
+            "backbone.trunk.partial_load=true to start them from their initialisation"
+        )
+
+    def _warn_partial(
+        self,
+        source: str,
+        absent: list[str],
+        no_scale: list[tuple[str, str]],
+        missing: list[str],
+    ) -> None:
+        """One warning listing every module ``partial_load`` left at its initialisation."""
+        parts = []
+        for p in absent:
+            modules = sorted(
+                {k.partition(".")[0] for k in self.state_dict() if k.startswith(f"{p}_")}
+            )
+            parts.append(f"{self._branch_what(p)}: random ({', '.join(modules)})")
+        if no_scale:
+            bns = ", ".join(f"{m} ({layer!r})" for m, layer in no_scale)
+            parts.append(f"gamma 1 and beta 0 of the BatchNorm layers without a Scale layer: {bns}")
+        if missing:
+            modules = sorted({k.rpartition(".")[0] for k in missing})
+            parts.append(f"further modules at their initialisation: {', '.join(modules)}")
+        log.warning(
+            "backbone.trunk.partial_load: %s lacks layers of the network, which keep their "
+            "initialisation: %s",
+            source,
+            "; ".join(parts),
         )
 
     def _check_widths(self, state: dict[str, Tensor], source: str) -> None:

@@ -350,8 +350,11 @@ class CaffeStateDict(dict[str, Tensor]):
     ``layer_types[name]`` that layer's type, so that loading errors can name them
     (:meth:`describe`); ``bn_layouts`` lists the BatchNorm layouts found
     (:data:`BN_LAYOUT_BATCHNORM`, :data:`BN_LAYOUT_BN`, :data:`BN_LAYOUT_BN_NO_STATS`);
-    ``caffe_layers`` counts the file's layers, ``converted_layers`` those with weights.
-    Save it with ``torch.save(dict(state), ...)``: a plain dict loads anywhere.
+    ``caffe_layers`` counts the file's layers, ``converted_layers`` those with weights;
+    ``bn_without_scale`` names the ``BatchNorm`` layers no ``Scale`` layer followed (their
+    modules hold gamma 1 and beta 0: exact for a network without them, a gap for one
+    that had them, which a loader decides). Save it with ``torch.save(dict(state), ...)``:
+    a plain dict loads anywhere.
     """
 
     def __init__(self) -> None:
@@ -361,6 +364,7 @@ class CaffeStateDict(dict[str, Tensor]):
         self.bn_layouts: set[str] = set()
         self.caffe_layers = 0
         self.converted_layers = 0
+        self.bn_without_scale: list[str] = []
 
     def put(
         self, key: str, value: np.ndarray, name: str, layer: CaffeLayer, *, replace: bool = False
@@ -482,7 +486,8 @@ def caffemodel_to_state_dict(path: str | Path) -> CaffeStateDict:
     Convolutions and fully connected layers give ``<module>.weight`` (and ``.bias`` when
     the file has one). BatchNorm gives ``<module>.running_mean/.running_var/.weight/.bias``
     from either layout: ``BatchNorm`` (statistics divided by its scale factor) with the
-    ``Scale`` layer that takes its output (gamma, beta; no Scale means 1 and 0), or the
+    ``Scale`` layer that takes its output (gamma, beta; no Scale means 1 and 0, and the
+    layer is listed in ``bn_without_scale``), or the
     custom ``BN`` layer (scale, shift, mean, variance). ``BN`` layers storing only scale
     and shift get mean 0 and variance 1 with one warning: those statistics must be
     re-estimated on training images before the network is evaluated.
@@ -527,6 +532,7 @@ def caffemodel_to_state_dict(path: str | Path) -> CaffeStateDict:
             previous = name
         for top in layer.top:
             producer[top] = name
+    state.bn_without_scale = list(batchnorms)
     if no_stats:
         warnings.warn(
             f"{len(no_stats)} BN layers of {str(path)!r} (e.g. {no_stats[0]!r}) store no mean "

@@ -86,7 +86,8 @@ def load_matching_state_dict(
     source: str = "weights",
     skip_prefixes: tuple[str, ...] = (),
     new_prefixes: tuple[str, ...] = (),
-) -> None:
+    allow_missing: bool = False,
+) -> list[str]:
     """Copy ``state`` into ``model``, requiring every key and shape to match.
 
     Args:
@@ -94,6 +95,11 @@ def load_matching_state_dict(
             classifier, unbuilt modules); ignored.
         new_prefixes: keys of the model that ``state`` cannot have (new layers); they
             keep their initialisation.
+        allow_missing: keys of the model that ``state`` lacks keep their initialisation
+            instead of being an error (a partial load; the caller says so).
+
+    Returns the model's keys that ``state`` lacked (beyond ``new_prefixes``), which kept
+    their initialisation: empty unless ``allow_missing``.
 
     BatchNorm ``num_batches_tracked`` counters may be absent (files from old PyTorch),
     and a tensor stored with extra singleton dimensions, e.g. BatchNorm statistics
@@ -127,11 +133,11 @@ def load_matching_state_dict(
         and not k.startswith(new_prefixes)
         and not k.endswith("num_batches_tracked")
     ]
-    if unexpected or missing or mismatched:
+    if unexpected or (missing and not allow_missing) or mismatched:
         parts = []
         for what, keys in (
             ("unexpected", unexpected),
-            ("missing", missing),
+            ("missing", [] if allow_missing else missing),
             ("mis-shaped", list(mismatched)),
         ):
             if keys:
@@ -144,6 +150,7 @@ def load_matching_state_dict(
             "check that the file holds weights of this architecture"
         )
     model.load_state_dict(to_load, strict=False)
+    return missing
 
 
 def _one_per_module(keys: list[str], n: int = 3) -> list[str]:
