@@ -6,11 +6,15 @@ Every expected value below is read off a file of the authors' repository
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from softmine.engine.evaluator import Evaluator, rerank_options
 from softmine.engine.schedules import multistep
+from softmine.engine.trainer import Trainer
 from tests.conftest import REPO, compose, run_cli
 
 HEADS = {"loss1": "inception_3c", "loss2": "embedding", "loss3": "pool5"}  # train.prototxt
@@ -93,20 +97,64 @@ def test_reproduce_mars_holds_the_released_values() -> None:
     # MARS_V01/M_WIDE_WF_WIDE_ASiamese_V20_e2/solver.prototxt
     assert cfg.optimizer.lr == 0.001 and cfg.optimizer.weight_decay == 0.0005
     assert list(cfg.scheduler.milestones) == [20000, 30000, 40000, 50000]
-    assert cfg.trainer.max_iters == 60000  # the reported snapshot
-    assert (cfg.trainer.eval_every_iters, cfg.trainer.eval_start_iter) == (5000, 40000)
     assert cfg.backbone.pooling == "mean" and cfg.backbone.eval_pooling == "mean"
-    # evaluation_mars.m: label 0 is junk (and -1 was out of their test data); compute_AP.m
+    # generate_Mars_test_dataset_V001.m:34 (label = folder index - 3: 00-1 is label 0) and
+    # evaluation_mars.m:4 (junk = label 0): junk -1 only, 0000 distractors kept; compute_AP.m
     assert OmegaConf.to_container(cfg.evaluation.reid_variants.authors) == {
-        "junk_pids": [-1, 0],
-        "distractor_pids": [],
+        "junk_pids": [-1],
+        "distractor_pids": [0],
         "ap": "market",
     }
     assert list(cfg.dataset.junk_pids) == [-1] and list(cfg.dataset.distractor_pids) == [0]
-    assert cfg.trainer.monitor == "authors/cmc@1"
+    assert cfg.trainer.monitor == "cmc@1"  # rank-1: the same under the standard and their rule
+    # test_script_Mars_global_rerank.m:41-43: k1 = 7, k2 = 3, lambda = 0.85
+    assert cfg.evaluation.rerank is True
+    e = cfg.evaluation
+    assert (e.rerank_k1, e.rerank_k2, e.rerank_lambda) == (7, 3, 0.85)
     # get_train_minibatch_Mars_V006_even.m:8-17: 3 identities uniformly, a tracklet per slot
     assert (cfg.sampler.draw, cfg.sampler.within_class) == ("uniform_classes", "independent")
     _authors_backbone(cfg)
+
+
+def _eval_iterations(cfg) -> list[int]:
+    """The iterations at which the trainer's own rule evaluates under ``cfg`` (the final one too)."""
+    stub = SimpleNamespace(cfg=cfg, state=SimpleNamespace(step=0))
+    due = []
+    for step in range(1, cfg.trainer.max_iters + 1):
+        stub.state.step = step
+        if Trainer._eval_due_at_step(stub) or step == cfg.trainer.max_iters:
+            due.append(step)
+    return due
+
+
+def test_reproduce_mars_runs_their_length_and_evaluates_as_they_did() -> None:
+    """train.m:24-26: test_start 40000, test_interval 5000, train_maxiter 100000."""
+    cfg = compose(["experiment=reproduce_mars"])
+    assert cfg.trainer.max_iters == 100000
+    assert _eval_iterations(cfg) == list(range(40000, 100001, 5000))  # 60000 (reported) among them
+    assert cfg.trainer.checkpoint_every == 5000  # a snapshot at every evaluation, as they saved
+
+
+def test_reproduce_mars_reports_reranked_metrics_beside_the_plain_ones() -> None:
+    cfg = compose(["experiment=reproduce_mars"])
+    assert rerank_options(cfg.evaluation) == {"k1": 7, "k2": 3, "lambda_value": 0.85}
+    names = Evaluator.metric_names(
+        SimpleNamespace(cfg=cfg, protocol="reid", has_test=True, validation=None)
+    )
+    plain = ["cmc@1", "cmc@5", "cmc@10", "cmc@20", "mAP"]
+    assert names == [
+        *plain,
+        *[f"authors/{n}" for n in plain],
+        *[f"rerank/{n}" for n in plain],
+        *[f"rerank/authors/{n}" for n in plain],
+    ]
+
+
+@pytest.mark.parametrize("experiment", ["reproduce_cub", "reproduce_cars"])
+def test_recall_at_k_columns_are_those_of_their_logs(experiment: str) -> None:
+    """test_one_model.m:21-29 (CUB_V01 and CARS196_V01): R@2^(i-1), i = 1..6."""
+    cfg = compose([f"experiment={experiment}"])
+    assert list(cfg.evaluation.ks) == [1, 2, 4, 8, 16, 32]
 
 
 def test_reproduce_lpw_is_mars_with_the_lpw_solver() -> None:
@@ -173,7 +221,10 @@ def test_every_experiment_resolves(experiment: str) -> None:
     cfg = compose([f"experiment={experiment}", *_benchmark(experiment)])
     OmegaConf.resolve(cfg)
     assert not OmegaConf.to_yaml(cfg).count("${")  # nothing left unresolved
-    assert list(cfg.evaluation.ks) == list(cfg.dataset.recall_ks)
+    their_logs = [1, 2, 4, 8, 16, 32]  # reproduce_cub/cars: R@1..32 as the authors' logs
+    theirs = experiment.startswith(("reproduce_cub", "reproduce_cars"))  # and their _bbox runs
+    ks = their_logs if theirs else cfg.dataset.recall_ks
+    assert list(cfg.evaluation.ks) == list(ks)
 
 
 def test_cfg_job_resolve_prints_the_final_values(tmp_path) -> None:
@@ -182,5 +233,5 @@ def test_cfg_job_resolve_prints_the_final_values(tmp_path) -> None:
     )
     assert res.returncode == 0, res.stderr[-2000:]
     job = OmegaConf.create(res.stdout)
-    assert list(job.evaluation.ks) == [1, 2, 4, 8]  # CUB's Recall@K (the paper's table)
+    assert list(job.evaluation.ks) == [1, 2, 4, 8, 16, 32]  # the Recall@K of the authors' logs
     assert job.dataset.test.root == job.dataset.root == "data/CUB_200_2011"  # values, not ${..root}

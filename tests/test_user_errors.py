@@ -82,6 +82,13 @@ def test_bad_command_is_one_line_and_exit_2(
         (["evaluation.ranks=[1,abc]"], "evaluation.ranks must be a list of whole numbers >= 1"),
         (["evaluation.ap=markte"], "evaluation.ap must be one of ('standard', 'market')"),
         (["evaluation.rerank=maybe"], "evaluation.rerank must be true or false (got 'maybe')"),
+        (["evaluation.rerank_k1=0"], "evaluation.rerank_k1 must be a whole number >= 1 (got 0)"),
+        (
+            ["evaluation.rerank_k1=7", "evaluation.rerank_k2=9"],
+            "evaluation.rerank_k2 must be at most evaluation.rerank_k1 + 1 = 8 (got 9)",
+        ),
+        (["evaluation.rerank_lambda=1.5"], "evaluation.rerank_lambda must be a number in [0, 1]"),
+        (["evaluation.rerank_k2=null"], "evaluation.rerank_k2 must be a number (got null)"),
         (["evaluation.frame_batch_size=0"], "evaluation.frame_batch_size must be a whole number"),
         (["trainer.num_threads=0"], "trainer.num_threads must be auto or a whole number >= 1"),
         (

@@ -8,6 +8,7 @@ Examples::
     softmine-eval photos.parquet                             # softmine-embed output with labels
     softmine-eval reid.npz --ap market --rerank              # re-ID query/gallery arrays
     softmine-eval mars.npz --junk-pids=-1 --distractor-pids=0   # MARS / Market-1501 ids
+    softmine-eval mars.npz --rerank --rerank-k1 7 --rerank-k2 3 --rerank-lambda 0.85
 
 An ``.npz`` holds either ``embeddings`` (n, d) and ``labels`` (n,) for leave-one-out
 retrieval, or the re-ID arrays ``query`` (q, d), ``query_pids``, ``query_camids``,
@@ -15,7 +16,11 @@ retrieval, or the re-ID arrays ``query`` (q, d), ``query_pids``, ``query_camids`
 Market-1501/MARS rules. Every identity is real unless ``--junk-pids`` (removed from
 the gallery) or ``--distractor-pids`` (kept as never-matching negatives) name it.
 A ``.parquet`` (or ``.npz``) written by ``softmine-embed`` with labels is evaluated
-the same way. Prints the metrics as JSON; ``--out FILE`` also writes them.
+the same way. ``--rerank`` adds the re-ID metrics after k-reciprocal re-ranking as
+``rerank/<metric>`` beside the plain ones, with ``--rerank-k1``, ``--rerank-k2`` and
+``--rerank-lambda`` (``evaluation.rerank_*`` of a run; for a run folder or checkpoint,
+``--rerank`` replaces the run's own re-ranking settings). Prints the metrics as JSON;
+``--out FILE`` also writes them.
 """
 
 from __future__ import annotations
@@ -26,12 +31,13 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+from omegaconf import open_dict
 
 from softmine.cli import ArgumentParser, user_errors_exit
-from softmine.engine.evaluator import Evaluator
+from softmine.engine.evaluator import RERANK_DEFAULTS, Evaluator, reid_scores
 from softmine.engine.setup import set_cpu_threads, set_tf32
 from softmine.errors import ConfigError, DataError, SoftmineError
-from softmine.evaluation import reid_metrics, retrieval_metrics
+from softmine.evaluation import retrieval_metrics
 from softmine.inference.embeddings import load_embeddings
 from softmine.inference.model import find_checkpoint, load_model
 
@@ -45,12 +51,13 @@ def evaluate_embeddings_file(
     ks: list[int],
     *,
     ap: str = "standard",
-    rerank: bool = False,
+    rerank: dict[str, float] | None = None,
     junk_pids: tuple[int, ...] = (),
     distractor_pids: tuple[int, ...] = (),
 ) -> dict[str, float]:
     """Metrics of an ``.npz`` of retrieval arrays (``embeddings``, ``labels``) or re-ID arrays,
-    or of a ``.parquet`` of ``softmine-embed``."""
+    or of a ``.parquet`` of ``softmine-embed``. ``rerank``: ``{k1, k2, lambda_value}`` to add
+    the re-ranked re-ID metrics (``rerank/*``), None for the plain ones alone."""
     if path.suffix == ".parquet":
         emb = load_embeddings(path)
         if emb.labels is None:
@@ -80,12 +87,12 @@ def evaluate_embeddings_file(
     files = set(data.files)
     try:
         if set(REID_ARRAYS) <= files:
-            return reid_metrics(
-                *(data[k] for k in REID_ARRAYS),
-                ap=ap,
+            rule = {"ap": ap, "junk_pids": junk_pids, "distractor_pids": distractor_pids}
+            return reid_scores(
+                {k: data[k] for k in REID_ARRAYS},
+                ranks=(1, 5, 10, 20),
+                rules={"": rule},
                 rerank=rerank,
-                junk_pids=junk_pids,
-                distractor_pids=distractor_pids,
             )
         if set(RETRIEVAL_ARRAYS) <= files:
             return retrieval_metrics(data["embeddings"], data["labels"], ks)
@@ -97,18 +104,25 @@ def evaluate_embeddings_file(
     )
 
 
-def evaluate_checkpoint(path: Path, device: str = "auto") -> dict[str, float]:
+def evaluate_checkpoint(
+    path: Path, device: str = "auto", rerank: dict[str, float] | None = None
+) -> dict[str, float]:
     """Rebuild the model and evaluation split(s) from the checkpoint's config and evaluate it.
 
     Uses the run's own protocol: leave-one-out retrieval, or re-ID query/gallery. Under the
     run's ``data.on_bad_image=skip`` an unreadable item is left out and counted
-    (``dropped_items/<split>``), as in training.
+    (``dropped_items/<split>``), as in training. ``rerank`` (``{k1, k2, lambda_value}``)
+    turns re-ranking on with these settings in place of the run's ``evaluation.rerank*``.
     """
     loaded = load_model(path, device)
+    if rerank is not None:
+        with open_dict(loaded.config):
+            loaded.config.evaluation.rerank = True
+            loaded.config.evaluation.rerank_k1 = int(rerank["k1"])
+            loaded.config.evaluation.rerank_k2 = int(rerank["k2"])
+            loaded.config.evaluation.rerank_lambda = float(rerank["lambda_value"])
     set_cpu_threads(loaded.config.trainer.get("num_threads", "auto"))  # the run's own count
-    if (
-        "tf32" in loaded.config.trainer
-    ):  # the run's own float32 (runs before the key: torch's defaults)
+    if "tf32" in loaded.config.trainer:  # the run's own float32 (older runs: torch's default)
         set_tf32(bool(loaded.config.trainer.tf32))
     evaluator = Evaluator(loaded.config, loaded.device)
     metrics = evaluator.evaluate(loaded.model)
@@ -138,6 +152,29 @@ def _ks(text: str) -> list[int]:
     return ks
 
 
+def _rerank(args: argparse.Namespace) -> dict[str, float] | None:
+    """``--rerank`` and its settings as keyword arguments of the re-ranking; None without it."""
+    given = {
+        "--rerank-k1": args.rerank_k1,
+        "--rerank-k2": args.rerank_k2,
+        "--rerank-lambda": args.rerank_lambda,
+    }
+    if not args.rerank:
+        named = [k for k, v in given.items() if v is not None]
+        if named:
+            raise ConfigError(f"{named[0]} sets the re-ranking; add --rerank to re-rank")
+        return None
+    k1, k2, lam = (
+        d if v is None else v for v, d in zip(given.values(), RERANK_DEFAULTS.values(), strict=True)
+    )
+    if k1 < 1 or not 1 <= k2 <= k1 + 1 or not 0.0 <= lam <= 1.0:
+        raise ConfigError(
+            f"--rerank-k1 must be >= 1, --rerank-k2 in 1..k1+1 and --rerank-lambda in [0, 1] "
+            f"(got {k1}, {k2}, {lam:g})"
+        )
+    return {"k1": int(k1), "k2": int(k2), "lambda_value": float(lam)}
+
+
 @user_errors_exit
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="softmine-eval", description=__doc__.split("\n")[0])
@@ -154,7 +191,27 @@ def main(argv: list[str] | None = None) -> None:
         choices=["standard", "market"],
         help="re-ID AP: standard (non-interpolated) or market (official MATLAB trapezoid)",
     )
-    parser.add_argument("--rerank", action="store_true", help="re-ID: k-reciprocal re-ranking")
+    parser.add_argument(
+        "--rerank",
+        action="store_true",
+        help="re-ID: also report the metrics after k-reciprocal re-ranking (rerank/<metric>)",
+    )
+    parser.add_argument(
+        "--rerank-k1",
+        type=int,
+        help=f"with --rerank: size of the k-reciprocal sets (default {RERANK_DEFAULTS['k1']})",
+    )
+    parser.add_argument(
+        "--rerank-k2",
+        type=int,
+        help=f"with --rerank: query-expansion neighbours, 1..k1+1 (default {RERANK_DEFAULTS['k2']})",
+    )
+    parser.add_argument(
+        "--rerank-lambda",
+        type=float,
+        help="with --rerank: weight of the original distance, 0..1 "
+        f"(default {RERANK_DEFAULTS['lambda_value']})",
+    )
     parser.add_argument(
         "--junk-pids",
         default="",
@@ -167,17 +224,18 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", type=Path, help="also write the metrics to this JSON file")
     args = parser.parse_args(argv)
+    rerank = _rerank(args)
     if args.path.suffix in (".npz", ".parquet"):
         metrics = evaluate_embeddings_file(
             args.path,
             args.ks,
             ap=args.ap,
-            rerank=args.rerank,
+            rerank=rerank,
             junk_pids=_id_list("--junk-pids", args.junk_pids),
             distractor_pids=_id_list("--distractor-pids", args.distractor_pids),
         )
     else:
-        metrics = evaluate_checkpoint(find_checkpoint(args.path), args.device)
+        metrics = evaluate_checkpoint(find_checkpoint(args.path), args.device, rerank)
     text = json.dumps(metrics, indent=2, sort_keys=True)
     print(text)
     if args.out:

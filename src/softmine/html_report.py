@@ -81,6 +81,8 @@ GROUP_NOTES = {
     "not an unbiased estimate.",
     "selected": "The evaluation chosen by trainer.monitor on the validation split: its "
     "test metrics are the unbiased estimate.",
+    "rerank": "The re-ID metrics after k-reciprocal re-ranking (evaluation.rerank, with "
+    "evaluation.rerank_k1, rerank_k2, rerank_lambda), beside the plain ones.",
     "dropped_items": "Evaluation items left out because their image could not be read "
     "(data.on_bad_image=skip), per split: the metrics are over the remaining items. The "
     "files are listed in bad_images.txt.",

@@ -14,6 +14,9 @@ has a ``test`` node, else ``reid``):
 * ``reid``: CMC and mAP of ``query`` against ``gallery`` under the Market-1501/MARS
   rules, with the dataset's ``junk_pids`` (removed from the gallery) and
   ``distractor_pids`` (never a match); both default to none: every identity is real.
+  ``evaluation.reid_variants`` adds the same figures under other rules (``<name>/*``),
+  and ``evaluation.rerank`` the k-reciprocal re-ranked figures of all of them beside
+  the plain ones (``rerank/*``).
 
 Query and gallery items are ``(input, id, camera)`` with the published ids, so the
 two sides share one id space whatever each split's own training labels are.
@@ -62,6 +65,8 @@ from softmine.engine.embed import extract_embeddings, extract_reid_embeddings
 from softmine.engine.eval_history import metric_names
 from softmine.errors import ConfigError
 from softmine.evaluation import (
+    evaluate_reid_distmat,
+    k_reciprocal_distances,
     mirror_confusion,
     query_gallery_metrics,
     reid_metrics,
@@ -73,6 +78,9 @@ log = logging.getLogger(__name__)
 EVAL_PROTOCOLS = ("retrieval", "query_gallery", "reid")
 DROPPED_PREFIX = "dropped_items/"  # metrics.json: evaluation items left out as unreadable
 VAL_PREFIX = "val/"
+RERANK_PREFIX = "rerank/"  # metrics.json: re-ID metrics after k-reciprocal re-ranking
+#: Zhong et al.'s (CVPR 2017) re-ranking settings, the defaults of evaluation.rerank_*.
+RERANK_DEFAULTS = {"k1": 20, "k2": 6, "lambda_value": 0.3}
 RETRIEVAL_ARRAYS = ("embeddings", "labels")
 REID_ARRAYS = ("query", "query_pids", "query_camids", "gallery", "gallery_pids", "gallery_camids")
 
@@ -131,6 +139,52 @@ def reid_variants(cfg: DictConfig, protocol: str) -> dict[str, dict]:
     return out
 
 
+def rerank_options(ecfg: DictConfig) -> dict[str, float] | None:
+    """``evaluation.rerank_k1``, ``rerank_k2``, ``rerank_lambda`` as keyword arguments of
+    :func:`~softmine.evaluation.k_reciprocal_distances`; None when ``evaluation.rerank`` is off.
+
+    A config saved before these keys existed gets Zhong et al.'s values (20, 6, 0.3).
+    """
+    if not bool(ecfg.get("rerank", False)):
+        return None
+    d = RERANK_DEFAULTS
+    return {
+        "k1": int(ecfg.get("rerank_k1", d["k1"])),
+        "k2": int(ecfg.get("rerank_k2", d["k2"])),
+        "lambda_value": float(ecfg.get("rerank_lambda", d["lambda_value"])),
+    }
+
+
+def reid_scores(
+    arrays: dict[str, np.ndarray],
+    *,
+    ranks: tuple[int, ...],
+    rules: dict[str, dict],
+    rerank: dict[str, float] | None = None,
+) -> dict[str, float]:
+    """Re-ID metrics of the ``REID_ARRAYS`` under each rule, plain and (``rerank``) re-ranked.
+
+    ``rules`` maps a prefix (``""`` for the main protocol, ``"<variant>/"``) to its
+    ``{ap, junk_pids, distractor_pids}``. The plain metrics come first; with ``rerank``
+    (keyword arguments of :func:`~softmine.evaluation.k_reciprocal_distances`) the
+    re-ranked distances are computed once and every rule's metrics on them follow as
+    ``rerank/<prefix><metric>``, beside the plain ones rather than instead of them.
+    """
+    q, q_pids, q_cams, g, g_pids, g_cams = (arrays[k] for k in REID_ARRAYS)
+    out: dict[str, float] = {}
+    for prefix, rule in rules.items():
+        m = reid_metrics(q, q_pids, q_cams, g, g_pids, g_cams, ranks=ranks, **rule)
+        out.update({prefix + k: v for k, v in m.items()})
+    if rerank is not None:
+        dist = k_reciprocal_distances(q, g, **rerank)
+        for prefix, rule in rules.items():
+            res = evaluate_reid_distmat(
+                dist, q_pids, q_cams, g_pids, g_cams, max_rank=max(ranks), **rule
+            )
+            out.update({RERANK_PREFIX + prefix + k: v for k, v in res.metrics(ranks).items()})
+    return out
+
+
 def mirror_metrics(dataset: object, embeddings: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """``mirror_confusion`` of a retrieval split whose classes have mirrors (``digits_pairs``:
     the dataset's ``mirror_labels``), else nothing."""
@@ -151,26 +205,18 @@ def score_arrays(arrays: dict[str, np.ndarray], cfg: DictConfig) -> dict[str, fl
     protocol = eval_protocol(cfg.dataset)
     if protocol == "retrieval":
         return retrieval_metrics(arrays["embeddings"], arrays["labels"], ecfg.ks)
-    q, q_pids, q_cams, g, g_pids, g_cams = (arrays[k] for k in REID_ARRAYS)
     if protocol == "query_gallery":
+        q, q_pids, _, g, g_pids, _ = (arrays[k] for k in REID_ARRAYS)
         return query_gallery_metrics(q, q_pids, g, g_pids, ecfg.ks)
-    opts = {"ranks": tuple(ecfg.ranks), "rerank": bool(ecfg.rerank)}
-    out = reid_metrics(
-        q,
-        q_pids,
-        q_cams,
-        g,
-        g_pids,
-        g_cams,
-        **opts,
-        ap=str(ecfg.ap),
-        junk_pids=_id_list(cfg.dataset, "junk_pids"),
-        distractor_pids=_id_list(cfg.dataset, "distractor_pids"),
+    main = {
+        "ap": str(ecfg.ap),
+        "junk_pids": _id_list(cfg.dataset, "junk_pids"),
+        "distractor_pids": _id_list(cfg.dataset, "distractor_pids"),
+    }
+    variants = {f"{name}/": v for name, v in reid_variants(cfg, protocol).items()}
+    return reid_scores(
+        arrays, ranks=tuple(ecfg.ranks), rules={"": main, **variants}, rerank=rerank_options(ecfg)
     )
-    for name, variant in reid_variants(cfg, protocol).items():
-        extra = reid_metrics(q, q_pids, q_cams, g, g_pids, g_cams, **opts, **variant)
-        out.update({f"{name}/{k}": v for k, v in extra.items()})
-    return out
 
 
 class Evaluator:
@@ -332,11 +378,16 @@ class Evaluator:
         name); ``test=False``: those of the validation split alone."""
         e = self.cfg.evaluation
         names: list[str] = []
+        rerank = rerank_options(e) is not None
         if test and self.has_test:
             names = metric_names(self.protocol, e.ks, e.ranks)
             names += [f"{v}/{n}" for v in reid_variants(self.cfg, self.protocol) for n in names]
+            if rerank and self.protocol == "reid":
+                names += [RERANK_PREFIX + n for n in names]
         if self.validation is not None:
             val = metric_names(self.validation.protocol, e.ks, e.ranks)
+            if rerank and self.validation.protocol == "reid":
+                val += [RERANK_PREFIX + n for n in val]
             names += [VAL_PREFIX + n for n in val]
         return names
 
@@ -384,14 +435,15 @@ class Evaluator:
         if val.test is not None:
             out = retrieval_metrics(*self._embed(model, "val"), ecfg.ks)
         else:  # every identity of the training split is real: no junk, no distractors
-            out = reid_metrics(
+            arrays = (
                 *self._reid_embeddings(model, "val_query"),
                 *self._reid_embeddings(model, "val_gallery"),
+            )
+            out = reid_scores(
+                dict(zip(REID_ARRAYS, arrays, strict=True)),
                 ranks=tuple(ecfg.ranks),
-                rerank=bool(ecfg.rerank),
-                ap=str(ecfg.ap),
-                junk_pids=(),
-                distractor_pids=(),
+                rules={"": {"ap": str(ecfg.ap), "junk_pids": (), "distractor_pids": ()}},
+                rerank=rerank_options(ecfg),
             )
         return {VAL_PREFIX + k: v for k, v in out.items()}
 

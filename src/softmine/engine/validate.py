@@ -138,6 +138,23 @@ def _whole_numbers(cfg: DictConfig, key: str, example: str) -> None:
         )
 
 
+def _check_rerank(cfg: DictConfig) -> None:
+    """``evaluation.rerank_k1`` >= 1, ``rerank_k2`` in 1..k1+1, ``rerank_lambda`` in [0, 1]."""
+    for key in ("rerank_k1", "rerank_k2", "rerank_lambda"):
+        if key in cfg.evaluation and cfg.evaluation[key] is None:
+            raise ConfigError(f"evaluation.{key} must be a number (got null)")
+    k1 = _int(cfg, "evaluation.rerank_k1", 1)
+    k2 = _int(cfg, "evaluation.rerank_k2", 1)
+    if k1 is not None and k2 is not None and k2 > k1 + 1:
+        raise ConfigError(
+            f"evaluation.rerank_k2 must be at most evaluation.rerank_k1 + 1 = {k1 + 1} (got {k2}); "
+            "it averages over the k2 nearest of the k1 neighbours"
+        )
+    lam = _num(cfg, "evaluation.rerank_lambda")
+    if lam is not None and not 0.0 <= lam <= 1.0:
+        raise ConfigError(f"evaluation.rerank_lambda must be a number in [0, 1] (got {lam:g})")
+
+
 def _check_evaluation(cfg: DictConfig) -> None:
     """Every ``evaluation.*`` value, so that a bad one fails now and not after training."""
     if not isinstance(_node(cfg, "evaluation"), DictConfig):
@@ -151,6 +168,7 @@ def _check_evaluation(cfg: DictConfig) -> None:
         raise ConfigError(
             f"evaluation.rerank must be true or false (got {_shown(_node(cfg, 'evaluation.rerank'))})"
         )
+    _check_rerank(cfg)
     if _node(cfg, "evaluation.frame_batch_size") is None:
         raise ConfigError("evaluation.frame_batch_size must be a whole number >= 1 (got null)")
     _int(cfg, "evaluation.frame_batch_size", 1)
