@@ -111,6 +111,9 @@ def test_reproduce_mars_holds_the_released_values() -> None:
     assert cfg.evaluation.rerank is True
     e = cfg.evaluation
     assert (e.rerank_k1, e.rerank_k2, e.rerank_lambda) == (7, 3, 0.85)
+    assert (
+        e.rerank_expansion == "authors"
+    )  # re_ranking_cosine.m:30: round((k1+1)/2), itself included
     # get_train_minibatch_Mars_V006_even.m:8-17: 3 identities uniformly, a tracklet per slot
     assert (cfg.sampler.draw, cfg.sampler.within_class) == ("uniform_classes", "independent")
     _authors_backbone(cfg)
@@ -137,7 +140,12 @@ def test_reproduce_mars_runs_their_length_and_evaluates_as_they_did() -> None:
 
 def test_reproduce_mars_reports_reranked_metrics_beside_the_plain_ones() -> None:
     cfg = compose(["experiment=reproduce_mars"])
-    assert rerank_options(cfg.evaluation) == {"k1": 7, "k2": 3, "lambda_value": 0.85}
+    assert rerank_options(cfg.evaluation) == {
+        "k1": 7,
+        "k2": 3,
+        "lambda_value": 0.85,
+        "expansion": "authors",
+    }
     names = Evaluator.metric_names(
         SimpleNamespace(cfg=cfg, protocol="reid", has_test=True, validation=None)
     )

@@ -4,6 +4,7 @@ settings (evaluation.rerank_k1/k2/lambda, softmine-eval --rerank-*) reaching it.
 from __future__ import annotations
 
 import json
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -22,11 +23,17 @@ from softmine.evaluation import (
     k_reciprocal_distances,
     reid_metrics,
 )
+from softmine.evaluation.rerank import expansion_size
 from tests.conftest import compose
 
 
-def _reference(q: np.ndarray, g: np.ndarray, k1: int, k2: int, lam: float) -> np.ndarray:
-    """The algorithm of the paper, one sample at a time, with a dense N x N float64 matrix."""
+def _reference(
+    q: np.ndarray, g: np.ndarray, k1: int, k2: int, lam: float, authors: bool = False
+) -> np.ndarray:
+    """The algorithm of the paper, one sample at a time, with a dense N x N float64 matrix.
+
+    ``authors``: a candidate's reciprocal set as Wang et al.'s ``re_ranking_cosine.m``:30 draws
+    it, ``initial_rank(candidate, 1:round((k1+1)/2))`` with MATLAB's round (half away from 0)."""
     x = np.concatenate([q, g])
     x = x / np.linalg.norm(x, axis=1, keepdims=True)
     n, nq = len(x), len(q)
@@ -38,7 +45,7 @@ def _reference(q: np.ndarray, g: np.ndarray, k1: int, k2: int, lam: float) -> np
         return [int(j) for j in rank[i, : k + 1] if i in rank[j, : k + 1]]
 
     v = np.zeros((n, n))
-    kh = int(np.around(k1 / 2))
+    kh = math.floor((k1 + 1) / 2 + 0.5) - 1 if authors else int(np.around(k1 / 2))
     for i in range(n):
         r = reciprocal(i, k1)
         expanded = set(r)
@@ -87,6 +94,19 @@ def test_rerank_option_of_evaluate_reid_ranks_by_the_reranked_distance() -> None
     got = evaluate_reid(q, qp, qc, g, gp, gc, rerank=True, ap="market")
     assert got.mAP == pytest.approx(want.mAP, abs=1e-12)
     np.testing.assert_array_equal(got.first_match_rank, want.first_match_rank)
+
+
+@pytest.mark.parametrize("k1", [3, 7, 11, 20])
+def test_the_authors_expansion_matches_their_matlab_rule(k1: int) -> None:
+    """re_ranking_cosine.m:30 (itself and round((k1+1)/2) - 1 others) differs from Zhong's
+    round(k1/2) others at k1 = 3, 7, 11; at an even k1 the two agree."""
+    q, _, g, _ = _data(11)
+    got = k_reciprocal_distances(q, g, k1=k1, k2=3, lambda_value=0.85, expansion="authors")
+    np.testing.assert_allclose(got, _reference(q, g, k1, 3, 0.85, authors=True), atol=2e-6)
+    assert (expansion_size(k1, "authors") == expansion_size(k1, "zhong")) == (k1 % 4 != 3)
+    if k1 == 7:  # the reproduce_mars setting: here the two rules re-rank differently
+        zhong = k_reciprocal_distances(q, g, k1=k1, k2=3, lambda_value=0.85)
+        assert not np.allclose(got, zhong)
 
 
 def test_bad_parameters_are_clear() -> None:
@@ -196,7 +216,7 @@ def test_a_checkpoint_and_the_validation_split_rerank_with_the_given_knobs(
     got = evaluate.evaluate_checkpoint(
         tmp_path / "last.pt", "cpu", {"k1": 4, "k2": 2, "lambda_value": 1.0}
     )
-    assert calls == [{"k1": 4, "k2": 2, "lambda_value": 1.0}]
+    assert calls == [{"k1": 4, "k2": 2, "lambda_value": 1.0, "expansion": "zhong"}]
     plain = {k: v for k, v in got.items() if "/" not in k}
     assert set(plain) == {"cmc@1", "cmc@5", "cmc@10", "cmc@20", "mAP", "num_skipped_queries"}
     assert _prefixed(got, "rerank/") == pytest.approx(plain)  # lambda 1: the plain ranking
@@ -210,6 +230,6 @@ def test_a_checkpoint_and_the_validation_split_rerank_with_the_given_knobs(
     ev = Evaluator(val_cfg, torch.device("cpu"), validation=val, test=False)
     calls.clear()
     out = ev.evaluate_validation(_MeanColour())
-    assert calls == [{"k1": 2, "k2": 1, "lambda_value": 0.5}]
+    assert calls == [{"k1": 2, "k2": 1, "lambda_value": 0.5, "expansion": "zhong"}]
     assert set(out) == {f"val/{p}{k}" for p in ("", "rerank/") for k in plain}
     assert set(ev.metric_names()) == {k for k in out if "num_skipped" not in k}

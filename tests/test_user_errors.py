@@ -88,6 +88,10 @@ def test_bad_command_is_one_line_and_exit_2(
             "evaluation.rerank_k2 must be at most evaluation.rerank_k1 + 1 = 8 (got 9)",
         ),
         (["evaluation.rerank_lambda=1.5"], "evaluation.rerank_lambda must be a number in [0, 1]"),
+        (
+            ["evaluation.rerank_expansion=matlab"],
+            "evaluation.rerank_expansion must be one of zhong, authors",
+        ),
         (["evaluation.rerank_k2=null"], "evaluation.rerank_k2 must be a number (got null)"),
         (["evaluation.frame_batch_size=0"], "evaluation.frame_batch_size must be a whole number"),
         (["trainer.num_threads=0"], "trainer.num_threads must be auto or a whole number >= 1"),

@@ -139,8 +139,8 @@ def reid_variants(cfg: DictConfig, protocol: str) -> dict[str, dict]:
     return out
 
 
-def rerank_options(ecfg: DictConfig) -> dict[str, float] | None:
-    """``evaluation.rerank_k1``, ``rerank_k2``, ``rerank_lambda`` as keyword arguments of
+def rerank_options(ecfg: DictConfig) -> dict[str, Any] | None:
+    """``evaluation.rerank_k1``, ``rerank_k2``, ``rerank_lambda``, ``rerank_expansion`` as keyword arguments of
     :func:`~softmine.evaluation.k_reciprocal_distances`; None when ``evaluation.rerank`` is off.
 
     A config saved before these keys existed gets Zhong et al.'s values (20, 6, 0.3).
@@ -152,6 +152,7 @@ def rerank_options(ecfg: DictConfig) -> dict[str, float] | None:
         "k1": int(ecfg.get("rerank_k1", d["k1"])),
         "k2": int(ecfg.get("rerank_k2", d["k2"])),
         "lambda_value": float(ecfg.get("rerank_lambda", d["lambda_value"])),
+        "expansion": str(ecfg.get("rerank_expansion", "zhong")),
     }
 
 

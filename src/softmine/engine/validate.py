@@ -18,6 +18,7 @@ from softmine.engine.logger import check_loggers
 from softmine.engine.setup import SHARING_STRATEGIES, resolve_device
 from softmine.errors import ConfigError
 from softmine.evaluation.reid import AP_TYPES
+from softmine.evaluation.rerank import EXPANSIONS
 from softmine.losses.osm_caa import check_loss_hparams
 
 EVERY, FINAL, NEVER = "every", "final", "never"  # when the test split is scored (evaluation.test)
@@ -139,7 +140,8 @@ def _whole_numbers(cfg: DictConfig, key: str, example: str) -> None:
 
 
 def _check_rerank(cfg: DictConfig) -> None:
-    """``evaluation.rerank_k1`` >= 1, ``rerank_k2`` in 1..k1+1, ``rerank_lambda`` in [0, 1]."""
+    """``evaluation.rerank_k1`` >= 1, ``rerank_k2`` in 1..k1+1, ``rerank_lambda`` in [0, 1],
+    ``rerank_expansion`` one of :data:`~softmine.evaluation.rerank.EXPANSIONS`."""
     for key in ("rerank_k1", "rerank_k2", "rerank_lambda"):
         if key in cfg.evaluation and cfg.evaluation[key] is None:
             raise ConfigError(f"evaluation.{key} must be a number (got null)")
@@ -153,6 +155,11 @@ def _check_rerank(cfg: DictConfig) -> None:
     lam = _num(cfg, "evaluation.rerank_lambda")
     if lam is not None and not 0.0 <= lam <= 1.0:
         raise ConfigError(f"evaluation.rerank_lambda must be a number in [0, 1] (got {lam:g})")
+    expansion = cfg.evaluation.get("rerank_expansion", "zhong")
+    if expansion not in EXPANSIONS:
+        raise ConfigError(
+            f"evaluation.rerank_expansion must be one of {', '.join(EXPANSIONS)} (got {expansion!r})"
+        )
 
 
 def _check_evaluation(cfg: DictConfig) -> None:

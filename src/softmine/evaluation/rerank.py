@@ -66,6 +66,21 @@ def _expanded_sets(nn: np.ndarray, kh: int, block: int = 1024) -> tuple[np.ndarr
     return uniq // n, uniq % n
 
 
+#: The ways :func:`k_reciprocal_distances` may size a candidate's reciprocal set.
+EXPANSIONS = ("zhong", "authors")
+
+
+def expansion_size(k1: int, expansion: str = "zhong") -> int:
+    """Neighbours (besides itself) a candidate's reciprocal set is drawn from (``expansion``)."""
+    if expansion == "zhong":
+        return int(np.around(k1 / 2.0))
+    if expansion == "authors":
+        return int(np.floor((k1 + 1) / 2.0 + 0.5)) - 1
+    raise ConfigError(
+        f"re-ranking expansion must be one of {', '.join(EXPANSIONS)}, got {expansion!r}"
+    )
+
+
 def k_reciprocal_distances(
     query: ArrayLike,
     gallery: ArrayLike,
@@ -73,8 +88,15 @@ def k_reciprocal_distances(
     k1: int = 20,
     k2: int = 6,
     lambda_value: float = 0.3,
+    expansion: str = "zhong",
 ) -> np.ndarray:
-    """(Q, G) float32 re-ranked distances (1-lambda) d_J + lambda d of Zhong et al. (module docstring)."""
+    """(Q, G) float32 re-ranked distances (1-lambda) d_J + lambda d of Zhong et al. (module docstring).
+
+    ``expansion``: how many neighbours a candidate's own reciprocal set is drawn from.
+    ``zhong``: round(k1 / 2) besides itself (their Python code, ``np.around``, half to even);
+    ``authors``: ``round((k1 + 1) / 2)`` including itself, MATLAB's round (half away from
+    zero), as Wang et al.'s ``re_ranking_cosine.m``:30 does. They differ for k1 = 3, 7, 11, ...
+    """
     q, g = as_array(query), as_array(gallery)
     if q.shape[1] != g.shape[1]:
         raise ValueError(f"query features have dim {q.shape[1]}, gallery features {g.shape[1]}")
@@ -95,7 +117,7 @@ def k_reciprocal_distances(
     _, others = knn_search(x, k=k1, exclude_self=True, normalize=False)
     nn = np.concatenate([np.arange(n)[:, None], others], axis=1)
 
-    rows, cols = _expanded_sets(nn, int(np.around(k1 / 2.0)))
+    rows, cols = _expanded_sets(nn, expansion_size(k1, expansion))
     sims = np.empty(len(rows), dtype=np.float64)
     step = max(1, MAX_BLOCK_ELEMENTS // x.shape[1])
     for a in range(0, len(rows), step):
