@@ -88,8 +88,8 @@ def test_the_sweep_trains_every_loss_of_the_issue_over_five_seeds(tmp_path: Path
 def test_a_loss_without_a_tuned_setting_is_one_line_naming_make_tune() -> None:
     from softmine.engine.validate import validate_config
 
-    cfg = compose(["experiment=fair", "dataset=digits_pairs", "loss=lifted"])
-    with pytest.raises(ConfigError, match=r"make tune DATASET=digits_pairs LOSS="):
+    cfg = compose(["experiment=fair", "dataset=cub", "loss=lifted"])  # no CUB study has run
+    with pytest.raises(ConfigError, match=r"make tune DATASET=cub LOSS="):
         validate_config(cfg)
 
 

@@ -81,7 +81,7 @@ def test_nonfinite_test_embeddings_are_a_training_error(
 
     t = _trainer(tmp_path)
 
-    def overflow(model: torch.nn.Module) -> dict:
+    def overflow(model: torch.nn.Module, **kwargs: object) -> dict:
         raise NonFiniteEmbeddings("embeddings contain NaN or Inf")
 
     monkeypatch.setattr(t.evaluator, "evaluate", overflow)

@@ -84,7 +84,7 @@ def _results_script() -> ModuleType:
     return module
 
 
-@pytest.mark.parametrize("name", ["demo", "summary"])
+@pytest.mark.parametrize("name", ["demo", "fair"])
 def test_readme_block_is_what_readme_mode_writes(name: str) -> None:
     results = _results_script()
     begin, end = results.readme_markers(name)
@@ -178,34 +178,16 @@ def test_crossval_sentences_are_read_off_the_report_tables() -> None:
     assert "not always higher on its validation classes" in got  # fold 1: 0.30 < 0.40
 
 
-def test_summary_takes_map_at_r_and_n_per_loss_and_data_set() -> None:
+def test_the_readme_fair_block_is_the_table_with_its_source() -> None:
     results = _results_script()
-    digits = (
-        "| loss | n | R@1 | MAP@R | NMI |\n|---|---|---|---|---|\n"
-        "| a | 3 | 0.9000 ± 0.0100 | 0.8000 ± 0.0200 | 0.7000 ± 0.0300 |\n"
-        "| b | 2 | **0.9500 ± 0.0100** | **0.8500 ± 0.0010** | 0.6000 ± 0.0300 |\n"
-        "\nFrom x; commit `abc1234`, torch 2."
+    section = (
+        "| loss | MAP@R |\n|---|---|\n| a | **0.9000 ± 0.0100** |\n"
+        "\nFrom `make fair` (100 s); commit `abc1234`, torch 2."
     )
-    digits_demo = (
-        "| | R@1 | MAP@R | NMI |\n|---|---|---|---|\n| untrained network | 0.1 | 0.2 | 0.3 |\n"
-        "| raw pixels | 0.4 | 0.5437 | 0.6 |\n"
-    )
-    pairs = (
-        "| loss | n | R@1 | MAP@R | R-Precision | NMI |\n|---|---|---|---|---|---|\n"
-        "| a | 4 | 0.5 | **0.4000** | 0.3 | 0.2 |\n"
-        "\nFrom y; commit `def5678` (with uncommitted changes), torch 2."
-    )
-    pairs_demo = "| | MAP@R | R@1 |\n|---|---|---|\n| raw pixels | 0.3494 | 0.9 |\n"
-    got = results.summary_block(
-        {"digits": (digits, digits_demo, "d.md"), "digits_pairs": (pairs, pairs_demo, "p.md")}
-    )
-    lines = got.splitlines()
-    assert lines[0] == "| loss | digits MAP@R | n | digits_pairs MAP@R | n |"
-    assert lines[2] == "| raw pixels (no training) | 0.5437 | – | 0.3494 | – |"
-    assert lines[3] == "| a | 0.8000 ± 0.0200 | 3 | **0.4000** | 4 |"
-    assert lines[4] == "| b | **0.8500 ± 0.0010** | 2 | – | – |"
-    assert "digits: [d.md](d.md), commit `abc1234`" in got
-    assert "digits_pairs: [p.md](p.md), commit `def5678`" in got
+    got = results.fair_block(section, "docs/fair-benchmark.md")
+    table, note = got.split("\n\n", 1)
+    assert table == "| loss | MAP@R |\n|---|---|\n| a | **0.9000 ± 0.0100** |"
+    assert "[docs/fair-benchmark.md](docs/fair-benchmark.md) (commit `abc1234`)" in note
 
 
 @pytest.mark.parametrize(

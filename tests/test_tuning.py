@@ -16,7 +16,6 @@ pytest.importorskip("optuna")
 pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
 
 from softmine import tuning  # noqa: E402
-from tests.conftest import compose  # noqa: E402
 
 #: Metric names the test split would write (the validation split's are prefixed val/).
 TEST_METRIC = ("recall@", "map@r", "r_precision", "nmi", "mirror_confusion", "best_test")
@@ -64,6 +63,25 @@ def _interrupted_study(folder: Path, dataset: str, loss: str) -> None:
     study.ask()  # a trial whose process was killed: left RUNNING
 
 
+def _compose_with_tuned(tmp_path: Path, written: Path):
+    """experiment=fair on a copy of the config tree whose tuned file is the one just written
+    (the committed one would win over a hydra.searchpath entry)."""
+    import shutil
+
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from softmine.config import CONFIG_DIR
+
+    tree = tmp_path / "config_tree"
+    shutil.copytree(CONFIG_DIR, tree)
+    shutil.copy(written, tree / "tuned" / "digits_pairs" / "contrastive.yaml")
+    with initialize_config_dir(config_dir=str(tree), version_base="1.3"):
+        return hydra_compose(
+            "train", overrides=["experiment=fair", "dataset=digits_pairs", "loss=contrastive"]
+        )
+
+
 def test_a_study_resumes_runs_to_its_budget_reads_no_test_split_and_writes_its_setting(
     tmp_path: Path,
 ) -> None:
@@ -89,10 +107,7 @@ def test_a_study_resumes_runs_to_its_budget_reads_no_test_split_and_writes_its_s
     text = result.written.read_text()
     body = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
     assert all("#" in ln for ln in body), "every key of a config is commented"
-    fair = compose(
-        ["experiment=fair", "dataset=digits_pairs", "loss=contrastive",
-         f"hydra.searchpath=[file://{tmp_path / 'configs'}]"]
-    )  # fmt: skip
+    fair = _compose_with_tuned(tmp_path, result.written)
     assert fair.tuned.trials == 3 and fair.tuned.best_trial == result.best_number
     assert fair.tuned.val_map_at_r == pytest.approx(result.best_value)
     assert result.best_value > 0.0  # a real trial, not the stand-in scored 0
