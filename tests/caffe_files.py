@@ -316,3 +316,18 @@ def lim0606_layers(
             blobs = [rng.normal(scale=0.05, size=shape).astype(np.float32) for shape in row.shapes]
         layers.append(Layer(row.name, row.type, blobs, row.bottom, row.top))
     return layers
+
+
+def authors_trunk(path: Path, **options):
+    """lim0606's GoogLeNet-BN as the authors' backbone builds it (no conv biases, their
+    widths, the branches after inception_3c and inception_4e), loading the file ``path``."""
+    from softmine.models import BNInception
+
+    return BNInception(
+        pretrained=str(path),
+        num_classes=1000,
+        features=("inception_3c", "inception_4e"),
+        conv_bias=False,
+        widths="googlenet_bn",
+        **options,
+    )

@@ -34,6 +34,7 @@ from tests.caffe_files import (
     GOOGLENET_BN_AUX,
     GOOGLENET_BN_INCEPTION,
     Layer,
+    authors_trunk,
     bn_layers,
     conv_bn_block,
     googlenet_bn_layers,
@@ -423,16 +424,9 @@ def test_full_googlenet_bn_loads_into_bninception(googlenet_bn) -> None:
     from hydra import compose, initialize_config_dir
 
     from softmine.config import build
-    from softmine.models import BNInception
 
     path, layers = googlenet_bn
-    net = BNInception(
-        pretrained=str(path),
-        num_classes=1000,
-        features=("inception_3c", "inception_4e"),
-        conv_bias=False,
-        widths="googlenet_bn",
-    )
+    net = authors_trunk(path)
     own = net.state_dict()
     expected = _expected_from_caffe(own, layers)
     assert len(expected) == len(caffemodel_to_state_dict(path)) - 4  # aux classifiers skipped

@@ -19,7 +19,13 @@ import torch
 from softmine.config import build
 from softmine.errors import DataError
 from softmine.models.caffe import caffemodel_to_state_dict
-from tests.caffe_files import Layer, lim0606_layer_list, lim0606_layers, write_caffemodel
+from tests.caffe_files import (
+    Layer,
+    authors_trunk,
+    lim0606_layer_list,
+    lim0606_layers,
+    write_caffemodel,
+)
 from tests.conftest import REPO, compose
 
 F32 = np.float32
@@ -108,8 +114,6 @@ def test_the_layer_list_has_lim0606s_222_weighted_layers() -> None:
 def test_every_weighted_layer_converts_and_loads(full: tuple[Path, list[Layer]]) -> None:
     """All 222 layers give tensors; all but the two ImageNet auxiliary classifiers land in
     the network, and every tensor of the network comes from the file."""
-    from softmine.models import BNInception
-
     path, layers = full
     state = caffemodel_to_state_dict(path)
     weighted = {layer.name for layer in layers if layer.blobs}
@@ -119,13 +123,7 @@ def test_every_weighted_layer_converts_and_loads(full: tuple[Path, list[Layer]])
     expected = _expected(layers)
     assert set(state) == set(expected)
 
-    net = BNInception(
-        pretrained=str(path),
-        num_classes=1000,
-        features=("inception_3c", "inception_4e"),
-        conv_bias=False,
-        widths="googlenet_bn",
-    )
+    net = authors_trunk(path)
     own = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
     assert set(own) == {k for k in expected if not k.startswith(_AUX_CLASSIFIERS)}
     for key, value in own.items():
