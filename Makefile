@@ -92,10 +92,10 @@ ablation noise: setup
 LOSS ?= all
 FAIR_DATASET = $(if $(filter command line environment,$(origin DATASET)),$(DATASET),digits_pairs)
 tune: setup
-	$(BIN)/python -m softmine.tuning --dataset $(FAIR_DATASET) --loss $(LOSS) $(ARGS)
+	$(BIN)/python -m softmine.commands.tune --dataset $(FAIR_DATASET) --loss $(LOSS) $(ARGS)
 
 fair: setup
-	@start=$$(date +%s); $(BIN)/python -m softmine.fair run --dataset $(FAIR_DATASET) $(ARGS) && \
+	@start=$$(date +%s); $(BIN)/python -m softmine.commands.fair run --dataset $(FAIR_DATASET) $(ARGS) && \
 	echo "make fair: $$(( $$(date +%s) - start )) s"
 
 # docs/results.md, docs/benchmarks-digits-pairs.md and docs/evaluation-protocols.md: every

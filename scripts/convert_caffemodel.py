@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from softmine.cli import user_errors_exit
+from softmine.commands.common import user_errors_exit
 from softmine.errors import DataError
 from softmine.models.caffe import CaffeStateDict, caffemodel_to_state_dict
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from softmine.data.fakes import make_cub
+from softmine.testing.fakes import make_cub
 
 
 def photo(args):
@@ -58,7 +58,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from softmine.data.decode import read_image
-from softmine.hardware import available_cpus
+from softmine.engine.hardware import available_cpus
 
 
 def decode(paths):
@@ -87,7 +87,7 @@ run() {  # name, overrides...
   local dir=$WORK/runs/$name
   rm -rf "$dir"
   local t0=$SECONDS
-  "$PYTHON" -m softmine.train experiment=reproduce_cub backbone.pretrained=false \
+  "$PYTHON" -m softmine.commands.train experiment=reproduce_cub backbone.pretrained=false \
     "dataset.root=$DATA" "trainer.max_iters=$ITERS" trainer.eval_every_iters=0 \
     trainer.checkpoint_every=0 trainer.plots=false trainer.progress_bar=false \
     "hydra.run.dir=$dir" "$@" > "$WORK/$name.log" 2>&1 || { tail -20 "$WORK/$name.log"; return 1; }

@@ -21,7 +21,7 @@ Tables and their commands (all with ``OMP_NUM_THREADS=1``):
   with its tuned setting; needs the tuned configs of ``make tune``), then ``softmine-report``;
 * ``selection``: ``softmine-train dataset=digits dataset.val_classes=2 trainer.epochs=3
   trainer.eval_every=1 trainer.monitor=val/map@r`` (its ``eval_log.csv`` and ``metrics.json``);
-* ``fair`` (docs/fair-benchmark.md): ``make fair`` (``python -m softmine.fair run``), every
+* ``fair`` (docs/fair-benchmark.md): ``make fair`` (``python -m softmine.commands.fair run``), every
   loss with its tuned setting over seeds 0-4; needs the tuned configs of ``make tune``;
 * ``crossval``: ``softmine-train -m dataset=digits_pairs dataset.folds=4
   'dataset.fold=range(4)' trainer.epochs=10 trainer.eval_every=2``, then
@@ -164,7 +164,13 @@ ABLATION_ROWS = {
 def _train(args: list[str], processes: int = 1) -> tuple[subprocess.CompletedProcess, float]:
     """``softmine-train ARGS``, under ``torchrun --nproc_per_node=PROCESSES`` when more than one."""
     torchrun = ["-m", "torch.distributed.run", f"--nproc_per_node={processes}"]
-    cmd = [sys.executable, *(torchrun if processes > 1 else []), "-m", "softmine.train", *args]
+    cmd = [
+        sys.executable,
+        *(torchrun if processes > 1 else []),
+        "-m",
+        "softmine.commands.train",
+        *args,
+    ]
     print(f"$ {_shown(args, processes)}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     res = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True)
@@ -176,7 +182,7 @@ def _train(args: list[str], processes: int = 1) -> tuple[subprocess.CompletedPro
 def _shown(args: list[str], processes: int = 1) -> str:
     """The command a reader types for ``_train(args, processes)``."""
     if processes > 1:
-        return f"torchrun --nproc_per_node={processes} -m softmine.train " + " ".join(args)
+        return f"torchrun --nproc_per_node={processes} -m softmine.commands.train " + " ".join(args)
     return "softmine-train " + " ".join(args)
 
 
@@ -273,7 +279,7 @@ def run_sweep(name: str, given: dict[str, Path], when: str) -> tuple[pd.DataFram
         (folder / STAMP_FILE).write_text(when + "\n")
         took = f"{seconds:.0f} s"
     report = subprocess.run(
-        [sys.executable, "-m", "softmine.report", str(folder), *REPORT_ARGS.get(name, [])],
+        [sys.executable, "-m", "softmine.commands.report", str(folder), *REPORT_ARGS.get(name, [])],
         cwd=REPO,
         env=ENV,
         capture_output=True,
@@ -462,7 +468,7 @@ def crossval_tables(folder: Path) -> str:
 
 def fair_text(given: dict[str, Path], when: str) -> str:
     """The fair benchmark's table (``make fair``, or the finished sweep ``--sweep fair=DIR``)."""
-    from softmine import fair
+    from softmine.commands import fair
 
     if "fair" in given:
         folder = given["fair"].resolve()
@@ -471,7 +477,11 @@ def fair_text(given: dict[str, Path], when: str) -> str:
         took = f"finished sweep reused; it was run at {origin}"
     else:
         t0 = time.perf_counter()
-        print("$ python -m softmine.fair run --dataset digits_pairs", file=sys.stderr, flush=True)
+        print(
+            "$ python -m softmine.commands.fair run --dataset digits_pairs",
+            file=sys.stderr,
+            flush=True,
+        )
         folder = fair.run("digits_pairs", root=REPO / "multirun" / "results-fair")
         (folder / STAMP_FILE).write_text(when + "\n")
         took = f"{time.perf_counter() - t0:.0f} s"

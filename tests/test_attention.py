@@ -12,8 +12,8 @@ import torch
 
 from softmine.data import Digits
 from softmine.engine import Trainer
-from softmine.engine.attention import attention_auc, sample_attention
 from softmine.losses import OSMCAALoss
+from softmine.reporting.attention import attention_auc, sample_attention
 from tests.conftest import FAST_DIGITS, compose
 
 

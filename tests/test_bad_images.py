@@ -2,7 +2,7 @@
 named in one line, and no leftovers of a killed cache build.
 
 The checks run over every dataset config that reads image files, on the fakes of
-:mod:`softmine.data.fakes`, in-process on the built datasets (no training) except for
+:mod:`softmine.testing.fakes`, in-process on the built datasets (no training) except for
 two short runs that check what a user sees: the exit code, ``metrics.json``,
 ``report.html`` and ``bad_images.txt``.
 """
@@ -31,11 +31,11 @@ from softmine.config import build
 from softmine.data import CUB200, file_check
 from softmine.data import cache as cache_module
 from softmine.data.decode import BadImageError, image_header, read_image
-from softmine.data.fakes import BUILDERS, make_cub
 from softmine.data.file_check import item_files
 from softmine.data.splits import build_train_and_validation
 from softmine.engine.evaluator import Evaluator, eval_protocol
 from softmine.evaluation import query_gallery_metrics, retrieval_metrics
+from softmine.testing.fakes import BUILDERS, make_cub
 from tests.conftest import FAST_CUB, compose, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -344,7 +344,7 @@ def test_a_bad_test_image_stops_the_run_before_training(tmp_path: Path) -> None:
     _truncated_png(test[3])  # its header reads: not found before training
     run_dir = tmp_path / "run"
     res = run_cli(
-        ["softmine.train", *FAST_CUB, f"dataset.root={root}", f"hydra.run.dir={run_dir}"],
+        ["softmine.commands.train", *FAST_CUB, f"dataset.root={root}", f"hydra.run.dir={run_dir}"],
         tmp_path,
     )
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]

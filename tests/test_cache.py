@@ -21,9 +21,9 @@ from torchvision.transforms.v2 import functional as F
 
 from softmine.data import CUB200, MARS
 from softmine.data import cache as cache_module
-from softmine.data.fakes import make_cub, make_mars
 from softmine.data.images import BadImageError
 from softmine.errors import ConfigError, DataError
+from softmine.testing.fakes import make_cub, make_mars
 
 
 def _photo(path: Path, width: int, height: int, seed: int) -> None:

@@ -27,7 +27,9 @@ def _only_run_dir(root: Path) -> Path:
 
 @pytest.mark.slow
 def test_short_run_writes_its_run_folder(tmp_path: Path) -> None:
-    res = run_cli(["softmine.train", "trainer.epochs=2", "trainer.eval_every=1", *FAST], tmp_path)
+    res = run_cli(
+        ["softmine.commands.train", "trainer.epochs=2", "trainer.eval_every=1", *FAST], tmp_path
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     run = _only_run_dir(tmp_path)
     metrics = json.loads((run / "metrics.json").read_text())
@@ -45,7 +47,7 @@ def test_short_run_writes_its_run_folder(tmp_path: Path) -> None:
     assert (run / "checkpoints" / "last.pt").stat().st_size > 0
     assert (run / ".hydra" / "config.yaml").exists()
     # softmine-eval re-evaluates the saved checkpoint to the same numbers
-    ev = run_cli(["softmine.evaluate", str(run)], tmp_path)
+    ev = run_cli(["softmine.commands.evaluate", str(run)], tmp_path)
     assert ev.returncode == 0, ev.stderr[-3000:]
     again = json.loads(ev.stdout)
     for k in METRIC_KEYS - {"nmi"}:
@@ -56,7 +58,7 @@ def test_short_run_writes_its_run_folder(tmp_path: Path) -> None:
 def test_overrides_reach_the_objects(tmp_path: Path) -> None:
     res = run_cli(
         [
-            "softmine.train",
+            "softmine.commands.train",
             "trainer.epochs=1",
             "loss=contrastive",
             "loss.margin=0.9",
@@ -79,7 +81,8 @@ def test_overrides_reach_the_objects(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_multirun_writes_summary_with_one_row_per_job(tmp_path: Path) -> None:
     res = run_cli(
-        ["softmine.train", "-m", "loss=osm_caa,contrastive", "trainer.epochs=1", *FAST], tmp_path
+        ["softmine.commands.train", "-m", "loss=osm_caa,contrastive", "trainer.epochs=1", *FAST],
+        tmp_path,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     summaries = list(tmp_path.glob("multirun/*/*/summary.csv"))
@@ -91,14 +94,14 @@ def test_multirun_writes_summary_with_one_row_per_job(tmp_path: Path) -> None:
 
 
 def test_bad_config_is_one_line_and_nonzero(tmp_path: Path) -> None:
-    res = run_cli(["softmine.train", "trainer.device=tpu", *FAST], tmp_path)
+    res = run_cli(["softmine.commands.train", "trainer.device=tpu", *FAST], tmp_path)
     assert res.returncode == 2
     assert "error: trainer.device must be one of" in res.stderr
     assert "Traceback" not in res.stderr
 
 
 def test_bad_sampler_is_one_line(tmp_path: Path) -> None:
-    res = run_cli(["softmine.train", "sampler.num_classes=11", *FAST[:1]], tmp_path)
+    res = run_cli(["softmine.commands.train", "sampler.num_classes=11", *FAST[:1]], tmp_path)
     assert res.returncode == 2
     assert "larger than the 10 classes" in res.stderr
 
@@ -107,7 +110,7 @@ def test_bad_sampler_is_one_line(tmp_path: Path) -> None:
 def test_local_parallel_launcher_runs_the_sweep(tmp_path: Path) -> None:
     res = run_cli(
         [
-            "softmine.train",
+            "softmine.commands.train",
             "-m",
             "hydra/launcher=local",
             "loss=osm,contrastive",

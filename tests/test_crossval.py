@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 
 from softmine.data.splits import build_train_and_validation, class_folds, held_out_classes
-from softmine.engine.crossval import TEST_EMBEDDINGS_FILE, concatenate
 from softmine.engine.evaluator import score_arrays
 from softmine.errors import DataError
+from softmine.reporting.crossval import TEST_EMBEDDINGS_FILE, concatenate
 from tests.conftest import FAST_DIGITS, compose, run_cli
 
 
@@ -80,7 +80,7 @@ def test_different_test_splits_cannot_be_concatenated() -> None:
 def test_fold_sweep_report(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     args = [
-        "softmine.train",
+        "softmine.commands.train",
         "-m",
         *FAST_DIGITS,
         "trainer.device=cpu",
@@ -101,7 +101,9 @@ def test_fold_sweep_report(tmp_path: Path) -> None:
         assert again["map@r"] == pytest.approx(metrics["map@r"], abs=1e-9)
         assert "val/map@r" in metrics and "selected/map@r" in metrics
 
-    res = run_cli(["softmine.report", str(sweep), "--metrics", "map@r", "concat/map@r"], tmp_path)
+    res = run_cli(
+        ["softmine.commands.report", str(sweep), "--metrics", "map@r", "concat/map@r"], tmp_path
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     table = pd.read_csv(sweep / "report.csv")
     assert len(table) == 1 and table.loc[0, "n"] == 4 and table.loc[0, "folds"] == "0,1"

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from softmine.data.device_transforms import crop_resize
-from softmine.data.fakes import make_cub
 from softmine.engine import Trainer
+from softmine.testing.fakes import make_cub
 from tests.conftest import FAST_DIGITS, compose
 from tests.test_device_transforms import BOXES, SHAPES, _batch, _images
 from tests.test_loss_properties import NAMES, _build

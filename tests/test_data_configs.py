@@ -18,9 +18,9 @@ from softmine.config import build
 from softmine.data import PKSampler
 from softmine.data.check import check
 from softmine.data.download import DOWNLOADS
-from softmine.data.fakes import BUILDERS
 from softmine.data.sources import SOURCES, check_root
 from softmine.errors import DataError
+from softmine.testing.fakes import BUILDERS
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = str(REPO / "configs")
@@ -139,7 +139,7 @@ def _script(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """``softmine-data check ARGS`` (a command every install has, unlike a repository script)."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     return subprocess.run(
-        [sys.executable, "-m", "softmine.data_cli", "check", *args],
+        [sys.executable, "-m", "softmine.commands.data", "check", *args],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -230,7 +230,7 @@ def test_check_data_missing_root_is_one_clear_failure(tmp_path: Path) -> None:
 def test_train_on_a_missing_dataset_is_one_line_and_exit_2(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "SOFTMINE_DEBUG": ""}
     res = subprocess.run(
-        [sys.executable, "-m", "softmine.train", "dataset=cub", "dataset.root=/nowhere"],
+        [sys.executable, "-m", "softmine.commands.train", "dataset=cub", "dataset.root=/nowhere"],
         cwd=tmp_path,
         env=env,
         capture_output=True,

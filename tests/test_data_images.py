@@ -1,7 +1,7 @@
 """CUB-200-2011 and Cars196 read from fake copies in the published layouts.
 
 Expected values are worked out by hand from the fakes' construction
-(softmine.data.fakes): 4 classes x 3 images, classes 1-2 train, 3-4 test.
+(softmine.testing.fakes): 4 classes x 3 images, classes 1-2 train, 3-4 test.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 from scipy.io import savemat
 
 from softmine.data import CUB200, Cars196
-from softmine.data.fakes import make_cars, make_cub
 from softmine.errors import ConfigError, DataError
+from softmine.testing.fakes import make_cars, make_cub
 
 
 @pytest.fixture(scope="module")

@@ -11,15 +11,15 @@ import torch
 
 from softmine.config import build
 from softmine.data import CSVDataset, ImageFolder
-from softmine.data.csvlist import CSVImages, CSVTracklets, read_csv_table
 from softmine.data.custom import held_out, number_names
-from softmine.data.fakes import make_csv, make_image_folder, write_image
+from softmine.data.datasets.csvlist import CSVImages, CSVTracklets, read_csv_table
 from softmine.data.sources import natural_key
-from softmine.engine.embed import extract_reid_embeddings
+from softmine.engine.embedding import extract_reid_embeddings
 from softmine.engine.evaluator import Evaluator
 from softmine.errors import ConfigError, DataError
 from softmine.evaluation import reid_metrics
 from softmine.models import EmbeddingNet, TinyCNN
+from softmine.testing.fakes import make_csv, make_image_folder, write_image
 from tests.conftest import compose, run_cli
 
 # ------------------------------------------------------------- ids and splits
@@ -413,7 +413,12 @@ def test_image_folder_trains_and_evaluates_with_only_its_root(tmp_path: Path) ->
     root = make_image_folder(tmp_path / "photos", num_classes=10, images_per_class=16)
     run = tmp_path / "run"
     res = run_cli(
-        ["softmine.train", "dataset=imagefolder", f"dataset.root={root}", f"hydra.run.dir={run}"]
+        [
+            "softmine.commands.train",
+            "dataset=imagefolder",
+            f"dataset.root={root}",
+            f"hydra.run.dir={run}",
+        ]
         + FAST,
         tmp_path,
     )
@@ -429,7 +434,7 @@ def test_csv_with_query_gallery_columns_trains_and_reports_cmc_map(tmp_path: Pat
     run = tmp_path / "run"
     res = run_cli(
         [
-            "softmine.train",
+            "softmine.commands.train",
             "dataset=csv",
             f"dataset.file={file}",
             "dataset.eval_protocol=reid",
@@ -444,7 +449,9 @@ def test_csv_with_query_gallery_columns_trains_and_reports_cmc_map(tmp_path: Pat
 
 
 def test_training_on_a_missing_csv_is_one_line_and_exit_2(tmp_path: Path) -> None:
-    res = run_cli(["softmine.train", "dataset=csv", "dataset.file=/nowhere/list.csv"], tmp_path)
+    res = run_cli(
+        ["softmine.commands.train", "dataset=csv", "dataset.file=/nowhere/list.csv"], tmp_path
+    )
     assert res.returncode == 2 and "Traceback" not in res.stderr
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "CSV list: missing file 'list.csv'" in errors[0]

@@ -13,8 +13,8 @@ import torch
 from softmine.config import build
 from softmine.data import LPW, InShop, StanfordOnlineProducts
 from softmine.data.check import check
-from softmine.data.fakes import INSHOP_ITEMS, LPW_PEOPLE, make_inshop, make_lpw, make_sop
 from softmine.errors import DataError
+from softmine.testing.fakes import INSHOP_ITEMS, LPW_PEOPLE, make_inshop, make_lpw, make_sop
 from tests.conftest import REPO, compose
 
 
@@ -232,7 +232,16 @@ def test_check_passes_complete_copies(
 def test_softmine_data_check_knows_the_published_counts(sop: Path, tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     res = subprocess.run(
-        [sys.executable, "-m", "softmine.data_cli", "check", "sop", str(sop), "--workers", "1"],
+        [
+            sys.executable,
+            "-m",
+            "softmine.commands.data",
+            "check",
+            "sop",
+            str(sop),
+            "--workers",
+            "1",
+        ],
         cwd=tmp_path,
         env=env,
         capture_output=True,

@@ -1,6 +1,6 @@
 """MARS, iLIDS-VID and PRID2011 read from fake copies in the published layouts; clip sampling.
 
-Expected values are worked out by hand from the fakes (softmine.data.fakes):
+Expected values are worked out by hand from the fakes (softmine.testing.fakes):
 MARS_TRAIN / MARS_TEST / MARS_QUERY_IDX, ILIDS_PEOPLE, PRID_PEOPLE.
 """
 
@@ -17,9 +17,9 @@ from scipy.io import loadmat
 from torchvision.transforms import v2
 
 from softmine.data import ILIDSVID, MARS, PRID2011, PKSampler
-from softmine.data.fakes import make_ilidsvid, make_mars, make_prid2011
 from softmine.data.video import clip_indices
 from softmine.errors import ConfigError, DataError
+from softmine.testing.fakes import make_ilidsvid, make_mars, make_prid2011
 
 
 @pytest.fixture(scope="module")

@@ -27,9 +27,9 @@ from softmine.data.device_transforms import (
     crop_resize,
     sample_boxes,
 )
-from softmine.data.fakes import make_cub
 from softmine.engine import Trainer
 from softmine.errors import ConfigError
+from softmine.testing.fakes import make_cub
 from tests.conftest import compose
 
 

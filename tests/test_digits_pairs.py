@@ -10,7 +10,7 @@ import torch
 from sklearn.datasets import load_digits
 
 from softmine.config import build
-from softmine.data.digits_pairs import DigitsPairs
+from softmine.data.datasets.digits_pairs import DigitsPairs
 from softmine.errors import ConfigError
 from tests.conftest import REPO, compose
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from softmine.engine import Trainer
-from softmine.engine.atomic import write_atomic
 from softmine.errors import StorageError
+from softmine.runs.atomic import write_atomic
 from tests.conftest import FAST_DIGITS, compose
 
 
@@ -108,7 +108,7 @@ def test_read_only_filesystem_is_one_sentence(
     def read_only(src, dst):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
-    monkeypatch.setattr("softmine.engine.atomic.os.replace", read_only)
+    monkeypatch.setattr("softmine.runs.atomic.os.replace", read_only)
     with pytest.raises(StorageError, match="Read-only file system.*no checkpoint was written yet"):
         t.fit()
     assert not list(tmp_path.rglob("*.tmp"))
@@ -126,7 +126,7 @@ def test_full_disk_as_a_command_keeps_the_result(tmp_path: Path) -> None:
     args = [
         sys.executable,
         "-m",
-        "softmine.train",
+        "softmine.commands.train",
         "trainer.epochs=1",
         "trainer.device=cpu",
         f"hydra.run.dir={run}",

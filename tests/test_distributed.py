@@ -255,7 +255,7 @@ def test_sync_bn_is_a_no_op_in_one_process() -> None:
 
 
 def _cli_rank(rank: int, port: int, overrides: list[str], cwd: Path) -> subprocess.Popen:
-    """One rank of ``softmine.train`` joined by torchrun's environment variables (no torchrun)."""
+    """One rank of ``softmine.commands.train`` joined by torchrun's environment variables (no torchrun)."""
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -266,7 +266,7 @@ def _cli_rank(rank: int, port: int, overrides: list[str], cwd: Path) -> subproce
         "LOCAL_RANK": str(rank),
         "SOFTMINE_DEBUG": "",
     }
-    cmd = [sys.executable, "-m", "softmine.train", *overrides]
+    cmd = [sys.executable, "-m", "softmine.commands.train", *overrides]
     return subprocess.Popen(cmd, cwd=cwd, env=env, stderr=subprocess.PIPE, text=True)
 
 
@@ -309,7 +309,7 @@ def test_torchrun_two_processes_train_and_evaluate(tmp_path: Path) -> None:
         "--nproc_per_node=2",
         f"--master_port={_free_port()}",
         "-m",
-        "softmine.train",
+        "softmine.commands.train",
         "trainer.device=cpu",
         "trainer.epochs=2",
         "trainer.eval_every=1",
@@ -354,7 +354,7 @@ def test_torchrun_split_batch_with_sync_bn_trains_on_the_one_process_schedule(
         "--nproc_per_node=2",
         f"--master_port={_free_port()}",
         "-m",
-        "softmine.train",
+        "softmine.commands.train",
         "trainer.device=cpu",
         "trainer.epochs=2",
         f"hydra.run.dir={run_dir}",

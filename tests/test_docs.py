@@ -277,7 +277,7 @@ def test_contributing_example_runs(
             extra = ["trainer.epochs=1", "trainer.plots=false", "hydra.run.dir=runs/cli"]
             env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
             assert env_part.strip() == "PYTHONPATH=."
-            proc = run_cli(["softmine.train", *args, *extra], cwd=tmp_path, env=env)
+            proc = run_cli(["softmine.commands.train", *args, *extra], cwd=tmp_path, env=env)
             assert proc.returncode == 0, proc.stderr[-2000:]
             assert (tmp_path / "runs" / "cli" / "metrics.json").is_file()
 

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from softmine.commands.data import main
 from softmine.data import CUB200, StanfordOnlineProducts
 from softmine.data.download import DOWNLOADS, Archive, Download, download, fetch, unpack
-from softmine.data.fakes import make_cub, make_sop
 from softmine.data.sources import CUB, SOP_SOURCE
-from softmine.data_cli import main
 from softmine.errors import ConfigError, DataError
+from softmine.testing.fakes import make_cub, make_sop
 
 
 class Server:
@@ -286,9 +286,9 @@ def test_softmine_data_check_a_copy_of_your_own(
 ) -> None:
     """`softmine-data check` (the command every data error names) exits 0 on a good copy and
     1 on a damaged one; it knows every set softmine.data.check can check."""
+    from softmine.commands.data import CHECKABLE
     from softmine.data.check import CHECKS
-    from softmine.data.fakes import make_image_folder
-    from softmine.data_cli import CHECKABLE
+    from softmine.testing.fakes import make_image_folder
 
     assert sorted(CHECKABLE) == sorted(CHECKS)
     root = make_image_folder(tmp_path / "images")

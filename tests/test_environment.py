@@ -27,9 +27,9 @@ from torch.utils.data import DataLoader, Dataset
 from softmine.data import Digits, PKSampler
 from softmine.engine import checkpoint, setup
 from softmine.engine.distributed import export_submitit_ranks
-from softmine.engine.signals import ignore_interrupts
 from softmine.engine.validate import validate_config
 from softmine.errors import ConfigError
+from softmine.runs.signals import ignore_interrupts
 from tests.conftest import FAST_DIGITS, REPO, compose
 
 # ------------------------------------------------------------------ Ctrl-C and workers
@@ -66,7 +66,7 @@ def test_dataloader_workers_ignore_ctrl_c() -> None:
 EXIT_WITH_LIVE_WORKERS = """
 import sys
 from torch.utils.data import DataLoader, Dataset
-from softmine.engine.signals import ignore_interrupts
+from softmine.runs.signals import ignore_interrupts
 
 class Bad(Dataset):
     def __len__(self):
@@ -101,7 +101,7 @@ def test_ctrl_c_to_the_process_group_saves_and_exits_cleanly(tmp_path: Path) -> 
     cmd = [
         sys.executable,
         "-m",
-        "softmine.train",
+        "softmine.commands.train",
         "trainer.epochs=50",
         "trainer.num_workers=2",
         "trainer.checkpoint_every=5",
@@ -277,7 +277,7 @@ def test_two_slurm_tasks_train_as_one_data_parallel_job(tmp_path: Path) -> None:
     cmd = [
         sys.executable,
         "-m",
-        "softmine.train",
+        "softmine.commands.train",
         "trainer.device=cpu",
         "trainer.epochs=2",
         f"hydra.run.dir={run_dir}",
@@ -371,7 +371,8 @@ def test_the_end_of_a_run_embeds_the_test_set_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The final evaluation's embeddings serve the plots (Recall@K curve, t-SNE, grid)."""
-    from softmine.engine import Trainer, artifacts, evaluator
+    from softmine.engine import Trainer, evaluator
+    from softmine.reporting import artifacts
 
     cfg = compose(["trainer.device=cpu", "trainer.epochs=1", *FAST_DIGITS, "trainer.plots=true"])
     trainer = Trainer(cfg, tmp_path / "run")

@@ -15,7 +15,7 @@ BASE = [*FAST_DIGITS, "trainer.plots=false", "trainer.device=cpu", "trainer.max_
 def test_every_n_iterations_from_a_start(tmp_path: Path) -> None:
     run = tmp_path / "run"
     args = ["trainer.eval_every_iters=2", "trainer.eval_start_iter=3", "trainer.monitor=recall@1"]
-    res = run_cli(["softmine.train", *BASE, *args, f"hydra.run.dir={run}"], tmp_path)
+    res = run_cli(["softmine.commands.train", *BASE, *args, f"hydra.run.dir={run}"], tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     log = pd.read_csv(run / "eval_log.csv")
     assert log["iteration"].tolist() == [4, 6, 7]  # 4 and 6 on schedule, 7 the final one
@@ -32,7 +32,7 @@ def test_every_n_iterations_from_a_start(tmp_path: Path) -> None:
 
 def test_a_single_evaluation_adds_no_selection(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    res = run_cli(["softmine.train", *BASE, f"hydra.run.dir={run}"], tmp_path)
+    res = run_cli(["softmine.commands.train", *BASE, f"hydra.run.dir={run}"], tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     metrics = json.loads((run / "metrics.json").read_text())
     assert not any(k.startswith("best_test") for k in metrics)
@@ -42,7 +42,8 @@ def test_a_single_evaluation_adds_no_selection(tmp_path: Path) -> None:
 def test_unknown_monitor_stops_before_training(tmp_path: Path) -> None:
     run = tmp_path / "run"
     res = run_cli(
-        ["softmine.train", *BASE, "trainer.monitor=cmc@1", f"hydra.run.dir={run}"], tmp_path
+        ["softmine.commands.train", *BASE, "trainer.monitor=cmc@1", f"hydra.run.dir={run}"],
+        tmp_path,
     )
     assert res.returncode == 2
     assert "trainer.monitor='cmc@1'" in res.stderr and "recall@1" in res.stderr

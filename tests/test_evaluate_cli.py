@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from softmine.evaluate import main
+from softmine.commands.evaluate import main
 from softmine.evaluation import reid_metrics, retrieval_metrics
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from softmine import fair
+from softmine.commands import fair
 from softmine.errors import ConfigError
 from tests.conftest import compose
 

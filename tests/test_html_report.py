@@ -18,8 +18,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from softmine.html_report import metric_groups, write_run_report
-from softmine.report import report
+from softmine.commands.report import report
+from softmine.reporting.html import metric_groups, write_run_report
 from tests.conftest import run_cli
 from tests.headless_browser import Browser, find_browser
 
@@ -123,7 +123,12 @@ def test_the_browser_check_sees_errors_and_outside_requests(tmp_path: Path) -> N
 def test_a_finished_run_writes_report_html_with_its_numbers(tmp_path: Path) -> None:
     # `make demo` shortened to 2 epochs: the same experiment, plots and baselines.
     run = tmp_path / "run"
-    args = ["softmine.train", "experiment=demo", "trainer.epochs=2", "trainer.progress_bar=false"]
+    args = [
+        "softmine.commands.train",
+        "experiment=demo",
+        "trainer.epochs=2",
+        "trainer.progress_bar=false",
+    ]
     proc = run_cli([*args, f"hydra.run.dir={run}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     metrics = json.loads((run / "metrics.json").read_text())

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from softmine.data.digits import Digits, write_pngs
+from softmine.data.datasets.digits import Digits, write_pngs
 from softmine.errors import ConfigError, DataError
 from softmine.evaluation import retrieval_metrics
 from softmine.inference import (
@@ -31,7 +31,7 @@ from softmine.inference import (
     read_image_list,
     save_embeddings,
 )
-from softmine.inference.images import encode_labels
+from softmine.inference.image_files import encode_labels
 from tests.conftest import FAST_DIGITS, compose
 
 

@@ -17,13 +17,13 @@ import torch
 from PIL import Image
 
 from softmine import __version__
-from softmine.data.digits import write_pngs
-from softmine.data.fakes import make_cub
-from softmine.embed import main as embed_main
-from softmine.evaluate import main as eval_main
-from softmine.export import main as export_main
-from softmine.index import main as index_main
-from softmine.report import main as report_main
+from softmine.commands.embed import main as embed_main
+from softmine.commands.evaluate import main as eval_main
+from softmine.commands.export import main as export_main
+from softmine.commands.index import main as index_main
+from softmine.commands.report import main as report_main
+from softmine.data.datasets.digits import write_pngs
+from softmine.testing.fakes import make_cub
 from tests.conftest import FAST_DIGITS, compose, run_cli
 
 RETRIEVAL = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "r_precision")
@@ -204,11 +204,12 @@ def test_commands_print_their_version(capsys: pytest.CaptureFixture[str]) -> Non
 
 def test_as_a_process_errors_have_no_traceback(tmp_path: Path) -> None:
     res = run_cli(
-        ["softmine.embed", str(tmp_path / "nope"), "--images", ".", "-o", "e.npz"], tmp_path
+        ["softmine.commands.embed", str(tmp_path / "nope"), "--images", ".", "-o", "e.npz"],
+        tmp_path,
     )
     assert res.returncode == 2 and res.stderr.startswith("error: model ")
     assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
-    res = run_cli(["softmine.train", "--version"], tmp_path)
+    res = run_cli(["softmine.commands.train", "--version"], tmp_path)
     assert res.returncode == 0 and res.stdout.strip() == f"softmine-train {__version__}"
 
 
@@ -235,7 +236,7 @@ def test_reproduce_cub_run_embed_index_search_eval_export(
     run_dir = tmp_path / "run"
     res = run_cli(
         [
-            "softmine.train",
+            "softmine.commands.train",
             "experiment=reproduce_cub",
             f"dataset.root={root}",
             f"hydra.run.dir={run_dir}",

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from softmine.data import MARS
-from softmine.data.fakes import MARS_QUERY_IDX, MARS_TEST, make_mars
 from softmine.engine.evaluator import score_arrays
+from softmine.testing.fakes import MARS_QUERY_IDX, MARS_TEST, make_mars
 from tests.conftest import compose
 
 

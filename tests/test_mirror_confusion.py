@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from softmine.data.digits_pairs import DigitsPairs
+from softmine.data.datasets.digits_pairs import DigitsPairs
 from softmine.evaluation import mirror_confusion, partner_confusion
 
 

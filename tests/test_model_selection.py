@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from softmine.data.digits import Digits
+from softmine.data.datasets.digits import Digits
 from softmine.data.splits import (
     ClassSubset,
     ReIDView,
@@ -78,7 +78,7 @@ def test_label_noise_applies_to_the_remaining_classes_only() -> None:
 def test_issue_command_writes_the_three_numbers(tmp_path: Path) -> None:
     run = tmp_path / "run"
     args = [
-        "softmine.train",
+        "softmine.commands.train",
         *FAST_DIGITS,
         "dataset=digits",
         "dataset.val_classes=2",
@@ -189,7 +189,7 @@ def test_reid_validation_view_by_hand() -> None:
 
 
 def test_reid_validation_on_a_fake_mars(tmp_path: Path) -> None:
-    from softmine.data.fakes import make_mars
+    from softmine.testing.fakes import make_mars
 
     root = make_mars(tmp_path / "mars")
     cfg = compose(["dataset=mars", f"dataset.root={root}", "dataset.val_classes=1"])
@@ -207,7 +207,7 @@ def test_reid_validation_on_a_fake_mars(tmp_path: Path) -> None:
 
 def test_bad_options_stop_before_training(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    base = ["softmine.train", *FAST_DIGITS, f"hydra.run.dir={run}"]
+    base = ["softmine.commands.train", *FAST_DIGITS, f"hydra.run.dir={run}"]
     for extra, words in (
         (["dataset.val_classes=10"], "dataset.val_classes=10"),
         (["dataset.val_classes=2", "dataset.folds=3"], "set one of them to 0"),
@@ -234,8 +234,8 @@ class _Constant(torch.nn.Module):
 
 
 def test_reid_validation_is_scored_as_query_gallery(tmp_path: Path) -> None:
-    from softmine.data.fakes import make_mars
     from softmine.engine.evaluator import Evaluator
+    from softmine.testing.fakes import make_mars
 
     root = make_mars(tmp_path / "mars")
     cfg = compose(["dataset=mars", f"dataset.root={root}", "dataset.val_classes=2"])
@@ -256,7 +256,7 @@ def test_reid_validation_is_scored_as_query_gallery(tmp_path: Path) -> None:
 def test_label_noise_keeps_the_selections_in_metrics_json(tmp_path: Path) -> None:
     run = tmp_path / "run"
     args = [
-        "softmine.train",
+        "softmine.commands.train",
         *FAST_DIGITS,
         "dataset.val_classes=2",
         "dataset.label_noise=0.2",

@@ -1,7 +1,7 @@
 """experiment=modern_cub / modern_cars: Proxy-Anchor's ResNet-50 recipe, validation on a class fold.
 
 Expected values are read off Proxy-Anchor's code (github.com/tjddus9597/Proxy-Anchor-CVPR2020:
-the README's ResNet-50 commands, train.py defaults, net/resnet.py), named beside each check.
+the README's ResNet-50 commands, commands/train.py defaults, net/resnet.py), named beside each check.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from softmine.data.fakes import make_cub
+from softmine.testing.fakes import make_cub
 from tests.conftest import compose, run_cli
 
 LOSSES = {
@@ -64,7 +64,7 @@ def test_modern_cub_runs_on_a_fake_cub(tmp_path: Path, loss: str) -> None:
     run = tmp_path / "run"
     res = run_cli(
         [
-            "softmine.train",
+            "softmine.commands.train",
             "experiment=modern_cub",
             f"loss={loss}",
             f"dataset.root={root}",

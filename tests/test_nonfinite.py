@@ -92,7 +92,7 @@ def test_nonfinite_test_embeddings_are_a_training_error(
 @pytest.mark.slow
 def test_huge_learning_rate_is_one_line_and_exit_2(tmp_path: Path) -> None:
     res = run_cli(
-        ["softmine.train", "trainer.epochs=2", "optimizer.lr=1e9", *FAST_DIGITS], tmp_path
+        ["softmine.commands.train", "trainer.epochs=2", "optimizer.lr=1e9", *FAST_DIGITS], tmp_path
     )
     assert res.returncode == 2, res.stderr[-2000:]
     (line,) = res.stderr.strip().splitlines()

@@ -28,7 +28,6 @@ from softmine.data import PKSampler
 from softmine.data.device_transforms import sample_boxes
 from softmine.engine import Trainer
 from softmine.engine.eval_history import best_row, selection_summary
-from softmine.engine.run_folder import Invocation, config_differences, plan_run
 from softmine.errors import ConfigError
 from softmine.evaluation import (
     knn_search,
@@ -38,6 +37,7 @@ from softmine.evaluation import (
     retrieval_metrics,
 )
 from softmine.losses.heads import ClassifierHead, caffe_xavier_
+from softmine.runs.folder import Invocation, config_differences, plan_run
 from tests.conftest import FAST_DIGITS, compose
 
 
@@ -281,7 +281,7 @@ def test_a_resume_with_another_max_iters_is_refused_or_recorded(tmp_path: Path) 
         given = ["trainer.device=cpu", *FAST_DIGITS, *overrides]
         return Invocation(tmp_path, compose(given), given, choices={}, multirun=False)
 
-    from softmine.engine.run_folder import commit_plan
+    from softmine.runs.folder import commit_plan
 
     commit_plan(plan_run(invocation("trainer.max_iters=10")))  # a run stopped before the end
     with pytest.raises(ConfigError, match=r"trainer.max_iters \(10 -> 20\)"):

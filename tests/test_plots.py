@@ -10,7 +10,7 @@ import pytest
 from matplotlib.colors import to_rgb
 from PIL import Image
 
-from softmine import plots
+from softmine.reporting import plots
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -181,8 +181,8 @@ def test_a_runs_grids_and_tsne_name_the_folders(
     from omegaconf import OmegaConf
 
     from softmine.data import ImageFolder
-    from softmine.data.fakes import make_image_folder
-    from softmine.engine.artifacts import _plot_test_set
+    from softmine.reporting.artifacts import _plot_test_set
+    from softmine.testing.fakes import make_image_folder
 
     root = make_image_folder(tmp_path / "digits", 10, 4, size=8, names=DIGIT_NAMES)
     test = ImageFolder(root, "test")

@@ -20,7 +20,7 @@ from tests.conftest import FAST_CUB, FAST_DIGITS, compose, run_cli
 
 # Four short epochs (~45 iterations each) with a checkpoint every 7 iterations.
 RUN = [
-    "softmine.train",
+    "softmine.commands.train",
     "trainer.epochs=4",
     "trainer.eval_every=1",
     "trainer.checkpoint_every=7",
@@ -239,7 +239,7 @@ def test_resume_from_a_different_model_is_a_clear_error(tmp_path: Path) -> None:
     ],
 )
 def test_bad_config_is_one_line_and_exit_2(tmp_path: Path, override: str, message: str) -> None:
-    res = run_cli(["softmine.train", override, *FAST_DIGITS[:2]], tmp_path)
+    res = run_cli(["softmine.commands.train", override, *FAST_DIGITS[:2]], tmp_path)
     assert res.returncode == 2, res.stderr[-2000:]
     assert message in res.stderr
     assert "Traceback" not in res.stderr
@@ -247,13 +247,15 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path: Path, override: str, messag
 
 
 def test_debug_switch_shows_the_traceback(tmp_path: Path) -> None:
-    res = run_cli(["softmine.train", "loss.margin=0", "debug=true", *FAST_DIGITS[:2]], tmp_path)
+    res = run_cli(
+        ["softmine.commands.train", "loss.margin=0", "debug=true", *FAST_DIGITS[:2]], tmp_path
+    )
     assert res.returncode != 0
     assert "Traceback" in res.stderr or "ConfigError" in res.stderr
 
 
 def _cub_with_corrupt_image(tmp_path: Path) -> tuple[Path, Path]:
-    from softmine.data.fakes import make_cub
+    from softmine.testing.fakes import make_cub
 
     root = make_cub(tmp_path / "CUB_200_2011", num_classes=8, images_per_class=6)
     bad = sorted((root / "images").glob("001.*/*.jpg"))[1]
@@ -262,7 +264,7 @@ def _cub_with_corrupt_image(tmp_path: Path) -> tuple[Path, Path]:
 
 
 BAD_IMAGE_RUN = [
-    "softmine.train",
+    "softmine.commands.train",
     *FAST_CUB,
     "trainer.epochs=2",
     "dataset.transform.resize=16",

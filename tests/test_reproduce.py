@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from softmine.data.fakes import make_cars, make_cub, make_ilidsvid, make_lpw, make_mars
+from softmine.testing.fakes import make_cars, make_cub, make_ilidsvid, make_lpw, make_mars
 from tests.conftest import REPO, run_cli
 
 COMMON = [
@@ -44,7 +44,7 @@ def test_reproduce_experiment_runs_on_fake_data(tmp_path: Path, experiment: str)
     run_dir = tmp_path / "run"
     res = run_cli(
         [
-            "softmine.train",
+            "softmine.commands.train",
             f"experiment={experiment}",
             f"dataset.root={root}",
             f"hydra.run.dir={run_dir}",
@@ -66,7 +66,7 @@ def test_reproduce_experiment_runs_on_fake_data(tmp_path: Path, experiment: str)
     cfg = (run_dir / ".hydra" / "config.yaml").read_text()
     assert "seed: 123" in cfg and "OSMCAAOfficial" in cfg
     # softmine-eval rebuilds the model and the run's own protocol from the checkpoint
-    ev = run_cli(["softmine.evaluate", str(run_dir), "--device", "cpu"], tmp_path)
+    ev = run_cli(["softmine.commands.evaluate", str(run_dir), "--device", "cpu"], tmp_path)
     assert ev.returncode == 0, ev.stderr[-3000:]
     again = json.loads(ev.stdout)
     for k in expected - {"nmi"}:
@@ -76,7 +76,11 @@ def test_reproduce_experiment_runs_on_fake_data(tmp_path: Path, experiment: str)
 @pytest.mark.parametrize("experiment", sorted(CASES))
 def test_reproduce_without_data_is_the_clear_data_error(tmp_path: Path, experiment: str) -> None:
     res = run_cli(
-        ["softmine.train", f"experiment={experiment}", f"dataset.root={tmp_path / 'nowhere'}"],
+        [
+            "softmine.commands.train",
+            f"experiment={experiment}",
+            f"dataset.root={tmp_path / 'nowhere'}",
+        ],
         tmp_path,
     )
     assert res.returncode == 2
@@ -103,7 +107,7 @@ def test_reproduce_cub_evaluates_on_schedule_with_three_heads(tmp_path: Path) ->
     run_dir = tmp_path / "run"
     res = run_cli(
         [
-            "softmine.train",
+            "softmine.commands.train",
             "experiment=reproduce_cub",
             f"dataset.root={root}",
             f"hydra.run.dir={run_dir}",

@@ -15,7 +15,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from softmine.config import build
-from softmine.data.fakes import make_cars, make_cub
+from softmine.testing.fakes import make_cars, make_cub
 from tests.conftest import compose, run_cli
 
 
@@ -108,7 +108,7 @@ def test_reproduce_cub_bbox_runs_on_a_fake_cub(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     res = run_cli(
         [
-            "softmine.train",
+            "softmine.commands.train",
             "experiment=reproduce_cub_bbox",
             f"dataset.root={root}",
             f"hydra.run.dir={run_dir}",

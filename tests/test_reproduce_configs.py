@@ -194,7 +194,7 @@ def test_caffe_multistep_with_repeated_steps_gives_the_authors_rates() -> None:
 
 
 def test_cfg_job_shows_the_schedule_and_no_augmentation(tmp_path) -> None:
-    res = run_cli(["softmine.train", "experiment=reproduce_cub", "--cfg", "job"], tmp_path)
+    res = run_cli(["softmine.commands.train", "experiment=reproduce_cub", "--cfg", "job"], tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     job = OmegaConf.create(res.stdout)
     assert list(job.scheduler.milestones) == [500, 1000, 1500, 1501, 2000, 2001]
@@ -237,7 +237,8 @@ def test_every_experiment_resolves(experiment: str) -> None:
 
 def test_cfg_job_resolve_prints_the_final_values(tmp_path) -> None:
     res = run_cli(
-        ["softmine.train", "experiment=reproduce_cub", "--cfg", "job", "--resolve"], tmp_path
+        ["softmine.commands.train", "experiment=reproduce_cub", "--cfg", "job", "--resolve"],
+        tmp_path,
     )
     assert res.returncode == 0, res.stderr[-2000:]
     job = OmegaConf.create(res.stdout)

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from softmine import evaluate
-from softmine.data.fakes import make_mars
+from softmine.commands import evaluate
 from softmine.data.splits import build_train_and_validation
 from softmine.engine import evaluator as evaluator_module
 from softmine.engine.evaluator import REID_ARRAYS, Evaluator, score_arrays
@@ -24,6 +23,7 @@ from softmine.evaluation import (
     reid_metrics,
 )
 from softmine.evaluation.rerank import expansion_size
+from softmine.testing.fakes import make_mars
 from tests.conftest import compose
 
 

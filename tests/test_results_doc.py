@@ -57,7 +57,7 @@ def test_demo_table_matches_a_fresh_run(tmp_path: Path) -> None:
     stated = _stated_demo_table()
     res = run_cli(
         [
-            "softmine.train",
+            "softmine.commands.train",
             "experiment=demo",
             "trainer.device=cpu",
             "trainer.progress_bar=false",
@@ -225,7 +225,7 @@ def test_distributed_table_shows_what_the_page_says_of_it() -> None:
     assert [(int(r[1]), int(r[2])) for r in rows] == [(16, 112), (16, 112), (32, 56)]
     one, split, default = (float(r[3]) for r in rows)
     assert abs(one - split) < 1e-6 < abs(one - default)
-    assert "torchrun --nproc_per_node=2 -m softmine.train" in table
+    assert "torchrun --nproc_per_node=2 -m softmine.commands.train" in table
 
 
 def test_the_demo_gives_the_same_numbers_at_any_thread_count(tmp_path: Path) -> None:

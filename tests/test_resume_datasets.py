@@ -4,7 +4,7 @@ Building a run from its config (Hydra's ``instantiate``) resolved the interpolat
 the shared ``dataset.transform`` node in place, and the run's record was written after
 that: the record then differed from the same command composed afresh, and every image
 data set's resume was refused. Each dataset config is built here on its fake copy
-(:mod:`softmine.data.fakes`, in the published layout), recorded, and resumed with the
+(:mod:`softmine.testing.fakes`, in the published layout), recorded, and resumed with the
 same command; one fake CUB run is interrupted for real and resumed with the command
 its Ctrl-C message prints.
 """
@@ -25,10 +25,10 @@ import pytest
 import torch
 import yaml
 
-from softmine.data.fakes import BUILDERS
+from softmine.commands.train import train
 from softmine.engine import Trainer
-from softmine.engine.run_folder import Invocation
-from softmine.train import train
+from softmine.runs.folder import Invocation
+from softmine.testing.fakes import BUILDERS
 from tests.conftest import FAST_CUB, compose, run_cli
 
 VIDEO_SETS = ("mars", "ilidsvid", "prid2011", "lpw")
@@ -133,7 +133,7 @@ def test_ctrl_c_then_the_printed_command_resumes_a_cub_run(tmp_path: Path) -> No
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "SOFTMINE_DEBUG": ""}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "softmine.train", *args],
+        [sys.executable, "-m", "softmine.commands.train", *args],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
@@ -153,7 +153,7 @@ def test_ctrl_c_then_the_printed_command_resumes_a_cub_run(tmp_path: Path) -> No
     (printed,) = re.findall(r"^  (softmine-train .*)$", err, flags=re.M)
     step = torch.load(last, weights_only=True)["train_state"]["step"]
     assert 0 < step < 12
-    res = run_cli(["softmine.train", *shlex.split(printed)[1:]], tmp_path)
+    res = run_cli(["softmine.commands.train", *shlex.split(printed)[1:]], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"resumed from {last} at step {step}" in res.stdout + res.stderr
     assert torch.load(last, weights_only=True)["train_state"]["step"] == 12

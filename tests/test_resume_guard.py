@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 
-from softmine.engine.run_folder import Invocation
+from softmine.commands.train import train
 from softmine.errors import ConfigError, TrainingError
-from softmine.train import train
+from softmine.runs.folder import Invocation
 from tests.conftest import FAST_DIGITS, compose, run_cli
 
 BASE = ["trainer.device=cpu", "optimizer=sgd", "optimizer.lr=0.01", *FAST_DIGITS]
@@ -106,7 +106,7 @@ def test_a_finished_run_is_extended_and_its_first_result_kept(tmp_path: Path) ->
 @pytest.mark.slow
 def test_resume_with_other_settings_is_one_line_and_exit_2(tmp_path: Path) -> None:
     """The issue's probe, as a command: resume=true optimizer.lr=0.5 seed=5."""
-    run = ["softmine.train", "trainer.epochs=1", *BASE, f"hydra.run.dir={tmp_path / 'R'}"]
+    run = ["softmine.commands.train", "trainer.epochs=1", *BASE, f"hydra.run.dir={tmp_path / 'R'}"]
     assert run_cli(run, tmp_path).returncode == 0
     res = run_cli([*run, "resume=true", "optimizer.lr=0.5", "seed=5"], tmp_path)
     assert res.returncode == 2

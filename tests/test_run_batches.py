@@ -17,9 +17,9 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from softmine.data import PKSampler
-from softmine.data.fakes import make_cub
 from softmine.data.run_batches import RunBatchSampler, SeededItems, item_seeds
 from softmine.engine import Trainer
+from softmine.testing.fakes import make_cub
 from tests.conftest import FAST_CUB, compose
 
 LABELS = np.repeat(np.arange(5), [12, 2, 2, 2, 4])  # unequal classes: epochs differ in length

@@ -18,12 +18,12 @@ import pytest
 import torch
 import yaml
 
+from softmine.commands.train import train
 from softmine.engine import Trainer
 from softmine.engine.evaluator import Evaluator
-from softmine.engine.run_folder import Invocation, stale_checkpoint
 from softmine.errors import ConfigError, DataError, TrainingError
 from softmine.inference import load_model
-from softmine.train import train
+from softmine.runs.folder import Invocation, stale_checkpoint
 from tests.conftest import FAST_DIGITS, compose
 
 BASE = [

@@ -15,7 +15,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from softmine.engine.run_folder import (
+from softmine.commands.report import aggregate, load_runs
+from softmine.commands.train import train
+from softmine.errors import ConfigError
+from softmine.runs.folder import (
     LOCK_FILE,
     Invocation,
     RunFolderBusy,
@@ -23,14 +26,11 @@ from softmine.engine.run_folder import (
     config_differences,
     plan_run,
 )
-from softmine.errors import ConfigError
-from softmine.report import aggregate, load_runs
-from softmine.train import train
 from tests.conftest import FAST_DIGITS, compose, run_cli
 
 HOLD_LOCK = """
 import sys, time
-from softmine.engine.run_folder import RunLock
+from softmine.runs.folder import RunLock
 RunLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 time.sleep(60)
@@ -116,7 +116,7 @@ def _invocation(run_dir: Path, *overrides: str, multirun: bool = False) -> Invoc
 
 def _recorded(run_dir: Path, *overrides: str, metrics: bool = True) -> None:
     """A run folder as a finished run leaves it (record and metrics, no training)."""
-    from softmine.engine.run_folder import commit_plan
+    from softmine.runs.folder import commit_plan
 
     commit_plan(plan_run(_invocation(run_dir, *overrides)))
     if metrics:
@@ -196,7 +196,7 @@ def test_a_group_choice_is_one_difference(tmp_path: Path) -> None:
 
 
 def test_commit_records_an_allowed_change_and_keeps_the_old_result(tmp_path: Path) -> None:
-    from softmine.engine.run_folder import commit_plan
+    from softmine.runs.folder import commit_plan
 
     _recorded(tmp_path, "trainer.epochs=2", "seed=4")
     inv = _invocation(
@@ -238,7 +238,7 @@ def _snapshot(folder: Path) -> dict[str, str]:
     }
 
 
-RUN = ["softmine.train", "trainer.epochs=2", "trainer.device=cpu", *FAST_DIGITS]
+RUN = ["softmine.commands.train", "trainer.epochs=2", "trainer.device=cpu", *FAST_DIGITS]
 
 
 @pytest.mark.slow
@@ -269,7 +269,7 @@ def test_two_processes_into_one_folder(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "SOFTMINE_DEBUG": ""}
     first_args = [*RUN[1:], "trainer.epochs=6", "trainer.checkpoint_every=1", "seed=3"]
     first = subprocess.Popen(
-        [sys.executable, "-m", "softmine.train", *first_args, f"hydra.run.dir={run}"],
+        [sys.executable, "-m", "softmine.commands.train", *first_args, f"hydra.run.dir={run}"],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,

@@ -12,9 +12,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from softmine.engine import sweep
-from softmine.engine.run_folder import Invocation
-from softmine.train import sweep_job
+from softmine.commands.train import sweep_job
+from softmine.runs import sweep
+from softmine.runs.folder import Invocation
 from tests.conftest import FAST_DIGITS, compose, run_cli
 
 
@@ -29,7 +29,7 @@ def test_a_job_that_raises_is_recorded_and_the_sweep_goes_on(
     def bug(inv: Invocation) -> dict:
         raise KeyError("a bug\nwith a second line")
 
-    monkeypatch.setattr("softmine.train.train", bug)
+    monkeypatch.setattr("softmine.commands.train.train", bug)
     assert (
         sweep_job(_inv(tmp_path / "0", "seed=3"), tmp_path, 0) is None
     )  # no score (NaN would stop an Optuna study)
@@ -42,7 +42,7 @@ def test_a_job_that_raises_is_recorded_and_the_sweep_goes_on(
 def test_a_stopped_sweep_skips_the_jobs_not_started(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("softmine.train.train", lambda inv: pytest.fail("must not run"))
+    monkeypatch.setattr("softmine.commands.train.train", lambda inv: pytest.fail("must not run"))
     sweep.request_stop(tmp_path, signal.SIGINT)
     assert (
         sweep_job(_inv(tmp_path / "1", "seed=1"), tmp_path, 1) is None
@@ -85,7 +85,7 @@ def test_planned_jobs_follow_hydra_order() -> None:
 
 # ----------------------------------------------------------------------------- end to end
 
-SWEEP = ["softmine.train", "-m", "trainer.epochs=2", "trainer.device=cpu", *FAST_DIGITS]
+SWEEP = ["softmine.commands.train", "-m", "trainer.epochs=2", "trainer.device=cpu", *FAST_DIGITS]
 
 
 @pytest.mark.slow
@@ -132,7 +132,7 @@ def test_interrupted_sweep_prints_the_command_that_resumes_it(tmp_path: Path) ->
     assert rows["status"].tolist() == ["ok", "interrupted", "not started"]
     first_log = (folder / "0" / "train_log.csv").read_text()
 
-    resumed = run_cli(["softmine.train", *command.split()[1:]], tmp_path)
+    resumed = run_cli(["softmine.commands.train", *command.split()[1:]], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     rows = pd.read_csv(folder / "summary.csv")
     assert rows["status"].tolist() == ["ok", "ok", "ok"]

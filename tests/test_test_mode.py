@@ -8,9 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from softmine.commands.train import _score
 from softmine.engine.eval_history import best_test_summary
 from softmine.errors import ConfigError
-from softmine.train import _score
 from tests.conftest import FAST_DIGITS, compose
 
 TEST_METRICS = {"recall@1", "map@r", "r_precision", "nmi", "mirror_confusion"}

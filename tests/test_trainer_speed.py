@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from softmine import evaluate as evaluate_mod
+from softmine.commands import evaluate as evaluate_mod
 from softmine.engine import Trainer
 from softmine.engine import setup as setup_mod
 from softmine.errors import ConfigError

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 pytest.importorskip("optuna")
 pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
 
-from softmine import tuning  # noqa: E402
+from softmine.commands import tune as tuning
 
 #: Metric names the test split would write (the validation split's are prefixed val/).
 TEST_METRIC = ("recall@", "map@r", "r_precision", "nmi", "mirror_confusion", "best_test")

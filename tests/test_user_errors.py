@@ -20,7 +20,7 @@ from tests.conftest import FAST_DIGITS, compose
 
 def _train(args: list[str], tmp_path: Path, monkeypatch, capsys) -> tuple[int, str]:
     """``softmine-train ARGS`` in this process; returns (exit code, stderr)."""
-    from softmine.train import main
+    from softmine.commands.train import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
@@ -125,7 +125,7 @@ def test_an_optimizer_value_torch_refuses_is_one_line(tmp_path: Path) -> None:
 
 
 def test_softmine_eval_bad_ks_is_a_usage_error(tmp_path: Path, capsys) -> None:
-    from softmine.evaluate import main
+    from softmine.commands.evaluate import main
 
     path = tmp_path / "e.npz"
     x = np.array([[1, 0], [1, 0.1], [0, 1], [0.1, 1]], np.float32)  # two tight pairs
@@ -167,7 +167,7 @@ def test_the_suggested_quoting_is_what_hydra_reads() -> None:
     """Each hint, run through a shell, gives Hydra the value the user meant."""
     import shlex
 
-    from softmine.hydra_errors import quoting_hint
+    from softmine.commands.hydra_errors import quoting_hint
 
     for value in ("/tmp/my (1)", "/tmp/it's", "/tmp/a=b", "C:\\data"):
         hint = quoting_hint(f"dataset.root={value}", [])
@@ -204,7 +204,7 @@ def test_empty_checkpoint_on_resume(tmp_path: Path, monkeypatch, capsys) -> None
 
 
 def _eval(path: Path, capsys) -> tuple[int, str]:
-    from softmine.evaluate import main
+    from softmine.commands.evaluate import main
 
     with pytest.raises(SystemExit) as e:
         main([str(path)])
@@ -264,7 +264,7 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path: Path, after_s: float) -> N
     """Early (importing) or later (building the data and model): never a traceback."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "SOFTMINE_DEBUG": ""}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "softmine.train", "trainer.epochs=1", *FAST_DIGITS],
+        [sys.executable, "-m", "softmine.commands.train", "trainer.epochs=1", *FAST_DIGITS],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
@@ -287,8 +287,8 @@ def test_an_interrupt_during_start_up_is_never_lost(monkeypatch, capsys) -> None
     """Python's own handler only raises KeyboardInterrupt, which a ``__del__`` swallows, or
     which breaks a library half-way (OmegaConf then raises AttributeError); the command's
     start-up handler notes the request, so either way it stops with the one line and 130."""
-    from softmine import train
-    from softmine.engine import signals
+    from softmine.commands import train
+    from softmine.runs import signals
 
     saved = {s: signal.getsignal(s) for s in signals.GracefulInterrupt.SIGNALS}
     monkeypatch.setattr(signals, "_pending", None)
@@ -317,8 +317,8 @@ def test_an_interrupt_during_start_up_is_never_lost(monkeypatch, capsys) -> None
 
 
 def test_a_real_error_during_start_up_without_an_interrupt_is_not_hidden(monkeypatch) -> None:  # noqa: ANN001
-    from softmine import train
-    from softmine.engine import signals
+    from softmine.commands import train
+    from softmine.runs import signals
 
     saved = {s: signal.getsignal(s) for s in signals.GracefulInterrupt.SIGNALS}
     monkeypatch.setattr(signals, "_pending", None)
@@ -341,8 +341,7 @@ def test_a_real_error_during_start_up_without_an_interrupt_is_not_hidden(monkeyp
 #: build's decoder). The child prints "winding down" when that work starts.
 _SLOW_EXIT = """
 import atexit, os, signal, sys, threading, time
-from softmine import train
-
+from softmine.commands import train
 def slow():
     print("winding down", flush=True)
     time.sleep(20)
@@ -393,8 +392,7 @@ def test_a_second_ctrl_c_while_exiting_is_no_traceback(tmp_path: Path, where: st
 
 _LOST_FIRST = """
 import os, signal, time
-from softmine import train
-
+from softmine.commands import train
 class Swallows:
     def __del__(self):
         os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: raised in __del__, it is lost

@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader
 
 from softmine.config import build, compose_config
 from softmine.data import CUB200, PKSampler
-from softmine.data.fakes import make_cub
 from softmine.data.run_batches import RunBatchSampler, SeededItems
+from softmine.testing.fakes import make_cub
 
 
 def photos(root: Path) -> None:

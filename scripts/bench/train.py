@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 from softmine.config import compose_config
-from softmine.data.fakes import make_cub
 from softmine.engine import Trainer
+from softmine.testing.fakes import make_cub
 
 QUIET = ["trainer.progress_bar=false", "trainer.plots=false", "trainer.tensorboard=false"]
 
@@ -60,7 +60,7 @@ def bare(overrides: list[str], steps: int) -> float:
         batches: list = []
         while len(batches) < steps:
             batches += [b for _, b in zip(range(steps - len(batches)), t.loader, strict=False)]
-        from softmine.engine.embed import to_model_input
+        from softmine.engine.embedding import to_model_input
 
         batches = [
             (to_model_input(x, t.device, t.device_transform), y.to(t.device)) for x, y in batches

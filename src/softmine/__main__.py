@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from softmine.cli import ArgumentParser
+from softmine.commands.common import ArgumentParser
 
 COMMANDS = {
     "softmine-train": "train and evaluate an embedding (Hydra app: softmine-train --help)",

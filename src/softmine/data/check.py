@@ -15,17 +15,17 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from softmine.data.cars import Cars196
-from softmine.data.csvlist import read_csv_table, row_splits
-from softmine.data.cub import CUB200
-from softmine.data.ilidsvid import ILIDSVID
-from softmine.data.imagefolder import ImageFolder
+from softmine.data.datasets.cars import Cars196
+from softmine.data.datasets.csvlist import read_csv_table, row_splits
+from softmine.data.datasets.cub import CUB200
+from softmine.data.datasets.ilidsvid import ILIDSVID
+from softmine.data.datasets.imagefolder import ImageFolder
+from softmine.data.datasets.inshop import InShop
+from softmine.data.datasets.lpw import LPW
+from softmine.data.datasets.mars import MARS, read_tracks
+from softmine.data.datasets.prid2011 import PRID2011
+from softmine.data.datasets.sop import StanfordOnlineProducts
 from softmine.data.images import BadImageError, read_image
-from softmine.data.inshop import InShop
-from softmine.data.lpw import LPW
-from softmine.data.mars import MARS, read_tracks
-from softmine.data.prid2011 import PRID2011
-from softmine.data.sop import StanfordOnlineProducts
 from softmine.data.sources import SOURCES
 from softmine.errors import ConfigError, DataError
 

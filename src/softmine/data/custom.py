@@ -1,7 +1,7 @@
 """Your own data: how class names become ids and how one collection is split into train and test.
 
-Shared by :class:`~softmine.data.imagefolder.ImageFolder` and the CSV lists of
-:mod:`softmine.data.csvlist`, so both number classes and split them the same way.
+Shared by :class:`~softmine.data.datasets.imagefolder.ImageFolder` and the CSV lists of
+:mod:`softmine.data.datasets.csvlist`, so both number classes and split them the same way.
 
 Ids (:func:`number_names`): a class is its name, and distinct names are distinct
 classes. When every class name is an integer (``0``, ``17``, ``-1``) and no two

@@ -1,8 +1,8 @@
 """Image sets with train / test / query / gallery splits: In-Shop, image folders and CSV lists.
 
 The shared half of the image datasets whose evaluation may rank a separate gallery
-(:class:`~softmine.data.inshop.InShop`, :class:`~softmine.data.imagefolder.ImageFolder`,
-:class:`~softmine.data.csvlist.CSVImages`). A subclass turns its files into
+(:class:`~softmine.data.datasets.inshop.InShop`, :class:`~softmine.data.datasets.imagefolder.ImageFolder`,
+:class:`~softmine.data.datasets.csvlist.CSVImages`). A subclass turns its files into
 ``(path, id, camera)`` triples and calls :meth:`SplitImages._setup_split`; images are
 read, cropped, skipped and (once it lands) cached by the shared
 :class:`~softmine.data.images.ImageDataset`.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from softmine.engine.results import format_table, write_metrics
+from softmine.runs.metrics_file import format_table, write_metrics
 
 if TYPE_CHECKING:
     from softmine.engine.trainer import Trainer

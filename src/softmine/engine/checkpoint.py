@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from softmine.engine.atomic import write_atomic
 from softmine.errors import ConfigError
+from softmine.runs.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 

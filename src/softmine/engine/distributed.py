@@ -1,6 +1,6 @@
 """torch.distributed plumbing for ``torchrun``: process group, global batch, gathered evaluation.
 
-Launch with ``torchrun --nproc_per_node=N -m softmine.train ...``: every rank
+Launch with ``torchrun --nproc_per_node=N -m softmine.commands.train ...``: every rank
 trains on its own P x K batches (or, with ``sampler.split_across_ranks``, on its
 P/N classes of each one-process batch); embeddings and labels are all-gathered
 with a differentiable all-gather, so the pair loss sees the whole global batch and

@@ -61,7 +61,7 @@ from softmine.data.file_check import (
 from softmine.data.images import ImageDataset
 from softmine.data.splits import ValidationSplit
 from softmine.engine.distributed import DistEnv, gather_shards, shard
-from softmine.engine.embed import extract_embeddings, extract_reid_embeddings
+from softmine.engine.embedding import extract_embeddings, extract_reid_embeddings
 from softmine.engine.eval_history import metric_names
 from softmine.errors import ConfigError
 from softmine.evaluation import (

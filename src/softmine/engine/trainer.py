@@ -35,8 +35,6 @@ from softmine.config import build
 from softmine.data.file_check import read_listing, write_listing
 from softmine.data.run_batches import RunBatchSampler, SeededItems
 from softmine.data.splits import build_train_and_validation
-from softmine.engine.artifacts import write_run_artifacts
-from softmine.engine.atomic import remove_partial
 from softmine.engine.checkpoint import (
     BEST,
     LAST,
@@ -48,9 +46,8 @@ from softmine.engine.checkpoint import (
     restore_rng_state,
     save_atomic,
 )
-from softmine.engine.crossval import save_fold_embeddings
 from softmine.engine.distributed import DistEnv, any_rank, barrier, broadcast_buffers
-from softmine.engine.embed import raw_inputs, to_model_input
+from softmine.engine.embedding import raw_inputs, to_model_input
 from softmine.engine.eval_history import (
     EVAL_LOG_FILE,
     resolve_monitor,
@@ -62,7 +59,6 @@ from softmine.engine.logger import RunLogger
 from softmine.engine.nonfinite import LOSS, StepGuard, WeightWatch
 from softmine.engine.objective import Objective
 from softmine.engine.optim import build_optimizer
-from softmine.engine.results import METRICS_FILE, STEP_KEY, format_table, write_metrics
 from softmine.engine.setup import (
     check_shared_memory,
     configure_backends,
@@ -74,7 +70,6 @@ from softmine.engine.setup import (
     set_cpu_threads,
     set_sharing_strategy,
 )
-from softmine.engine.signals import GracefulInterrupt, ignore_interrupts
 from softmine.engine.step_stats import EPOCH, INTERVAL, StepStats
 from softmine.engine.sync_bn import convert_sync_batchnorm
 from softmine.engine.validate import EVERY, FINAL, NEVER, test_mode, validate_config
@@ -87,6 +82,11 @@ from softmine.errors import (
 )
 from softmine.evaluation import retrieval_metrics
 from softmine.evaluation.knn import NonFiniteEmbeddings
+from softmine.reporting.artifacts import write_run_artifacts
+from softmine.reporting.crossval import save_fold_embeddings
+from softmine.runs.atomic import remove_partial
+from softmine.runs.metrics_file import METRICS_FILE, STEP_KEY, format_table, write_metrics
+from softmine.runs.signals import GracefulInterrupt, ignore_interrupts
 
 log = logging.getLogger(__name__)
 

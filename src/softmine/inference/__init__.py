@@ -12,12 +12,12 @@ The command-line tools ``softmine-embed``, ``softmine-index`` and ``softmine-exp
 are thin layers over these functions.
 """
 
-from softmine.inference.embed import EmbedResult, embed_batch, embed_images, embed_split
 from softmine.inference.embeddings import Embeddings, load_embeddings, save_embeddings
-from softmine.inference.export import ExportReport, export_model
-from softmine.inference.images import ImageList, list_images, read_image_list
-from softmine.inference.index import EmbeddingIndex, Hit
+from softmine.inference.extract import EmbedResult, embed_batch, embed_images, embed_split
+from softmine.inference.image_files import ImageList, list_images, read_image_list
 from softmine.inference.model import LoadedModel, find_checkpoint, load_model
+from softmine.inference.model_export import ExportReport, export_model
+from softmine.inference.search_index import EmbeddingIndex, Hit
 
 __all__ = [
     "EmbedResult",

@@ -23,9 +23,9 @@ from torch import nn
 
 from softmine.config import build
 from softmine.engine.checkpoint import load_checkpoint, load_state_checked
-from softmine.engine.run_folder import stale_checkpoint
 from softmine.engine.setup import resolve_device
 from softmine.errors import ConfigError
+from softmine.runs.folder import stale_checkpoint
 
 log = logging.getLogger(__name__)
 

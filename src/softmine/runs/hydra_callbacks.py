@@ -1,6 +1,6 @@
 """Hydra callbacks of ``softmine-train``: check the output folder first, write ``summary.csv`` last.
 
-Both run in the launching process; the sweep logic itself is in :mod:`softmine.engine.sweep`.
+Both run in the launching process; the sweep logic itself is in :mod:`softmine.runs.sweep`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from softmine.engine import sweep
 from softmine.engine.validate import check_writable
 from softmine.errors import ConfigError
+from softmine.runs import sweep
 
 log = logging.getLogger(__name__)
 

@@ -5,12 +5,12 @@ Examples::
     softmine-train                                   # OSM+CAA on digits
     softmine-train loss=contrastive trainer.epochs=5
     softmine-train -m loss=osm_caa,contrastive seed=0,1,2   # sweep; writes summary.csv
-    torchrun --nproc_per_node=2 -m softmine.train           # data parallel over 2 processes
+    torchrun --nproc_per_node=2 -m softmine.commands.train           # data parallel over 2 processes
 
 Before a run touches its folder it takes the folder's lock and checks the command
-against what the folder holds (:mod:`softmine.engine.run_folder`); only then is the
+against what the folder holds (:mod:`softmine.runs.folder`); only then is the
 run's record written. In a sweep a failed job is recorded and the sweep goes on
-(:mod:`softmine.engine.sweep`). The heavy modules (torch, the engine) are imported
+(:mod:`softmine.runs.sweep`). The heavy modules (torch, the engine) are imported
 inside :func:`main`, so a Ctrl-C at any point of the start-up is one line too.
 """
 
@@ -25,13 +25,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from softmine.cli import EXIT_USER_ERROR, debug_enabled, user_message, version_line
+from softmine.commands.common import EXIT_USER_ERROR, debug_enabled, user_message, version_line
 from softmine.errors import ConfigError, Interrupted, SoftmineError
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-    from softmine.engine.run_folder import Invocation
+    from softmine.runs.folder import Invocation
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -67,11 +67,11 @@ def train(inv: Invocation) -> dict[str, float]:
     record only once the checks have passed and the trainer is built.
     """
     from softmine.engine import Trainer
-    from softmine.engine.atomic import remove_partial
     from softmine.engine.distributed import DistEnv, barrier, export_submitit_ranks, init_from_env
-    from softmine.engine.run_folder import Plan, RunLock, attach_log, commit_plan, plan_run
     from softmine.engine.trainer import CHECKPOINT_DIR
     from softmine.engine.validate import validate_config
+    from softmine.runs.atomic import remove_partial
+    from softmine.runs.folder import Plan, RunLock, attach_log, commit_plan, plan_run
 
     cfg = inv.cfg
     if cfg.get("debug"):
@@ -145,7 +145,7 @@ def invocation(cfg: DictConfig) -> Invocation:
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
-    from softmine.engine.run_folder import Invocation
+    from softmine.runs.folder import Invocation
 
     hc = HydraConfig.get()
     return Invocation(
@@ -170,7 +170,7 @@ def _score(metrics: dict[str, float]) -> float:
 
 def resume_hint(argv: list[str], run_dir: Path) -> str:
     """The command that resumes the run in ``run_dir``: ``argv`` plus ``resume=true hydra.run.dir=...``."""
-    from softmine.engine.run_folder import override_key
+    from softmine.runs.folder import override_key
 
     keep = [a for a in argv if override_key(a) not in ("resume", "hydra.run.dir")]
     return "softmine-train " + shlex.join([*keep, "resume=true", f"hydra.run.dir={run_dir}"])
@@ -194,7 +194,7 @@ def run_job(inv: Invocation) -> float:
 
         if debug_enabled() or not isinstance(e, OmegaConfBaseException):
             raise
-        from softmine.hydra_errors import describe
+        from softmine.commands.hydra_errors import describe
 
         print(f"error: {describe(e, sys.argv[1:])}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
@@ -209,7 +209,7 @@ def sweep_job(inv: Invocation, folder: Path, num: int) -> float | None:
     skipped): a sweeper that reads scores, Optuna's, then records a failed trial and goes on
     (it stops the whole study on a NaN).
     """
-    from softmine.engine import sweep
+    from softmine.runs import sweep
 
     def record(status: str, reason: str = "") -> None:
         try:
@@ -257,9 +257,9 @@ def _stopped(signum: int) -> None:
 
     A further signal from here on ends the process at once (:func:`signals.exiting`).
     """
-    from softmine.engine import signals
+    from softmine.runs import signals
 
-    sweep = sys.modules.get("softmine.engine.sweep")
+    sweep = sys.modules.get("softmine.runs.sweep")
     state = getattr(sweep, "ACTIVE", None)
     if sweep is not None and state is not None:
         sweep.report_stop(state, signum)  # its summary is written even on a second signal
@@ -276,10 +276,10 @@ def _main() -> None:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    from softmine.commands.hydra_errors import describe
     from softmine.config import CONFIG_DIR
-    from softmine.engine import sweep
     from softmine.engine.distributed import init_from_env, run_stamp
-    from softmine.hydra_errors import describe
+    from softmine.runs import sweep
 
     OmegaConf.register_new_resolver("run_stamp", run_stamp, replace=True)
     init_from_env()
@@ -317,7 +317,7 @@ def main() -> None:
     if sys.argv[1:] == ["--version"]:
         print(version_line("softmine-train"))
         return
-    from softmine.engine import signals
+    from softmine.runs import signals
 
     signals.interrupt_start_up()
     try:

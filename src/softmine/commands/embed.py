@@ -21,10 +21,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from softmine.cli import ArgumentParser, user_errors_exit
-from softmine.inference.embed import BAD_IMAGE_POLICIES, PRECISIONS, embed_images, embed_split
+from softmine.commands.common import ArgumentParser, user_errors_exit
 from softmine.inference.embeddings import check_output_path, save_embeddings
-from softmine.inference.images import list_images, read_image_list
+from softmine.inference.extract import BAD_IMAGE_POLICIES, PRECISIONS, embed_images, embed_split
+from softmine.inference.image_files import list_images, read_image_list
 from softmine.inference.model import find_checkpoint, load_model
 
 SHOWN_BAD = 3  # unreadable files named in the warning line (all of them go to the list file)

@@ -35,7 +35,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from softmine.data.digits import InMemoryImages
+from softmine.data.datasets.digits import InMemoryImages
 from softmine.errors import ConfigError
 
 SPLITS = ("train", "test")

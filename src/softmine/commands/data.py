@@ -26,9 +26,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from softmine.cli import ArgumentParser, user_errors_exit
+from softmine.commands.common import ArgumentParser, user_errors_exit
 from softmine.data.download import DOWNLOADS, ManualDownload, download
-from softmine.hardware import available_cpus
+from softmine.engine.hardware import available_cpus
 
 #: The data sets ``check`` knows (softmine.data.check.CHECKS; listed here so that
 #: ``--help`` does not import every loader).

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from softmine.data.device_transforms import PaddedImages
-from softmine.engine.signals import ignore_interrupts
+from softmine.runs.signals import ignore_interrupts
 
 
 def to_model_input(

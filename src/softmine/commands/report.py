@@ -14,7 +14,7 @@ and its ``metrics.json`` (a run without one is counted as failed).
 Runs are grouped by the dataset and by the overrides whose values differ between
 runs, except ``seed``, ``dataset.fold``, ``hydra.*`` and the bookkeeping keys that never
 change a result (``resume``, ``resume_override``, ``trainer.device``,
-``trainer.progress_bar``, ...: :data:`softmine.engine.run_folder.BOOKKEEPING_KEYS`): one
+``trainer.progress_bar``, ...: :data:`softmine.runs.folder.BOOKKEEPING_KEYS`): one
 row per configuration with the number of runs ``n`` (seeds, times folds in a
 cross-validation), and per metric the mean and the sample standard deviation (ddof = 1;
 none for a single run). For a dataset the paper reports on (CUB, Cars196, MARS) a row
@@ -22,14 +22,14 @@ with the paper's numbers is added beside the measured ones.
 
 Cross-validation (``dataset.folds=K``, a sweep over ``dataset.fold``): the K runs of one
 configuration and seed are also scored together, their test embeddings concatenated
-(:mod:`softmine.engine.crossval`), as ``concat/<metric>`` (mean ± std over seeds), and a
+(:mod:`softmine.reporting.crossval`), as ``concat/<metric>`` (mean ± std over seeds), and a
 second table lists every fold's model: its validation, final test and
 validation-selected test metric.
 
 Written to OUT (default: PATH when one folder is given, ``PATH/summary`` when that
 folder is a run folder, else ``./report``): ``report.md`` (also printed),
 ``report.csv``, ``report.html`` (the table, the plots and a link to each run's own
-report, in one self-contained page: :mod:`softmine.html_report`), and PNG plots.
+report, in one self-contained page: :mod:`softmine.reporting.html`), and PNG plots.
 OUT is never a run folder: the ``report.html`` there is the run's own page, written
 by the run, and stays as it is (``-o RUN`` is refused). The plots: the main metric
 against a numeric swept key with error bars, one line per configuration of the
@@ -51,10 +51,10 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from softmine import html_report
-from softmine.cli import user_errors_exit, version_line
-from softmine.engine.run_folder import BOOKKEEPING_KEYS
+from softmine.commands.common import user_errors_exit, version_line
 from softmine.errors import ConfigError, DataError
+from softmine.reporting import html as html_report
+from softmine.runs.folder import BOOKKEEPING_KEYS
 
 #: Numbers reported by Wang et al. (AAAI 2019, Tables 2-4), as fractions.
 REFERENCES: dict[str, dict[str, float]] = {
@@ -307,13 +307,13 @@ def add_fold_ensembles(runs: pd.DataFrame) -> list[str]:
     A cross-validation is the finished runs with ``dataset.folds=K`` that share the
     dataset, the seed and every override but ``dataset.fold``; it is complete when they
     are folds 0..K-1, once each. The test embeddings they saved are concatenated and
-    scored with the first run's protocol (:func:`softmine.engine.crossval.concatenated_metrics`).
+    scored with the first run's protocol (:func:`softmine.reporting.crossval.concatenated_metrics`).
     The values go on the fold-0 run only, so the mean and std over a configuration's
     rows are over seeds. Modifies ``runs`` in place; returns notes on incomplete sets.
     """
     from omegaconf import OmegaConf
 
-    from softmine.engine.crossval import concatenated_metrics
+    from softmine.reporting.crossval import concatenated_metrics
 
     if "fold" not in runs or runs["fold"].isna().all():
         return []
@@ -467,7 +467,7 @@ def numeric_key(table: pd.DataFrame) -> str | None:
 def plot_table(table: pd.DataFrame, out: Path, metric: str, x: str | None = None) -> Path | None:
     """``metric`` against the numeric key ``x`` (one line per other configuration, error bars = std),
     or one bar per configuration when there is no numeric key. None if the metric has no value."""
-    from softmine import plots
+    from softmine.reporting import plots
 
     measured = table[table["source"] == MEASURED]
     mean, std = f"{metric}_mean", f"{metric}_std"
@@ -504,7 +504,7 @@ def plot_table(table: pd.DataFrame, out: Path, metric: str, x: str | None = None
 
 def plot_training_loss(runs: pd.DataFrame, table: pd.DataFrame, out: Path) -> Path | None:
     """Mean training loss per epoch of each configuration (std over seeds as error bars)."""
-    from softmine import plots
+    from softmine.reporting import plots
 
     keys = table.attrs.get("keys", [])
     ok = runs[runs["status"] == STATUS_OK]
@@ -553,7 +553,7 @@ def plot_runs(runs: pd.DataFrame) -> int:
     A run whose plots were redrawn, or which has no ``report.html``, gets its page
     (re)written. Returns the number of files written.
     """
-    from softmine import plots
+    from softmine.reporting import plots
 
     drawn = 0
     for run_dir in runs["run"]:

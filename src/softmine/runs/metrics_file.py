@@ -1,7 +1,7 @@
 """The results a run leaves as text: ``metrics.json`` and the printed comparison table.
 
 Both the training loop (:mod:`softmine.engine.trainer`) and the end-of-run
-artifacts (:mod:`softmine.engine.artifacts`) write ``metrics.json``; they import
+artifacts (:mod:`softmine.reporting.artifacts`) write ``metrics.json``; they import
 it from here, so neither of them imports the other.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from softmine.engine.atomic import write_text_atomic
+from softmine.runs.atomic import write_text_atomic
 
 METRICS_FILE = "metrics.json"
 #: The key of ``metrics.json`` that names the training step its final metrics belong to, so

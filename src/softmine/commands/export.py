@@ -17,9 +17,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from softmine.cli import ArgumentParser, user_errors_exit
-from softmine.inference.export import EXPORT_FORMATS, export_model
+from softmine.commands.common import ArgumentParser, user_errors_exit
 from softmine.inference.model import load_model
+from softmine.inference.model_export import EXPORT_FORMATS, export_model
 
 
 def build_parser() -> ArgumentParser:

@@ -14,7 +14,7 @@
   ``softmine-train -m ... resume=true hydra.sweep.dir=<sweep>``, which skips the
   finished jobs and continues the others from their checkpoints. A second signal
   aborts at once (the summary is still written).
-* A sweep folder has one writer at a time (:class:`~softmine.engine.run_folder.RunLock`);
+* A sweep folder has one writer at a time (:class:`~softmine.runs.folder.RunLock`);
   a new sweep into a folder that holds one is refused with that command. ``resume=true``
   into a new sweep folder starts the sweep (so a SLURM sweep can carry ``resume=true``
   from the start and its requeued jobs continue from their checkpoints).
@@ -41,9 +41,10 @@ import pandas as pd
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from softmine.engine import signals
-from softmine.engine.atomic import write_atomic, write_text_atomic
-from softmine.engine.run_folder import (
+from softmine.errors import ConfigError
+from softmine.runs import signals
+from softmine.runs.atomic import write_atomic, write_text_atomic
+from softmine.runs.folder import (
     METRICS_FILE,
     OVERRIDES_FILE,
     RECORD_DIR,
@@ -51,7 +52,6 @@ from softmine.engine.run_folder import (
     override_key,
     strip_command_keys,
 )
-from softmine.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -34,9 +34,9 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from softmine.engine.atomic import write_text_atomic
-from softmine.engine.results import STEP_KEY, read_metrics
 from softmine.errors import ConfigError
+from softmine.runs.atomic import write_text_atomic
+from softmine.runs.metrics_file import STEP_KEY, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ CONFIG_FILE = "config.yaml"
 OVERRIDES_FILE = "overrides.yaml"
 HYDRA_FILE = "hydra.yaml"
 RESUMES_FILE = "resumes.yaml"
-METRICS_FILE = "metrics.json"  # also softmine.engine.results.METRICS_FILE
+METRICS_FILE = "metrics.json"  # also softmine.runs.metrics_file.METRICS_FILE
 LOG_FILE = "train.log"
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's format
 LAST_CHECKPOINT = Path("checkpoints") / "last.pt"

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from softmine.data.ilidsvid import (
+from softmine.data.datasets.ilidsvid import (
     ls_set_split,
     person_folders,
     video_split_tracklets,

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from softmine.cli import ArgumentParser, user_errors_exit
+from softmine.commands.common import ArgumentParser, user_errors_exit
 from softmine.errors import ConfigError
 from softmine.inference.embeddings import load_embeddings
-from softmine.inference.index import INDEX_TYPES, EmbeddingIndex, Hit
+from softmine.inference.search_index import INDEX_TYPES, EmbeddingIndex, Hit
 
 
 def build_parser() -> ArgumentParser:
@@ -92,7 +92,7 @@ def cmd_build(args) -> None:  # noqa: ANN001 - argparse namespace
 
 
 def _query_images(index: EmbeddingIndex, args) -> tuple[np.ndarray, list[str]]:  # noqa: ANN001
-    from softmine.inference.embed import embed_images
+    from softmine.inference.extract import embed_images
     from softmine.inference.model import load_model
 
     made = (index.info.get("embeddings") or {}).get("model") or {}

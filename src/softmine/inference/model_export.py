@@ -29,7 +29,7 @@ from PIL import Image
 from torch import nn
 
 from softmine.errors import ConfigError, SoftmineError
-from softmine.inference.images import to_uint8_tensor
+from softmine.inference.image_files import to_uint8_tensor
 from softmine.inference.model import LoadedModel
 
 EXPORT_FORMATS = ("onnx", "torchscript")
@@ -70,7 +70,7 @@ def input_shape(loaded: LoadedModel, size: tuple[int, int] | None = None) -> tup
         if len(shape) == 3:
             return int(shape[0]), int(shape[1]), int(shape[2])
     try:
-        from softmine.inference.embed import build_split, split_names
+        from softmine.inference.extract import build_split, split_names
 
         split = split_names(loaded.config)[0]
         first = build_split(loaded, split)[0][0]

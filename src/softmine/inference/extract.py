@@ -30,10 +30,10 @@ from tqdm import tqdm
 
 from softmine.data.decode import file_problem
 from softmine.data.file_check import collect_unreadable, known_bad, unreadable_items
-from softmine.engine.embed import to_model_input
+from softmine.engine.embedding import to_model_input
 from softmine.errors import ConfigError, DataError
 from softmine.inference.embeddings import Embeddings
-from softmine.inference.images import (
+from softmine.inference.image_files import (
     BadImageError,
     ImageFiles,
     ImageList,

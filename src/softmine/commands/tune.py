@@ -23,8 +23,8 @@ benchmark needs around it:
 
 Usage::
 
-    python -m softmine.tuning --dataset digits_pairs --loss contrastive
-    python -m softmine.tuning --dataset digits_pairs --loss all      # every loss of LOSSES, in turn
+    python -m softmine.commands.tune --dataset digits_pairs --loss contrastive
+    python -m softmine.commands.tune --dataset digits_pairs --loss all      # every loss of LOSSES, in turn
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from softmine.cli import user_errors_exit
+from softmine.commands.common import user_errors_exit
 from softmine.config import CONFIG_DIR
 from softmine.errors import ConfigError, Interrupted
 
@@ -212,7 +212,9 @@ def _run_sweep(args: list[str]) -> int:
     exits, and this waits for it.
     """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    child = subprocess.Popen([sys.executable, "-m", "softmine.train", "-m", *args], env=env)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "softmine.commands.train", "-m", *args], env=env
+    )
     while True:
         try:
             return child.wait()
@@ -304,7 +306,7 @@ def write_tuned(
     lines = [
         "# @package _global_",
         f"# The tuned setting of loss={loss} on dataset={dataset}, written by `make tune` "
-        "(softmine.tuning); experiment=fair trains with it.",
+        "(softmine.commands.tune); experiment=fair trains with it.",
         f"# Study: {provenance['trials']} completed trials of Hydra's Optuna sweeper (TPE, seed "
         f"{provenance['sampler_seed']}), objective val/map@r on held-out training classes, the test",
         f"# split never read; search space: configs/study/{dataset}.yaml and "
@@ -357,7 +359,7 @@ def _losses(text: str) -> list[str]:
 @user_errors_exit
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m softmine.tuning",
+        prog="python -m softmine.commands.tune",
         description="Run (or resume) a loss's tuning study and write its tuned config.",
     )
     p.add_argument("--dataset", default="digits_pairs", help="a data set with a benchmark protocol")

@@ -4,10 +4,10 @@ Each function takes plain arrays or tables, draws one figure with matplotlib's
 object API (``matplotlib.figure.Figure``: no pyplot, no display, the caller's
 backend is left alone) and writes it to ``path``, which it returns.
 
-One run (end of training, :mod:`softmine.engine.artifacts`): training curves,
+One run (end of training, :mod:`softmine.reporting.artifacts`): training curves,
 Recall@K against K, a retrieval grid, a t-SNE map of the test embeddings, OSM
 weight against pair distance and the CAA attention distribution. Several runs
-(:mod:`softmine.report`): a metric against a swept value (one line per
+(:mod:`softmine.commands.report`): a metric against a swept value (one line per
 configuration, error bars = std over seeds) or one bar per configuration.
 """
 

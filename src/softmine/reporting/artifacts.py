@@ -6,15 +6,15 @@
   (with the test transform, no augmentation), reads the attention the loss gives
   every sample, writes ``attention.csv`` (which samples were flipped, and their
   attention) and adds ``attention_auc`` to ``metrics.json``
-  (:mod:`softmine.engine.attention`); for a loss without attention the CSV's
+  (:mod:`softmine.reporting.attention`); for a loss without attention the CSV's
   attention column is empty and there is no AUC;
-* with ``trainer.plots=true`` it writes the PNGs of :mod:`softmine.plots` into
+* with ``trainer.plots=true`` it writes the PNGs of :mod:`softmine.reporting.plots` into
   ``<run>/plots/``: ``training_curves``, ``recall_at_k`` (or ``cmc`` for re-ID, drawn
   from the final metrics), ``retrieval_grid`` and ``retrieval_grid_worst`` (image test
   sets: random queries, and the queries with the lowest AP@R), ``tsne``,
   ``osm_weights`` and ``attention``;
 * it always writes ``report.html``, the whole run in one self-contained page
-  (:mod:`softmine.html_report`).
+  (:mod:`softmine.reporting.html`).
 
 A plot or page that cannot be drawn (say, a test set whose items are not images) is
 skipped with a warning; it never fails a run that has already finished.
@@ -32,16 +32,16 @@ import pandas as pd
 import torch
 from torch.utils.data import Subset
 
-from softmine.engine.attention import (
+from softmine.engine.distributed import DistEnv
+from softmine.engine.embedding import extract_embeddings
+from softmine.reporting.attention import (
     attention_auc,
     deterministic_transform,
     loss_details,
     sample_attention,
     write_attention_csv,
 )
-from softmine.engine.distributed import DistEnv
-from softmine.engine.embed import extract_embeddings
-from softmine.engine.results import write_metrics
+from softmine.runs.metrics_file import write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def _write_html(trainer: Any, run_dir: Path) -> None:
     """``report.html``: metrics.json, the plots, eval_log.csv and the config, in one page."""
     from omegaconf import OmegaConf
 
-    from softmine import html_report
+    from softmine.reporting import html as html_report
 
     try:
         config = OmegaConf.to_yaml(trainer.cfg, resolve=True)
@@ -161,7 +161,7 @@ def _plot_run(
     train_index: np.ndarray,
     auc: float | None,
 ) -> None:
-    from softmine import plots
+    from softmine.reporting import plots
 
     log_file = Path(trainer.run_dir) / "train_log.csv"
     if log_file.exists():
@@ -183,7 +183,7 @@ def _plot_run(
 
 def _plot_metric_curves(metrics: dict[str, float], out: Path) -> None:
     """Recall@K or CMC from the final metrics, for protocols without a leave-one-out test set."""
-    from softmine import plots
+    from softmine.reporting import plots
 
     for prefix, name, label in (("recall@", "recall_at_k", "Recall@K"), ("cmc@", "cmc", "CMC")):
         curve = {int(k[len(prefix) :]): v for k, v in metrics.items() if k.startswith(prefix)}
@@ -195,7 +195,7 @@ def _plot_metric_curves(metrics: dict[str, float], out: Path) -> None:
 
 def _plot_pair_weights(trainer: Any, out: Path, emb: np.ndarray, labels: np.ndarray) -> None:
     """OSM weight against distance for the pairs of a seeded sample of training embeddings."""
-    from softmine import plots
+    from softmine.reporting import plots
 
     if getattr(trainer.loss_fn, "feature_names", None):
         log.info(
@@ -243,8 +243,8 @@ def _plot_pair_weights(trainer: Any, out: Path, emb: np.ndarray, labels: np.ndar
 
 def _plot_test_set(trainer: Any, out: Path, test_set: Any) -> None:
     """Recall@K curve, t-SNE map and (for image items) the retrieval grid of the test split."""
-    from softmine import plots
     from softmine.evaluation import recall_at_k
+    from softmine.reporting import plots
 
     kept = getattr(trainer, "test_embeddings", None)
     if kept is not None and kept[0] == trainer.state.step:  # the final evaluation's embeddings
@@ -330,7 +330,7 @@ def _retrieval_grid(
     names: list[str] | None = None,
 ) -> None:
     """``retrieval_grid{suffix}.png``: the given test queries and their nearest neighbours."""
-    from softmine import plots
+    from softmine.reporting import plots
 
     unit = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
     sims = unit[queries] @ unit.T

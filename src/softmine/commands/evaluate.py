@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import open_dict
 
-from softmine.cli import ArgumentParser, user_errors_exit
+from softmine.commands.common import ArgumentParser, user_errors_exit
 from softmine.engine.evaluator import RERANK_DEFAULTS, Evaluator, reid_scores
 from softmine.engine.setup import set_cpu_threads, set_tf32
 from softmine.errors import ConfigError, DataError, SoftmineError

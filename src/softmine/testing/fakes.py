@@ -130,7 +130,7 @@ def make_cars(
     size: int = 8,
     labels_in_devkit: bool = False,
 ) -> Path:
-    """A fake Cars196 folder in distribution ``annos`` or ``devkit`` (see softmine.data.cars).
+    """A fake Cars196 folder in distribution ``annos`` or ``devkit`` (see softmine.data.datasets.cars).
 
     Images are numbered in class order (class 1 first). Every image is
     ``size + 4`` x ``size`` pixels with the box ``bbox_x1=2, bbox_y1=3,

@@ -20,8 +20,8 @@
 
 Usage::
 
-    python -m softmine.fair run --dataset digits_pairs            # the sweep, then the table
-    python -m softmine.fair table multirun/fair/digits_pairs/...  # the table of a finished sweep
+    python -m softmine.commands.fair run --dataset digits_pairs            # the sweep, then the table
+    python -m softmine.commands.fair table multirun/fair/digits_pairs/...  # the table of a finished sweep
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from softmine.cli import user_errors_exit
+from softmine.commands.common import user_errors_exit
+from softmine.commands.tune import LOSSES
 from softmine.errors import ConfigError, DataError
-from softmine.tuning import LOSSES
 
 SEEDS = (0, 1, 2, 3, 4)
 ROOT = Path("multirun") / "fair"
@@ -184,7 +184,7 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 def plot_curves(runs: pd.DataFrame, out: Path) -> Path | None:
     """Mean validation curve (``val/map@r`` per evaluation, std over seeds) of each loss."""
-    from softmine import plots
+    from softmine.reporting import plots
 
     frames = []
     for _, r in runs[runs["status"] == "ok"].iterrows():
@@ -259,7 +259,9 @@ def run(
     folder = (Path(root) / dataset / dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")).resolve()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     args = [*sweep_args(dataset, losses, seeds, folder), *overrides]
-    code = subprocess.run([sys.executable, "-m", "softmine.train", *args], env=env).returncode
+    code = subprocess.run(
+        [sys.executable, "-m", "softmine.commands.train", *args], env=env
+    ).returncode
     if code not in (0, 1):  # 1: some runs failed; the table says which
         raise ConfigError(f"the benchmark's sweep stopped (exit status {code}); see {folder}")
     return folder
@@ -274,7 +276,9 @@ def _seeds(text: str) -> list[int]:
 
 @user_errors_exit
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m softmine.fair", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m softmine.commands.fair", description=__doc__.split("\n")[0]
+    )
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="train every loss with its tuned setting, then the table")
     r.add_argument("--dataset", default="digits_pairs")

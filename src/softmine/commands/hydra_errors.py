@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, InterpolationResolutionError
 
 from softmine.config import CONFIG_DIR
-from softmine.engine.run_folder import flatten, override_key
+from softmine.runs.folder import flatten, override_key
 
 GRAMMAR_URL = "https://hydra.cc/docs/advanced/override_grammar/basic/"
 

@@ -1,0 +1,1 @@
+"""What a finished run or sweep leaves for people: artifacts, plots, ``report.html``, the sweep table."""
