@@ -58,7 +58,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from softmine.data.decode import read_image
-from softmine.engine.hardware import available_cpus
+from softmine.hardware import available_cpus
 
 
 def decode(paths):

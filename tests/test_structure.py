@@ -62,3 +62,77 @@ def test_the_graph_sees_imports_inside_functions() -> None:
 def test_no_module_imports_back_up_the_chain() -> None:
     cycle = _cycle(_import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+# The layers, lowest first: a module may import its own layer and the ones below it, never one
+# above (docs/contributing.md draws the same picture). A module is placed by the longest prefix
+# of its name listed here.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    # 0. infrastructure every layer uses: errors, configs, the run folder's basics
+    (
+        "softmine",
+        "softmine._moved",
+        "softmine.errors",
+        "softmine.config",
+        "softmine.hardware",
+        "softmine.runs.atomic",
+        "softmine.runs.layout",
+        "softmine.runs.metrics_file",
+        "softmine.runs.signals",
+    ),
+    # 1. the pieces of the pipeline: data, models, losses, metrics (and fakes of the data)
+    ("softmine.data", "softmine.models", "softmine.losses", "softmine.evaluation", "softmine.testing"),
+    # 2. the training loop that puts them together
+    ("softmine.engine",),
+    # 3. what runs around and after the loop: the run folder's life, reports, a trained model at work
+    ("softmine.runs", "softmine.reporting", "softmine.inference"),
+    # 4. the console commands (and the umbrella that lists them)
+    ("softmine.commands", "softmine.__main__"),
+)
+
+
+def _layer(module: str) -> int:
+    best, layer = "", -1
+    for i, prefixes in enumerate(LAYERS):
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and len(p) > len(best):
+                best, layer = p, i
+    return layer
+
+
+def _upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(
+        f"{m} (layer {_layer(m)}) imports {n} (layer {_layer(n)})"
+        for m, targets in graph.items()
+        for n in targets
+        if _layer(n) > _layer(m)
+    )
+
+
+def test_every_module_has_a_layer() -> None:
+    unplaced = [m for m in _import_graph() if _layer(m) < 0]
+    assert not unplaced, f"modules in no layer of LAYERS: {unplaced}"
+
+
+def test_layers_by_hand() -> None:
+    assert _layer("softmine.runs.folder") == 3 and _layer("softmine.runs.atomic") == 0
+    assert _layer("softmine.data.datasets.cub") == 1 and _layer("softmine.commands.train") == 4
+    assert _upward_imports({"softmine.losses.x": {"softmine.engine.y"}}) == [
+        "softmine.losses.x (layer 1) imports softmine.engine.y (layer 2)"
+    ]
+    assert _upward_imports({"softmine.engine.y": {"softmine.losses.x"}}) == []
+
+
+def test_no_module_imports_a_higher_layer() -> None:
+    upward = _upward_imports(_import_graph())
+    assert not upward, "imports that run up the layers:\n" + "\n".join(upward)
+
+
+def test_no_module_name_is_used_twice() -> None:
+    """A file name says one job: two modules called ``embed.py`` in two packages would not."""
+    by_name: dict[str, list[str]] = {}
+    for p in PACKAGE.rglob("*.py"):
+        if p.name != "__init__.py":
+            by_name.setdefault(p.name, []).append(str(p.relative_to(PACKAGE)))
+    repeated = {name: paths for name, paths in by_name.items() if len(paths) > 1}
+    assert not repeated, f"module names used in more than one package: {repeated}"

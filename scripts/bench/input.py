@@ -45,7 +45,7 @@ from softmine.config import compose_config
 from softmine.data import CUB200
 from softmine.data.decode import read_image
 from softmine.data.device_transforms import DeviceResizedCrop, ToHWC, collate_padded
-from softmine.engine.hardware import available_cpus
+from softmine.hardware import available_cpus
 from softmine.engine.setup import resolve_num_workers
 from softmine.testing.fakes import make_cub
 

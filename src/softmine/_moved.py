@@ -47,7 +47,6 @@ MOVED: dict[str, str] = {
     "softmine.evaluate": "softmine.commands.evaluate",
     "softmine.export": "softmine.commands.export",
     "softmine.fair": "softmine.commands.fair",
-    "softmine.hardware": "softmine.engine.hardware",
     "softmine.html_report": "softmine.reporting.html",
     "softmine.hydra_errors": "softmine.commands.hydra_errors",
     "softmine.index": "softmine.commands.index",

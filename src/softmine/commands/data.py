@@ -28,7 +28,7 @@ from pathlib import Path
 
 from softmine.commands.common import ArgumentParser, user_errors_exit
 from softmine.data.download import DOWNLOADS, ManualDownload, download
-from softmine.engine.hardware import available_cpus
+from softmine.hardware import available_cpus
 
 #: The data sets ``check`` knows (softmine.data.check.CHECKS; listed here so that
 #: ``--help`` does not import every loader).

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from softmine.engine.hardware import available_cpus
+from softmine.hardware import available_cpus
 from softmine.errors import ConfigError
 
 log = logging.getLogger(__name__)

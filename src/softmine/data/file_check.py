@@ -40,7 +40,7 @@ from softmine.data.decode import BadImageError, file_problem, image_header
 from softmine.data.images import ImageDataset
 from softmine.data.video import VideoDataset
 from softmine.data.views import DatasetView
-from softmine.engine.hardware import available_cpus
+from softmine.hardware import available_cpus
 
 log = logging.getLogger(__name__)
 

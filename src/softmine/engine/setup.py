@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from softmine.engine.hardware import SHM, available_cpus, free_shared_memory
+from softmine.hardware import SHM, available_cpus, free_shared_memory
 from softmine.errors import ConfigError
 
 log = logging.getLogger(__name__)
