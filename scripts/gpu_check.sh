@@ -106,5 +106,5 @@ run bf16_cache trainer.precision=bf16 dataset.cache=ram dataset/transform=dml_de
   dataset.transform.device_transform.flip=0 "dataset.cache_size=[224,224]"
 
 echo "== summary (rates leave out the first epoch: cuDNN autotuning and worker start)"
-"$PYTHON" scripts/bench/gpu_report.py "$WORK"/runs/{fp32,bf16,fp32_cache,bf16_cache} --full-iters 3000 \
+"$PYTHON" scripts/gpu_report.py "$WORK"/runs/{fp32,bf16,fp32_cache,bf16_cache} --full-iters 3000 \
   --evals 9 --eval-images 5924 --decode-rate "$DECODE_RATE"

@@ -1,4 +1,4 @@
-"""scripts/bench/gpu_report.py (the summary of gpu_check.sh) on hand-made run folders."""
+"""scripts/gpu_report.py (the summary of gpu_check.sh) on hand-made run folders."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench" / "gpu_report.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_report.py"
 
 
 def fake_run(folder: Path) -> Path:

@@ -11,7 +11,7 @@ With ``--decode-rate`` (images/s the host decodes with every core, measured by
 (``--full-iters`` x images per iteration + ``--evals`` x ``--eval-images``) over that
 rate, and the full run's time as a multiple of it (the issue's goal: within 2x).
 Used by ``scripts/gpu_check.sh``. Usage:
-``python scripts/bench/gpu_report.py RUN_DIR [RUN_DIR ...] [--full-iters 3000]``.
+``python scripts/gpu_report.py RUN_DIR [RUN_DIR ...] [--full-iters 3000]``.
 """
 
 from __future__ import annotations
