@@ -84,3 +84,65 @@ def test_bad_archives_exit_2_with_one_line(
     with pytest.raises(SystemExit) as e:
         main([str(tmp_path / "bad.npz")])
     assert e.value.code == 2 and "query_pids has 5 entries" in capsys.readouterr().err
+
+
+def _evaluated_csv(tmp_path: Path, protocol: str) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """The trainer's Evaluator on a small CSV set: its metrics and the test arrays it scored."""
+    import torch
+
+    from softmine.engine.evaluator import Evaluator
+    from softmine.models import EmbeddingNet, TinyCNN
+    from softmine.testing.fakes import make_csv
+    from tests.conftest import compose
+
+    file = make_csv(tmp_path / protocol, labels=(0, 1, 2, 3, 4, 5), images_per_label=3)
+    cfg = compose(
+        [
+            "dataset=csv",
+            f"dataset.file={file}",
+            f"dataset.eval_protocol={protocol}",
+            "dataset.transform.resize=16",
+            "dataset.transform.crop_size=16",
+            "trainer.device=cpu",
+        ]
+    )
+    torch.manual_seed(0)
+    model = EmbeddingNet(TinyCNN(in_channels=3, width=4), embedding_dim=8)
+    evaluator = Evaluator(cfg, torch.device("cpu"))
+    return evaluator.evaluate(model), evaluator.last_test_arrays
+
+
+@pytest.mark.parametrize("protocol", ["retrieval", "reid"])
+def test_an_embeddings_file_scores_as_the_trainers_evaluator(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], protocol: str
+) -> None:
+    """softmine-eval on the arrays the evaluator scored gives the evaluator's own metrics."""
+    metrics, arrays = _evaluated_csv(tmp_path, protocol)
+    path = tmp_path / "test_embeddings.npz"
+    np.savez(path, **arrays)
+    main([str(path)])
+    assert json.loads(capsys.readouterr().out) == metrics
+
+
+def test_an_embeddings_file_reranks_as_the_run_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--ap, --junk-pids, --distractor-pids and --rerank* score as the same evaluation.* keys."""
+    from softmine.engine.evaluator import score_arrays
+    from tests.conftest import compose
+
+    arrays = _reid_arrays(3)
+    path = tmp_path / "reid.npz"
+    np.savez(path, **arrays)
+    main(
+        [str(path), "--ap", "market", "--junk-pids=-1", "--distractor-pids=0"]
+        + ["--rerank", "--rerank-k1", "7", "--rerank-k2", "3", "--rerank-lambda", "0.5"]
+    )
+    got = json.loads(capsys.readouterr().out)
+    cfg = compose(
+        ["dataset=mars", "evaluation.ap=market", "evaluation.rerank=true"]
+        + ["evaluation.rerank_k1=7", "evaluation.rerank_k2=3", "evaluation.rerank_lambda=0.5"]
+    )
+    assert (cfg.dataset.junk_pids, cfg.dataset.distractor_pids) == ([-1], [0])
+    assert got == score_arrays(arrays, cfg)
+    assert "rerank/mAP" in got

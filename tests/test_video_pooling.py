@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+from softmine.engine.embedding import extract_tracklet_features, pool_tracklet_features
 from softmine.errors import ConfigError, DataError
-from softmine.evaluation import extract_tracklet_features, pool_tracklet_features
 
 
 class _Recorder(nn.Module):

@@ -45,6 +45,7 @@ MOVED: dict[str, str] = {
     "softmine.engine.signals": "softmine.runs.signals",
     "softmine.engine.sweep": "softmine.runs.sweep",
     "softmine.evaluate": "softmine.commands.evaluate",
+    "softmine.evaluation.video": "softmine.engine.embedding",
     "softmine.export": "softmine.commands.export",
     "softmine.fair": "softmine.commands.fair",
     "softmine.html_report": "softmine.reporting.html",

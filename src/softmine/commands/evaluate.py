@@ -34,16 +34,21 @@ import numpy as np
 from omegaconf import open_dict
 
 from softmine.commands.common import ArgumentParser, user_errors_exit
-from softmine.engine.evaluator import RERANK_DEFAULTS, Evaluator, reid_scores
+from softmine.engine.evaluator import (
+    REID_ARRAYS,
+    RERANK_DEFAULTS,
+    RETRIEVAL_ARRAYS,
+    Evaluator,
+    Scoring,
+    reid_rule,
+    score_embeddings,
+)
 from softmine.engine.setup import set_cpu_threads, set_tf32
 from softmine.errors import ConfigError, DataError, SoftmineError
-from softmine.evaluation import retrieval_metrics
 from softmine.inference.embeddings import load_embeddings
 from softmine.inference.model import find_checkpoint, load_model
 
 NPZ_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip archive (an empty one ends the list)
-RETRIEVAL_ARRAYS = ("embeddings", "labels")
-REID_ARRAYS = ("query", "query_pids", "query_camids", "gallery", "gallery_pids", "gallery_camids")
 
 
 def evaluate_embeddings_file(
@@ -57,7 +62,12 @@ def evaluate_embeddings_file(
 ) -> dict[str, float]:
     """Metrics of an ``.npz`` of retrieval arrays (``embeddings``, ``labels``) or re-ID arrays,
     or of a ``.parquet`` of ``softmine-embed``. ``rerank``: ``{k1, k2, lambda_value}`` to add
-    the re-ranked re-ID metrics (``rerank/*``), None for the plain ones alone."""
+    the re-ranked re-ID metrics (``rerank/*``), None for the plain ones alone.
+
+    Scored by :func:`~softmine.engine.evaluator.score_embeddings`, the trainer's own
+    scoring, under the :class:`~softmine.engine.evaluator.Scoring` these options give.
+    """
+    retrieval = Scoring("retrieval", ks=tuple(int(k) for k in ks))
     if path.suffix == ".parquet":
         emb = load_embeddings(path)
         if emb.labels is None:
@@ -66,7 +76,7 @@ def evaluate_embeddings_file(
                 "per class, a list with labels, or --dataset-split)"
             )
         try:
-            return retrieval_metrics(emb.vectors, emb.labels, ks)
+            return score_embeddings({"embeddings": emb.vectors, "labels": emb.labels}, retrieval)
         except ValueError as e:
             raise DataError(f"{path}: {e}") from e
     try:
@@ -87,15 +97,12 @@ def evaluate_embeddings_file(
     files = set(data.files)
     try:
         if set(REID_ARRAYS) <= files:
-            rule = {"ap": ap, "junk_pids": junk_pids, "distractor_pids": distractor_pids}
-            return reid_scores(
-                {k: data[k] for k in REID_ARRAYS},
-                ranks=(1, 5, 10, 20),
-                rules={"": rule},
-                rerank=rerank,
+            reid = Scoring(
+                "reid", rules={"": reid_rule(ap, junk_pids, distractor_pids)}, rerank=rerank
             )
+            return score_embeddings({k: data[k] for k in REID_ARRAYS}, reid)
         if set(RETRIEVAL_ARRAYS) <= files:
-            return retrieval_metrics(data["embeddings"], data["labels"], ks)
+            return score_embeddings({k: data[k] for k in RETRIEVAL_ARRAYS}, retrieval)
     except ValueError as e:  # inconsistent arrays: a data problem, reported in one line
         raise DataError(f"{path}: {e}") from e
     raise SoftmineError(

@@ -34,13 +34,17 @@ its item leaves that evaluation and every later one. :meth:`Evaluator.dropped_co
 the number left out per split (``dropped_items/<split>`` in ``metrics.json``).
 
 Scoring is separate from embedding: :meth:`Evaluator.embed_test` gives the arrays
-(the ``.npz`` layout ``softmine-eval`` reads) and :func:`score_arrays` turns arrays into
-metrics with the run's protocol, so cross-validation can score concatenated embeddings.
+(the ``.npz`` layout ``softmine-eval`` reads) and :func:`score_embeddings` turns arrays
+into metrics under a :class:`Scoring` (a protocol and its options). Every score goes
+through it: the test and validation splits during training, cross-validation's
+concatenated embeddings (:func:`score_arrays`, the run's own :class:`Scoring`) and
+``softmine-eval`` on an embeddings file (the :class:`Scoring` of its flags).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -195,29 +199,72 @@ def mirror_metrics(dataset: object, embeddings: np.ndarray, labels: np.ndarray) 
     return {"mirror_confusion": mirror_confusion(embeddings, labels, mirror(labels))}
 
 
-def score_arrays(arrays: dict[str, np.ndarray], cfg: DictConfig) -> dict[str, float]:
-    """The test metrics of embedding arrays under the run's protocol and evaluation options.
+def reid_rule(
+    ap: str = "standard", junk_pids: tuple[int, ...] = (), distractor_pids: tuple[int, ...] = ()
+) -> dict[str, Any]:
+    """One re-ID rule of :attr:`Scoring.rules` (default: standard AP, every identity real)."""
+    return {"ap": str(ap), "junk_pids": tuple(junk_pids), "distractor_pids": tuple(distractor_pids)}
 
-    ``arrays`` holds ``embeddings`` and ``labels`` (retrieval), or ``query``,
-    ``query_pids``, ``query_camids``, ``gallery``, ``gallery_pids``, ``gallery_camids``
-    (query_gallery and re-ID; the camera ids are unused by query_gallery).
+
+@dataclass(frozen=True)
+class Scoring:
+    """How embedding arrays are scored: a protocol (:data:`EVAL_PROTOCOLS`) and its options.
+
+    Attributes:
+        protocol: ``retrieval`` | ``query_gallery`` | ``reid``.
+        ks: the K of Recall@K (retrieval, query_gallery).
+        ranks: the CMC ranks (re-ID).
+        rules: re-ID only: metric-name prefix (``""`` for the main protocol,
+            ``"<variant>/"``) -> :func:`reid_rule`.
+        rerank: re-ID only: keyword arguments of
+            :func:`~softmine.evaluation.k_reciprocal_distances` to add the re-ranked
+            metrics (``rerank/*``); None: the plain ones alone.
     """
-    ecfg = cfg.evaluation
-    protocol = eval_protocol(cfg.dataset)
-    if protocol == "retrieval":
-        return retrieval_metrics(arrays["embeddings"], arrays["labels"], ecfg.ks)
-    if protocol == "query_gallery":
+
+    protocol: str = "retrieval"
+    ks: tuple[int, ...] = (1, 2, 4, 8)
+    ranks: tuple[int, ...] = (1, 5, 10, 20)
+    rules: dict[str, dict[str, Any]] = field(default_factory=lambda: {"": reid_rule()})
+    rerank: dict[str, Any] | None = None
+
+    @classmethod
+    def of_run(cls, cfg: DictConfig) -> Scoring:
+        """The test split's scoring of a run config: its protocol, ``evaluation.*``, the dataset's ids."""
+        ecfg = cfg.evaluation
+        protocol = eval_protocol(cfg.dataset)
+        main = reid_rule(
+            ecfg.ap, _id_list(cfg.dataset, "junk_pids"), _id_list(cfg.dataset, "distractor_pids")
+        )
+        variants = {f"{name}/": v for name, v in reid_variants(cfg, protocol).items()}
+        return cls(
+            protocol=protocol,
+            ks=tuple(int(k) for k in ecfg.ks),
+            ranks=tuple(int(r) for r in ecfg.ranks),
+            rules={"": main, **variants},
+            rerank=rerank_options(ecfg),
+        )
+
+
+def score_embeddings(arrays: dict[str, np.ndarray], scoring: Scoring) -> dict[str, float]:
+    """The metrics of embedding arrays under ``scoring``: the one scoring function.
+
+    ``arrays`` holds ``embeddings`` and ``labels`` (retrieval, :data:`RETRIEVAL_ARRAYS`), or
+    ``query``, ``query_pids``, ``query_camids``, ``gallery``, ``gallery_pids``,
+    ``gallery_camids`` (query_gallery and re-ID, :data:`REID_ARRAYS`; the camera ids are
+    unused by query_gallery).
+    """
+    if scoring.protocol == "retrieval":
+        return retrieval_metrics(arrays["embeddings"], arrays["labels"], scoring.ks)
+    if scoring.protocol == "query_gallery":
         q, q_pids, _, g, g_pids, _ = (arrays[k] for k in REID_ARRAYS)
-        return query_gallery_metrics(q, q_pids, g, g_pids, ecfg.ks)
-    main = {
-        "ap": str(ecfg.ap),
-        "junk_pids": _id_list(cfg.dataset, "junk_pids"),
-        "distractor_pids": _id_list(cfg.dataset, "distractor_pids"),
-    }
-    variants = {f"{name}/": v for name, v in reid_variants(cfg, protocol).items()}
-    return reid_scores(
-        arrays, ranks=tuple(ecfg.ranks), rules={"": main, **variants}, rerank=rerank_options(ecfg)
-    )
+        return query_gallery_metrics(q, q_pids, g, g_pids, scoring.ks)
+    return reid_scores(arrays, ranks=scoring.ranks, rules=scoring.rules, rerank=scoring.rerank)
+
+
+def score_arrays(arrays: dict[str, np.ndarray], cfg: DictConfig) -> dict[str, float]:
+    """The test metrics of embedding arrays under the run's protocol and evaluation options
+    (:func:`score_embeddings` with :meth:`Scoring.of_run`)."""
+    return score_embeddings(arrays, Scoring.of_run(cfg))
 
 
 class Evaluator:
@@ -434,19 +481,19 @@ class Evaluator:
             return {}
         ecfg = self.cfg.evaluation
         if val.test is not None:
-            out = retrieval_metrics(*self._embed(model, "val"), ecfg.ks)
+            arrays = dict(zip(RETRIEVAL_ARRAYS, self._embed(model, "val"), strict=True))
+            scoring = Scoring("retrieval", ks=tuple(int(k) for k in ecfg.ks))
         else:  # every identity of the training split is real: no junk, no distractors
-            arrays = (
-                *self._reid_embeddings(model, "val_query"),
-                *self._reid_embeddings(model, "val_gallery"),
-            )
-            out = reid_scores(
-                dict(zip(REID_ARRAYS, arrays, strict=True)),
-                ranks=tuple(ecfg.ranks),
-                rules={"": {"ap": str(ecfg.ap), "junk_pids": (), "distractor_pids": ()}},
+            query = self._reid_embeddings(model, "val_query")
+            gallery = self._reid_embeddings(model, "val_gallery")
+            arrays = dict(zip(REID_ARRAYS, (*query, *gallery), strict=True))
+            scoring = Scoring(
+                "reid",
+                ranks=tuple(int(r) for r in ecfg.ranks),
+                rules={"": reid_rule(ecfg.ap)},
                 rerank=rerank_options(ecfg),
             )
-        return {VAL_PREFIX + k: v for k, v in out.items()}
+        return {VAL_PREFIX + k: v for k, v in score_embeddings(arrays, scoring).items()}
 
     def evaluate(self, model: torch.nn.Module, test: bool = True) -> dict[str, float]:
         """The flat metrics dict of ``model``: ``recall@K``, ``map@r``, ... or ``cmc@R``, ``mAP``

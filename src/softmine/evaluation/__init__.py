@@ -1,4 +1,8 @@
-"""Evaluation: faiss k-NN search, retrieval metrics, mirror confusion, re-ID protocols, re-ranking, tracklet pooling."""
+"""Evaluation: faiss k-NN search, retrieval metrics, mirror confusion, re-ID protocols, re-ranking.
+
+Numpy and faiss only: running a model over a dataset (tracklet pooling included) is
+:mod:`softmine.engine.embedding`.
+"""
 
 from softmine.evaluation.confusion import mirror_confusion, partner_confusion
 from softmine.evaluation.knn import faiss_gpu_available, iter_knn, knn_search
@@ -20,7 +24,6 @@ from softmine.evaluation.retrieval import (
     recall_at_k,
     retrieval_metrics,
 )
-from softmine.evaluation.video import extract_tracklet_features, pool_tracklet_features
 
 __all__ = [
     "ReIDResult",
@@ -28,7 +31,6 @@ __all__ = [
     "cmc_map",
     "evaluate_reid",
     "evaluate_reid_distmat",
-    "extract_tracklet_features",
     "faiss_gpu_available",
     "iter_knn",
     "k_reciprocal_distances",
@@ -37,7 +39,6 @@ __all__ = [
     "mirror_confusion",
     "nmi",
     "partner_confusion",
-    "pool_tracklet_features",
     "query_gallery_metrics",
     "r_precision",
     "ranking_metrics",

@@ -12,14 +12,16 @@ one query chunk and its ``chunk x k`` results: never an N x N matrix.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import faiss
 import numpy as np
-import torch
 
 from softmine.errors import ConfigError
 
-ArrayLike = np.ndarray | torch.Tensor
+#: A numpy array, or a torch tensor (read through its ``detach``/``cpu``/``numpy`` methods,
+#: so this module never imports torch).
+ArrayLike = np.ndarray | Any
 
 #: Largest k that faiss's GPU k-selection supports; larger searches run on the CPU.
 GPU_MAX_K = 2048
@@ -37,10 +39,15 @@ class NonFiniteEmbeddings(ValueError):
     """Embeddings holding NaN or Inf (a model whose weights or activations overflowed)."""
 
 
+def _is_tensor(x: object) -> bool:
+    """Whether ``x`` is a torch tensor, told without importing torch."""
+    return type(x).__module__.startswith("torch") and hasattr(x, "detach")
+
+
 def as_array(x: ArrayLike) -> np.ndarray:
     """``x`` as a C-contiguous float32 (n, d) numpy array, copied only when its type requires it."""
-    if isinstance(x, torch.Tensor):
-        x = x.detach().to("cpu", torch.float32).numpy()
+    if _is_tensor(x):
+        x = x.detach().cpu().float().numpy()
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2:
         raise ValueError(f"embeddings must be a 2-D (n, dim) array, got shape {x.shape}")
@@ -68,7 +75,7 @@ def as_float32(x: ArrayLike, normalize: bool = True) -> np.ndarray:
 
 def as_labels(y: ArrayLike) -> np.ndarray:
     """A 1-D int64 numpy copy of ``y`` (integer ids; whole-number floats are accepted)."""
-    if isinstance(y, torch.Tensor):
+    if _is_tensor(y):
         y = y.detach().cpu().numpy()
     y = np.asarray(y)
     if y.ndim != 1:

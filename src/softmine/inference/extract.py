@@ -15,22 +15,20 @@ normalisation. Options:
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from softmine.data.decode import file_problem
 from softmine.data.file_check import collect_unreadable, known_bad, unreadable_items
-from softmine.engine.embedding import to_model_input
+from softmine.engine.embedding import embed_batches
 from softmine.errors import ConfigError, DataError
 from softmine.inference.embeddings import Embeddings
 from softmine.inference.image_files import (
@@ -61,30 +59,30 @@ def check_precision(precision: str) -> torch.dtype | None:
     return PRECISIONS[str(precision)]
 
 
-@contextlib.contextmanager
-def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
-    """Mixed-precision autocast on ``device`` when ``dtype`` is set; nothing for float32."""
-    if dtype is None:
-        yield
-        return
-    with torch.autocast(device_type=device.type, dtype=dtype):
-        yield
+def _run(
+    loaded: LoadedModel, batches: Iterable[object], *, flip: bool, precision: str
+) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+    """The embeddings and other fields of ``batches`` of images, through the engine's one path.
+
+    Under ``flip`` the mean of an image's and its mirror image's embeddings is
+    re-normalised when the network L2-normalises.
+    """
+    return embed_batches(
+        loaded.embedder,
+        batches,
+        device=loaded.device,
+        precision=check_precision(precision),
+        flip=flip,
+        normalize=flip and loaded.normalized,
+    )
 
 
-@torch.no_grad()
 def embed_batch(
     loaded: LoadedModel, x: torch.Tensor, *, flip: bool = False, precision: str = "32"
 ) -> torch.Tensor:
     """(n, d) float32 embeddings on the CPU of a batch of images (uint8 0..255 or float [0, 1])."""
-    dtype = check_precision(precision)
-    x = to_model_input(x, loaded.device)
-    with autocast(loaded.device, dtype):
-        z = loaded.embedder(x).float()
-        if flip:
-            z = (z + loaded.embedder(x.flip(-1)).float()) / 2
-    if flip and loaded.normalized:
-        z = F.normalize(z, dim=1)
-    return z.cpu()
+    embeddings, _ = _run(loaded, [x], flip=flip, precision=precision)
+    return torch.from_numpy(embeddings)
 
 
 def _meta(loaded: LoadedModel, flip: bool, precision: str, source: str) -> dict[str, object]:
@@ -174,31 +172,31 @@ def embed_images(
         pin_memory=loaded.device.type == "cuda",
     )
     t0 = time.perf_counter()
-    kept: list[int] = []
-    chunks: list[torch.Tensor] = []
     bad: list[tuple[str, str]] = []
-    bar = tqdm(total=len(paths), unit="img", desc="embedding", disable=_no_bar(progress))
-    for index, tensors, errors in loader:
-        for i, reason in errors:
-            if on_bad_image == "error":
-                bar.close()
-                raise BadImageError(f"{reason}; {bad_image_hint}")
-            bad.append((paths[i], reason))
-        if tensors:
-            x = _stack(tensors, [paths[i] for i in index])
-            chunks.append(embed_batch(loaded, x, flip=flip, precision=precision))
-            kept.extend(index)
-        bar.update(len(index) + len(errors))
-    bar.close()
-    if not kept:
+
+    def readable() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(images, their positions in ``paths``) of the readable images; unreadable ones in ``bad``."""
+        with tqdm(total=len(paths), unit="img", desc="embedding", disable=_no_bar(progress)) as bar:
+            for index, tensors, errors in loader:
+                for i, reason in errors:
+                    if on_bad_image == "error":
+                        raise BadImageError(f"{reason}; {bad_image_hint}")
+                    bad.append((paths[i], reason))
+                if tensors:
+                    yield _stack(tensors, [paths[i] for i in index]), torch.as_tensor(index)
+                bar.update(len(index) + len(errors))
+
+    vectors, fields = _run(loaded, readable(), flip=flip, precision=precision)
+    if not fields:
         raise DataError(
             f"none of the {len(paths)} images could be read (first: {bad[0][0]}: {bad[0][1]})"
         )
+    kept = fields[0].tolist()
     labels = classes = None
     if images.names is not None:
         labels, classes = encode_labels([images.names[i] for i in kept])
     emb = Embeddings(
-        torch.cat(chunks).numpy(),
+        vectors,
         [paths[i] for i in kept],
         labels,
         classes,
@@ -321,13 +319,16 @@ def embed_split(
         pin_memory=loaded.device.type == "cuda",
     )
     t0 = time.perf_counter()
-    chunks, labels = [], []
-    bar = tqdm(total=n, unit="img", desc=f"embedding {split}", disable=_no_bar(progress))
-    with bar, collect_unreadable(dataset) as found:
-        for x, y in loader:
-            chunks.append(embed_batch(loaded, x, flip=flip, precision=precision))
-            labels.append(torch.as_tensor(y))
-            bar.update(len(y))
+
+    def counted() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The loader's (images, labels), counted on a progress bar."""
+        with tqdm(total=n, unit="img", desc=f"embedding {split}", disable=_no_bar(progress)) as bar:
+            for x, y in loader:
+                yield x, y
+                bar.update(len(y))
+
+    with collect_unreadable(dataset) as found:
+        vectors, (labels,) = _run(loaded, counted(), flip=flip, precision=precision)
     # an unreadable item was read as another image of its class: leave it out
     keep = ~unreadable_items(dataset, set(found) | known_bad(dataset))
     if not keep.any():
@@ -340,9 +341,9 @@ def embed_split(
     classes = getattr(base, "class_names", None)
     paths = _items_paths(dataset, split)
     emb = Embeddings(
-        torch.cat(chunks).numpy()[keep],
+        vectors[keep],
         [p for p, k in zip(paths, keep, strict=True) if k],
-        torch.cat(labels).numpy().astype(np.int64)[keep],
+        labels.astype(np.int64)[keep],
         [str(c) for c in classes] if classes is not None else None,
         _meta(loaded, flip, precision, f"dataset split {split}"),
     )
