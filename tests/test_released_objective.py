@@ -169,7 +169,7 @@ def test_default_head_reads_the_embedding() -> None:
     y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
     f = torch.randn(8, 6, dtype=torch.float64)
     loss_fn = OSMCAAOfficialLoss(4, 6).double()
-    assert loss_fn.feature_names == {"embedding"}
+    assert loss_fn.requires == ("embedding",)
     a = loss_fn(f, y)
     b = loss_fn(torch.randn(8, 6, dtype=torch.float64), y, features={"embedding": f})
     assert float(a) != pytest.approx(float(b))  # the head reads the features, not the argument

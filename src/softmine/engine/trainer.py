@@ -57,7 +57,7 @@ from softmine.engine.eval_history import (
 from softmine.engine.evaluator import Evaluator, eval_protocol
 from softmine.engine.logger import RunLogger
 from softmine.engine.nonfinite import LOSS, StepGuard, WeightWatch
-from softmine.engine.objective import Objective
+from softmine.engine.objective import Objective, build_loss
 from softmine.engine.optim import build_optimizer
 from softmine.engine.setup import (
     check_shared_memory,
@@ -229,7 +229,7 @@ class Trainer:
         sizes = run_time_sizes(
             cfg.loss, self.num_classes, emb_dim, getattr(self.model, "feature_dims", None)
         )
-        self.loss_fn = build(cfg.loss, "loss", **sizes).to(self.device)
+        self.loss_fn = build_loss(cfg.loss, self.model, **sizes).to(self.device)
         if self.dist.enabled:  # own augmentation/dropout streams per rank (rank 0 keeps the seed)
             torch.manual_seed(rank_seed(int(cfg.seed), self.dist.rank))
         self.params = [p for p in self.model.parameters() if p.requires_grad]

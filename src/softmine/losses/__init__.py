@@ -1,10 +1,12 @@
 """Metric-learning losses: OSM + CAA (paper and authors' forms) and the baselines it is compared with
 (pair-based, proxy-based: Proxy-Anchor, normalised softmax).
 
-Each loss is a function (the vectorised core) plus a thin ``nn.Module`` that the
-``loss/`` config group instantiates.
+Each loss is a function (the vectorised core) plus a thin module that the
+``loss/`` config group instantiates, a :class:`MetricLoss` declaring what it needs from
+the model.
 """
 
+from softmine.losses.base import LossNeeds, MetricLoss, needs_of
 from softmine.losses.contrastive import ContrastiveHardLoss, contrastive_hard_loss
 from softmine.losses.heads import (
     ClassifierHead,
@@ -34,6 +36,8 @@ __all__ = [
     "ClassifierHead",
     "ContrastiveHardLoss",
     "LiftedStructureLoss",
+    "LossNeeds",
+    "MetricLoss",
     "MultiSimilarityLoss",
     "NormSoftmaxLoss",
     "OSMCAALoss",
@@ -49,6 +53,7 @@ __all__ = [
     "gaussian",
     "lifted_structure_loss",
     "multi_similarity_loss",
+    "needs_of",
     "normalized_softmax_loss",
     "proxy_anchor_loss",
     "triplet_batchhard_loss",

@@ -10,9 +10,10 @@ a negative pair when it lies inside the margin. Every kept pair has weight 1.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from softmine.errors import ConfigError
+from softmine.losses.base import MetricLoss
 from softmine.losses.pairwise import (
     check_inputs,
     full_precision,
@@ -64,7 +65,7 @@ def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, values, 0.0).sum() / mask.sum().clamp_min(1)
 
 
-class ContrastiveHardLoss(nn.Module):
+class ContrastiveHardLoss(MetricLoss):
     """Module form of :func:`contrastive_hard_loss` (config ``loss=contrastive_hard``)."""
 
     def __init__(self, margin: float = 1.2, lam: float = 0.5) -> None:

@@ -147,6 +147,18 @@ class ClassifierHead(nn.Module):
         )
 
 
+class MissingFeatureError(ConfigError):
+    """A head reads a feature the backbone does not offer; names the head (``needed_by``) and the feature.
+
+    The run's builder (:func:`softmine.engine.objective.build_loss`) turns it into the
+    one-line model-objective contract error that names the loss and the backbone.
+    """
+
+    def __init__(self, message: str, *, needed_by: str, feature: str) -> None:
+        super().__init__(message)
+        self.needed_by, self.feature = needed_by, feature
+
+
 def build_heads(
     spec: Mapping[str, Mapping[str, Any]],
     num_classes: int,
@@ -157,8 +169,9 @@ def build_heads(
 ) -> nn.ModuleDict:
     """Heads from a config mapping ``name -> {feature, weighting, weight, bias}``.
 
-    Each head's input size is ``feature_dims[feature]``; an unknown feature or key is
-    a :class:`ConfigError` that lists what is available.
+    Each head's input size is ``feature_dims[feature]``; an unknown feature is a
+    :class:`MissingFeatureError`, an unknown key a :class:`ConfigError`, each listing
+    what is available.
     """
     heads = nn.ModuleDict()
     for name, opts in spec.items():
@@ -171,9 +184,11 @@ def build_heads(
             )
         feature = str(opts.get("feature", "embedding"))
         if feature not in feature_dims:
-            raise ConfigError(
+            raise MissingFeatureError(
                 f"loss.heads.{name}.feature={feature!r} is not a feature of this backbone; "
-                f"it hands out {sorted(feature_dims)}"
+                f"it hands out {sorted(feature_dims)}",
+                needed_by=f"loss.heads.{name}",
+                feature=feature,
             )
         heads[str(name)] = ClassifierHead(
             feature_dims[feature],

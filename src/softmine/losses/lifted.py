@@ -7,9 +7,10 @@ Feature Embedding". CVPR 2016 (Eq. 4, the smooth upper bound).
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from softmine.errors import ConfigError
+from softmine.losses.base import MetricLoss
 from softmine.losses.pairwise import (
     check_inputs,
     full_precision,
@@ -54,7 +55,7 @@ def lifted_structure_loss(embeddings: Tensor, labels: Tensor, *, margin: float =
         return terms.sum() / (2.0 * pos.sum().clamp_min(1))
 
 
-class LiftedStructureLoss(nn.Module):
+class LiftedStructureLoss(MetricLoss):
     """Module form of :func:`lifted_structure_loss` (config ``loss=lifted``)."""
 
     def __init__(self, margin: float = 1.0) -> None:

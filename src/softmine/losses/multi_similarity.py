@@ -7,9 +7,10 @@ for Deep Metric Learning". CVPR 2019.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from softmine.errors import ConfigError
+from softmine.losses.base import MetricLoss
 from softmine.losses.pairwise import (
     check_inputs,
     full_precision,
@@ -70,7 +71,7 @@ def multi_similarity_loss(
         return torch.where(valid, pos_term + neg_term, 0.0).sum() / max(n, 1)
 
 
-class MultiSimilarityLoss(nn.Module):
+class MultiSimilarityLoss(MetricLoss):
     """Module form of :func:`multi_similarity_loss` (config ``loss=multi_similarity``)."""
 
     def __init__(

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from softmine.errors import ConfigError
+from softmine.losses.base import MetricLoss
 from softmine.losses.pairwise import EPS, check_inputs, common_float, full_precision, unit_rows
 
 
@@ -41,7 +42,7 @@ def normalized_softmax_loss(
         return F.cross_entropy(logits, labels.long())
 
 
-class NormSoftmaxLoss(nn.Module):
+class NormSoftmaxLoss(MetricLoss):
     """Normalised softmax with its own class proxies (config ``loss=normsoftmax``).
 
     Args:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from softmine.errors import ConfigError
+from softmine.losses.base import MetricLoss
 from softmine.losses.fused import PairSetting, apply_fused
 from softmine.losses.heads import gaussian, true_class_log_prob
 from softmine.losses.pairwise import (
@@ -204,7 +205,7 @@ def caa_attention(
     return gaussian(p, 1.0, gaussian_sigma)
 
 
-class OSMCAALoss(nn.Module):
+class OSMCAALoss(MetricLoss):
     """OSM + CAA loss, paper form, owning its class vectors; returns the total training loss.
 
     total = weighted_contrastive_loss(x, y, a) + ce_weight * CE(scale * cos(x, c), y),
@@ -229,6 +230,8 @@ class OSMCAALoss(nn.Module):
             needs a C++ compiler there, Triton on a GPU); if compiling fails the loss
             warns once and runs eagerly.
     """
+
+    returns_details = True
 
     def __init__(
         self,

@@ -29,9 +29,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from softmine.errors import ConfigError
+from softmine.losses.base import MetricLoss
 from softmine.losses.fused import PairSetting, apply_fused
 from softmine.losses.heads import ClassifierHead, build_heads, gaussian
 from softmine.losses.osm_caa import _check_sizes, check_loss_hparams
@@ -73,8 +74,10 @@ def released_pair_loss(
     return loss, means, w
 
 
-class _ReleasedBase(nn.Module):
+class _ReleasedBase(MetricLoss):
     """Hyperparameters and heads shared by the image and the video form."""
+
+    returns_details = True
 
     def __init__(
         self,
@@ -120,17 +123,14 @@ class _ReleasedBase(nn.Module):
                 f"{sorted(self.heads)} (the authors: loss3, the head on pool5)"
             )
         self.attention_head = str(attention_head)
-
-    @property
-    def feature_names(self) -> set[str]:
-        """Backbone features the heads read (the training objective hands them to ``forward``)."""
-        return {h.feature for h in self.heads.values()}
+        #: backbone features the heads read (the training objective hands them to ``forward``)
+        self.requires = tuple(sorted({h.feature for h in self.heads.values()}))
 
     def _run_heads(
         self, feats: Mapping[str, Tensor], labels: Tensor, details: dict[str, Tensor]
     ) -> tuple[Tensor, Tensor]:
         """Sum of the heads' weighted cross-entropies, and the attention head's p."""
-        missing = sorted(self.feature_names - set(feats))
+        missing = sorted(set(self.requires) - set(feats))
         if missing:
             raise ValueError(
                 f"the loss heads read the features {missing}, not given: call "
@@ -333,13 +333,10 @@ class OSMCAAOfficialVideoLoss(_ReleasedBase):
                 ce_sigma=ce_sigma,
             )
             self.tracklet_head = built["tracklet"]
+        self.requires = tuple(sorted({*self.requires, "embedding"}))  # the frames it pools
 
     #: the training objective hands this loss per-frame (B, T, dim) features
-    frame_features = True
-
-    @property
-    def feature_names(self) -> set[str]:
-        return super().feature_names | {"embedding"}
+    per_frame = True
 
     def forward(
         self,

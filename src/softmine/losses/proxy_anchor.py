@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from softmine.errors import ConfigError
+from softmine.losses.base import MetricLoss
 from softmine.losses.pairwise import (
     EPS,
     check_inputs,
@@ -67,7 +68,7 @@ def proxy_anchor_loss(
         return pos.sum() / present + neg.sum() / len(p)
 
 
-class ProxyAnchorLoss(nn.Module):
+class ProxyAnchorLoss(MetricLoss):
     """Module form of :func:`proxy_anchor_loss` with its own proxies (config ``loss=proxy_anchor``).
 
     The proxies start as the authors' do, ``kaiming_normal_(mode="fan_out")`` (standard

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from softmine.errors import ConfigError
+from softmine.losses.base import MetricLoss
 from softmine.losses.pairwise import (
     check_inputs,
     full_precision,
@@ -104,7 +105,7 @@ def triplet_batchhard_loss(
         return torch.where(valid, per_anchor, 0.0).sum() / valid.sum().clamp_min(1)
 
 
-class TripletSemiHardLoss(nn.Module):
+class TripletSemiHardLoss(MetricLoss):
     """Module form of :func:`triplet_semihard_loss` (config ``loss=triplet_semihard``)."""
 
     def __init__(self, margin: float = 0.2, squared: bool = True) -> None:
@@ -117,7 +118,7 @@ class TripletSemiHardLoss(nn.Module):
         return triplet_semihard_loss(embeddings, labels, margin=self.margin, squared=self.squared)
 
 
-class TripletBatchHardLoss(nn.Module):
+class TripletBatchHardLoss(MetricLoss):
     """Module form of :func:`triplet_batchhard_loss` (config ``loss=triplet_batchhard``)."""
 
     def __init__(self, margin: float = 0.2, soft: bool = False) -> None:

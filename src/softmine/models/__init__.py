@@ -2,6 +2,7 @@
 
 from softmine.models.bninception import BNINCEPTION_INPUT_NORM, BNINCEPTION_URL, BNInception
 from softmine.models.embedding import EmbeddingNet, freeze_batchnorm, set_batchnorm_eval
+from softmine.models.features import FeatureInfo
 from softmine.models.normalization import IMAGENET_MEAN, IMAGENET_STD, InputNormalize
 from softmine.models.tiny import TinyCNN
 from softmine.models.trunks import GlobalPool, TimmTrunk, TorchvisionTrunk
@@ -13,6 +14,7 @@ __all__ = [
     "BNINCEPTION_URL",
     "BNInception",
     "EmbeddingNet",
+    "FeatureInfo",
     "GlobalPool",
     "IMAGENET_MEAN",
     "IMAGENET_STD",

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from softmine.errors import ConfigError
+from softmine.models.features import FeatureInfo
 
 
 def freeze_batchnorm(module: nn.Module) -> int:
@@ -64,7 +65,8 @@ class EmbeddingNet(nn.Module):
     sizes): ``trunk`` (the trunk's output), ``embedding`` (the head's output before
     L2 normalisation), and every named feature the trunk hands out itself (a trunk
     with ``forward_features(x) -> (output, dict)`` and ``feature_dims``, e.g. BN-Inception's
-    ``pool5`` / ``inception_3c`` / ``inception_4e``).
+    ``pool5`` / ``inception_3c`` / ``inception_4e``). :attr:`feature_info` declares them
+    to the training objective.
 
     Args:
         trunk: module mapping a batch of inputs to (n, trunk.out_features) features.
@@ -150,6 +152,19 @@ class EmbeddingNet(nn.Module):
             "trunk": in_features,
             "embedding": self.embedding_dim,
         }
+
+    #: features per frame (a video model); see :class:`~softmine.models.FeatureInfo`
+    per_frame = False
+
+    @property
+    def feature_info(self) -> FeatureInfo:
+        """What this model offers the objective: its named features and their widths."""
+        return FeatureInfo(
+            name=self.name or type(self).__name__,
+            features=dict(self.feature_dims),
+            per_frame=self.per_frame,
+            frame_loss=self.per_frame,
+        )
 
     def train(self, mode: bool = True) -> EmbeddingNet:
         """Switch train/eval mode; frozen trunk BatchNorm layers stay in eval mode."""

@@ -130,6 +130,8 @@ class VideoEmbeddingNet(EmbeddingNet):
             ``input_norm``, ``dropout``, ``name``, ``pretrained``).
     """
 
+    per_frame = True
+
     def __init__(
         self,
         trunk: nn.Module,

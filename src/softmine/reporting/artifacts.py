@@ -34,6 +34,7 @@ from torch.utils.data import Subset
 
 from softmine.engine.distributed import DistEnv
 from softmine.engine.embedding import extract_embeddings
+from softmine.losses.base import needs_of
 from softmine.reporting.attention import (
     attention_auc,
     deterministic_transform,
@@ -197,7 +198,7 @@ def _plot_pair_weights(trainer: Any, out: Path, emb: np.ndarray, labels: np.ndar
     """OSM weight against distance for the pairs of a seeded sample of training embeddings."""
     from softmine.reporting import plots
 
-    if getattr(trainer.loss_fn, "feature_names", None):
+    if needs_of(trainer.loss_fn).requires:
         log.info(
             "plot osm_weights skipped: the loss's heads read backbone features, which the "
             "saved embeddings do not include"

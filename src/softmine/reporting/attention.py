@@ -11,7 +11,6 @@ gets more attention than every flipped one, 0.5 = chance.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,14 +22,17 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
+from softmine.losses.base import needs_of
+
 ATTENTION_FILE = "attention.csv"
 
 
 def loss_details(
     loss_fn: nn.Module, embeddings: torch.Tensor, labels: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    """The ``details`` dict of ``loss_fn(embeddings, labels, return_details=True)``; {} if it has none."""
-    if "return_details" not in inspect.signature(loss_fn.forward).parameters:
+    """The ``details`` dict of ``loss_fn(embeddings, labels, return_details=True)``; {} for a loss
+    that declares no ``returns_details``."""
+    if not needs_of(loss_fn).returns_details:
         return {}
     out = loss_fn(embeddings, labels, return_details=True)
     return dict(out[1]) if isinstance(out, tuple) else {}
@@ -45,10 +47,10 @@ def sample_attention(
     Reads the ``attention`` entry of the loss's own details (so it is exactly what
     training used), in chunks: a_i depends only on sample i and the class vectors.
     A loss whose classifier heads read other backbone features than the embeddings
-    (``loss_fn.feature_names``, e.g. the authors' heads on pool5) cannot be scored
+    (its declared ``requires``, e.g. the authors' heads on pool5) cannot be scored
     from embeddings alone: None.
     """
-    if getattr(loss_fn, "feature_names", None):
+    if needs_of(loss_fn).requires:
         return None
     was_training = loss_fn.training
     loss_fn.eval()

@@ -1,0 +1,48 @@
+"""What a loss needs from the model, declared on its class (the training objective reads it).
+
+A loss module declares, instead of letting the objective probe its methods:
+
+* ``requires``: the named model features its ``forward(..., features={name: tensor})``
+  reads (e.g. the authors' heads on ``pool5`` / ``inception_3c``); empty for a loss of
+  the embeddings alone;
+* ``per_frame``: it wants those features per frame, (B, T, dim), from a video model;
+* ``returns_details``: ``forward(..., return_details=True)`` returns ``(loss, details)``,
+  whose scalar entries the trainer logs.
+
+:func:`softmine.engine.objective.check_contract` holds them against the model's
+:class:`~softmine.models.FeatureInfo` once, when the run is built. A plain ``nn.Module``
+loss declares nothing: it needs the embeddings and labels only and returns the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+class MetricLoss(nn.Module):
+    """Base of softmine's losses: ``forward(embeddings, labels) -> loss`` and its declared needs."""
+
+    #: named model features ``forward(..., features=...)`` reads; () for the embeddings alone
+    requires: tuple[str, ...] = ()
+    #: those features per frame (B, T, dim), from a video model
+    per_frame: bool = False
+    #: ``forward(..., return_details=True)`` returns ``(loss, details)``
+    returns_details: bool = False
+
+
+@dataclass(frozen=True)
+class LossNeeds:
+    """What a loss declares it needs (see the module doc); :func:`needs_of` reads it."""
+
+    requires: tuple[str, ...] = ()
+    per_frame: bool = False
+    returns_details: bool = False
+
+
+def needs_of(loss: nn.Module) -> LossNeeds:
+    """The declared needs of ``loss``; a loss that is no :class:`MetricLoss` declares none."""
+    if not isinstance(loss, MetricLoss):
+        return LossNeeds()
+    return LossNeeds(tuple(loss.requires), bool(loss.per_frame), bool(loss.returns_details))
