@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from softmine.commands.report import (
+from softmine.commands.report import main
+from softmine.reporting.sweep_report import (
     REFERENCE_SOURCE,
     aggregate,
     load_runs,
-    main,
     report,
     to_markdown,
 )

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from softmine.commands.report import aggregate, load_runs
+from softmine.reporting.sweep_report import aggregate, load_runs
 from softmine.commands.train import train
 from softmine.errors import ConfigError
 from softmine.runs.folder import (
