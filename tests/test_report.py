@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from softmine.commands.report import main
+from softmine.reporting import html as html_report
 from softmine.reporting.sweep_report import (
     REFERENCE_SOURCE,
     aggregate,
@@ -19,7 +20,6 @@ from softmine.reporting.sweep_report import (
     report,
     to_markdown,
 )
-from softmine.reporting import html as html_report
 
 LOSSES = ("contrastive", "osm_caa")
 NOISE = ("0.0", "0.2")

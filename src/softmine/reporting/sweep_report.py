@@ -589,7 +589,7 @@ class SweepReport:
     """What :func:`write_report` read and wrote."""
 
     runs: pd.DataFrame  # one row per run (:func:`load_runs`), ``concat/*`` on fold-0 runs
-    table: pd.DataFrame  # one row per configuration, with the paper's rows (:func:`with_references`)
+    table: pd.DataFrame  # one row per configuration and the paper's rows (with_references)
     markdown: str  # the text of report.md
     written: list[Path]  # report.md, report.csv, report.html, then the plots
 
