@@ -216,11 +216,8 @@ def table(sweep: Path) -> tuple[str, pd.DataFrame]:
     runs = read_runs(sweep)
     summary = summarize(runs)
     text = to_markdown(summary)
-    failed = int((runs["status"] != "ok").sum())
     note = (
-        f"{len(runs) - failed} runs"
-        + (f", {failed} failed (not in the table)" if failed else "")
-        + f" from {sweep}. Mean ± sample std over seeds; ΔMAP@R: the mean per-seed difference "
+        f"{run_counts(runs)} from {sweep}. Mean ± sample std over seeds; ΔMAP@R: the mean per-seed difference "
         f"from the best loss with a 95 % bootstrap interval; still rising: runs whose val/map@r "
         f"was still rising at the end (best of the last {TAIL:.0%} of evaluations above the best "
         f"before by > {RISE_TOLERANCE}); yes when at least half are."
@@ -229,3 +226,11 @@ def table(sweep: Path) -> tuple[str, pd.DataFrame]:
     summary.to_csv(sweep / "fair.csv", index=False)
     plot_curves(runs, sweep / "val_curves.png")
     return f"{text}\n\n{note}", summary
+
+
+def run_counts(runs: pd.DataFrame) -> str:
+    """``N runs`` and, when some failed, ``, K failed (not in the table)``: the runs behind a table."""
+    failed = int((runs["status"] != "ok").sum())
+    return f"{len(runs) - failed} runs" + (
+        f", {failed} failed (not in the table)" if failed else ""
+    )
