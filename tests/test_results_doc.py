@@ -75,6 +75,37 @@ def test_demo_table_matches_a_fresh_run(tmp_path: Path) -> None:
         assert got[name] == pytest.approx(values, abs=TOLERANCE), name
 
 
+@pytest.mark.slow
+def test_the_demo_rows_read_from_the_run_folder_are_the_printed_table(tmp_path: Path) -> None:
+    """scripts/results.py builds the demo table from the run's files, not from its printout:
+    the same numbers as the table the run prints (baselines, then the trained embedding)."""
+    run = tmp_path / "run"
+    res = run_cli(
+        [
+            "softmine.commands.train",
+            "experiment=demo",
+            "trainer.epochs=1",
+            "trainer.device=cpu",
+            "trainer.progress_bar=false",
+            "trainer.plots=false",
+            f"hydra.run.dir={run}",
+        ],
+        tmp_path,
+        timeout=900,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    printed = _printed_table(res.stdout)
+    printed["trained (OSM+CAA)"] = printed.pop("trained embedding")
+    results = _results_script()
+    rows = results.demo_text(results.demo_rows(run)).splitlines()[2:]
+    read = {
+        cells[0]: [float(c) for c in cells[1:]]
+        for cells in ([c.strip() for c in row.strip("|").split("|")] for row in rows)
+    }
+    assert list(read) == ["raw pixels", "untrained network", "trained (OSM+CAA)"]
+    assert read == printed
+
+
 def _results_script() -> ModuleType:
     path = REPO / "scripts" / "results.py"
     spec = importlib.util.spec_from_file_location("results_script", path)

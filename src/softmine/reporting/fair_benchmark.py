@@ -217,8 +217,9 @@ def table(sweep: Path) -> tuple[str, pd.DataFrame]:
     summary = summarize(runs)
     text = to_markdown(summary)
     note = (
-        f"{run_counts(runs)} from {sweep}. Mean ± sample std over seeds; ΔMAP@R: the mean per-seed difference "
-        f"from the best loss with a 95 % bootstrap interval; still rising: runs whose val/map@r "
+        f"{run_counts(runs)} from {sweep}. Mean ± sample std over seeds; ΔMAP@R: the mean "
+        f"per-seed difference from the best loss with a 95 % bootstrap interval; still rising: "
+        f"runs whose val/map@r "
         f"was still rising at the end (best of the last {TAIL:.0%} of evaluations above the best "
         f"before by > {RISE_TOLERANCE}); yes when at least half are."
     )
