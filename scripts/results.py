@@ -1,7 +1,9 @@
 """Regenerate the results tables of the docs from the commands that produce them.
 
 ``make results`` runs this script: it runs each command (or reuses a finished sweep
-given with ``--sweep NAME=DIR``), builds the tables from their outputs, and rewrites
+given with ``--sweep NAME=DIR``), builds the tables from the files the runs leave
+(``metrics.json``, ``eval_log.csv``, ``train_log.csv``, read through the library: never a
+printed table) and the report functions of :mod:`softmine.reporting`, and rewrites
 the generated sections of ``docs/results.md`` (digits), ``docs/benchmarks-digits-pairs.md``
 (digits_pairs) and ``docs/evaluation-protocols.md`` (model selection examples), each
 table stamped with the commit, the torch version, the CPU model and the date. Nothing
@@ -10,8 +12,10 @@ interrupted run keeps the tables it finished.
 
 Tables and their commands (all with ``OMP_NUM_THREADS=1``):
 
-* ``demo``: ``softmine-train experiment=demo trainer.device=cpu`` (its printed table);
-* ``ablation``: ``softmine-train -m experiment=ablation``, then ``softmine-report``;
+* ``demo``: ``softmine-train experiment=demo trainer.device=cpu`` (its ``metrics.json``, and
+  the baselines its checkpoint records: the rows of the table the run prints);
+* ``ablation``: ``softmine-train -m experiment=ablation``, then ``softmine-report`` (its
+  table: :func:`softmine.reporting.sweep_report.write_report`, which the command runs);
 * ``noise``: ``softmine-train -m experiment=noise``, then ``softmine-report``;
 * ``control``: ``softmine-train -m experiment=noise loss=osm loss.ce_weight=1.0
   dataset.label_noise=0.0,0.1,0.2,0.3,0.4 seed=0,1,2`` (a row of the noise table);
@@ -44,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import re
@@ -57,6 +60,11 @@ import time
 from pathlib import Path
 
 import pandas as pd
+
+from softmine.reporting import fair_benchmark
+from softmine.reporting.sweep_report import SweepReport, fold_table, to_markdown, write_report
+from softmine.runs.metrics_file import read_metrics
+from softmine.runs.sweep import SUMMARY_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "results.md"
@@ -107,16 +115,9 @@ SWEEPS = {
         "trainer.eval_every=2",
     ],
 }
-#: ``softmine-report`` options of a sweep (default: every metric).
-REPORT_ARGS = {
-    "crossval": [
-        "--metrics",
-        "map@r",
-        "val/map@r",
-        "selected/map@r",
-        "best_test/map@r",
-        "concat/map@r",
-    ],
+#: The metrics of a sweep's report (``softmine-report --metrics ...``; default: every metric).
+REPORT_METRICS = {
+    "crossval": ["map@r", "val/map@r", "selected/map@r", "best_test/map@r", "concat/map@r"],
 }
 SELECTION = [
     "dataset=digits",
@@ -197,7 +198,7 @@ def distributed_table() -> tuple[str, str]:
             commands.append(f"`{_shown([*DISTRIBUTED, *extra], processes)}`")
             log = pd.read_csv(run / "train_log.csv")
             epochs = log[log["epoch_time_s"].notna()]
-            metrics = json.loads((run / "metrics.json").read_text())
+            metrics = read_metrics(run)
             split = "sampler.split_across_ranks=true" in extra
             batch = 16 * (1 if split else processes)  # 4 classes x 4 images per process
             rows.append(
@@ -220,32 +221,34 @@ def distributed_table() -> tuple[str, str]:
     return "\n".join(lines), "; ".join(commands) + f" ({seconds:.0f} s in all)"
 
 
-def parse_printed_table(text: str) -> pd.DataFrame:
-    """The fixed-width table ``softmine-train`` prints (``trainer.baselines=true``)."""
-    lines = text.splitlines()
-    head = next(i for i, line in enumerate(lines) if line.split()[:1] == ["recall@1"])
-    columns = lines[head].split()
-    rows = {}
-    for line in lines[head + 2 :]:
-        m = re.match(rf"^(\S.*?)\s+((?:-?\d+\.\d+\s*){{{len(columns)}}})$", line)
-        if not m:
-            break
-        rows[m.group(1).strip()] = [float(v) for v in m.group(2).split()]
-    return pd.DataFrame.from_dict(rows, orient="index", columns=columns)
+def demo_rows(run: Path) -> dict[str, dict[str, float]]:
+    """The rows of the table a run with ``trainer.baselines=true`` prints, from its files: the
+    baselines its last checkpoint records (raw pixels, the untrained network), then the
+    trained embedding's final metrics (``metrics.json``)."""
+    from softmine.engine.checkpoint import LAST, load_checkpoint
+    from softmine.engine.trainer import CHECKPOINT_DIR
+
+    baselines = load_checkpoint(run / CHECKPOINT_DIR / LAST)["train_state"]["baselines"]
+    return {**baselines, "trained (OSM+CAA)": read_metrics(run)}
+
+
+def demo_text(rows: dict[str, dict[str, float]]) -> str:
+    """``rows`` (name -> metrics) as the demo's Markdown table, the columns of ``DEMO_COLUMNS``."""
+    head = "| | " + " | ".join(DEMO_COLUMNS.values()) + " |"
+    lines = [head, "|---" * (len(DEMO_COLUMNS) + 1) + "|"]
+    for name, metrics in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{metrics[c]:.4f}" for c in DEMO_COLUMNS) + " |")
+    return "\n".join(lines)
 
 
 def demo_table(extra: list[str]) -> tuple[str, str]:
-    """The demo's printed table as markdown (``extra``: overrides after ``DEMO``)."""
+    """The demo's table as markdown (``extra``: overrides after ``DEMO``), from its run folder."""
     with tempfile.TemporaryDirectory() as tmp:
-        res, seconds = _train([*DEMO, *extra, f"hydra.run.dir={tmp}/run"])
-    table = parse_printed_table(res.stdout)
-    table = table.rename(index={"trained embedding": "trained (OSM+CAA)"})
-    head = "| | " + " | ".join(DEMO_COLUMNS[c] for c in table.columns) + " |"
-    lines = [head, "|---" * (len(table.columns) + 1) + "|"]
-    for name, row in table.iterrows():
-        lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" for v in row) + " |")
+        run = Path(tmp) / "run"
+        _, seconds = _train([*DEMO, *extra, f"hydra.run.dir={run}"])
+        rows = demo_rows(run)
     command = "softmine-train " + " ".join([*DEMO, *extra])
-    return "\n".join(lines), f"`{command}` ({seconds:.0f} s)"
+    return demo_text(rows), f"`{command}` ({seconds:.0f} s)"
 
 
 README = REPO / "README.md"
@@ -260,9 +263,9 @@ def readme_markers(name: str) -> tuple[str, str]:
 STAMP_FILE = "results-stamp.txt"  # in a sweep run by this script: the stamp of that run
 
 
-def run_sweep(name: str, given: dict[str, Path], when: str) -> tuple[pd.DataFrame, str, Path]:
-    """The report table of sweep ``name`` (run now unless given), where it came from, and
-    its folder (which holds ``report.md``).
+def run_sweep(name: str, given: dict[str, Path], when: str) -> tuple[SweepReport, str]:
+    """The report of sweep ``name`` (run now unless given; ``report.md`` and the rest are
+    written into its folder, as ``softmine-report`` writes them) and where it came from.
 
     A reused sweep keeps the stamp written when this script ran it (commit, torch,
     CPU, date); one it did not run is said to be of unknown origin.
@@ -278,23 +281,16 @@ def run_sweep(name: str, given: dict[str, Path], when: str) -> tuple[pd.DataFram
         _, seconds = _train([*SWEEPS[name], f"hydra.sweep.dir={folder}"])
         (folder / STAMP_FILE).write_text(when + "\n")
         took = f"{seconds:.0f} s"
-    report = subprocess.run(
-        [sys.executable, "-m", "softmine.commands.report", str(folder), *REPORT_ARGS.get(name, [])],
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-    )
-    if report.returncode != 0:
-        sys.exit(f"error: softmine-report {folder} failed: {report.stderr[-2000:]}")
-    table = pd.read_csv(folder / "report.csv")
+    print(f"$ softmine-report {folder}", file=sys.stderr, flush=True)
+    report = write_report([folder], metrics=REPORT_METRICS.get(name))
+    table = report.table
     if int(table["failed"].fillna(0).sum()):
-        sys.exit(f"error: {folder} has failed runs; see {folder / 'summary.csv'}")
+        sys.exit(f"error: {folder} has failed runs; see {folder / SUMMARY_FILE}")
     command = "softmine-train " + " ".join(shlex.quote(a) for a in SWEEPS[name])
-    if name in REPORT_ARGS:
-        command += "`, then `softmine-report SWEEP " + " ".join(REPORT_ARGS[name])
+    if name in REPORT_METRICS:
+        command += "`, then `softmine-report SWEEP --metrics " + " ".join(REPORT_METRICS[name])
     settings = f"{len(table)} setting{'s' if len(table) != 1 else ''}, {int(table['n'].sum())} runs"
-    return table, f"`{command}` ({took}; {settings}, sweep {folder.name})", folder
+    return report, f"`{command}` ({took}; {settings}, sweep {folder.name})"
 
 
 def _cell(row: pd.Series, metric: str, bold: bool = False) -> str:
@@ -407,36 +403,31 @@ def selection_table() -> tuple[str, str]:
         run = Path(tmp) / "run"
         _, seconds = _train([*SELECTION, f"hydra.run.dir={run}"])
         log = pd.read_csv(run / "eval_log.csv")
-        metrics = json.loads((run / "metrics.json").read_text())
+        metrics = read_metrics(run)
     command = "softmine-train " + " ".join(SELECTION)
     return selection_text(log, metrics), f"`{command}` ({seconds:.0f} s)"
 
 
-def markdown_tables(text: str) -> list[str]:
-    """Every markdown table of ``text`` (runs of lines starting with ``|``), in order."""
-    tables, current = [], []
-    for line in [*text.splitlines(), ""]:
-        if line.startswith("|"):
-            current.append(line)
-        elif current:
-            tables.append("\n".join(current))
-            current = []
-    return tables
+def _as_shown(value: float) -> float:
+    """``value`` as a table shows it (4 decimals): the sentences say what the reader sees."""
+    return float(f"{value:.4f}")
 
 
-def crossval_text(report_md: str) -> str:
-    """The two tables of a fold sweep's ``report.md`` and sentences read off them."""
-    tables = markdown_tables(report_md)
-    if len(tables) != 2:
-        sys.exit(f"error: expected a summary and a folds table in report.md, got {len(tables)}")
-    summary, folds = tables
-    header, rows = parse_markdown_table(folds)
+def crossval_text(report: SweepReport) -> str:
+    """The two tables of a fold sweep's report (the summary and the folds, as ``report.md``
+    has them) and sentences read off their numbers."""
+    summary, folds = to_markdown(report.table), fold_table(report.runs)
+    if not folds:
+        sys.exit("error: the cross-validation sweep's runs have no dataset.fold")
+    runs = report.runs
+    rows = runs[(runs["status"] == "ok") & runs["fold"].notna()]
 
-    def value(row: list[str], name: str) -> float:
-        return float(row[header.index(name)])
+    def value(row: pd.Series, name: str) -> float:
+        return _as_shown(float(row[name]))
 
     last = all(
-        value(r, "selected/map@r") == value(r, "map@r") == value(r, "best_test/map@r") for r in rows
+        value(r, "selected/map@r") == value(r, "map@r") == value(r, "best_test/map@r")
+        for _, r in rows.iterrows()
     )
     notes = [
         "In every fold the validation- and the test-chosen snapshots score exactly what the "
@@ -444,26 +435,20 @@ def crossval_text(report_md: str) -> str:
         if last
         else "In some fold a chosen snapshot is not the last one."
     ]
-    s_header, s_rows = parse_markdown_table(summary)
-    concat = float(s_rows[0][s_header.index("concat/map@r")].split()[0])
-    best_fold = max(value(r, "map@r") for r in rows)
+    concat = _as_shown(float(report.table["concat/map@r_mean"].iloc[0]))
+    best_fold = max(value(r, "map@r") for _, r in rows.iterrows())
     notes.append(
         "The fold models together (`concat/map@r`) score "
         + ("higher" if concat > best_fold else "no higher")
         + " than the best of them alone."
     )
-    higher = all(value(r, "val/map@r") > value(r, "map@r") for r in rows)
+    higher = all(value(r, "val/map@r") > value(r, "map@r") for _, r in rows.iterrows())
     notes.append(
         "Every fold scores "
         + ("higher" if higher else "not always higher")
         + " on its validation classes than on the test classes."
     )
     return f"{summary}\n\n{folds}\n\n" + " ".join(notes)
-
-
-def crossval_tables(folder: Path) -> str:
-    """The generated text of the cross-validation example, from its sweep ``folder``."""
-    return crossval_text((folder / "report.md").read_text())
 
 
 def fair_text(given: dict[str, Path], when: str) -> str:
@@ -485,13 +470,13 @@ def fair_text(given: dict[str, Path], when: str) -> str:
         folder = fair.run("digits_pairs", root=REPO / "multirun" / "results-fair")
         (folder / STAMP_FILE).write_text(when + "\n")
         took = f"{time.perf_counter() - t0:.0f} s"
-    text, _ = fair.table(folder)
+    _, summary = fair_benchmark.table(folder)  # writes fair.md, fair.csv, val_curves.png
     curves = folder / "val_curves.png"  # the page shows the runs' validation curves too
     if curves.exists():
         shutil.copy(curves, FAIR_CURVES)
-    table, note = text.split("\n\n", 1)
-    note = note.split(" from ", 1)[0]
-    return f"{table}\n\nFrom `make fair` ({took}; {note}, sweep {folder.name}); {when}."
+    table = fair_benchmark.to_markdown(summary)
+    counts = fair_benchmark.run_counts(fair_benchmark.read_runs(folder))
+    return f"{table}\n\nFrom `make fair` ({took}; {counts}, sweep {folder.name}); {when}."
 
 
 def stamp() -> str:
@@ -580,16 +565,6 @@ def write_doc(doc: Path, sections: dict[str, str]) -> None:
     doc.write_text("".join(parts))
 
 
-def parse_markdown_table(text: str) -> tuple[list[str], list[list[str]]]:
-    """Header cells and body rows of the first markdown table in ``text``."""
-    rows = [
-        [c.strip() for c in line.strip().strip("|").split("|")]
-        for line in text.splitlines()
-        if line.startswith("|")
-    ]
-    return rows[0], rows[2:]
-
-
 def _commit(section: str) -> str:
     found = re.search(r"commit `([^`]+)`", section)
     return found.group(1) if found else "unknown"
@@ -673,25 +648,25 @@ def main(argv: list[str] | None = None) -> None:
             done(name, f"{table}\n\nFrom {source}; {when}.")
     for name, metrics in (("ablation", ABLATION_METRICS), ("pairs_ablation", PAIRS_METRICS)):
         if name in wanted:
-            report, source, _ = run_sweep(name, given, when)
-            done(name, f"{ablation_table(report, metrics)}\n\nFrom {source}; {when}.")
+            report, source = run_sweep(name, given, when)
+            done(name, f"{ablation_table(report.table, metrics)}\n\nFrom {source}; {when}.")
     if "noise" in wanted:
-        noise, noise_source, _ = run_sweep("noise", given, when)
-        control, control_source, _ = run_sweep("control", given, when)
+        noise, noise_source = run_sweep("noise", given, when)
+        control, control_source = run_sweep("control", given, when)
         done(
             "noise",
-            f"{noise_table(noise, control)}\n\nFrom {noise_source}; the control row from "
+            f"{noise_table(noise.table, control.table)}\n\nFrom {noise_source}; the control row from "
             f"{control_source}; {when}.",
         )
     if "pairs_noise" in wanted:
-        noise, noise_source, _ = run_sweep("pairs_noise", given, when)
-        done("pairs_noise", f"{noise_table(noise, None)}\n\nFrom {noise_source}; {when}.")
+        noise, noise_source = run_sweep("pairs_noise", given, when)
+        done("pairs_noise", f"{noise_table(noise.table, None)}\n\nFrom {noise_source}; {when}.")
     if "selection" in wanted:
         table, source = selection_table()
         done("selection", f"{table}\n\nFrom {source}; {when}.")
     if "crossval" in wanted:
-        _, source, folder = run_sweep("crossval", given, when)
-        done("crossval", f"{crossval_tables(folder)}\n\nFrom {source}; {when}.")
+        report, source = run_sweep("crossval", given, when)
+        done("crossval", f"{crossval_text(report)}\n\nFrom {source}; {when}.")
     if "fair" in wanted:
         done("fair", fair_text(given, when))
     if "distributed" in wanted:

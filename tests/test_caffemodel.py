@@ -8,7 +8,6 @@ inference formula evaluated by hand.
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import pytest
 import torch
 from torch import nn
 
+from softmine.commands import data as data_command
 from softmine.errors import DataError
 from softmine.models import load_matching_state_dict, read_state_dict
 from softmine.models.caffe import (
@@ -677,12 +677,12 @@ def test_loading_errors_name_the_caffe_layers(tmp_path: Path) -> None:
     assert "2 unexpected" in msg and "1 mis-shaped" in msg and "missing" not in msg
 
 
-# ------------------------------------------------------------------------------ script
+# ------------------------------------------------------------------------------ the command
 
 
 def _convert(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "convert_caffemodel.py"), *args],
+        [sys.executable, "-m", "softmine", "data", "convert-caffemodel", *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -690,7 +690,7 @@ def _convert(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow  # a subprocess importing torch
-def test_convert_script_writes_a_plain_state_dict(tmp_path: Path) -> None:
+def test_convert_command_writes_a_plain_state_dict(tmp_path: Path) -> None:
     layers, blocks, linear = _subset("bn", np.random.default_rng(12))
     path = write_caffemodel(tmp_path / "g.caffemodel", layers)
     out = tmp_path / "out" / "g.pth"
@@ -710,7 +710,7 @@ def test_convert_script_writes_a_plain_state_dict(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow  # a subprocess importing torch
-def test_convert_script_missing_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
+def test_convert_command_missing_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
     done = _convert(str(tmp_path / "in.caffemodel"), str(tmp_path / "out.pth"))
     assert done.returncode == 2
     assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
@@ -718,19 +718,30 @@ def test_convert_script_missing_input_is_one_line_and_exit_2(tmp_path: Path) -> 
     assert not (tmp_path / "out.pth").exists()
 
 
-def test_convert_script_unreadable_input_exits_2_and_writes_nothing(
+def test_convert_command_unreadable_input_exits_2_and_writes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    spec = importlib.util.spec_from_file_location(
-        "_convert_caffemodel", REPO / "scripts" / "convert_caffemodel.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
     source = tmp_path / "in.caffemodel"
     source.write_text("not a model")
     with pytest.raises(SystemExit) as info:
-        script.main([str(source), str(tmp_path / "out.pth")])
+        data_command.main(["convert-caffemodel", str(source), str(tmp_path / "out.pth")])
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "in.caffemodel" in err
     assert list(tmp_path.iterdir()) == [source]
+
+
+def test_convert_command_unwritable_output_is_one_line_and_keeps_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    layers, _, _ = _subset("bn", np.random.default_rng(3))
+    source = write_caffemodel(tmp_path / "in.caffemodel", layers)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as info:  # a folder that is a file: nothing can go there
+        data_command.main(["convert-caffemodel", str(source), str(blocker / "out.pth")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write ") and err.count("\n") == 1
+    assert "choose another path" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "in.caffemodel"]

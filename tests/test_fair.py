@@ -10,27 +10,28 @@ import pytest
 
 from softmine.commands import fair
 from softmine.errors import ConfigError
+from softmine.reporting import fair_benchmark
 from tests.conftest import compose
 
 
 def test_still_rising_compares_the_last_fifth_with_everything_before() -> None:
     flat = [0.5, 0.8, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.903]
-    assert not fair.still_rising(flat)  # the tail's 0.903 beats 0.9 by less than 0.005
-    assert fair.still_rising([0.5, 0.6, 0.7, 0.8, 0.9])  # last 1 of 5: 0.9 > 0.8 + 0.005
+    assert not fair_benchmark.still_rising(flat)  # the tail's 0.903 beats 0.9 by less than 0.005
+    assert fair_benchmark.still_rising([0.5, 0.6, 0.7, 0.8, 0.9])  # last 1 of 5: 0.9 > 0.8 + 0.005
     # 10 evaluations: the last 2 are the tail; a dip then a recovery to the old best is flat
-    assert not fair.still_rising([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.9, 0.85, 0.9])
-    assert fair.still_rising([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.91])
-    assert not fair.still_rising([0.7])  # one evaluation: nothing to judge
+    assert not fair_benchmark.still_rising([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.9, 0.85, 0.9])
+    assert fair_benchmark.still_rising([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.91])
+    assert not fair_benchmark.still_rising([0.7])  # one evaluation: nothing to judge
 
 
 def test_paired_interval_is_the_mean_and_a_seeded_bootstrap() -> None:
-    mean, low, high = fair.paired_interval([-0.02, -0.03, -0.01, -0.02, -0.02])
+    mean, low, high = fair_benchmark.paired_interval([-0.02, -0.03, -0.01, -0.02, -0.02])
     assert mean == pytest.approx(-0.02)
     assert -0.03 <= low <= mean <= high <= -0.01  # inside the range of the differences
-    assert fair.paired_interval([-0.02, -0.03, -0.01, -0.02, -0.02]) == (mean, low, high)
-    assert fair.paired_interval([0.05]) == (0.05, 0.05, 0.05)
+    assert fair_benchmark.paired_interval([-0.02, -0.03, -0.01, -0.02, -0.02]) == (mean, low, high)
+    assert fair_benchmark.paired_interval([0.05]) == (0.05, 0.05, 0.05)
     # by hand: two differences {0, 1}; a resample's mean is 0, 0.5 or 1 (probability 1/4, 1/2, 1/4)
-    _, low, high = fair.paired_interval([0.0, 1.0])
+    _, low, high = fair_benchmark.paired_interval([0.0, 1.0])
     assert (low, high) == (0.0, 1.0)
 
 
@@ -56,13 +57,13 @@ def test_the_table_is_read_from_the_run_folders(tmp_path: Path) -> None:
         job += 2
     (tmp_path / str(job) / ".hydra").mkdir(parents=True)  # a failed run: no metrics.json
     (tmp_path / str(job) / ".hydra" / "overrides.yaml").write_text("- loss=contrastive\n- seed=3\n")
-    text, table = fair.table(tmp_path)
+    text, table = fair_benchmark.table(tmp_path)
     rows = {r["loss"]: r for _, r in table.iterrows()}
     assert list(rows) == ["contrastive", "osm_caa"]  # the issue's order
     assert rows["osm_caa"]["MAP@R"] == "0.9100 ± 0.0100"
     assert rows["osm_caa"]["ΔMAP@R vs best [95% CI]"] == "best"
     delta = rows["contrastive"]["ΔMAP@R vs best [95% CI]"]
-    mean, low, high = fair.paired_interval(np.array([-0.10, -0.09, -0.10]))
+    mean, low, high = fair_benchmark.paired_interval(np.array([-0.10, -0.09, -0.10]))
     assert delta == f"{mean:+.4f} [{low:+.4f}, {high:+.4f}] (n=3)" and mean == pytest.approx(
         -0.29 / 3
     )
@@ -76,7 +77,7 @@ def test_the_table_is_read_from_the_run_folders(tmp_path: Path) -> None:
 
 
 def test_the_sweep_trains_every_loss_of_the_issue_over_five_seeds(tmp_path: Path) -> None:
-    args = fair.sweep_args("digits_pairs", fair.LOSSES, fair.SEEDS, tmp_path)
+    args = fair.sweep_args("digits_pairs", fair_benchmark.LOSSES, fair.SEEDS, tmp_path)
     assert "experiment=fair" in args and "seed=0,1,2,3,4" in args
     losses = next(a for a in args if a.startswith("loss=")).split("=", 1)[1].split(",")
     assert losses == [

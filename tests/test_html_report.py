@@ -18,8 +18,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from softmine.commands.report import report
 from softmine.reporting.html import metric_groups, write_run_report
+from softmine.reporting.sweep_report import report
 from tests.conftest import run_cli
 from tests.headless_browser import Browser, find_browser
 

@@ -124,6 +124,9 @@ def test_wheel_has_every_config_and_trains_the_demo_from_anywhere(tmp_path: Path
     for name in ("softmine-embed", "softmine-index", "softmine-export", "softmine-eval"):
         res = _run([str(bin_ / name), "--help"], elsewhere)
         assert res.returncode == 0 and "usage:" in res.stdout, (name, res.stderr)
+    # the user tools that were scripts/ in a clone: commands of the wheel
+    res = _run([str(bin_ / "softmine"), "data", "--help"], elsewhere)
+    assert res.returncode == 0 and "convert-caffemodel" in res.stdout and "check" in res.stdout
 
 
 @pytest.mark.slow

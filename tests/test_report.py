@@ -11,15 +11,15 @@ import pandas as pd
 import pytest
 import yaml
 
-from softmine.commands.report import (
+from softmine.commands.report import main
+from softmine.reporting import html as html_report
+from softmine.reporting.sweep_report import (
     REFERENCE_SOURCE,
     aggregate,
     load_runs,
-    main,
     report,
     to_markdown,
 )
-from softmine.reporting import html as html_report
 
 LOSSES = ("contrastive", "osm_caa")
 NOISE = ("0.0", "0.2")

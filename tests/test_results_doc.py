@@ -75,6 +75,37 @@ def test_demo_table_matches_a_fresh_run(tmp_path: Path) -> None:
         assert got[name] == pytest.approx(values, abs=TOLERANCE), name
 
 
+@pytest.mark.slow
+def test_the_demo_rows_read_from_the_run_folder_are_the_printed_table(tmp_path: Path) -> None:
+    """scripts/results.py builds the demo table from the run's files, not from its printout:
+    the same numbers as the table the run prints (baselines, then the trained embedding)."""
+    run = tmp_path / "run"
+    res = run_cli(
+        [
+            "softmine.commands.train",
+            "experiment=demo",
+            "trainer.epochs=1",
+            "trainer.device=cpu",
+            "trainer.progress_bar=false",
+            "trainer.plots=false",
+            f"hydra.run.dir={run}",
+        ],
+        tmp_path,
+        timeout=900,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    printed = _printed_table(res.stdout)
+    printed["trained (OSM+CAA)"] = printed.pop("trained embedding")
+    results = _results_script()
+    rows = results.demo_text(results.demo_rows(run)).splitlines()[2:]
+    read = {
+        cells[0]: [float(c) for c in cells[1:]]
+        for cells in ([c.strip() for c in row.strip("|").split("|")] for row in rows)
+    }
+    assert list(read) == ["raw pixels", "untrained network", "trained (OSM+CAA)"]
+    assert read == printed
+
+
 def _results_script() -> ModuleType:
     path = REPO / "scripts" / "results.py"
     spec = importlib.util.spec_from_file_location("results_script", path)
@@ -160,22 +191,48 @@ def test_selection_tables_and_verdict_follow_the_run() -> None:
 
 
 def test_crossval_sentences_are_read_off_the_report_tables() -> None:
+    from softmine.reporting.sweep_report import SweepReport, aggregate
+
     results = _results_script()
-    report = (
-        "# softmine report\n\nsome words\n\n"
-        "| dataset | n | map@r | concat/map@r |\n|---|---|---|---|\n"
-        "| d | 2 | 0.5000 ± 0.1000 | 0.6500 |\n\n## Cross-validation folds\n\n"
-        "| dataset | seed | fold | val/map@r | map@r | selected/map@r | best_test/map@r |\n"
-        "|---|---|---|---|---|---|---|\n"
-        "| d | 0 | 0 | 0.9000 | 0.6000 | 0.6000 | 0.6000 |\n"
-        "| d | 0 | 1 | 0.3000 | 0.4000 | 0.3500 | 0.4000 |\n"
+    folds = {  # fold -> val/map@r, map@r, selected/map@r, best_test/map@r
+        0: (0.9, 0.6, 0.6, 0.6),
+        1: (0.3, 0.4, 0.35, 0.4),
+    }
+    runs = pd.DataFrame(
+        [
+            {"run": f"r{f}", "dataset": "d", "seed": 0, "folds": 2, "fold": f, "status": "ok"}
+            | dict(zip(("val/map@r", "map@r", "selected/map@r", "best_test/map@r"), v, strict=True))
+            for f, v in folds.items()
+        ]
     )
-    got = results.crossval_text(report)
-    assert got.startswith("| dataset | n | map@r | concat/map@r |")
+    runs.loc[0, "concat/map@r"] = 0.65  # the fold models together, on the fold-0 run
+    table = aggregate(runs, ["map@r", "concat/map@r"])
+    got = results.crossval_text(SweepReport(runs, table, "", []))
+    assert got.startswith(
+        "| dataset | n | map@r | concat/map@r |\n|---|---|---|---|\n"
+        "| d | 2 | 0.5000 ± 0.1414 | 0.6500 |\n\n"
+    )
     assert "| d | 0 | 1 | 0.3000 | 0.4000 | 0.3500 | 0.4000 |\n\n" in got
     assert "In some fold a chosen snapshot is not the last one." in got
     assert "score higher than the best of them alone" in got  # 0.65 > 0.60
     assert "not always higher on its validation classes" in got  # fold 1: 0.30 < 0.40
+
+
+def test_the_demo_table_is_built_from_the_rows_of_the_run() -> None:
+    results = _results_script()
+    rows = {
+        "raw pixels": {c: 0.5 for c in results.DEMO_COLUMNS},
+        "trained (OSM+CAA)": {**{c: 0.25 for c in results.DEMO_COLUMNS}, "map@r": 0.123456},
+    }
+    lines = results.demo_text(rows).splitlines()
+    assert lines[0] == "| | R@1 | R@2 | R@4 | R@8 | MAP@R | R-Precision | NMI |"
+    assert lines[2] == "| raw pixels | " + " | ".join(["0.5000"] * 7) + " |"
+    assert (
+        lines[3]
+        == "| trained (OSM+CAA) | "
+        + " | ".join(["0.2500"] * 4 + ["0.1235"] + ["0.2500"] * 2)
+        + " |"
+    )
 
 
 def test_the_readme_fair_block_is_the_table_with_its_source() -> None:

@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from softmine.commands.report import aggregate, load_runs
 from softmine.commands.train import train
 from softmine.errors import ConfigError
+from softmine.reporting.sweep_report import aggregate, load_runs
 from softmine.runs.folder import (
     LOCK_FILE,
     Invocation,

@@ -8,9 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from softmine.commands.train import _score
 from softmine.engine.eval_history import best_test_summary
 from softmine.errors import ConfigError
+from softmine.runs.sweep import sweep_score
 from tests.conftest import FAST_DIGITS, compose
 
 TEST_METRICS = {"recall@1", "map@r", "r_precision", "nmi", "mirror_confusion"}
@@ -46,7 +46,7 @@ def test_never_reads_the_test_split(tmp_path: Path) -> None:
     assert not [k for k in written if k.startswith(("best_test/", "selected/map@r"))]
     assert {"val/map@r", "selected/val/map@r"} <= set(metrics)
     assert len(log) == 3 and log["val/map@r"].notna().all()
-    assert _score(metrics) == metrics["val/map@r"]  # what a tuning trial returns
+    assert sweep_score(metrics) == metrics["val/map@r"]  # what a tuning trial returns
 
 
 def test_final_touches_the_test_split_once(tmp_path: Path) -> None:
@@ -93,6 +93,6 @@ def test_best_test_needs_two_test_scores() -> None:
 
 
 def test_a_sweep_job_scores_on_validation_when_it_can() -> None:
-    assert _score({"map@r": 0.9, "val/map@r": 0.5}) == 0.5
-    assert _score({"map@r": 0.9}) == 0.9
-    assert _score({"mAP": 0.7, "val/mAP": 0.2}) == 0.2
+    assert sweep_score({"map@r": 0.9, "val/map@r": 0.5}) == 0.5
+    assert sweep_score({"map@r": 0.9}) == 0.9
+    assert sweep_score({"mAP": 0.7, "val/mAP": 0.2}) == 0.2

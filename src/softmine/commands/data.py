@@ -9,6 +9,7 @@ Examples::
     softmine-data check cub data/CUB_200_2011       # files, published counts, every image decoded
     softmine-data check sop data/Stanford_Online_Products --sample 20000 --workers 8
     softmine-data check csv data/my_set.csv         # your own data: counts listed, images decoded
+    softmine-data convert-caffemodel googlenet_bn.caffemodel googlenet_bn.pth
 
 A download checks the published size, MD5 and SHA-256 before anything is
 unpacked; an interrupted download resumes when the same command runs again.
@@ -16,6 +17,11 @@ unpacked; an interrupted download resumes when the same command runs again.
 ilidsvid, prid2011, lpw, or imagefolder / csv for your own data, which have no
 published counts: theirs are listed and every image decoded) and what
 ``dataset.root`` points to (for csv, the CSV file), and prints one line per finding.
+``convert-caffemodel`` writes Caffe weights as a PyTorch state dict with softmine's
+names (:func:`softmine.models.caffe.convert_caffemodel`) and prints one line: the layers
+read, the tensors and parameters written, and the BatchNorm layout found; the ``.pth``
+loads wherever ``backbone.pretrained`` takes a file (the ``.caffemodel`` itself can be
+given there too; converting once saves the time).
 Exit status: 0 done (a check: everything matches), 1 the set must be fetched by
 hand (instructions printed) or the check found something missing, miscounted or
 unreadable, 2 an error (one ``error:`` line).
@@ -78,10 +84,20 @@ def _check(dataset: str, root: str, sample: int | None, workers: int) -> None:
         sys.exit(EXIT_CHECK_FAILED)
 
 
+def _convert(source: Path, out: Path) -> None:
+    """Convert a .caffemodel into a .pth and print what was converted."""
+    from softmine.models.caffe import conversion_summary, convert_caffemodel
+
+    state = convert_caffemodel(source, out)
+    print(conversion_summary(state, source.expanduser(), out.expanduser()))
+
+
 @user_errors_exit
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="softmine-data", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{list,download,check}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{list,download,check,convert-caffemodel}"
+    )
     sub.add_parser("list", help="the data sets and how each is obtained")
     get = sub.add_parser("download", help="download, verify and unpack one data set")
     get.add_argument("name", choices=sorted(DOWNLOADS), help="dataset config name")
@@ -111,12 +127,21 @@ def main(argv: list[str] | None = None) -> None:
         default=min(8, available_cpus()),
         help="processes decoding images (default: min(8, usable CPUs))",
     )
+    conv = sub.add_parser(
+        "convert-caffemodel",
+        help="convert Caffe weights (.caffemodel) to a PyTorch state dict with softmine's names",
+    )
+    conv.add_argument("caffemodel", type=Path, help="the Caffe weights (.caffemodel)")
+    conv.add_argument("output", type=Path, help="where to write the state dict (.pth)")
     args = parser.parse_args(argv)
     if args.command == "list":
         _list()
         return
     if args.command == "check":
         _check(args.dataset, args.root, args.sample, args.workers)
+        return
+    if args.command == "convert-caffemodel":
+        _convert(args.caffemodel, args.output)
         return
     progress = None if args.no_progress else _Progress()
     try:

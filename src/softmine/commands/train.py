@@ -158,16 +158,6 @@ def invocation(cfg: DictConfig) -> Invocation:
     )
 
 
-#: What a job returns to the sweeper (Optuna maximises it), first found: chosen on held-out
-#: training classes when the run has them, never on the test split then.
-SCORES = ("val/map@r", "val/mAP", "map@r", "mAP")
-
-
-def _score(metrics: dict[str, float]) -> float:
-    """The run's score for a sweeper: the first of :data:`SCORES` in ``metrics`` (0.0 if none)."""
-    return float(next((metrics[k] for k in SCORES if k in metrics), 0.0))
-
-
 def resume_hint(argv: list[str], run_dir: Path) -> str:
     """The command that resumes the run in ``run_dir``: ``argv`` plus ``resume=true hydra.run.dir=...``."""
     from softmine.runs.folder import override_key
@@ -178,8 +168,10 @@ def resume_hint(argv: list[str], run_dir: Path) -> str:
 
 def run_job(inv: Invocation) -> float:
     """One run (``softmine-train`` without ``-m``): user errors are one line and exit 2."""
+    from softmine.runs.sweep import sweep_score
+
     try:
-        return _score(train(inv))
+        return sweep_score(train(inv))
     except Interrupted as e:
         head = str(e).split(" Resume with", 1)[0]
         print(f"{head} Resume with:\n  {resume_hint(sys.argv[1:], inv.run_dir)}", file=sys.stderr)
@@ -205,9 +197,9 @@ def sweep_job(inv: Invocation, folder: Path, num: int) -> float | None:
 
     When the sweep has been asked to stop, a job that has not started skips itself,
     and an interrupted job records it and asks the rest of the sweep to stop.
-    Returns the run's score (:func:`_score`), or None when it has none (failed, interrupted,
-    skipped): a sweeper that reads scores, Optuna's, then records a failed trial and goes on
-    (it stops the whole study on a NaN).
+    Returns the run's score (:func:`~softmine.runs.sweep.sweep_score`), or None when it has
+    none (failed, interrupted, skipped): a sweeper that reads scores, Optuna's, then records a
+    failed trial and goes on (it stops the whole study on a NaN).
     """
     from softmine.runs import sweep
 
@@ -221,7 +213,7 @@ def sweep_job(inv: Invocation, folder: Path, num: int) -> float | None:
         record(sweep.NOT_STARTED, "the sweep was stopped")
         return None
     try:
-        score = _score(train(inv))
+        score = sweep.sweep_score(train(inv))
     except (Interrupted, KeyboardInterrupt) as e:
         signum = getattr(e, "signum", signal.SIGINT)
         reason = str(e).split(" Resume with", 1)[0] if isinstance(e, Interrupted) else ""

@@ -29,7 +29,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import os
 import re
@@ -44,24 +43,11 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from softmine.commands.common import user_errors_exit
+from softmine.commands.common import ArgumentParser, user_errors_exit
 from softmine.config import CONFIG_DIR
 from softmine.errors import ConfigError, Interrupted
+from softmine.reporting.fair_benchmark import LOSSES
 
-#: The losses of the fair benchmark (issue 23), in table order.
-LOSSES = (
-    "contrastive",
-    "contrastive_hard",
-    "osm",
-    "caa",
-    "osm_caa",
-    "triplet_batchhard",
-    "triplet_semihard",
-    "multi_similarity",
-    "proxy_anchor",
-    "normsoftmax",
-    "lifted",
-)
 ROOT = Path("multirun") / "tune"
 STUDY_DB, STUDY_RECORD = "study.db", "study.yaml"
 OBJECTIVE = "val/map@r"
@@ -358,7 +344,7 @@ def _losses(text: str) -> list[str]:
 
 @user_errors_exit
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m softmine.commands.tune",
         description="Run (or resume) a loss's tuning study and write its tuned config.",
     )

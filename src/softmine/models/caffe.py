@@ -31,7 +31,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError, Message
 from torch import Tensor
 
-from softmine.errors import DataError
+from softmine.errors import DataError, StorageError
 
 _F = descriptor_pb2.FieldDescriptorProto
 _PACKAGE = "softmine_caffe"
@@ -547,4 +547,38 @@ def caffemodel_to_state_dict(path: str | Path) -> CaffeStateDict:
             "to reproduce Caffe's outputs exactly",
             stacklevel=2,
         )
+    return state
+
+
+def conversion_summary(state: CaffeStateDict, source: Path, out: Path) -> str:
+    """One line: layers, tensors, parameters (statistics excluded), BatchNorm layout, where."""
+    params = sum(
+        v.numel() for k, v in state.items() if not k.endswith(("running_mean", "running_var"))
+    )
+    layouts = ", ".join(sorted(state.bn_layouts)) or "none"
+    return (
+        f"{source.name}: {state.caffe_layers} Caffe layers, {state.converted_layers} with weights"
+        f" -> {len(state)} tensors, {params:,} parameters; BatchNorm layout: {layouts}; "
+        f"written to {out}"
+    )
+
+
+def convert_caffemodel(source: str | Path, out: str | Path) -> CaffeStateDict:
+    """Convert ``source`` (a ``.caffemodel``) and save it to ``out`` as a plain ``{name: tensor}``
+    dict (``torch.save``), through a temporary file and a rename so that an existing ``out`` is
+    never left half-written. What ``softmine-data convert-caffemodel`` does; returns the state."""
+    from softmine.runs.atomic import write_atomic
+
+    source, out = Path(source).expanduser(), Path(out).expanduser()
+    if not source.is_file():
+        raise DataError(f"Caffe model {str(source)!r} does not exist; give a .caffemodel file")
+    state = caffemodel_to_state_dict(source)
+    plain = dict(state)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(out, lambda f: torch.save(plain, f))
+    except (OSError, StorageError) as e:  # a full disk, a read-only folder, a file in the way
+        cause = e.__cause__ if isinstance(e, StorageError) else e
+        why = getattr(cause, "strerror", None) or cause or e
+        raise DataError(f"cannot write {str(out)!r} ({why}); choose another path") from e
     return state

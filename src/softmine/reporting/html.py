@@ -12,7 +12,7 @@ so it opens offline, can be mailed, and shows the same thing in ten years.
   retrieval grids of random and of the worst queries, t-SNE, OSM weights,
   attention), every evaluation of ``eval_log.csv``, the overrides and the config.
 * :func:`write_sweep_report` (called by ``softmine-report``): the table of
-  :mod:`softmine.commands.report`, one row per configuration with mean ± std over the
+  :mod:`softmine.reporting.sweep_report`, one row per configuration with mean ± std over the
   seeds, its plots, and a link to each run's own ``report.html``.
 """
 
@@ -355,9 +355,9 @@ def sweep_report_html(
     """The HTML page of ``softmine-report``: its table, its plots and links to the runs.
 
     Args:
-        table: the display table of :func:`softmine.commands.report.to_display` (one row per
+        table: the display table of :func:`softmine.reporting.sweep_report.display_table` (one row per
             configuration, metrics as ``mean ± std``).
-        runs: one row per run (``run``, ``status``), as :func:`softmine.commands.report.load_runs`.
+        runs: one row per run (``run``, ``status``), as :func:`softmine.reporting.sweep_report.load_runs`.
         images: PNG files to inline, in order.
         intro: sentences shown above the table.
         out: the folder the page is written to (links to the runs are relative to it; a

@@ -7,7 +7,7 @@ backend is left alone) and writes it to ``path``, which it returns.
 One run (end of training, :mod:`softmine.reporting.artifacts`): training curves,
 Recall@K against K, a retrieval grid, a t-SNE map of the test embeddings, OSM
 weight against pair distance and the CAA attention distribution. Several runs
-(:mod:`softmine.commands.report`): a metric against a swept value (one line per
+(:mod:`softmine.reporting.sweep_report`): a metric against a swept value (one line per
 configuration, error bars = std over seeds) or one bar per configuration.
 """
 

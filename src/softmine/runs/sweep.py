@@ -55,6 +55,16 @@ from softmine.runs.folder import (
 
 log = logging.getLogger(__name__)
 
+#: What a job returns to the sweeper (Optuna maximises it), first found: chosen on held-out
+#: training classes when the run has them, never on the test split then.
+SCORES = ("val/map@r", "val/mAP", "map@r", "mAP")
+
+
+def sweep_score(metrics: dict[str, float]) -> float:
+    """The run's score for a sweeper: the first of :data:`SCORES` in ``metrics`` (0.0 if none)."""
+    return float(next((metrics[k] for k in SCORES if k in metrics), 0.0))
+
+
 JOBS_DIR = ".jobs"
 STOP_FILE = "STOP"  # in JOBS_DIR: the sweep was asked to stop (holds the signal number)
 SUMMARY_FILE = "summary.csv"
