@@ -34,6 +34,12 @@ def test_failed_write_keeps_the_old_file_and_removes_the_partial_one(tmp_path: P
     assert list(tmp_path.iterdir()) == [path]
 
 
+def test_a_parent_that_is_a_file_is_one_storage_error(tmp_path: Path) -> None:
+    (tmp_path / "plain").write_text("not a folder")
+    with pytest.raises(StorageError, match="cannot write .*plain/out.bin"):
+        write_atomic(tmp_path / "plain" / "out.bin", lambda f: f.write(b"x"))
+
+
 def test_an_error_raised_while_cleaning_up_after_a_full_disk_is_still_a_full_disk(
     tmp_path: Path,
 ) -> None:

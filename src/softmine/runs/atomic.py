@@ -7,6 +7,7 @@ temporary file and raises :class:`~softmine.errors.StorageError` naming the file
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +35,8 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> Path:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # e.g. the parent is a file: nothing was created
+            tmp.unlink(missing_ok=True)
         cause = _os_error(e)
         if cause is None:
             raise
