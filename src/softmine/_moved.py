@@ -11,9 +11,7 @@ paths keep working: ``import softmine.engine.run_folder`` returns
 from __future__ import annotations
 
 import importlib
-import importlib.abc
 import importlib.machinery
-import importlib.util
 import sys
 from types import CodeType, ModuleType
 
@@ -62,8 +60,11 @@ MOVED: dict[str, str] = {
 }
 
 
-class _AliasLoader(importlib.abc.Loader):
-    """Loads an old name as the module it moved to (and runs it under ``python -m``)."""
+class _AliasLoader:
+    """Loads an old name as the module it moved to (and runs it under ``python -m``).
+
+    Duck-typed rather than an ``importlib.abc`` subclass: that module imports
+    ``importlib.resources`` and ``tempfile``, time every command would pay at start-up."""
 
     def __init__(self, new: str) -> None:
         self.new = new
@@ -75,19 +76,23 @@ class _AliasLoader(importlib.abc.Loader):
         """Nothing to run: the new module ran when it was imported."""
 
     def get_code(self, fullname: str) -> CodeType | None:
+        import importlib.util
+
         spec = importlib.util.find_spec(self.new)
         if spec is None or spec.loader is None:
             return None
         return spec.loader.get_code(self.new)  # type: ignore[attr-defined]
 
 
-class _AliasFinder(importlib.abc.MetaPathFinder):
+class _AliasFinder:
     """Finds the old module paths of :data:`MOVED`."""
 
     def find_spec(self, fullname: str, path: object = None, target: object = None):  # noqa: ANN201
         new = MOVED.get(fullname)
         if new is None:
             return None
+        import importlib.util
+
         target_spec = importlib.util.find_spec(new)
         origin = target_spec.origin if target_spec is not None else None
         return importlib.machinery.ModuleSpec(fullname, _AliasLoader(new), origin=origin)
