@@ -9,6 +9,7 @@ split is built on the fake copy of its data set (:mod:`softmine.testing.fakes`).
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -153,3 +154,24 @@ def test_a_reader_gets_only_the_options_it_takes(fake_roots: dict[str, Path]) ->
 )
 def test_loading_option_names_the_key_a_split_reads(key: str, option: str | None) -> None:
     assert loading_option(key) == option
+
+
+@pytest.mark.parametrize("old_layout", [False, True])
+def test_embedding_a_run_split_moves_the_root_and_the_policy(
+    old_layout: bool, fake_roots: dict[str, Path]
+) -> None:
+    """``softmine-embed RUN --dataset-split test --dataset-root X``: the run's recorded root is
+    gone; the split reads X, with the policy given, in either layout of the run's config."""
+    from omegaconf import OmegaConf
+
+    from softmine.inference.extract import build_split as run_split
+
+    config = compose(["dataset=cub", "dataset.root=/moved/away", "dataset.cache=ram"])
+    if old_layout:  # the split node forwards the options itself, as recorded before
+        OmegaConf.set_struct(config, False)
+        for key in ("root", "on_bad_image", "cache"):
+            config.dataset.test[key] = "${.." + key + "}"
+    loaded = SimpleNamespace(config=config)
+    built = run_split(loaded, "test", root=str(fake_roots["cub"]), on_bad_image="skip")
+    assert Path(built.root) == fake_roots["cub"]
+    assert built.on_bad_image == "skip" and built.cache is not None
