@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from softmine.config import build
 from softmine.data import PKSampler
+from softmine.data.build import build_split
 from softmine.data.check import check
 from softmine.data.download import DOWNLOADS
 from softmine.data.sources import SOURCES, check_root
@@ -61,16 +62,16 @@ def test_default_roots(name: str, root: str) -> None:
 @pytest.mark.parametrize("name", ["cub", "cars196"])
 def test_image_configs_build_uint8_224_crops(fakes: dict[str, Path], name: str) -> None:
     cfg = _cfg(f"dataset={name}", f"dataset.root={fakes[name]}")
-    train, test = build(cfg.dataset.train, "train"), build(cfg.dataset.test, "test")
+    train, test = build_split(cfg.dataset, "train"), build_split(cfg.dataset, "test")
     x, y = train[0]
     # uint8 out of the workers; the trainer makes floats on the device, the backbone normalises
     assert x.shape == (3, 224, 224) and x.dtype == torch.uint8 and y == 0
     t, _ = test[0]
     assert t.shape == (3, 224, 224) and t.dtype == torch.uint8
-    big = build(
+    big = build_split(
         _cfg(
             f"dataset={name}", f"dataset.root={fakes[name]}", "dataset.transform.crop_size=227"
-        ).dataset.test,
+        ).dataset,
         "test",
     )
     assert big[0][0].shape == (3, 227, 227)
@@ -78,7 +79,7 @@ def test_image_configs_build_uint8_224_crops(fakes: dict[str, Path], name: str) 
 
 def test_image_config_trains_through_a_pk_loader(fakes: dict[str, Path]) -> None:
     cfg = _cfg("dataset=cub", f"dataset.root={fakes['cub']}", "dataset.crop=true")
-    train = build(cfg.dataset.train, "train")
+    train = build_split(cfg.dataset, "train")
     sampler = PKSampler(train.labels, num_classes=2, num_samples=3, seed=0)
     x, y = next(iter(DataLoader(train, batch_sampler=sampler)))
     assert x.shape == (6, 3, 224, 224) and sorted(y.tolist()) == [0, 0, 0, 1, 1, 1]
@@ -88,9 +89,9 @@ def test_image_config_trains_through_a_pk_loader(fakes: dict[str, Path]) -> None
 def test_video_configs_build_train_query_gallery(fakes: dict[str, Path], name: str) -> None:
     cfg = _cfg(f"dataset={name}", f"dataset.root={fakes[name]}", "dataset.seq_len=4")
     assert "test" not in cfg.dataset
-    clip, label = build(cfg.dataset.train, "train")[0]
+    clip, label = build_split(cfg.dataset, "train")[0]
     assert clip.shape == (4, 3, 256, 128) and clip.dtype == torch.uint8 and label == 0
-    query, gallery = build(cfg.dataset.query, "query"), build(cfg.dataset.gallery, "gallery")
+    query, gallery = build_split(cfg.dataset, "query"), build_split(cfg.dataset, "gallery")
     clip, pid, camid = query[0]
     frames = len(query.tracklets[0][0])
     assert clip.shape == (-(-frames // 4), 4, 3, 256, 128) and camid == query.camids[0]
@@ -99,9 +100,9 @@ def test_video_configs_build_train_query_gallery(fakes: dict[str, Path], name: s
 
 def test_mars_gallery_switch(fakes: dict[str, Path]) -> None:
     root = f"dataset.root={fakes['mars']}"
-    official = build(_cfg("dataset=mars", root).dataset.gallery, "gallery")
-    variant = build(
-        _cfg("dataset=mars", root, "dataset.gallery_includes_query=false").dataset.gallery, "g"
+    official = build_split(_cfg("dataset=mars", root).dataset, "gallery")
+    variant = build_split(
+        _cfg("dataset=mars", root, "dataset.gallery_includes_query=false").dataset, "gallery"
     )
     assert len(official) == 10 and len(variant) == 5
 
@@ -113,7 +114,7 @@ def test_identity_sampler_config_over_video_labels(fakes: dict[str, Path]) -> No
         "sampler=identity",
         "sampler.num_classes=2",
     )
-    train = build(cfg.dataset.train, "train")
+    train = build_split(cfg.dataset, "train")
     sampler = build(cfg.sampler, "sampler", labels=train.labels, seed=0)
     batches = list(sampler)
     assert batches and all(
@@ -128,7 +129,7 @@ def test_transform_group_can_be_swapped(fakes: dict[str, Path]) -> None:
         "dataset/transform=reid",
         "dataset.transform.erasing=0",
     )
-    x, _ = build(cfg.dataset.train, "train")[0]
+    x, _ = build_split(cfg.dataset, "train")[0]
     assert x.shape == (3, 256, 128)
 
 
@@ -271,14 +272,14 @@ def test_a_missing_set_names_the_commands_that_get_and_check_it(name: str, tmp_p
 @pytest.mark.parametrize("name", ["cub", "mars"])
 def test_label_noise_on_real_set_configs(fakes: dict[str, Path], name: str) -> None:
     root = f"dataset.root={fakes[name]}"
-    clean = build(_cfg(f"dataset={name}", root).dataset.train, "train")
-    noisy = build(_cfg(f"dataset={name}", root, "dataset.label_noise=0.5").dataset.train, "train")
+    clean = build_split(_cfg(f"dataset={name}", root).dataset, "train")
+    noisy = build_split(_cfg(f"dataset={name}", root, "dataset.label_noise=0.5").dataset, "train")
     n = len(clean.labels)
     assert int(noisy.flipped.sum()) == round(0.5 * n) and not clean.flipped.any()
     assert (noisy.labels != clean.labels).sum() == round(0.5 * n)
     i = int(np.flatnonzero(noisy.flipped)[0])
     assert noisy[i][1] == noisy.labels[i] != clean.labels[i]  # items carry the noisy label
     test_node = "test" if name == "cub" else "query"
-    a = build(_cfg(f"dataset={name}", root).dataset[test_node], "t")
-    b = build(_cfg(f"dataset={name}", root, "dataset.label_noise=0.5").dataset[test_node], "t")
+    a = build_split(_cfg(f"dataset={name}", root).dataset, test_node)
+    b = build_split(_cfg(f"dataset={name}", root, "dataset.label_noise=0.5").dataset, test_node)
     assert np.array_equal(a.labels, b.labels)  # evaluation labels are never touched

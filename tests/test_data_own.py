@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from softmine.config import build
 from softmine.data import CSVDataset, ImageFolder
+from softmine.data.build import build_split
 from softmine.data.custom import held_out, number_names
 from softmine.data.datasets.csvlist import CSVImages, CSVTracklets, read_csv_table
 from softmine.data.sources import natural_key
@@ -166,10 +166,8 @@ def test_errors_name_a_class_by_its_folder_not_its_id(tmp_path: Path) -> None:
 
 def test_label_noise_and_bad_images_work_as_for_the_published_sets(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "photos", 4, 4, size=8)
-    noisy = build(
-        compose(
-            ["dataset=imagefolder", f"dataset.root={root}", "dataset.label_noise=0.5"]
-        ).dataset.train,
+    noisy = build_split(
+        compose(["dataset=imagefolder", f"dataset.root={root}", "dataset.label_noise=0.5"]).dataset,
         "train",
     )
     assert int(noisy.flipped.sum()) == 4 and (noisy.labels != noisy.clean_labels).sum() == 4
@@ -370,7 +368,7 @@ def test_evaluator_passes_the_dataset_junk_and_distractor_ids(tmp_path: Path) ->
     plain = _evaluate(common)
     marked = _evaluate([*common, "dataset.junk_pids=[4]", "dataset.distractor_pids=[3]"])
     cfg = compose(common + SMALL)
-    sets = [build(cfg.dataset[s], s) for s in ("query", "gallery")]
+    sets = [build_split(cfg.dataset, s) for s in ("query", "gallery")]
     (q, qp, qc), (g, gp, gc) = (
         extract_reid_embeddings(_model(), s, device=torch.device("cpu")) for s in sets
     )

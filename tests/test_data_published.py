@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from softmine.config import build
 from softmine.data import LPW, InShop, StanfordOnlineProducts
+from softmine.data.build import build_split
 from softmine.data.check import check
 from softmine.errors import DataError
 from softmine.testing.fakes import INSHOP_ITEMS, LPW_PEOPLE, make_inshop, make_lpw, make_sop
@@ -65,9 +65,9 @@ def test_sop_missing_list_and_missing_image_are_one_clear_error(sop: Path, tmp_p
 def test_sop_config_reports_the_literature_recall_ks(sop: Path) -> None:
     cfg = compose(["dataset=sop", f"dataset.root={sop}"])
     assert list(cfg.evaluation.ks) == [1, 10, 100, 1000]
-    x, y = build(cfg.dataset.train, "train")[0]
+    x, y = build_split(cfg.dataset, "train")[0]
     assert x.shape == (3, 224, 224) and x.dtype == torch.uint8 and y == 0
-    assert len(build(cfg.dataset.test, "test")) == 8
+    assert len(build_split(cfg.dataset, "test")) == 8
     override = compose(["dataset=sop", "evaluation.ks=[1,5]"])
     assert list(override.evaluation.ks) == [1, 5]
 
@@ -116,7 +116,7 @@ def test_inshop_config_is_query_gallery_retrieval(inshop: Path) -> None:
     cfg = compose(["dataset=inshop", f"dataset.root={inshop}"])
     assert cfg.dataset.eval_protocol == "query_gallery" and "test" not in cfg.dataset
     assert list(cfg.evaluation.ks) == [1, 10, 20, 30, 40, 50]
-    x, item, camera = build(cfg.dataset.query, "query")[0]
+    x, item, camera = build_split(cfg.dataset, "query")[0]
     assert x.shape == (3, 224, 224) and (item, camera) == (8, 0)
 
 
@@ -165,7 +165,7 @@ def test_lpw_without_pep_folder_and_missing_scene(tmp_path: Path) -> None:
 def test_lpw_config_builds_clips(lpw: Path) -> None:
     cfg = compose(["dataset=lpw", f"dataset.root={lpw}", "dataset.seq_len=2"])
     assert cfg.dataset.eval_protocol == "reid" and list(cfg.dataset.junk_pids) == []
-    clip, label = build(cfg.dataset.train, "train")[0]
+    clip, label = build_split(cfg.dataset, "train")[0]
     assert clip.shape == (2, 3, 256, 128) and label == 0
 
 

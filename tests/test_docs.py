@@ -136,7 +136,7 @@ def test_configuration_page_shows_comments_and_defaults(config_page: str) -> Non
         in config_page
     )
     # relative interpolations name the key they read
-    assert "| `dataset.test.root` | `${..root}` | set from `dataset.root` |" in config_page
+    assert "| `dataset.test.crop` | `${..crop}` | set from `dataset.crop` |" in config_page
     assert "### `dataset/transform=reid` { #dataset-transform-reid }" in config_page
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from softmine.config import build
+from softmine.data.build import build_split
 from softmine.testing.fakes import make_cars, make_cub
 from tests.conftest import compose, run_cli
 
@@ -95,8 +95,8 @@ def test_bbox_experiments_crop_train_and_test_images_to_their_boxes(
 ) -> None:
     root = make(tmp_path / "data")
     cfg = compose([f"experiment={experiment}", f"dataset.root={root}", "data.check_files=false"])
-    for node in (cfg.dataset.train, cfg.dataset.test):
-        ds = build(node, "dataset")
+    for split in ("train", "test"):
+        ds = build_split(cfg.dataset, split)
         assert tuple(ds.load(0).shape) == (3, *box_hw)  # the crop, before the transform
         image, _ = ds[0]
         assert tuple(image.shape) == (3, 224, 224)  # then resized whole, as their 224 x 224 cells

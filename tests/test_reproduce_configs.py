@@ -243,4 +243,6 @@ def test_cfg_job_resolve_prints_the_final_values(tmp_path) -> None:
     assert res.returncode == 0, res.stderr[-2000:]
     job = OmegaConf.create(res.stdout)
     assert list(job.evaluation.ks) == [1, 2, 4, 8, 16, 32]  # the Recall@K of the authors' logs
-    assert job.dataset.test.root == job.dataset.root == "data/CUB_200_2011"  # values, not ${..root}
+    assert job.dataset.root == "data/CUB_200_2011"
+    assert job.dataset.test.crop is job.dataset.crop is False  # values, not ${..crop}
+    assert job.dataset.train.seed == job.seed  # not ${..label_noise_seed}

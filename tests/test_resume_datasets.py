@@ -116,6 +116,39 @@ def test_a_record_with_values_resolved_by_an_older_version_still_resumes(
         train(Invocation(run_dir, compose(changed), changed, choices={}))
 
 
+#: The loading options as dataset configs forwarded them into every split node before
+#: they were given once (``root: ${..root}`` in ``dataset.test``, ``${...root}`` one deeper).
+FORWARDED = ("root", "on_bad_image", "cache", "cache_size", "cache_dir")
+
+
+@pytest.mark.parametrize("name", ["cub", "mars"])
+def test_a_record_whose_splits_forward_the_loading_options_still_resumes(
+    name: str, fake_roots: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run recorded with the old dataset layout resumes with the same command; a changed
+    option is still refused, named as the option given once."""
+    monkeypatch.setattr(Trainer, "fit", lambda self: {})
+    given = _overrides(name, fake_roots[name])
+    run_dir = tmp_path / "run"
+    train(Invocation(run_dir, compose(given), given, choices={}))
+    config_file = run_dir / ".hydra" / "config.yaml"
+    old = yaml.safe_load(config_file.read_text())
+    splits = [s for s in ("test", "query", "gallery") if s in old["dataset"]]
+    for key in FORWARDED:
+        old["dataset"]["train"]["dataset"][key] = "${..." + key + "}"
+        for split in splits:
+            old["dataset"][split][key] = "${.." + key + "}"
+    config_file.write_text(yaml.safe_dump(old))
+    again = [*given, "resume=true"]
+    train(Invocation(run_dir, compose(again), again, choices={}))
+    assert "changed" not in yaml.safe_load((run_dir / ".hydra" / "resumes.yaml").read_text())[0]
+    changed = [*given, "resume=true", "dataset.cache=ram"]
+    with pytest.raises(Exception, match=r"settings that differ .*: dataset.cache \([^,]*; "):
+        train(Invocation(run_dir, compose(changed), changed, choices={}))
+    allowed = [*changed, "resume_override=dataset.cache"]  # the one key the message names
+    train(Invocation(run_dir, compose(allowed), allowed, choices={}))
+
+
 @pytest.mark.slow
 def test_ctrl_c_then_the_printed_command_resumes_a_cub_run(tmp_path: Path) -> None:
     """The issue's probe: interrupt a fake-CUB run, run the command the message prints."""

@@ -33,6 +33,33 @@ def build(node: DictConfig, what: str, **kwargs: Any) -> Any:
         ) from e
 
 
+#: The options of a dataset config given once, at its top level, that every split's reader
+#: receives (:mod:`softmine.data.build`).
+LOADING_KEYS = ("root", "on_bad_image", "cache", "cache_size", "cache_dir")
+
+#: The split nodes a dataset config may have.
+SPLIT_NODES = ("train", "test", "query", "gallery")
+
+
+def loading_option(key: str) -> str | None:
+    """The dataset option that a split's reader key is given from, or None.
+
+    ``dataset.test.root`` and ``dataset.train.dataset.cache`` (a reader inside a wrapper)
+    -> ``dataset.root``, ``dataset.cache``: a run recorded when the split nodes forwarded
+    these keys compares them with the option given once (:mod:`softmine.runs.folder`).
+    """
+    parts = key.split(".")
+    if (
+        len(parts) >= 3
+        and parts[0] == "dataset"
+        and parts[1] in SPLIT_NODES
+        and parts[-1] in LOADING_KEYS
+        and all(p == "dataset" for p in parts[2:-1])
+    ):
+        return f"dataset.{parts[-1]}"
+    return None
+
+
 CONFIG_DIR = str((Path(__file__).parent / "configs").resolve())
 
 

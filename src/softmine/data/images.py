@@ -60,7 +60,7 @@ from softmine.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BadImageError", "Box", "ImageDataset", "crop_box", "read_image"]
+__all__ = ["BadImageError", "Box", "FileDataset", "ImageDataset", "crop_box", "read_image"]
 
 BAD_IMAGE_POLICIES = ("error", "skip")
 IMAGE_SPLITS = ("train", "test")
@@ -141,22 +141,20 @@ def note_bad_image(dataset: Any, path: str, what: str, reason: str = "") -> None
             f.write(f"{path}\t{reason}\n")
 
 
-class ImageDataset(Dataset):
-    """Labelled image files with an optional crop box each; the shared half of CUB200 and Cars196.
+class FileDataset(Dataset):
+    """What every reader of image files holds: its transform, bad-image policy and record, cache.
 
-    Subclasses parse their index files, then call :meth:`_setup` with
-    ``(path, class_id)`` pairs. Labels are the class ids remapped to ``0..C-1`` in
-    ascending class-id order, so ``labels`` is contiguous in every split (what the
-    trainer needs); ``classes[label]`` gives the published class id back.
+    The base of :class:`ImageDataset` and :class:`~softmine.data.video.VideoDataset`; a
+    reader passes its loading options (``on_bad_image``, ``cache``, ``cache_size``,
+    ``cache_dir``) here and only parses its layout.
 
     Attributes:
-        samples: ``(image path, label)`` per item, in the dataset's published order.
-        labels: int64 array of the labels, shape (n,).
-        classes: published class ids (1-based) of labels ``0..C-1``.
-        class_names: published class names of labels ``0..C-1``.
-        boxes: crop box (left, top, right, bottom) per item, or None when not cropping.
+        transform: applied to every item's image (or clip), or None.
+        on_bad_image: ``error`` | ``skip`` (see the module docstring).
         bad_images: paths skipped under ``on_bad_image=skip`` (in this process).
-        cache: the decoded images (``cache=ram|disk``), or None.
+        bad_image_log: a file each process appends skipped paths to, or None.
+        cache_options: the checked ``cache``, ``cache_size`` and ``cache_dir``.
+        cache: the decoded images (``cache=ram|disk``) once the subclass built it, else None.
     """
 
     source: ClassVar[Source]
@@ -175,6 +173,25 @@ class ImageDataset(Dataset):
         self.bad_image_log: str | None = None
         self.cache_options = CacheOptions.checked(cache, cache_size, cache_dir)
         self.cache: ImageCache | None = None
+
+
+class ImageDataset(FileDataset):
+    """Labelled image files with an optional crop box each; the shared half of CUB200 and Cars196.
+
+    Subclasses parse their index files, then call :meth:`_setup` with
+    ``(path, class_id)`` pairs. Labels are the class ids remapped to ``0..C-1`` in
+    ascending class-id order, so ``labels`` is contiguous in every split (what the
+    trainer needs); ``classes[label]`` gives the published class id back.
+
+    Attributes:
+        samples: ``(image path, label)`` per item, in the dataset's published order.
+        labels: int64 array of the labels, shape (n,).
+        classes: published class ids (1-based) of labels ``0..C-1``.
+        class_names: published class names of labels ``0..C-1``.
+        boxes: crop box (left, top, right, bottom) per item, or None when not cropping.
+        bad_images: paths skipped under ``on_bad_image=skip`` (in this process).
+        cache: the decoded images (``cache=ram|disk``), or None.
+    """
 
     def _setup(
         self,

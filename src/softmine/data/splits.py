@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
 from softmine.config import build
+from softmine.data.build import build_split, split_node, wrapper_chain
 from softmine.data.views import DatasetView
 from softmine.errors import ConfigError, DataError
 
@@ -225,14 +226,6 @@ def holds_out(dataset_cfg: DictConfig) -> bool:
     return bool(int(dataset_cfg.get("val_classes") or 0) or int(dataset_cfg.get("folds") or 0))
 
 
-def _wrapper_chain(node: dict[str, Any]) -> list[dict[str, Any]]:
-    """The training node and the nodes it wraps (a wrapper takes its dataset as ``dataset``)."""
-    chain = [node]
-    while isinstance(chain[-1].get("dataset"), dict) and "_target_" in chain[-1]["dataset"]:
-        chain.append(chain[-1]["dataset"])
-    return chain
-
-
 def _eval_node(dataset_cfg: DictConfig) -> dict[str, Any]:
     for split in ("test", "query"):
         if split in dataset_cfg:
@@ -252,8 +245,8 @@ def build_train_and_validation(
             protocol is ``reid``) instead of leave-one-out retrieval.
     """
     if not holds_out(dataset_cfg):
-        return build(dataset_cfg.train, "dataset.train"), None
-    chain = _wrapper_chain(OmegaConf.to_container(dataset_cfg.train, resolve=True))  # type: ignore[arg-type]
+        return build_split(dataset_cfg, "train"), None
+    chain = wrapper_chain(split_node(dataset_cfg, "train"))
     inner = chain[-1]
     raw = build(OmegaConf.create(inner), "dataset.train")
     if not hasattr(raw, "labels"):

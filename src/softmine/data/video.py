@@ -46,22 +46,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from softmine.data.cache import ImageCache
 from softmine.data.images import (
     BadImageError,
-    CacheOptions,
+    FileDataset,
     cached_image,
-    check_policy,
     note_bad_image,
     read_image,
 )
-from softmine.data.sources import Source
 from softmine.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -101,7 +97,7 @@ def relabel(pids: Sequence[int]) -> np.ndarray:
     return np.searchsorted(np.unique(arr), arr)
 
 
-class VideoDataset(Dataset):
+class VideoDataset(FileDataset):
     """Tracklets -> clips. Subclasses parse their layout and call :meth:`_setup`.
 
     Attributes:
@@ -112,8 +108,6 @@ class VideoDataset(Dataset):
         bad_images: frame paths skipped under ``on_bad_image=skip`` (in this process).
         cache: the decoded frames (``cache=ram|disk``), or None.
     """
-
-    source: ClassVar[Source]
 
     def __init__(
         self,
@@ -136,12 +130,7 @@ class VideoDataset(Dataset):
         if sampling not in SAMPLINGS:
             raise ConfigError(f"clip sampling must be one of {SAMPLINGS}, got {sampling!r}")
         self.split, self.seq_len, self.sampling = split, int(seq_len), sampling
-        self.transform = transform
-        self.on_bad_image = check_policy(on_bad_image)
-        self.bad_images: set[str] = set()
-        self.bad_image_log: str | None = None
-        self.cache_options = CacheOptions.checked(cache, cache_size, cache_dir)
-        self.cache: ImageCache | None = None
+        super().__init__(transform, on_bad_image, cache, cache_size, cache_dir)
 
     def _setup(self, tracklets: Sequence[Tracklet]) -> None:
         if not tracklets:

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from softmine.config import build
+from softmine.data.build import build_split
 from softmine.data.file_check import (
     base_dataset,
     check_files,
@@ -315,10 +315,10 @@ class Evaluator:
             )
         reid_variants(cfg, self.protocol)  # a bad variant fails here, before training
         if self.has_test and self.protocol == "retrieval":
-            self.test_set = build(d.test, "dataset.test")
+            self.test_set = build_split(d, "test")
         elif self.has_test:
-            self.query_set = build(d.query, "dataset.query")
-            self.gallery_set = build(d.gallery, "dataset.gallery")
+            self.query_set = build_split(d, "query")
+            self.gallery_set = build_split(d, "gallery")
         self.listing: Path | None = None  # the run's bad_images.txt, once check_files set it
         self.dropped = {name: self._missing_items(name) for name in self._slots()}
 

@@ -226,16 +226,18 @@ def build_split(
     from omegaconf import OmegaConf
 
     from softmine.config import build
+    from softmine.data.build import split_node
 
     cfg = loaded.config
     names = split_names(cfg)
     if split not in names:
         raise ConfigError(f"--dataset-split {split}: the run's dataset has the splits {names}")
-    node = OmegaConf.create(OmegaConf.to_container(cfg.dataset[split], resolve=True))
-    if root is not None:
-        _replace_root(node, str(cfg.dataset.get("root")), root)
+    dataset = OmegaConf.create(OmegaConf.to_container(cfg.dataset, resolve=True))
+    if root is not None:  # the dataset's root, and a split node's own copy of it (older runs)
+        _replace_root(dataset, str(cfg.dataset.get("root")), root)
     if on_bad_image is not None:
-        _set_key(node, "on_bad_image", on_bad_image)
+        _set_key(dataset, "on_bad_image", on_bad_image)
+    node = OmegaConf.create(split_node(dataset, split))
     if split == "train":  # the test transform, never the training augmentation
         _set_transform(node, loaded)
     return build(node, f"dataset.{split}")

@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from softmine.config import loading_option
 from softmine.errors import ConfigError
 from softmine.runs.atomic import write_text_atomic
 from softmine.runs.metrics_file import STEP_KEY, read_metrics
@@ -480,12 +481,26 @@ def _same_when_resolved(
     one per key that follows it; a record that holds some values resolved (written by an
     older softmine after building the run had resolved them in place) then differs as
     written but not in value, and is no difference.
+
+    A split node's loading option that only repeats the dataset's (``dataset.test.root:
+    ${..root}``, as dataset configs had it before the option was given once) is no
+    difference of its own on either side: a changed ``dataset.root`` is reported once.
     """
     if not diffs:
         return diffs
     a = flatten(_container(recorded, resolve=True))
     b = flatten(_container(cfg, resolve=True))
-    return [d for d in diffs if d.key not in a or d.key not in b or a[d.key] != b[d.key]]
+
+    def repeats(flat: dict[str, Any], key: str) -> bool:
+        option = loading_option(key)
+        return option is not None and flat.get(key, flat.get(option)) == flat.get(option)
+
+    return [
+        d
+        for d in diffs
+        if not (repeats(a, d.key) and repeats(b, d.key))
+        and (d.key not in a or d.key not in b or a[d.key] != b[d.key])
+    ]
 
 
 def stale_checkpoint(run_dir: Path, metrics: dict[str, Any] | None = None) -> str | None:
