@@ -164,7 +164,7 @@ def test_embedding_a_run_split_moves_the_root_and_the_policy(
     gone; the split reads X, with the policy given, in either layout of the run's config."""
     from omegaconf import OmegaConf
 
-    from softmine.inference.extract import build_split as run_split
+    from softmine.inference.extract import run_split
 
     config = compose(["dataset=cub", "dataset.root=/moved/away", "dataset.cache=ram"])
     if old_layout:  # the split node forwards the options itself, as recorded before

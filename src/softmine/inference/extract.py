@@ -215,7 +215,7 @@ def split_names(cfg: DictConfig) -> list[str]:
     return [k for k in ("test", "train", "query", "gallery") if k in cfg.get("dataset", {})]
 
 
-def build_split(
+def run_split(
     loaded: LoadedModel, split: str, root: str | None = None, on_bad_image: str | None = None
 ) -> Dataset:
     """The run's own dataset split ``split``, with the test transform (no augmentation).
@@ -302,7 +302,7 @@ def embed_split(
         raise ConfigError(
             f"--on-bad-image must be one of {BAD_IMAGE_POLICIES} (got {on_bad_image!r})"
         )
-    dataset = build_split(loaded, split, root, on_bad_image)
+    dataset = run_split(loaded, split, root, on_bad_image)
     first = dataset[0][0] if len(dataset) else None
     if not isinstance(first, torch.Tensor) or first.dim() != 3:
         raise ConfigError(

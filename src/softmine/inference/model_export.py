@@ -70,10 +70,10 @@ def input_shape(loaded: LoadedModel, size: tuple[int, int] | None = None) -> tup
         if len(shape) == 3:
             return int(shape[0]), int(shape[1]), int(shape[2])
     try:
-        from softmine.inference.extract import build_split, split_names
+        from softmine.inference.extract import run_split, split_names
 
         split = split_names(loaded.config)[0]
-        first = build_split(loaded, split)[0][0]
+        first = run_split(loaded, split)[0][0]
         if isinstance(first, torch.Tensor) and first.dim() == 3:
             return int(first.shape[0]), int(first.shape[1]), int(first.shape[2])
     except (SoftmineError, IndexError, OSError):
