@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import re
@@ -58,7 +57,24 @@ from pathlib import Path
 
 import pandas as pd
 
+from softmine.evaluation.metric_names import (
+    ATTENTION_AUC,
+    BEST_TEST_PREFIX,
+    BEST_TEST_STEP,
+    CONCAT_PREFIX,
+    MAP_AT_R,
+    NMI,
+    R_PRECISION,
+    RECALL,
+    SELECTED_PREFIX,
+    SELECTED_STEP,
+    VAL_PREFIX,
+    labels,
+)
+from softmine.runs.layout import REPORT_FILES, RUN_FILES, ReportLayout, RunLayout, SweepLayout
+
 REPO = Path(__file__).resolve().parents[1]
+R_AT_1 = RECALL + "1"
 DOC = REPO / "docs" / "results.md"
 PAIRS_DOC = REPO / "docs" / "benchmarks-digits-pairs.md"
 PROTOCOLS_DOC = REPO / "docs" / "evaluation-protocols.md"
@@ -111,11 +127,11 @@ SWEEPS = {
 REPORT_ARGS = {
     "crossval": [
         "--metrics",
-        "map@r",
-        "val/map@r",
-        "selected/map@r",
-        "best_test/map@r",
-        "concat/map@r",
+        MAP_AT_R,
+        VAL_PREFIX + MAP_AT_R,
+        SELECTED_PREFIX + MAP_AT_R,
+        BEST_TEST_PREFIX + MAP_AT_R,
+        CONCAT_PREFIX + MAP_AT_R,
     ],
 }
 SELECTION = [
@@ -143,15 +159,7 @@ DISTRIBUTED_RUNS = (
     ("2 ranks, split + sync_bn", 2, ["sampler.split_across_ranks=true", "trainer.sync_bn=true"]),
     ("2 ranks, defaults", 2, []),
 )
-DEMO_COLUMNS = {
-    "recall@1": "R@1",
-    "recall@2": "R@2",
-    "recall@4": "R@4",
-    "recall@8": "R@8",
-    "map@r": "MAP@R",
-    "r_precision": "R-Precision",
-    "nmi": "NMI",
-}
+DEMO_COLUMNS = labels([*(f"{RECALL}{k}" for k in (1, 2, 4, 8)), MAP_AT_R, R_PRECISION, NMI])
 ABLATION_ROWS = {
     "contrastive": "contrastive (every pair, weight 1)",
     "contrastive_hard": "contrastive_hard (binary hard mining)",
@@ -195,14 +203,14 @@ def distributed_table() -> tuple[str, str]:
             _, took = _train([*DISTRIBUTED, *extra, f"hydra.run.dir={run}"], processes)
             seconds += took
             commands.append(f"`{_shown([*DISTRIBUTED, *extra], processes)}`")
-            log = pd.read_csv(run / "train_log.csv")
+            log = pd.read_csv(RunLayout(run).train_log)
             epochs = log[log["epoch_time_s"].notna()]
-            metrics = json.loads((run / "metrics.json").read_text())
+            metrics = RunLayout(run).read_metrics()
             split = "sampler.split_across_ranks=true" in extra
             batch = 16 * (1 if split else processes)  # 4 classes x 4 images per process
             rows.append(
                 (name, batch, int(epochs["step"].iloc[-1]), *epochs["loss"].iloc[:2])
-                + (metrics["map@r"], metrics["recall@1"])
+                + (metrics[MAP_AT_R], metrics[R_AT_1])
             )
     lines = [
         "| run | global batch | steps | mean loss, epoch 1 | mean loss, epoch 2 | MAP@R | Recall@1 |",
@@ -223,7 +231,7 @@ def distributed_table() -> tuple[str, str]:
 def parse_printed_table(text: str) -> pd.DataFrame:
     """The fixed-width table ``softmine-train`` prints (``trainer.baselines=true``)."""
     lines = text.splitlines()
-    head = next(i for i, line in enumerate(lines) if line.split()[:1] == ["recall@1"])
+    head = next(i for i, line in enumerate(lines) if line.split()[:1] == [R_AT_1])
     columns = lines[head].split()
     rows = {}
     for line in lines[head + 2 :]:
@@ -287,9 +295,9 @@ def run_sweep(name: str, given: dict[str, Path], when: str) -> tuple[pd.DataFram
     )
     if report.returncode != 0:
         sys.exit(f"error: softmine-report {folder} failed: {report.stderr[-2000:]}")
-    table = pd.read_csv(folder / "report.csv")
+    table = pd.read_csv(ReportLayout(folder).table)
     if int(table["failed"].fillna(0).sum()):
-        sys.exit(f"error: {folder} has failed runs; see {folder / 'summary.csv'}")
+        sys.exit(f"error: {folder} has failed runs; see {SweepLayout(folder).summary}")
     command = "softmine-train " + " ".join(shlex.quote(a) for a in SWEEPS[name])
     if name in REPORT_ARGS:
         command += "`, then `softmine-report SWEEP " + " ".join(REPORT_ARGS[name])
@@ -305,8 +313,8 @@ def _cell(row: pd.Series, metric: str, bold: bool = False) -> str:
     return f"**{text}**" if bold else text
 
 
-ABLATION_METRICS = {"recall@1": "R@1", "map@r": "MAP@R", "nmi": "NMI"}
-PAIRS_METRICS = {"recall@1": "R@1", "map@r": "MAP@R", "r_precision": "R-Precision", "nmi": "NMI"}
+ABLATION_METRICS = labels([R_AT_1, MAP_AT_R, NMI])
+PAIRS_METRICS = labels([R_AT_1, MAP_AT_R, R_PRECISION, NMI])
 
 
 def ablation_table(table: pd.DataFrame, metrics: dict[str, str] = ABLATION_METRICS) -> str:
@@ -327,19 +335,21 @@ def noise_table(noise: pd.DataFrame, control: pd.DataFrame | None) -> str:
     key = "dataset.label_noise"
     levels = sorted(noise[key].unique())
     rows: list[tuple[str, pd.DataFrame, str]] = [
-        (loss, noise[noise["loss"] == loss], "map@r") for loss in ("contrastive", "osm", "osm_caa")
+        (loss, noise[noise["loss"] == loss], MAP_AT_R) for loss in ("contrastive", "osm", "osm_caa")
     ]
     if control is not None:
-        rows.append(("osm + CE, no attention (control)", control, "map@r"))
+        rows.append(("osm + CE, no attention (control)", control, MAP_AT_R))
     rows.append(
         (
             "attention AUC, clean vs flipped (osm_caa)",
             noise[noise["loss"] == "osm_caa"],
-            "attention_auc",
+            ATTENTION_AUC,
         )
     )
     best = {
-        lv: max(part[part[key] == lv]["map@r_mean"].max() for _, part, m in rows if m == "map@r")
+        lv: max(
+            part[part[key] == lv][f"{MAP_AT_R}_mean"].max() for _, part, m in rows if m == MAP_AT_R
+        )
         for lv in levels
     }
     lines = [
@@ -354,17 +364,17 @@ def noise_table(noise: pd.DataFrame, control: pd.DataFrame | None) -> str:
                 cells.append("–")
                 continue
             row = match.iloc[0]
-            bold = metric == "map@r" and row["map@r_mean"] == best[lv] and lv > 0
+            bold = metric == MAP_AT_R and row[f"{MAP_AT_R}_mean"] == best[lv] and lv > 0
             cells.append(_cell(row, metric, bold))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-SELECTION_COLUMNS = ("recall@1", "map@r", "val/recall@1", "val/map@r")
+SELECTION_COLUMNS = (R_AT_1, MAP_AT_R, VAL_PREFIX + R_AT_1, VAL_PREFIX + MAP_AT_R)
 CHOICES = (
     ("final (last snapshot)", "", None),
-    ("selected (best `val/map@r`)", "selected/", "selected_iteration"),
-    ("best_test (best `map@r`, optimistic)", "best_test/", "best_test_iteration"),
+    ("selected (best `val/map@r`)", SELECTED_PREFIX, SELECTED_STEP),
+    ("best_test (best `map@r`, optimistic)", BEST_TEST_PREFIX, BEST_TEST_STEP),
 )
 
 
@@ -377,13 +387,14 @@ def selection_text(log: pd.DataFrame, metrics: dict[str, float]) -> str:
         cells = " | ".join(f"{row[c]:.4f}" for c in SELECTION_COLUMNS)
         lines.append(f"| {int(row['iteration'])} | {cells} |")
     last = int(log["iteration"].iloc[-1])
-    lines += ["", "| in `metrics.json` | iteration | `map@r` | `val/map@r` |", "|---|---|---|---|"]
+    head = f"| in `{RUN_FILES.metrics}` | iteration | `map@r` | `val/map@r` |"
+    lines += ["", head, "|---|---|---|---|"]
     for label, prefix, key in CHOICES:
         at = int(metrics[key]) if key else last
-        test, val = metrics[f"{prefix}map@r"], metrics[f"{prefix}val/map@r"]
+        test, val = metrics[prefix + MAP_AT_R], metrics[prefix + VAL_PREFIX + MAP_AT_R]
         lines.append(f"| {label} | {at} | {test:.4f} | {val:.4f} |")
-    selected, final = metrics["selected/map@r"], metrics["map@r"]
-    if metrics["selected_iteration"] == last:
+    selected, final = metrics[SELECTED_PREFIX + MAP_AT_R], metrics[MAP_AT_R]
+    if metrics[SELECTED_STEP] == last:
         verdict = (
             "the validation classes chose the last snapshot, so the honest number is the final one"
         )
@@ -406,8 +417,8 @@ def selection_table() -> tuple[str, str]:
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
         _, seconds = _train([*SELECTION, f"hydra.run.dir={run}"])
-        log = pd.read_csv(run / "eval_log.csv")
-        metrics = json.loads((run / "metrics.json").read_text())
+        log = pd.read_csv(RunLayout(run).eval_log)
+        metrics = RunLayout(run).read_metrics()
     command = "softmine-train " + " ".join(SELECTION)
     return selection_text(log, metrics), f"`{command}` ({seconds:.0f} s)"
 
@@ -428,7 +439,10 @@ def crossval_text(report_md: str) -> str:
     """The two tables of a fold sweep's ``report.md`` and sentences read off them."""
     tables = markdown_tables(report_md)
     if len(tables) != 2:
-        sys.exit(f"error: expected a summary and a folds table in report.md, got {len(tables)}")
+        sys.exit(
+            f"error: expected a summary and a folds table in {REPORT_FILES.markdown}, "
+            f"got {len(tables)}"
+        )
     summary, folds = tables
     header, rows = parse_markdown_table(folds)
 
@@ -436,7 +450,10 @@ def crossval_text(report_md: str) -> str:
         return float(row[header.index(name)])
 
     last = all(
-        value(r, "selected/map@r") == value(r, "map@r") == value(r, "best_test/map@r") for r in rows
+        value(r, SELECTED_PREFIX + MAP_AT_R)
+        == value(r, MAP_AT_R)
+        == value(r, BEST_TEST_PREFIX + MAP_AT_R)
+        for r in rows
     )
     notes = [
         "In every fold the validation- and the test-chosen snapshots score exactly what the "
@@ -445,14 +462,14 @@ def crossval_text(report_md: str) -> str:
         else "In some fold a chosen snapshot is not the last one."
     ]
     s_header, s_rows = parse_markdown_table(summary)
-    concat = float(s_rows[0][s_header.index("concat/map@r")].split()[0])
-    best_fold = max(value(r, "map@r") for r in rows)
+    concat = float(s_rows[0][s_header.index(CONCAT_PREFIX + MAP_AT_R)].split()[0])
+    best_fold = max(value(r, MAP_AT_R) for r in rows)
     notes.append(
         "The fold models together (`concat/map@r`) score "
         + ("higher" if concat > best_fold else "no higher")
         + " than the best of them alone."
     )
-    higher = all(value(r, "val/map@r") > value(r, "map@r") for r in rows)
+    higher = all(value(r, VAL_PREFIX + MAP_AT_R) > value(r, MAP_AT_R) for r in rows)
     notes.append(
         "Every fold scores "
         + ("higher" if higher else "not always higher")
@@ -463,7 +480,7 @@ def crossval_text(report_md: str) -> str:
 
 def crossval_tables(folder: Path) -> str:
     """The generated text of the cross-validation example, from its sweep ``folder``."""
-    return crossval_text((folder / "report.md").read_text())
+    return crossval_text(ReportLayout(folder).markdown.read_text())
 
 
 def fair_text(given: dict[str, Path], when: str) -> str:
@@ -486,7 +503,7 @@ def fair_text(given: dict[str, Path], when: str) -> str:
         (folder / STAMP_FILE).write_text(when + "\n")
         took = f"{time.perf_counter() - t0:.0f} s"
     text, _ = fair.table(folder)
-    curves = folder / "val_curves.png"  # the page shows the runs' validation curves too
+    curves = SweepLayout(folder).val_curves  # the page shows the runs' validation curves too
     if curves.exists():
         shutil.copy(curves, FAIR_CURVES)
     table, note = text.split("\n\n", 1)
