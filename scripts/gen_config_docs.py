@@ -28,6 +28,8 @@ from typing import Any
 
 import yaml
 
+from softmine.config import flatten
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
 OUT = REPO / "docs" / "configuration.md"
@@ -101,18 +103,6 @@ def _split_comment(text: str) -> tuple[str, str]:
         elif ch == "#" and (i == 0 or text[i - 1] in " \t"):
             return text[:i].rstrip(), text[i + 1 :].strip()
     return text.rstrip(), ""
-
-
-def _flatten(node: Any, prefix: str) -> dict[str, Any]:
-    """Leaf paths of a loaded YAML mapping (lists and flow values are leaves)."""
-    out: dict[str, Any] = {}
-    for key, value in node.items():
-        path = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, path))
-        else:
-            out[path] = value
-    return out
 
 
 def read_config(path: Path, config_dir: Path = CONFIG_DIR) -> ConfigFile:
@@ -201,7 +191,7 @@ def _attach_values(cfg: ConfigFile, loaded: dict, path: Path) -> None:
     """Give every entry its loaded value; the leaves found must be YAML's leaves exactly."""
     body = {k: v for k, v in loaded.items() if k != "defaults"}
     prefix = cfg.package
-    flat = _flatten(body, prefix)
+    flat = flatten(body, f"{prefix}." if prefix else "") if body else {}
     parsed_leaves = set()
     for entry in cfg.entries:
         node: Any = body

@@ -20,12 +20,15 @@ import argparse
 import csv
 from pathlib import Path
 
+from softmine.runs.layout import RUN_FILES, RunLayout
+
 
 def summarise(run_dir: Path, full_iters: int) -> dict[str, float]:
     """Rates and times of one run folder (its epoch rows)."""
-    rows = [r for r in csv.DictReader((run_dir / "train_log.csv").open()) if r.get("epoch_time_s")]
+    files = RunLayout(run_dir)
+    rows = [r for r in csv.DictReader(files.train_log.open()) if r.get("epoch_time_s")]
     if not rows:
-        raise SystemExit(f"{run_dir}: no epoch rows in train_log.csv")
+        raise SystemExit(f"{run_dir}: no epoch rows in {RUN_FILES.train_log}")
     steps = [int(float(r["step"])) for r in rows]
     per_epoch = [b - a for a, b in zip([0, *steps[:-1]], steps, strict=True)]
     use = slice(1, None) if len(rows) > 1 else slice(None)
@@ -34,7 +37,7 @@ def summarise(run_dir: Path, full_iters: int) -> dict[str, float]:
     data = sum(float(r["data_s"]) for r in rows[use])
     images = sum(float(r["images_per_s"]) * float(r["epoch_time_s"]) for r in rows[use])
     peak = max((float(r["peak_mem_gib"]) for r in rows if r.get("peak_mem_gib")), default=0.0)
-    evals = run_dir / "eval_log.csv"
+    evals = files.eval_log
     eval_times = (
         [float(r["eval_s"]) for r in csv.DictReader(evals.open())] if evals.is_file() else []
     )

@@ -12,7 +12,8 @@ import pytest
 from softmine.data.splits import build_train_and_validation, class_folds, held_out_classes
 from softmine.engine.evaluator import score_arrays
 from softmine.errors import DataError
-from softmine.reporting.crossval import TEST_EMBEDDINGS_FILE, concatenate
+from softmine.reporting.crossval import concatenate
+from softmine.runs.layout import RunLayout
 from tests.conftest import FAST_DIGITS, compose, run_cli
 
 
@@ -96,7 +97,7 @@ def test_fold_sweep_report(tmp_path: Path) -> None:
     assert len(runs) == 4
     for run in runs:  # the saved test embeddings are those the final metrics came from
         metrics = json.loads((run / "metrics.json").read_text())
-        with np.load(run / TEST_EMBEDDINGS_FILE) as data:
+        with np.load(RunLayout(run).test_embeddings) as data:
             again = score_arrays({k: data[k] for k in data.files}, compose([]))
         assert again["map@r"] == pytest.approx(metrics["map@r"], abs=1e-9)
         assert "val/map@r" in metrics and "selected/map@r" in metrics
@@ -113,7 +114,7 @@ def test_fold_sweep_report(tmp_path: Path) -> None:
         for run in runs:
             overrides = (run / ".hydra" / "overrides.yaml").read_text()
             if f"seed={seed}" in overrides:
-                with np.load(run / TEST_EMBEDDINGS_FILE) as data:
+                with np.load(RunLayout(run).test_embeddings) as data:
                     parts.append({k: data[k] for k in data.files})
         assert len(parts) == 2
         per_seed.append(score_arrays(concatenate(parts), compose([]))["map@r"])

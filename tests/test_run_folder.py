@@ -19,13 +19,13 @@ from softmine.commands.train import train
 from softmine.errors import ConfigError
 from softmine.reporting.sweep_report import aggregate, load_runs
 from softmine.runs.folder import (
-    LOCK_FILE,
     Invocation,
     RunFolderBusy,
     RunLock,
     config_differences,
     plan_run,
 )
+from softmine.runs.layout import RUN_FILES
 from tests.conftest import FAST_DIGITS, compose, run_cli
 
 HOLD_LOCK = """
@@ -60,11 +60,11 @@ def test_lock_of_a_killed_holder_is_stale(tmp_path: Path) -> None:
     proc = _holder(tmp_path)
     proc.kill()  # SIGKILL: no cleanup, the lock file stays behind
     proc.wait()
-    assert (tmp_path / LOCK_FILE).exists()
+    assert (tmp_path / RUN_FILES.lock).exists()
     lock = RunLock(tmp_path).acquire()
-    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert json.loads((tmp_path / RUN_FILES.lock).read_text())["pid"] == os.getpid()
     lock.release()
-    assert not (tmp_path / LOCK_FILE).exists()  # released on exit, nothing left behind
+    assert not (tmp_path / RUN_FILES.lock).exists()  # released on exit, nothing left behind
 
 
 def test_lock_file_of_a_dead_or_reused_pid_is_stale(tmp_path: Path) -> None:
@@ -76,16 +76,18 @@ def test_lock_file_of_a_dead_or_reused_pid_is_stale(tmp_path: Path) -> None:
         {"pid": dead.pid, "host": host},  # the process is gone
         {"pid": os.getppid(), "host": host, "started_ticks": "1"},  # a live PID, reused
     ):
-        (tmp_path / LOCK_FILE).write_text(json.dumps(holder))
+        (tmp_path / RUN_FILES.lock).write_text(json.dumps(holder))
         RunLock(tmp_path).acquire().release()
 
 
 def test_lock_file_of_a_live_process_is_respected(tmp_path: Path) -> None:
     parent = os.getppid()
-    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": parent, "host": socket.gethostname()}))
+    (tmp_path / RUN_FILES.lock).write_text(
+        json.dumps({"pid": parent, "host": socket.gethostname()})
+    )
     with pytest.raises(RunFolderBusy, match=f"PID {parent}"):
         RunLock(tmp_path).acquire()
-    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "another-host"}))
+    (tmp_path / RUN_FILES.lock).write_text(json.dumps({"pid": 1, "host": "another-host"}))
     with pytest.raises(RunFolderBusy, match="another-host"):
         RunLock(tmp_path).acquire()
 
@@ -96,13 +98,13 @@ def test_lock_is_released_when_the_run_fails(
     from softmine.engine.trainer import Trainer
 
     def crash(self: Trainer, *args: object) -> None:
-        assert (tmp_path / LOCK_FILE).exists()  # held while the run is built and runs
+        assert (tmp_path / RUN_FILES.lock).exists()  # held while the run is built and runs
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(Trainer, "__init__", crash)
     with pytest.raises(RuntimeError, match="a bug"):
         train(_invocation(tmp_path, "trainer.epochs=1"))
-    assert not (tmp_path / LOCK_FILE).exists()
+    assert not (tmp_path / RUN_FILES.lock).exists()
     RunLock(tmp_path).acquire().release()
 
 
@@ -277,7 +279,7 @@ def test_two_processes_into_one_folder(tmp_path: Path) -> None:
         text=True,
     )
     t0 = time.time()
-    while not (run / LOCK_FILE).exists():
+    while not (run / RUN_FILES.lock).exists():
         assert first.poll() is None, first.communicate()[1][-2000:]
         assert time.time() - t0 < 120
         time.sleep(0.05)
@@ -294,4 +296,4 @@ def test_two_processes_into_one_folder(tmp_path: Path) -> None:
     assert "seed=3" in overrides and "seed=4" not in overrides
     log = pd.read_csv(run / "train_log.csv")
     assert log["epoch"].tolist() == [1, 2, 3, 4, 5, 6]
-    assert not list(run.rglob("*.tmp")) and not (run / LOCK_FILE).exists()
+    assert not list(run.rglob("*.tmp")) and not (run / RUN_FILES.lock).exists()

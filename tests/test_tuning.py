@@ -16,6 +16,7 @@ pytest.importorskip("optuna")
 pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
 
 from softmine.commands import tune as tuning
+from softmine.runs.layout import StudyLayout
 
 #: Metric names the test split would write (the validation split's are prefixed val/).
 TEST_METRIC = ("recall@", "map@r", "r_precision", "nmi", "mirror_confusion", "best_test")
@@ -45,7 +46,7 @@ def _interrupted_study(folder: Path, dataset: str, loss: str) -> None:
 
     cfg = tuning.study_config(dataset, loss, FAST)
     folder.mkdir(parents=True)
-    (folder / tuning.STUDY_RECORD).write_text(
+    StudyLayout(folder).record.write_text(
         __import__("yaml").safe_dump(tuning.settings(cfg, FAST), sort_keys=True)
     )
     space, _ = create_params_from_overrides(
@@ -53,7 +54,7 @@ def _interrupted_study(folder: Path, dataset: str, loss: str) -> None:
     )
     study = optuna.create_study(
         study_name=f"{dataset}-{loss}",
-        storage=f"sqlite:///{folder / tuning.STUDY_DB}",
+        storage=f"sqlite:///{StudyLayout(folder).db}",
         direction="maximize",
     )
     done = study.ask()
@@ -127,7 +128,7 @@ def test_a_study_with_other_settings_is_not_resumed(tmp_path: Path) -> None:
 
     folder = tmp_path / "digits_pairs" / "osm"
     folder.mkdir(parents=True)
-    (folder / tuning.STUDY_RECORD).write_text("trials: 99\n")
+    StudyLayout(folder).record.write_text("trials: 99\n")
     with pytest.raises(ConfigError, match="other settings"):
         tuning.run_study("digits_pairs", "osm", root=tmp_path, configs=tmp_path, overrides=FAST)
 

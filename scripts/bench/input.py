@@ -45,8 +45,8 @@ from softmine.config import compose_config
 from softmine.data import CUB200
 from softmine.data.decode import read_image
 from softmine.data.device_transforms import DeviceResizedCrop, ToHWC, collate_padded
-from softmine.hardware import available_cpus
 from softmine.engine.setup import resolve_num_workers
+from softmine.hardware import available_cpus
 from softmine.testing.fakes import make_cub
 
 BATCH = 56  # the reproduce-CUB batch: 8 classes x 7 images

@@ -33,6 +33,7 @@ import torch
 
 from softmine.config import compose_config
 from softmine.engine import Trainer
+from softmine.runs.layout import RunLayout
 from softmine.testing.fakes import make_cub
 
 QUIET = ["trainer.progress_bar=false", "trainer.plots=false", "trainer.tensorboard=false"]
@@ -88,7 +89,7 @@ def trainer(overrides: list[str], steps: int) -> float:
         t = Trainer(cfg, Path(tmp))
         batch = t.sampler.P * t.sampler.K
         t.fit()
-        rows = list(csv.DictReader((Path(tmp) / "train_log.csv").open()))
+        rows = list(csv.DictReader(RunLayout(tmp).train_log.open()))
         seconds = sum(float(r["epoch_time_s"]) for r in rows if r.get("epoch_time_s"))
         return steps * batch / seconds
 

@@ -58,6 +58,27 @@ def loading_option(key: str) -> str | None:
     ):
         return f"dataset.{parts[-1]}"
     return None
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config container as ``{"a.b.c": leaf}`` (lists are leaves, an empty mapping too)."""
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        if not node and prefix:
+            out[prefix[:-1]] = {}
+        return out
+    return {prefix[:-1]: node}
+
+
+def override_key(item: str) -> str:
+    """The key of a Hydra override string: ``+a.b=1`` -> ``a.b``, ``~c`` -> ``c``."""
+    return parse_override(item)[0]
+
+
+def parse_override(item: str) -> tuple[str, str]:
+    """A Hydra override string as ``(key, value)``: ``+a.b=1`` -> ``("a.b", "1")``, ``~c`` -> ``("c", "")``."""
+    key, _, value = str(item).partition("=")
+    return key.lstrip("+~"), value
 
 
 CONFIG_DIR = str((Path(__file__).parent / "configs").resolve())

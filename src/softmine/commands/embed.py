@@ -22,10 +22,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from softmine.commands.common import ArgumentParser, user_errors_exit
+from softmine.data.images import BAD_IMAGE_POLICIES
+from softmine.engine.precision import PRECISIONS
 from softmine.inference.embeddings import check_output_path, save_embeddings
-from softmine.inference.extract import BAD_IMAGE_POLICIES, PRECISIONS, embed_images, embed_split
+from softmine.inference.extract import embed_images, embed_split
 from softmine.inference.image_files import list_images, read_image_list
 from softmine.inference.model import find_checkpoint, load_model
+from softmine.runs.layout import bad_images_beside
 
 SHOWN_BAD = 3  # unreadable files named in the warning line (all of them go to the list file)
 
@@ -99,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"in {result.seconds:.1f} s ({rate:.3g} images/s on {loaded.device})"
     )
     if result.bad:
-        listing = out.with_name(out.stem + ".bad_images.txt")
+        listing = bad_images_beside(out)
         listing.write_text("".join(f"{path}\t{reason}\n" for path, reason in result.bad))
         shown = ", ".join(path for path, _ in result.bad[:SHOWN_BAD])
         more = "" if len(result.bad) <= SHOWN_BAD else ", ..."

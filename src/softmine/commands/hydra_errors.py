@@ -16,8 +16,7 @@ from hydra.errors import MissingConfigException, OverrideParseException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, InterpolationResolutionError
 
-from softmine.config import CONFIG_DIR
-from softmine.runs.folder import flatten, override_key
+from softmine.config import CONFIG_DIR, flatten, override_key
 
 GRAMMAR_URL = "https://hydra.cc/docs/advanced/override_grammar/basic/"
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from softmine.commands.common import EXIT_USER_ERROR, debug_enabled, user_message, version_line
 from softmine.errors import ConfigError, Interrupted, SoftmineError
+from softmine.runs.layout import RunLayout, SweepLayout
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -68,7 +69,6 @@ def train(inv: Invocation) -> dict[str, float]:
     """
     from softmine.engine import Trainer
     from softmine.engine.distributed import DistEnv, barrier, export_submitit_ranks, init_from_env
-    from softmine.engine.trainer import CHECKPOINT_DIR
     from softmine.engine.validate import validate_config
     from softmine.runs.atomic import remove_partial
     from softmine.runs.folder import Plan, RunLock, attach_log, commit_plan, plan_run
@@ -96,7 +96,7 @@ def train(inv: Invocation) -> dict[str, float]:
     try:
         action, metrics = _on_rank0(decide)
         if env.is_main:  # temporary files of a writer killed in this folder
-            remove_partial(inv.run_dir / CHECKPOINT_DIR)
+            remove_partial(RunLayout(inv.run_dir).checkpoints)
             remove_partial(inv.run_dir)
         if action == "finished":
             log.info("%s has already finished; its metrics are unchanged", inv.run_dir)
@@ -160,7 +160,7 @@ def invocation(cfg: DictConfig) -> Invocation:
 
 def resume_hint(argv: list[str], run_dir: Path) -> str:
     """The command that resumes the run in ``run_dir``: ``argv`` plus ``resume=true hydra.run.dir=...``."""
-    from softmine.runs.folder import override_key
+    from softmine.config import override_key
 
     keep = [a for a in argv if override_key(a) not in ("resume", "hydra.run.dir")]
     return "softmine-train " + shlex.join([*keep, "resume=true", f"hydra.run.dir={run_dir}"])
@@ -295,7 +295,7 @@ def _main() -> None:
         first_job, first_reason = state.failed[0]
         print(
             f"error: {len(state.failed)} of {state.total} jobs failed (job {first_job}: "
-            f"{first_reason}); see {state.folder / sweep.SUMMARY_FILE}",
+            f"{first_reason}); see {SweepLayout(state.folder).summary}",
             file=sys.stderr,
         )
         sys.exit(1)

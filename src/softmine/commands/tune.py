@@ -46,11 +46,12 @@ from omegaconf import DictConfig, OmegaConf
 from softmine.commands.common import ArgumentParser, user_errors_exit
 from softmine.config import CONFIG_DIR
 from softmine.errors import ConfigError, Interrupted
+from softmine.evaluation.metric_names import MAP_AT_R, VAL_PREFIX
 from softmine.reporting.fair_benchmark import LOSSES
+from softmine.runs.layout import RUN_FILES, STUDY_FILES, StudyLayout, SweepLayout
 
 ROOT = Path("multirun") / "tune"
-STUDY_DB, STUDY_RECORD = "study.db", "study.yaml"
-OBJECTIVE = "val/map@r"
+OBJECTIVE = VAL_PREFIX + MAP_AT_R  # what the sweeper maximises (see softmine.commands.train)
 TUNED_GROUP = "tuned"
 
 
@@ -101,7 +102,7 @@ def settings(cfg: DictConfig, overrides: Sequence[str]) -> dict[str, Any]:
 
 
 def _check_record(folder: Path, wanted: dict[str, Any]) -> None:
-    record = folder / STUDY_RECORD
+    record = StudyLayout(folder).record
     if not record.exists():
         return
     had = yaml.safe_load(record.read_text())
@@ -149,8 +150,8 @@ def run_study(
     folder = (Path(root) / dataset / loss).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     _check_record(folder, wanted)
-    (folder / STUDY_RECORD).write_text(yaml.safe_dump(wanted, sort_keys=True))
-    storage, name = f"sqlite:///{folder / STUDY_DB}", f"{dataset}-{loss}"
+    StudyLayout(folder).record.write_text(yaml.safe_dump(wanted, sort_keys=True))
+    storage, name = f"sqlite:///{StudyLayout(folder).db}", f"{dataset}-{loss}"
     complete, failed = count_trials(storage, name)
     while complete < budget:
         session = folder / f"session-{len(_session_dirs(folder))}"
@@ -181,7 +182,7 @@ def run_study(
         if complete == before:
             raise ConfigError(
                 f"no trial of {session} completed (exit status {code}); see "
-                f"{session / 'summary.csv'} and the trials' train.log"
+                f"{SweepLayout(session).summary} and the trials' {RUN_FILES.log}"
             )
     study = optuna.load_study(study_name=name, storage=storage)
     best = study.best_trial
@@ -245,7 +246,7 @@ def _provenance(study: Any, folder: Path, wanted: dict[str, Any], best: Any) -> 
 PROVENANCE_COMMENTS = {
     "dataset": "the data set it was tuned on",
     "loss": "the loss it was tuned for",
-    "study": "the study's folder (study.db: every trial, study.yaml: its settings)",
+    "study": f"the study's folder ({STUDY_FILES.db}: every trial, {STUDY_FILES.record}: its settings)",
     "trials": "completed trials: the budget, the same for every loss",
     "best_trial": "the Optuna trial this setting is",
     "val_map_at_r": "that trial's final val/map@r on the held-out training classes (not a test number)",
@@ -294,12 +295,12 @@ def write_tuned(
         f"# The tuned setting of loss={loss} on dataset={dataset}, written by `make tune` "
         "(softmine.commands.tune); experiment=fair trains with it.",
         f"# Study: {provenance['trials']} completed trials of Hydra's Optuna sweeper (TPE, seed "
-        f"{provenance['sampler_seed']}), objective val/map@r on held-out training classes, the test",
+        f"{provenance['sampler_seed']}), objective {OBJECTIVE} on held-out training classes, the test",
         f"# split never read; search space: configs/study/{dataset}.yaml and "
         f"configs/hparams_search/{loss}.yaml"
         + (f"; overrides {list(overrides)}" if overrides else "")
         + ".",
-        f"# Best trial {provenance['best_trial']}: val/map@r {provenance['val_map_at_r']:.4f}; "
+        f"# Best trial {provenance['best_trial']}: {OBJECTIVE} {provenance['val_map_at_r']:.4f}; "
         f"{provenance['date']}, commit {provenance['commit']}. Regenerate with "
         f"`make tune DATASET={dataset} LOSS={loss}`.",
         "tuned:                     # where this setting comes from (experiment=fair requires it; every run records it)",

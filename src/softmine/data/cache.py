@@ -47,8 +47,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from softmine.hardware import available_cpus
 from softmine.errors import ConfigError
+from softmine.hardware import available_cpus
 
 log = logging.getLogger(__name__)
 

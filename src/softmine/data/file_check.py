@@ -44,7 +44,6 @@ from softmine.hardware import available_cpus
 
 log = logging.getLogger(__name__)
 
-BAD_IMAGES_FILE = "bad_images.txt"  # in the run folder: path<TAB>reason per unreadable file
 SHOWN = 5  # files named in full in an error or a warning
 BLOCK = 64  # files checked per thread task
 CACHED = "found unreadable when the image cache was built"

@@ -19,11 +19,12 @@ import torch
 
 from softmine.errors import ConfigError
 from softmine.runs.atomic import write_atomic
+from softmine.runs.layout import RUN_FILES
 
 log = logging.getLogger(__name__)
 
-LAST = "last.pt"
-BEST = "best.pt"
+LAST = RUN_FILES.last_checkpoint.name  # the checkpoints' names in a run's checkpoints/ folder
+BEST = RUN_FILES.best_checkpoint.name
 
 
 def capture_rng_state() -> dict[str, Any]:

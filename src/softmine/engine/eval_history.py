@@ -22,22 +22,35 @@ from pathlib import Path
 from typing import Any
 
 from softmine.errors import ConfigError
+from softmine.evaluation.metric_names import (
+    BEST_TEST_PREFIX,
+    BEST_TEST_STEP,
+    CMC,
+    MAP,
+    MAP_AT_R,
+    NMI,
+    R_PRECISION,
+    RECALL,
+    SELECTED_PREFIX,
+    SELECTED_STEP,
+    TEST_PREFIX,
+    VAL_PREFIX,
+    selection_metric,
+    without_val,
+)
 
-EVAL_LOG_FILE = "eval_log.csv"
 NOT_METRICS = ("iteration", "epoch", "eval_s")  # eval_log.csv columns that are not metrics
-VAL_PREFIX = "val/"  # metrics of the validation split (held-out training classes)
-TEST_PREFIX = "test/"  # accepted in trainer.monitor for the test split's plain names
-RETRIEVAL_METRICS = ("map@r", "r_precision", "nmi")
-REID_METRICS = ("mAP",)
+RETRIEVAL_METRICS = (MAP_AT_R, R_PRECISION, NMI)
+REID_METRICS = (MAP,)
 
 
 def metric_names(protocol: str, ks: Sequence[int], ranks: Sequence[int]) -> list[str]:
     """The metrics an evaluation of this protocol reports (what ``trainer.monitor`` may name)."""
     if protocol == "reid":
-        return [f"cmc@{int(r)}" for r in ranks] + list(REID_METRICS)
+        return [f"{CMC}{int(r)}" for r in ranks] + list(REID_METRICS)
     if protocol == "query_gallery":  # no clustering of one split: no nmi
-        return [f"recall@{int(k)}" for k in ks] + ["map@r", "r_precision"]
-    return [f"recall@{int(k)}" for k in ks] + list(RETRIEVAL_METRICS)
+        return [f"{RECALL}{int(k)}" for k in ks] + [MAP_AT_R, R_PRECISION]
+    return [f"{RECALL}{int(k)}" for k in ks] + list(RETRIEVAL_METRICS)
 
 
 def resolve_monitor(monitor: str, names: Sequence[str]) -> str:
@@ -48,8 +61,7 @@ def resolve_monitor(monitor: str, names: Sequence[str]) -> str:
     (the test split's metrics have plain names); anything else must be one of ``names``.
     """
     if monitor == "auto":
-        main = "mAP" if "mAP" in names or VAL_PREFIX + "mAP" in names else "map@r"
-        return VAL_PREFIX + main if VAL_PREFIX + main in names else main
+        return selection_metric(names) or MAP_AT_R
     key = monitor[len(TEST_PREFIX) :] if monitor.startswith(TEST_PREFIX) else monitor
     if key not in names:
         hint = (
@@ -88,8 +100,8 @@ def best_test_summary(rows: Sequence[dict[str, Any]], monitor: str) -> dict[str,
     best = best_row(rows, monitor)
     if best is None:
         return {}
-    out: dict[str, float] = {"best_test_iteration": int(best["iteration"])}
-    out.update({f"best_test/{k}": v for k, v in best.items() if k not in NOT_METRICS})
+    out: dict[str, float] = {BEST_TEST_STEP: int(best["iteration"])}
+    out.update({BEST_TEST_PREFIX + k: v for k, v in best.items() if k not in NOT_METRICS})
     return out
 
 
@@ -119,10 +131,10 @@ def selection_summary(rows: Sequence[dict[str, Any]], monitor: str) -> dict[str,
 
     ``monitor`` may name either split (``map@r`` or ``val/map@r``): both choices are made.
     """
-    name = monitor[len(VAL_PREFIX) :] if monitor.startswith(VAL_PREFIX) else monitor
+    name = without_val(monitor)
     out = best_test_summary(rows, name)
     chosen = best_row(rows, VAL_PREFIX + name)
     if chosen is not None:
-        out["selected_iteration"] = int(chosen["iteration"])
-        out.update({f"selected/{k}": v for k, v in chosen.items() if k not in NOT_METRICS})
+        out[SELECTED_STEP] = int(chosen["iteration"])
+        out.update({SELECTED_PREFIX + k: v for k, v in chosen.items() if k not in NOT_METRICS})
     return out

@@ -76,13 +76,11 @@ from softmine.evaluation import (
     reid_metrics,
     retrieval_metrics,
 )
+from softmine.evaluation.metric_names import DROPPED_PREFIX, RERANK_PREFIX, VAL_PREFIX
 
 log = logging.getLogger(__name__)
 
 EVAL_PROTOCOLS = ("retrieval", "query_gallery", "reid")
-DROPPED_PREFIX = "dropped_items/"  # metrics.json: evaluation items left out as unreadable
-VAL_PREFIX = "val/"
-RERANK_PREFIX = "rerank/"  # metrics.json: re-ID metrics after k-reciprocal re-ranking
 #: Zhong et al.'s (CVPR 2017) re-ranking settings, the defaults of evaluation.rerank_*.
 RERANK_DEFAULTS = {"k1": 20, "k2": 6, "lambda_value": 0.3}
 RETRIEVAL_ARRAYS = ("embeddings", "labels")

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import os
@@ -25,12 +24,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from softmine.config import flatten
 from softmine.errors import ConfigError
+from softmine.evaluation.metric_names import FINAL_PREFIX
+from softmine.runs.layout import RUN_FILES, RunLayout
 
 log = logging.getLogger(__name__)
 
 LOGGERS = ("csv", "tensorboard", "mlflow")
-MLFLOW_RUN_ID_FILE = "mlflow_run_id"
 MLFLOW_PARAM_BATCH = 100  # params per request (MLflow's limit)
 MLFLOW_PARAM_MAX = 6000  # characters of one param value (MLflow's limit)
 NOT_METRICS = ("step", "epoch")
@@ -47,7 +48,7 @@ def check_loggers(loggers: Iterable[str]) -> list[str]:
         )
     if "csv" not in names:
         raise ConfigError(
-            "trainer.loggers must include csv: train_log.csv is what resuming and the plots read "
+            f"trainer.loggers must include csv: {RUN_FILES.train_log} is what resuming and the plots read "
             f"(got {names}); e.g. trainer.loggers=[csv,mlflow]"
         )
     return names
@@ -119,7 +120,7 @@ class RunLogger:
                     "pip install 'softmine[tensorboard]' or set trainer.tensorboard=auto"
                 ) from None
             return None
-        return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        return SummaryWriter(log_dir=str(RunLayout(run_dir).tensorboard))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -168,14 +169,9 @@ class RunLogger:
             self.mlflow = None
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, str]:
+def _params(node: Any) -> dict[str, str]:
     """Dotted keys of a nested config: ``{"trainer.epochs": "30", ...}`` (lists as their text)."""
-    if isinstance(node, dict):
-        out: dict[str, str] = {}
-        for k, v in node.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: str(node)[:MLFLOW_PARAM_MAX]}
+    return {k: str(v)[:MLFLOW_PARAM_MAX] for k, v in flatten(node).items() if v != {}}
 
 
 def _is_file_store(uri: str) -> bool:
@@ -220,7 +216,7 @@ class MlflowLogger:
             experiment_id = (
                 experiment.experiment_id if experiment else self.client.create_experiment(name)
             )
-            id_file = run_dir / MLFLOW_RUN_ID_FILE
+            id_file = RunLayout(run_dir).mlflow_run_id
             if resume and id_file.exists():  # the same MLflow run goes on
                 self.run_id = id_file.read_text().strip()
                 self.client.get_run(self.run_id)
@@ -234,11 +230,11 @@ class MlflowLogger:
             run_dir.mkdir(parents=True, exist_ok=True)
             id_file.write_text(self.run_id + "\n")
             resolved = OmegaConf.to_container(config, resolve=True)
-            params = [Param(k, v) for k, v in sorted(_flatten(resolved).items())]
+            params = [Param(k, v) for k, v in sorted(_params(resolved).items())]
             for i in range(0, len(params), MLFLOW_PARAM_BATCH):
                 self.client.log_batch(self.run_id, params=params[i : i + MLFLOW_PARAM_BATCH])
             self.client.log_text(
-                self.run_id, OmegaConf.to_yaml(config, resolve=True), "config.yaml"
+                self.run_id, OmegaConf.to_yaml(config, resolve=True), RUN_FILES.config.name
             )
         except ConfigError:
             raise
@@ -277,21 +273,22 @@ class MlflowLogger:
 
     def finish(self, run_dir: Path, step: int) -> None:
         """Final metrics, the run's files as artifacts, and the run's end status."""
-        metrics_file = run_dir / "metrics.json"
+        files = RunLayout(run_dir)
+        metrics_file = files.metrics
         finished = metrics_file.exists()
         if finished:
-            final = json.loads(metrics_file.read_text())
-            self.log_metrics({f"final/{k}": v for k, v in final.items()}, step)
+            final = files.read_metrics()
+            self.log_metrics({FINAL_PREFIX + k: v for k, v in final.items()}, step)
             self._safely(
                 "artifact upload", self.client.log_artifact, self.run_id, str(metrics_file)
             )
-        log_file = run_dir / "train_log.csv"
+        log_file = files.train_log
         if log_file.exists():
             self._safely("artifact upload", self.client.log_artifact, self.run_id, str(log_file))
-        plots = run_dir / "plots"
+        plots = files.plots
         if plots.is_dir():
             self._safely(
-                "artifact upload", self.client.log_artifacts, self.run_id, str(plots), "plots"
+                "artifact upload", self.client.log_artifacts, self.run_id, str(plots), plots.name
             )
         status = "FINISHED" if finished else "KILLED"
         self._safely("closing the run", self.client.set_terminated, self.run_id, status)

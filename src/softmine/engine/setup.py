@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from softmine.hardware import SHM, available_cpus, free_shared_memory
 from softmine.errors import ConfigError
+from softmine.hardware import SHM, available_cpus, free_shared_memory
 
 log = logging.getLogger(__name__)
 

@@ -48,17 +48,13 @@ from softmine.engine.checkpoint import (
 )
 from softmine.engine.distributed import DistEnv, any_rank, barrier, broadcast_buffers
 from softmine.engine.embedding import raw_inputs, to_model_input
-from softmine.engine.eval_history import (
-    EVAL_LOG_FILE,
-    resolve_monitor,
-    selection_summary,
-    write_eval_log,
-)
+from softmine.engine.eval_history import resolve_monitor, selection_summary, write_eval_log
 from softmine.engine.evaluator import Evaluator, eval_protocol
 from softmine.engine.logger import RunLogger
 from softmine.engine.nonfinite import LOSS, StepGuard, WeightWatch
 from softmine.engine.objective import Objective, build_loss
 from softmine.engine.optim import build_optimizer
+from softmine.engine.precision import PRECISIONS
 from softmine.engine.setup import (
     check_shared_memory,
     configure_backends,
@@ -85,14 +81,17 @@ from softmine.evaluation.knn import NonFiniteEmbeddings
 from softmine.reporting.artifacts import write_run_artifacts
 from softmine.reporting.crossval import save_fold_embeddings
 from softmine.runs.atomic import remove_partial
-from softmine.runs.metrics_file import METRICS_FILE, STEP_KEY, format_table, write_metrics
+from softmine.runs.layout import RUN_FILES
+from softmine.runs.metrics_file import STEP_KEY, format_table, write_metrics
 from softmine.runs.signals import GracefulInterrupt, ignore_interrupts
 
 log = logging.getLogger(__name__)
 
-TRAIN_LOG_FILE = "train_log.csv"
-CHECKPOINT_DIR = "checkpoints"
-BAD_IMAGES_FILE = "bad_images.txt"
+TRAIN_LOG_FILE = RUN_FILES.train_log.name
+EVAL_LOG_FILE = RUN_FILES.eval_log.name
+METRICS_FILE = RUN_FILES.metrics.name
+CHECKPOINT_DIR = RUN_FILES.checkpoints.name
+BAD_IMAGES_FILE = RUN_FILES.bad_images.name
 #: errno values of a failed write (full disk, quota, read-only filesystem, file size limit).
 WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 
@@ -292,7 +291,7 @@ class Trainer:
         )
         check_shared_memory(self.num_workers, self._loaders_in_flight())
         precision = str(tcfg.precision)
-        autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        autocast_dtype = PRECISIONS.get(precision)
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=precision == "fp16" and self.device.type == "cuda"
         )

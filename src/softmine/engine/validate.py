@@ -15,6 +15,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from softmine.engine.evaluator import eval_protocol, reid_variants
 from softmine.engine.logger import check_loggers
+from softmine.engine.precision import PRECISIONS
 from softmine.engine.setup import SHARING_STRATEGIES, resolve_device
 from softmine.errors import ConfigError
 from softmine.evaluation.reid import AP_TYPES
@@ -38,7 +39,6 @@ def test_mode(cfg: DictConfig) -> str:
     return TEST_MODES[value]
 
 
-PRECISIONS = ("32", "bf16", "fp16")
 ON_NONFINITE = ("stop", "skip")
 
 
@@ -273,7 +273,9 @@ def validate_config(cfg: DictConfig, run_dir: Path | None = None) -> None:
     if clip is not None and not clip > 0:
         raise ConfigError(f"trainer.grad_clip must be > 0 or null (got {clip:g})")
     if str(t.get("precision", "32")) not in PRECISIONS:
-        raise ConfigError(f"trainer.precision must be one of {PRECISIONS} (got {t.precision!r})")
+        raise ConfigError(
+            f"trainer.precision must be one of {tuple(PRECISIONS)} (got {t.precision!r})"
+        )
     if str(t.get("on_nonfinite", "stop")) not in ON_NONFINITE:
         raise ConfigError(
             f"trainer.on_nonfinite must be one of {ON_NONFINITE} (got {t.on_nonfinite!r})"

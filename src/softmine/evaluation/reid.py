@@ -35,6 +35,7 @@ import numpy as np
 
 from softmine.errors import ConfigError, DataError
 from softmine.evaluation.knn import ArrayLike, as_array, as_labels, normalized_rows
+from softmine.evaluation.metric_names import CMC, MAP
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,8 @@ class ReIDResult:
 
     def metrics(self, ranks: Sequence[int] = (1, 5, 10, 20)) -> dict[str, float]:
         """Flat dict for ``metrics.json``: ``cmc@R`` per rank, ``mAP`` and ``num_skipped_queries``."""
-        out: dict[str, float] = {f"cmc@{r}": self.cmc_at(int(r)) for r in ranks}
-        out["mAP"] = self.mAP
+        out: dict[str, float] = {f"{CMC}{r}": self.cmc_at(int(r)) for r in ranks}
+        out[MAP] = self.mAP
         out["num_skipped_queries"] = self.num_skipped
         return out
 

@@ -26,6 +26,7 @@ from softmine.evaluation.knn import (
     normalized_rows,
     resolve_faiss_device,
 )
+from softmine.evaluation.metric_names import MAP_AT_R, NMI, R_PRECISION, RECALL
 
 
 def _checked(embeddings: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
@@ -71,11 +72,11 @@ def _reduce_chunks(
             ap_sum += float(ap[valid].sum())
             rp_sum += float((hits_in_r[valid] / rr[valid]).sum())
     n = len(query_labels)
-    out = {f"recall@{kk}": float(h) / n for kk, h in zip(ks, hits, strict=True)}
+    out = {f"{RECALL}{kk}": float(h) / n for kk, h in zip(ks, hits, strict=True)}
     if with_r:
         n_valid = int((r > 0).sum())
-        out["map@r"] = ap_sum / n_valid if n_valid else 0.0
-        out["r_precision"] = rp_sum / n_valid if n_valid else 0.0
+        out[MAP_AT_R] = ap_sum / n_valid if n_valid else 0.0
+        out[R_PRECISION] = rp_sum / n_valid if n_valid else 0.0
     return out
 
 
@@ -170,17 +171,17 @@ def recall_at_k(
     """Recall@K: fraction of queries with at least one same-label item among their K nearest others."""
     ks = _ks(ks)
     m = ranking_metrics(embeddings, labels, ks, with_r=False)
-    return {k: m[f"recall@{k}"] for k in ks}
+    return {k: m[f"{RECALL}{k}"] for k in ks}
 
 
 def map_at_r(embeddings: ArrayLike, labels: ArrayLike) -> float:
     """MAP@R: mean over queries with R>0 of (1/R) sum_{i<=R} P(i) rel(i), R = same-label others."""
-    return ranking_metrics(embeddings, labels, (), with_r=True)["map@r"]
+    return ranking_metrics(embeddings, labels, (), with_r=True)[MAP_AT_R]
 
 
 def r_precision(embeddings: ArrayLike, labels: ArrayLike) -> float:
     """R-Precision: mean over queries with R>0 of (same-label items among the R nearest others) / R."""
-    return ranking_metrics(embeddings, labels, (), with_r=True)["r_precision"]
+    return ranking_metrics(embeddings, labels, (), with_r=True)[R_PRECISION]
 
 
 def nmi(
@@ -223,7 +224,7 @@ def retrieval_metrics(
 ) -> dict[str, float]:
     """The flat dict written to ``metrics.json``: ``recall@K`` for each K, ``map@r``, ``r_precision``, ``nmi``."""
     out = ranking_metrics(embeddings, labels, ks, with_r=True)
-    out["nmi"] = nmi(embeddings, labels)
+    out[NMI] = nmi(embeddings, labels)
     return out
 
 

@@ -28,7 +28,9 @@ from tqdm import tqdm
 
 from softmine.data.decode import file_problem
 from softmine.data.file_check import collect_unreadable, known_bad, unreadable_items
+from softmine.data.images import BAD_IMAGE_POLICIES
 from softmine.engine.embedding import embed_batches
+from softmine.engine.precision import PRECISIONS
 from softmine.errors import ConfigError, DataError
 from softmine.inference.embeddings import Embeddings
 from softmine.inference.image_files import (
@@ -39,9 +41,6 @@ from softmine.inference.image_files import (
     encode_labels,
 )
 from softmine.inference.model import LoadedModel
-
-PRECISIONS = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-BAD_IMAGE_POLICIES = ("error", "skip")
 
 
 @dataclass

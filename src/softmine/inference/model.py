@@ -26,11 +26,10 @@ from softmine.engine.checkpoint import load_checkpoint, load_state_checked
 from softmine.engine.setup import resolve_device
 from softmine.errors import ConfigError
 from softmine.runs.folder import stale_checkpoint
+from softmine.runs.layout import RunLayout
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoints"
-LAST = "last.pt"
 TRANSFORM_SPLITS = ("test", "query", "gallery")  # where the run's deterministic transform lives
 
 
@@ -38,7 +37,7 @@ def find_checkpoint(path: str | Path) -> Path:
     """The checkpoint of ``path``: a run folder's ``checkpoints/last.pt``, or the ``.pt`` file itself."""
     path = Path(path)
     if path.is_dir():
-        ckpt = path / CHECKPOINT_DIR / LAST
+        ckpt = RunLayout(path).last_checkpoint
         if not ckpt.exists():
             raise ConfigError(
                 f"no checkpoint at {ckpt}; is {path} a softmine run folder (outputs/DATE/TIME)?"
@@ -181,9 +180,9 @@ def load_model(path: str | Path, device: str = "auto") -> LoadedModel:
 
 def _warn_if_stale(ckpt: Path) -> None:
     """Say so when a run's ``last.pt`` is not the network its ``metrics.json`` describes."""
-    if ckpt.name != LAST or ckpt.parent.name != CHECKPOINT_DIR:
-        return
     run_dir = ckpt.parent.parent
+    if ckpt != RunLayout(run_dir).last_checkpoint:
+        return
     stale = stale_checkpoint(run_dir)
     if stale is not None:
         log.warning(

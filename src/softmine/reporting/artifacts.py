@@ -34,6 +34,7 @@ from torch.utils.data import Subset
 
 from softmine.engine.distributed import DistEnv
 from softmine.engine.embedding import extract_embeddings
+from softmine.evaluation.metric_names import ATTENTION_AUC, CMC, RECALL
 from softmine.losses.base import needs_of
 from softmine.reporting.attention import (
     attention_auc,
@@ -42,11 +43,11 @@ from softmine.reporting.attention import (
     sample_attention,
     write_attention_csv,
 )
+from softmine.runs.layout import RUN_FILES, RunLayout
 from softmine.runs.metrics_file import write_metrics
 
 log = logging.getLogger(__name__)
 
-PLOTS_DIR = "plots"
 MAX_TRAIN_POINTS = 2000  # training samples embedded for the plots when there is no label noise
 PAIR_SAMPLES = 256  # samples whose pairs make the OSM-weight plot
 MAX_PAIRS = 4000  # pairs drawn per kind (positive / negative)
@@ -81,7 +82,7 @@ def write_run_artifacts(trainer: Any) -> dict[str, float]:
     run_dir = Path(trainer.run_dir)
     if plots or noisy:
         _noise_and_plots(trainer, run_dir, plots, noisy)
-    _attempt("report.html", _write_html, trainer, run_dir)
+    _attempt(RUN_FILES.report.name, _write_html, trainer, run_dir)
     return metrics
 
 
@@ -104,12 +105,13 @@ def _noise_and_plots(trainer: Any, run_dir: Path, plots: bool, noisy: bool) -> N
         )
     if attention is not None and noisy:
         auc = attention_auc(attention, trainer.train_set.flipped)
-        metrics["attention_auc"] = auc
+        metrics[ATTENTION_AUC] = auc
         write_metrics(run_dir, trainer.final_metrics())  # keeps best_test/* and selected/*
         log.info("attention AUC (clean vs flipped labels): %.4f", auc)
     if plots:
-        _plot_run(trainer, run_dir / PLOTS_DIR, emb, labels, attention, index, auc)
-        log.info("plots written to %s (%.1f s)", run_dir / PLOTS_DIR, time.perf_counter() - t0)
+        out = RunLayout(run_dir).plots
+        _plot_run(trainer, out, emb, labels, attention, index, auc)
+        log.info("plots written to %s (%.1f s)", out, time.perf_counter() - t0)
 
 
 def _write_html(trainer: Any, run_dir: Path) -> None:
@@ -164,17 +166,26 @@ def _plot_run(
 ) -> None:
     from softmine.reporting import plots
 
-    log_file = Path(trainer.run_dir) / "train_log.csv"
+    log_file = RunLayout(trainer.run_dir).train_log
     if log_file.exists():
         _attempt(
             "training_curves",
-            lambda: plots.plot_training_curves(pd.read_csv(log_file), out / "training_curves.png"),
+            lambda: plots.plot_training_curves(
+                pd.read_csv(log_file), out / RUN_FILES.training_curves_plot.name
+            ),
         )
     _attempt("osm_weights", _plot_pair_weights, trainer, out, train_emb, train_labels)
     if attention is not None:
         flipped = getattr(trainer.train_set, "flipped", None)
         flipped = None if flipped is None else np.asarray(flipped)[train_index]
-        _attempt("attention", plots.plot_attention, attention, out / "attention.png", flipped, auc)
+        _attempt(
+            "attention",
+            plots.plot_attention,
+            attention,
+            out / RUN_FILES.attention_plot.name,
+            flipped,
+            auc,
+        )
     test_set = _test_set(trainer)
     if test_set is not None:
         _attempt("test-set plots", _plot_test_set, trainer, out, test_set)
@@ -186,11 +197,14 @@ def _plot_metric_curves(metrics: dict[str, float], out: Path) -> None:
     """Recall@K or CMC from the final metrics, for protocols without a leave-one-out test set."""
     from softmine.reporting import plots
 
-    for prefix, name, label in (("recall@", "recall_at_k", "Recall@K"), ("cmc@", "cmc", "CMC")):
+    for prefix, file, label in (
+        (RECALL, RUN_FILES.recall_plot, "Recall@K"),
+        (CMC, RUN_FILES.cmc_plot, "CMC"),
+    ):
         curve = {int(k[len(prefix) :]): v for k, v in metrics.items() if k.startswith(prefix)}
         if curve:
-            xlabel = "K" if prefix == "recall@" else "rank r"
-            path = out / f"{name}.png"
+            xlabel = "K" if prefix == RECALL else "rank r"
+            path = out / file.name
             plots.plot_recall_at_k({"trained": curve}, path, title=label, xlabel=xlabel)
 
 
@@ -239,7 +253,9 @@ def _plot_pair_weights(trainer: Any, out: Path, emb: np.ndarray, labels: np.ndar
     title = f"{name} against pair distance"
     if hp:
         title += "\n" + ", ".join(f"{k}={v:g}" for k, v in hp.items())
-    plots.plot_pair_weights(d[r, c], w[r, c], same[r, c], out / "osm_weights.png", title=title)
+    plots.plot_pair_weights(
+        d[r, c], w[r, c], same[r, c], out / RUN_FILES.osm_weights_plot.name, title=title
+    )
 
 
 def _plot_test_set(trainer: Any, out: Path, test_set: Any) -> None:
@@ -264,7 +280,7 @@ def _plot_test_set(trainer: Any, out: Path, test_set: Any) -> None:
         "recall_at_k",
         plots.plot_recall_at_k,
         {"trained": recall_at_k(emb, labels, ks)},
-        out / "recall_at_k.png",
+        out / RUN_FILES.recall_plot.name,
     )
     seed = int(trainer.cfg.seed)
 
@@ -272,7 +288,7 @@ def _plot_test_set(trainer: Any, out: Path, test_set: Any) -> None:
         points, index = plots.tsne_map(emb, TSNE_POINTS, seed=seed)
         title = f"t-SNE of {len(index)} test embeddings"
         plots.plot_embedding_map(
-            points, labels[index], out / "tsne.png", title=title, class_names=names
+            points, labels[index], out / RUN_FILES.tsne_plot.name, title=title, class_names=names
         )
 
     _attempt("tsne", tsne)
@@ -330,7 +346,7 @@ def _retrieval_grid(
     title: str | None = None,
     names: list[str] | None = None,
 ) -> None:
-    """``retrieval_grid{suffix}.png``: the given test queries and their nearest neighbours."""
+    """The retrieval grid (``suffix`` ``_worst``: of the worst queries): queries and their nearest neighbours."""
     from softmine.reporting import plots
 
     unit = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
@@ -339,7 +355,8 @@ def _retrieval_grid(
     k = min(GRID_K, len(emb) - 1)
     neighbours = np.argsort(-sims, axis=1, kind="stable")[:, :k]
     items = {int(i): test_set[int(i)][0].numpy() for i in {*queries, *neighbours.ravel()}}
-    path = out / f"retrieval_grid{suffix}.png"
+    grid = RUN_FILES.retrieval_grid_worst_plot if suffix else RUN_FILES.retrieval_grid_plot
+    path = out / grid.name
     plots.plot_retrieval_grid(
         items, labels, queries, neighbours, path, title=title, class_names=names
     )

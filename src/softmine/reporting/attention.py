@@ -23,8 +23,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from softmine.losses.base import needs_of
-
-ATTENTION_FILE = "attention.csv"
+from softmine.runs.layout import RunLayout
 
 
 def loss_details(
@@ -114,6 +113,6 @@ def write_attention_csv(
             "attention": np.asarray(attention, dtype=np.float64),
         }
     )
-    path = Path(run_dir) / ATTENTION_FILE
+    path = RunLayout(run_dir).attention
     table.to_csv(path, index=False)
     return path

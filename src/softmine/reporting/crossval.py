@@ -25,8 +25,8 @@ from omegaconf import DictConfig
 
 from softmine.engine.evaluator import score_arrays
 from softmine.errors import DataError
+from softmine.runs.layout import RunLayout
 
-TEST_EMBEDDINGS_FILE = "test_embeddings.npz"
 EMBEDDING_ARRAYS = ("embeddings", "query", "gallery")  # the rest are labels / ids / cameras
 
 
@@ -44,7 +44,7 @@ def save_fold_embeddings(trainer: Any) -> Path | None:
         arrays = trainer.evaluator.embed_test(trainer.model)
     if not trainer.dist.is_main:
         return None
-    path = Path(trainer.run_dir) / TEST_EMBEDDINGS_FILE
+    path = RunLayout(trainer.run_dir).test_embeddings
     tmp = path.with_name(path.stem + ".tmp.npz")
     np.savez(tmp, **arrays)
     tmp.replace(path)
@@ -88,7 +88,7 @@ def concatenated_metrics(run_dirs: Sequence[str | Path], cfg: DictConfig) -> dic
     """
     parts = []
     for d in run_dirs:
-        path = Path(d) / TEST_EMBEDDINGS_FILE
+        path = RunLayout(d).test_embeddings
         if not path.exists():
             raise DataError(f"{path} is missing; fold runs write it at the end of training")
         with np.load(path) as data:

@@ -20,7 +20,6 @@ sweep's run folders (``metrics.json``, ``eval_log.csv``,
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +28,10 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from softmine.config import parse_override
 from softmine.errors import DataError
+from softmine.evaluation.metric_names import MAP_AT_R, R_PRECISION, RECALL, VAL_PREFIX, labels
+from softmine.runs.layout import RUN_FILES, SWEEP_FILES, RunLayout, SweepLayout
 
 #: The losses of the fair benchmark (issue 23), in table order.
 LOSSES = (
@@ -48,8 +50,8 @@ LOSSES = (
 TAIL = 0.2  # the last fraction of a curve's evaluations that "still rising" looks at
 RISE_TOLERANCE = 0.005  # MAP@R: how much the tail's best must beat the best before it
 BOOTSTRAP_RESAMPLES = 10_000
-METRICS = {"map@r": "MAP@R", "recall@1": "R@1", "r_precision": "R-Precision"}
-CURVE = "val/map@r"
+METRICS = labels((MAP_AT_R, RECALL + "1", R_PRECISION))  # the table's metrics and titles
+CURVE = VAL_PREFIX + MAP_AT_R
 
 
 def still_rising(values: Sequence[float], tail: float = TAIL, tol: float = RISE_TOLERANCE) -> bool:
@@ -87,16 +89,15 @@ def read_runs(sweep: Path) -> pd.DataFrame:
     """One row per run folder under ``sweep``: loss, seed, status, the final test metrics,
     ``mirror_confusion`` and whether its validation curve was still rising."""
     rows = []
-    for overrides_file in sorted(Path(sweep).rglob(".hydra/overrides.yaml")):
+    for overrides_file in sorted(Path(sweep).rglob(RUN_FILES.overrides.as_posix())):
         run = overrides_file.parent.parent
-        overrides = dict(
-            str(o).lstrip("+").split("=", 1) for o in yaml.safe_load(overrides_file.read_text())
-        )
+        overrides = dict(parse_override(o) for o in yaml.safe_load(overrides_file.read_text()))
         row: dict = {"run": str(run), "loss": overrides.get("loss"), "seed": overrides.get("seed")}
-        metrics_file, log_file = run / "metrics.json", run / "eval_log.csv"
+        files = RunLayout(run)
+        metrics_file, log_file = files.metrics, files.eval_log
         row["status"] = "ok" if metrics_file.exists() else "failed"
         if metrics_file.exists():
-            metrics = json.loads(metrics_file.read_text())
+            metrics = files.read_metrics()
             row.update({k: metrics.get(k, math.nan) for k in [*METRICS, "mirror_confusion"]})
         if log_file.exists():
             log = pd.read_csv(log_file)
@@ -105,7 +106,7 @@ def read_runs(sweep: Path) -> pd.DataFrame:
             row["rising"] = still_rising(curve)
         rows.append(row)
     if not rows:
-        raise DataError(f"no run folder under {sweep} (a run folder holds .hydra/overrides.yaml)")
+        raise DataError(f"no run folder under {sweep} (a run folder holds {RUN_FILES.overrides})")
     frame = pd.DataFrame(rows)
     frame["seed"] = pd.to_numeric(frame["seed"], errors="coerce")
     return frame
@@ -123,12 +124,12 @@ def summarize(runs: pd.DataFrame, order: Sequence[str] = LOSSES) -> pd.DataFrame
     ok = runs[runs["status"] == "ok"]
     if ok.empty:
         raise DataError(
-            "no finished run to tabulate (every run failed; see the sweep's summary.csv)"
+            f"no finished run to tabulate (every run failed; see the sweep's {SWEEP_FILES.summary})"
         )
     losses = [x for x in order if x in set(ok["loss"])] + sorted(set(ok["loss"]) - set(order))
-    means = ok.groupby("loss")["map@r"].mean()
+    means = ok.groupby("loss")[MAP_AT_R].mean()
     best = str(means.idxmax())
-    by_seed = ok.pivot_table(index="seed", columns="loss", values="map@r", aggfunc="first")
+    by_seed = ok.pivot_table(index="seed", columns="loss", values=MAP_AT_R, aggfunc="first")
     out = []
     for loss in losses:
         part = ok[ok["loss"] == loss]
@@ -171,11 +172,11 @@ SHOWN = [
 
 def to_markdown(table: pd.DataFrame) -> str:
     """The table as Markdown (mean ± sample std over seeds); bold: the best mean MAP@R."""
-    best = table["map@r_mean"].max()
+    best = table[f"{MAP_AT_R}_mean"].max()
     lines = ["| " + " | ".join(SHOWN) + " |", "|" + "---|" * len(SHOWN)]
     for _, r in table.iterrows():
         cells = [str(r[c]) for c in SHOWN]
-        if r["map@r_mean"] == best:
+        if r[f"{MAP_AT_R}_mean"] == best:
             cells[2] = f"**{cells[2]}**"
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -187,7 +188,7 @@ def plot_curves(runs: pd.DataFrame, out: Path) -> Path | None:
 
     frames = []
     for _, r in runs[runs["status"] == "ok"].iterrows():
-        log = Path(r["run"]) / "eval_log.csv"
+        log = RunLayout(r["run"]).eval_log
         if log.exists():
             curve = pd.read_csv(log)
             if CURVE in curve:
@@ -219,13 +220,14 @@ def table(sweep: Path) -> tuple[str, pd.DataFrame]:
     note = (
         f"{run_counts(runs)} from {sweep}. Mean ± sample std over seeds; ΔMAP@R: the mean "
         f"per-seed difference from the best loss with a 95 % bootstrap interval; still rising: "
-        f"runs whose val/map@r "
+        f"runs whose {CURVE} "
         f"was still rising at the end (best of the last {TAIL:.0%} of evaluations above the best "
         f"before by > {RISE_TOLERANCE}); yes when at least half are."
     )
-    (sweep / "fair.md").write_text(f"{text}\n\n{note}\n")
-    summary.to_csv(sweep / "fair.csv", index=False)
-    plot_curves(runs, sweep / "val_curves.png")
+    files = SweepLayout(sweep)
+    files.fair_markdown.write_text(f"{text}\n\n{note}\n")
+    summary.to_csv(files.fair_table, index=False)
+    plot_curves(runs, files.val_curves)
     return f"{text}\n\n{note}", summary
 
 

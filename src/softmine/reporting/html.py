@@ -31,42 +31,48 @@ import pandas as pd
 import yaml
 
 import softmine
+from softmine.evaluation import metric_names
+from softmine.evaluation.metric_names import (
+    BEST_TEST_PREFIX,
+    DROPPED_PREFIX,
+    RERANK_PREFIX,
+    SELECTED_PREFIX,
+)
+from softmine.runs.layout import RUN_FILES, ReportLayout, RunLayout
 
-REPORT_FILE = "report.html"
-PLOTS_DIR = "plots"
 MAX_EVAL_ROWS = 500  # eval_log.csv rows shown (the last ones when there are more)
 
-#: The plots of one run, in page order: (file under plots/, heading, what it shows).
-RUN_PLOTS: tuple[tuple[str, str, str], ...] = (
+#: The plots of one run, in page order: (file in the run folder, heading, what it shows).
+RUN_PLOTS: tuple[tuple[Path, str, str], ...] = (
     (
-        "training_curves.png",
+        RUN_FILES.training_curves_plot,
         "Training curves",
         "Per epoch: the loss and its pieces, the mean OSM pair weights and attention, "
         "the learning rate (when it changes) and the test metrics.",
     ),
-    ("recall_at_k.png", "Recall@K", "Recall@K of the test split against K."),
-    ("cmc.png", "CMC", "Cumulative matching characteristic: rank-r accuracy against r."),
+    (RUN_FILES.recall_plot, "Recall@K", "Recall@K of the test split against K."),
+    (RUN_FILES.cmc_plot, "CMC", "Cumulative matching characteristic: rank-r accuracy against r."),
     (
-        "retrieval_grid.png",
+        RUN_FILES.retrieval_grid_plot,
         "Retrieval: random queries",
         "Test queries drawn at random (blue) and their nearest neighbours, framed green "
         "(same class) or red (another class).",
     ),
     (
-        "retrieval_grid_worst.png",
+        RUN_FILES.retrieval_grid_worst_plot,
         "Retrieval: worst queries",
         "The test queries with the lowest average precision (AP@R, the per-query term "
         "of MAP@R) and their nearest neighbours.",
     ),
-    ("tsne.png", "t-SNE of the test embeddings", "Coloured by class."),
+    (RUN_FILES.tsne_plot, "t-SNE of the test embeddings", "Coloured by class."),
     (
-        "osm_weights.png",
+        RUN_FILES.osm_weights_plot,
         "OSM pair weights",
         "Online soft mining weight against pair distance, for the pairs of a sample of "
         "training embeddings.",
     ),
     (
-        "attention.png",
+        RUN_FILES.attention_plot,
         "Class-aware attention",
         "Distribution of the attention the loss gives the training samples (clean and "
         "flipped labels apart under label noise).",
@@ -76,16 +82,22 @@ RUN_PLOTS: tuple[tuple[str, str, str], ...] = (
 #: What each group of ``metrics.json`` keys (``<group>/<metric>``) is.
 GROUP_NOTES = {
     "": "At the end of training.",
-    "best_test": "The evaluation with the best trainer.monitor value, chosen ON THE TEST "
+    BEST_TEST_PREFIX.rstrip(
+        "/"
+    ): "The evaluation with the best trainer.monitor value, chosen ON THE TEST "
     "SPLIT (as the authors chose their reported snapshot): comparable with their numbers, "
     "not an unbiased estimate.",
-    "selected": "The evaluation chosen by trainer.monitor on the validation split: its "
+    SELECTED_PREFIX.rstrip(
+        "/"
+    ): "The evaluation chosen by trainer.monitor on the validation split: its "
     "test metrics are the unbiased estimate.",
-    "rerank": "The re-ID metrics after k-reciprocal re-ranking (evaluation.rerank, with "
+    RERANK_PREFIX.rstrip(
+        "/"
+    ): "The re-ID metrics after k-reciprocal re-ranking (evaluation.rerank, with "
     "evaluation.rerank_k1, rerank_k2, rerank_lambda), beside the plain ones.",
-    "dropped_items": "Evaluation items left out because their image could not be read "
+    DROPPED_PREFIX.rstrip("/"): "Evaluation items left out because their image could not be read "
     "(data.on_bad_image=skip), per split: the metrics are over the remaining items. The "
-    "files are listed in bad_images.txt.",
+    f"files are listed in {RUN_FILES.bad_images}.",
 }
 
 STYLE = """
@@ -168,15 +180,9 @@ def table_html(frame: pd.DataFrame, table_id: str | None = None, right: Sequence
     return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
-#: Order of the metrics in a group: these families first (Recall@K by K), then the rest.
-METRIC_FAMILIES = ("recall@", "cmc@", "precision@", "map@r", "r_precision", "mAP", "nmi")
-
-
 def _metric_order(key: str) -> tuple[int, int, str]:
-    name = key.split("/", 1)[-1]
-    family = next((i for i, f in enumerate(METRIC_FAMILIES) if name.startswith(f)), 99)
-    tail = name.rsplit("@", 1)[-1]
-    return family, int(tail) if "@" in name and tail.isdigit() else 0, name
+    """Order of the metrics in a group: the families of :mod:`metric_names` first, by K."""
+    return metric_names.rank(key.split("/", 1)[-1])
 
 
 def metric_groups(metrics: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -208,7 +214,7 @@ def metrics_html(metrics: Mapping[str, Any]) -> str:
     parts = []
     for group, values in metric_groups(metrics).items():
         title = "final" if not group else group
-        note = GROUP_NOTES.get(group, f"The metrics named {group}/… in metrics.json.")
+        note = GROUP_NOTES.get(group, f"The metrics named {group}/… in {RUN_FILES.metrics}.")
         rows = "".join(
             f'<tr data-key="{_esc(k)}" data-value="{_esc(json.dumps(v))}"><th><code>{_esc(k)}'
             f'</code></th><td class="num">{_esc(format_value(v))}</td></tr>'
@@ -257,13 +263,13 @@ def run_report_html(
             the untrained network), shown beside the trained one.
     """
     run = Path(run_dir)
-    metrics_file = run / "metrics.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-    if config is None and (run / ".hydra" / "config.yaml").is_file():
-        config = (run / ".hydra" / "config.yaml").read_text()
+    files = RunLayout(run)
+    metrics = files.read_metrics() if files.metrics.is_file() else {}
+    if config is None and files.config.is_file():
+        config = files.config.read_text()
     cfg = yaml.safe_load(config) if config else {}
     cfg = cfg if isinstance(cfg, dict) else {}
-    overrides = _read_yaml(run / ".hydra" / "overrides.yaml") or []
+    overrides = _read_yaml(files.overrides) or []
 
     def name_of(group: str) -> str:
         node = cfg.get(group) or {}
@@ -279,19 +285,21 @@ def run_report_html(
     if overrides:
         items = " ".join(f"<code>{_esc(o)}</code>" for o in overrides)
         body.append(f'<p class="meta">Overrides: {items}</p>')
-    plots = [(f, h, c) for f, h, c in RUN_PLOTS if (run / PLOTS_DIR / f).is_file()]
+    plots = [(f, h, c) for f, h, c in RUN_PLOTS if (run / f).is_file()]
     nav = ['<a href="#metrics">Metrics</a>']
     nav += ['<a href="#plots">Plots</a>'] if plots else []
-    nav += ['<a href="#evaluations">Evaluations</a>'] if (run / "eval_log.csv").is_file() else []
+    nav += ['<a href="#evaluations">Evaluations</a>'] if files.eval_log.is_file() else []
     nav += ['<a href="#config">Config</a>']
     body.append(f"<nav>{''.join(nav)}</nav>")
 
     body.append('<h2 id="metrics">Metrics</h2>')
     if metrics:
-        body.append('<p class="note">Every value of <code>metrics.json</code>, named as there.</p>')
+        body.append(
+            f'<p class="note">Every value of <code>{RUN_FILES.metrics}</code>, named as there.</p>'
+        )
         body.append(metrics_html(metrics))
     else:
-        body.append('<p class="note">No metrics.json: the run has not finished.</p>')
+        body.append(f'<p class="note">No {RUN_FILES.metrics}: the run has not finished.</p>')
     if baselines:
         final = {k: v for k, v in metrics.items() if k in metric_groups(metrics)[""]}
         rows = {**baselines, "trained embedding": final}
@@ -304,12 +312,11 @@ def run_report_html(
 
     if plots:
         body.append('<h2 id="plots">Plots</h2>')
-        body.extend(_figure(run / PLOTS_DIR / f, h, c) for f, h, c in plots)
+        body.extend(_figure(run / f, h, c) for f, h, c in plots)
 
-    log_file = run / "eval_log.csv"
-    if log_file.is_file():
-        evals = pd.read_csv(log_file)
-        note = f"{len(evals)} evaluation(s), from eval_log.csv"
+    if files.eval_log.is_file():
+        evals = pd.read_csv(files.eval_log)
+        note = f"{len(evals)} evaluation(s), from {RUN_FILES.eval_log}"
         if len(evals) > MAX_EVAL_ROWS:
             evals = evals.tail(MAX_EVAL_ROWS)
             note += f" (the last {MAX_EVAL_ROWS} shown)"
@@ -320,7 +327,7 @@ def run_report_html(
     if config:
         body.append(f"<pre><code>{_esc(config)}</code></pre>")
     else:
-        body.append('<p class="note">The config was not recorded (no .hydra/config.yaml).</p>')
+        body.append(f'<p class="note">The config was not recorded (no {RUN_FILES.config}).</p>')
     return page(f"softmine run {run.name}", "\n".join(body))
 
 
@@ -330,7 +337,7 @@ def write_run_report(
     baselines: Mapping[str, Mapping[str, float]] | None = None,
 ) -> Path:
     """Write ``<run_dir>/report.html`` (see :func:`run_report_html`) atomically; returns its path."""
-    path = Path(run_dir) / REPORT_FILE
+    path = RunLayout(run_dir).report
     _write(path, run_report_html(run_dir, config, baselines))
     return path
 
@@ -374,12 +381,13 @@ def sweep_report_html(
         body.append('<h2 id="plots">Plots</h2>')
         body.extend(_figure(p, p.stem.replace("_", " "), p.name) for p in pngs)
     body.append('<h2 id="runs">Runs</h2><ul>')
-    itself = (out / REPORT_FILE).resolve()
+    itself = ReportLayout(out).html.resolve()
     for _, r in runs.iterrows():
         run = Path(r["run"])
         label = f"<code>{_esc(run)}</code> ({_esc(r['status'])})"
-        if (run / REPORT_FILE).is_file() and (run / REPORT_FILE).resolve() != itself:
-            href = Path(_relative(run / REPORT_FILE, out)).as_posix()
+        page_file = RunLayout(run).report
+        if page_file.is_file() and page_file.resolve() != itself:
+            href = Path(_relative(page_file, out)).as_posix()
             label = f'<a href="{_esc(href)}">{label}</a>'
         body.append(f"<li>{label}</li>")
     body.append("</ul>")
@@ -404,6 +412,6 @@ def write_sweep_report(
     right: Sequence[str] = (),
 ) -> Path:
     """Write ``<out>/report.html`` (see :func:`sweep_report_html`); returns its path."""
-    path = Path(out) / REPORT_FILE
+    path = ReportLayout(out).html
     _write(path, sweep_report_html(table, runs, images, intro, out, right))
     return path

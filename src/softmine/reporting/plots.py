@@ -13,7 +13,6 @@ configuration, error bars = std over seeds) or one bar per configuration.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -22,9 +21,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from softmine.evaluation.metric_names import is_metric
+
 DPI = 100
-#: Column names of evaluation metrics (train_log.csv / metrics.json).
-METRIC_PATTERN = re.compile(r"^((recall|cmc|precision)@\d+|map@r|r_precision|nmi|mAP)$")
 LOSS_COLUMNS = ("loss", "l_pos", "l_neg", "ce", "frame_ce")
 WEIGHT_COLUMNS = ("osm_weight_pos", "osm_weight_neg", "attention")
 CORRECT, WRONG, QUERY = "#1a9641", "#d7191c", "#2b83ba"
@@ -68,7 +67,7 @@ def plot_training_curves(log: pd.DataFrame, path: str | Path) -> Path:
     if "epoch" not in log:
         raise ValueError("the training log has no `epoch` column")
     rows = log[log["epoch_time_s"].notna()] if "epoch_time_s" in log else log
-    metric_cols = tuple(c for c in rows.columns if METRIC_PATTERN.match(str(c)))
+    metric_cols = tuple(c for c in rows.columns if is_metric(str(c)))
     groups = (
         ("loss", LOSS_COLUMNS),
         ("mean mining weight / attention", WEIGHT_COLUMNS),

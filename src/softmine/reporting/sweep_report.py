@@ -41,7 +41,6 @@ for ``attention_auc`` when runs have it, and the mean training loss per epoch.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -52,9 +51,13 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from softmine.config import parse_override
 from softmine.errors import ConfigError, DataError
+from softmine.evaluation import metric_names
+from softmine.evaluation.metric_names import BEST_TEST_PREFIX, CONCAT_PREFIX
 from softmine.reporting import html as html_report
 from softmine.runs.folder import BOOKKEEPING_KEYS
+from softmine.runs.layout import RUN_FILES, ReportLayout, RunLayout
 
 #: Numbers reported by Wang et al. (AAAI 2019, Tables 2-4), as fractions.
 REFERENCES: dict[str, dict[str, float]] = {
@@ -71,13 +74,8 @@ IGNORED = (
     FOLD_KEY,
     *BOOKKEEPING_KEYS,
 )  # overrides never used for grouping (besides hydra.*)
-CONCAT_PREFIX = "concat/"  # test metrics of the K fold models' concatenated embeddings
-# metric families, in table order: final test, validation, validation-chosen, test-chosen, folds together
-METRIC_PREFIXES = ("", "val/", "selected/", "best_test/", CONCAT_PREFIX)
 #: Never metrics (``iteration``: the training step of a run's final metrics).
 RUN_COLUMNS = {"run", "dataset", "seed", "status", "fold", "folds", "iteration"}
-METRIC_ORDER = re.compile(r"^(recall@|cmc@|precision@|map@r|r_precision|mAP|nmi|attention_auc)")
-MAIN_METRICS = ("map@r", "mAP", "recall@1", "cmc@1")
 STATUS_OK, STATUS_FAILED = "ok", "failed"
 
 
@@ -94,17 +92,11 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
         if is_run_folder(path):
             runs = [path]
         else:
-            runs = sorted(
-                (
-                    p.parent.parent
-                    for p in path.rglob("overrides.yaml")
-                    if p.parent.name == ".hydra"
-                ),
-                key=_natural_key,
-            )
+            pattern = RUN_FILES.overrides.as_posix()
+            runs = sorted((p.parent.parent for p in path.rglob(pattern)), key=_natural_key)
         if not runs:
             raise DataError(
-                f"no run folder under {path} (a run folder holds .hydra/overrides.yaml, "
+                f"no run folder under {path} (a run folder holds {RUN_FILES.overrides}, "
                 "written by softmine-train)"
             )
         found.extend(r for r in runs if r not in found)
@@ -113,7 +105,7 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
 
 def is_run_folder(path: str | Path) -> bool:
     """Whether ``path`` is a run folder (it holds ``.hydra/overrides.yaml``)."""
-    return (Path(path) / ".hydra" / "overrides.yaml").is_file()
+    return RunLayout(path).overrides.is_file()
 
 
 def output_folder(paths: Sequence[str | Path], out: str | Path | None) -> Path:
@@ -123,12 +115,12 @@ def output_folder(paths: Sequence[str | Path], out: str | Path | None) -> Path:
     if out is None:
         if len(paths) == 1 and Path(paths[0]).is_dir():
             one = Path(paths[0])
-            return one / "summary" if is_run_folder(one) else one
+            return RunLayout(one).summary if is_run_folder(one) else one
         return Path("report")
     if is_run_folder(out):
         raise ConfigError(
-            f"-o {out} is a run folder, and its report.html is that run's own page; write the "
-            f"report to another folder, e.g. -o {Path(out) / 'summary'}"
+            f"-o {out} is a run folder, and its {RUN_FILES.report} is that run's own page; write "
+            f"the report to another folder, e.g. -o {RunLayout(out).summary}"
         )
     return Path(out)
 
@@ -139,20 +131,15 @@ def _natural_key(path: Path) -> list[Any]:
 
 
 def _parse_overrides(items: Sequence[str]) -> dict[str, str]:
-    out = {}
-    for item in items or []:
-        key, _, value = str(item).partition("=")
-        out[key.lstrip("+~")] = value
-    return out
+    return dict(parse_override(item) for item in items or [])
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
     """One run as a flat dict: ``run``, ``status``, ``dataset``, ``seed``, its overrides and metrics."""
     run_dir = Path(run_dir)
-    overrides = _parse_overrides(
-        yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
-    )
-    config_file = run_dir / ".hydra" / "config.yaml"
+    files = RunLayout(run_dir)
+    overrides = _parse_overrides(yaml.safe_load(files.overrides.read_text()))
+    config_file = files.config
     config = yaml.safe_load(config_file.read_text()) if config_file.exists() else {}
     config = config or {}
     dataset_cfg = config.get("dataset") or {}
@@ -166,9 +153,8 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         "fold": int(dataset_cfg.get("fold") or 0) if folds else np.nan,
     }
     row.update({f"override:{k}": v for k, v in overrides.items() if k != "seed"})
-    metrics_file = run_dir / "metrics.json"
-    if metrics_file.exists():
-        row.update(json.loads(metrics_file.read_text()))
+    if files.metrics.exists():
+        row.update(files.read_metrics())
         row["status"] = STATUS_OK
     else:
         row["status"] = STATUS_FAILED
@@ -192,35 +178,8 @@ def metric_columns(runs: pd.DataFrame) -> list[str]:
         and not str(c).startswith("override:")
         and pd.api.types.is_numeric_dtype(runs[c])
     ]
-    known = [c for c in cols if METRIC_ORDER.match(_split_prefix(c)[1])]
-    known.sort(key=lambda c: (_prefix_rank(c), _metric_rank(_split_prefix(c)[1]), _trailing_int(c)))
+    known = metric_names.in_order(c for c in cols if metric_names.is_known(c))
     return known + [c for c in cols if c not in known]
-
-
-def _split_prefix(name: str) -> tuple[str, str]:
-    """``selected/map@r`` -> (``selected/``, ``map@r``); a plain name has the prefix ``""``."""
-    for prefix in sorted(METRIC_PREFIXES, key=len, reverse=True):
-        if prefix and name.startswith(prefix):
-            return prefix, name[len(prefix) :]
-    return "", name
-
-
-def _prefix_rank(name: str) -> int:
-    return METRIC_PREFIXES.index(_split_prefix(name)[0])
-
-
-def _metric_rank(name: str) -> int:
-    for i, prefix in enumerate(
-        ("recall@", "cmc@", "precision@", "map@r", "r_precision", "mAP", "nmi", "attention_auc")
-    ):
-        if name.startswith(prefix):
-            return i
-    return 99
-
-
-def _trailing_int(name: str) -> int:
-    m = re.search(r"(\d+)$", name)
-    return int(m.group(1)) if m else 0
 
 
 def varying_keys(runs: pd.DataFrame, ignore: Iterable[str] = IGNORED) -> list[str]:
@@ -335,7 +294,7 @@ def add_fold_ensembles(runs: pd.DataFrame) -> list[str]:
         if folds != list(range(k)) or group["folds"].nunique() > 1:
             notes.append(f"{where}: folds {folds} of K={k}, not 0..{k - 1} once each; no concat/*")
             continue
-        cfg = OmegaConf.load(Path(group["run"].iloc[0]) / ".hydra" / "config.yaml")
+        cfg = OmegaConf.load(RunLayout(group["run"].iloc[0]).config)
         try:
             metrics = concatenated_metrics(list(group["run"]), cfg)
         except DataError as e:
@@ -352,8 +311,9 @@ def fold_table(runs: pd.DataFrame, ignore: Iterable[str] = IGNORED) -> str:
         return ""
     ok = runs[(runs["status"] == STATUS_OK) & runs["fold"].notna()]
     keys = varying_keys(runs, ignore)
-    main = main_metric([m for m in MAIN_METRICS if m in ok])
-    cols = [c for c in (f"val/{main}", main, f"selected/{main}", f"best_test/{main}") if c in ok]
+    main = metric_names.main_metric(ok.columns)
+    snapshots = (metric_names.VAL_PREFIX, "", metric_names.SELECTED_PREFIX, BEST_TEST_PREFIX)
+    cols = [c for c in (f"{p}{main}" for p in snapshots) if c in ok]
     head = ["dataset", *keys, "seed", "fold", *cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for _, r in ok.iterrows():
@@ -485,7 +445,7 @@ def plot_table(table: pd.DataFrame, out: Path, metric: str, x: str | None = None
             data,
             x,
             mean,
-            out / f"{_slug(metric)}_vs_{_slug(x)}.png",
+            ReportLayout(out).plot(f"{_slug(metric)}_vs_{_slug(x)}"),
             line="_line",
             err=std,
             ylabel=f"{metric} (mean ± std over seeds)",
@@ -496,7 +456,7 @@ def plot_table(table: pd.DataFrame, out: Path, metric: str, x: str | None = None
         list(names),
         measured[mean].to_numpy(),
         measured[std].to_numpy(),
-        out / f"{_slug(metric)}.png",
+        ReportLayout(out).plot(_slug(metric)),
         ylabel=f"{metric} (mean ± std over seeds)",
         title=f"{metric} per configuration",
     )
@@ -518,7 +478,7 @@ def plot_training_loss(runs: pd.DataFrame, table: pd.DataFrame, out: Path) -> Pa
     names = _config_label(keyed, keys)
     frames = []
     for i, run in ok.iterrows():
-        log_file = Path(run["run"]) / "train_log.csv"
+        log_file = RunLayout(run["run"]).train_log
         if not log_file.exists():
             continue
         log = pd.read_csv(log_file)
@@ -539,7 +499,7 @@ def plot_training_loss(runs: pd.DataFrame, table: pd.DataFrame, out: Path) -> Pa
         curves,
         "epoch",
         "loss_mean",
-        out / "training_loss.png",
+        ReportLayout(out).training_loss_plot,
         line="line",
         err="loss_std",
         ylabel="training loss (mean ± std over seeds)",
@@ -557,18 +517,16 @@ def plot_runs(runs: pd.DataFrame) -> int:
 
     drawn = 0
     for run_dir in runs["run"]:
-        folder = Path(run_dir) / "plots"
-        log_file = Path(run_dir) / "train_log.csv"
+        files = RunLayout(run_dir)
         before = drawn
-        if log_file.exists() and not (folder / "training_curves.png").exists():
-            plots.plot_training_curves(pd.read_csv(log_file), folder / "training_curves.png")
+        if files.train_log.exists() and not files.training_curves_plot.exists():
+            plots.plot_training_curves(pd.read_csv(files.train_log), files.training_curves_plot)
             drawn += 1
-        att = Path(run_dir) / "attention.csv"
-        if att.exists() and not (folder / "attention.png").exists():
-            a = pd.read_csv(att)
-            plots.plot_attention(a["attention"], folder / "attention.png", a["flipped"])
+        if files.attention.exists() and not files.attention_plot.exists():
+            a = pd.read_csv(files.attention)
+            plots.plot_attention(a["attention"], files.attention_plot, a["flipped"])
             drawn += 1
-        if drawn > before or not (Path(run_dir) / html_report.REPORT_FILE).exists():
+        if drawn > before or not files.report.exists():
             html_report.write_run_report(run_dir)
             drawn += 1
     return drawn
@@ -578,10 +536,8 @@ def plot_runs(runs: pd.DataFrame) -> int:
 
 
 def main_metric(metrics: Sequence[str]) -> str | None:
-    for m in MAIN_METRICS:
-        if m in metrics:
-            return m
-    return metrics[0] if metrics else None
+    """The metric the plots show: the main one (:func:`metric_names.main_metric`), else the first."""
+    return metric_names.main_metric(metrics) or (metrics[0] if metrics else None)
 
 
 @dataclass
@@ -646,19 +602,20 @@ def write_report(
             f"`{CONCAT_PREFIX}*`: test metrics of the K fold models together (their L2-normalised "
             "test embeddings concatenated), mean ± std over seeds."
         )
-    if any(c.startswith("selected/") for c in used):
+    if any(c.startswith(metric_names.SELECTED_PREFIX) for c in used):
         lines.append(
-            "`val/*`: held-out training classes; `selected/*`: test metrics of the snapshot "
-            "chosen on them; `best_test/*`: of the snapshot chosen on the test split (optimistic)."
+            f"`{metric_names.VAL_PREFIX}*`: held-out training classes; "
+            f"`{metric_names.SELECTED_PREFIX}*`: test metrics of the snapshot chosen on them; "
+            f"`{BEST_TEST_PREFIX}*`: of the snapshot chosen on the test split (optimistic)."
         )
     folds_md = fold_table(runs, ignore)
     extra = ["## Cross-validation folds", "", folds_md, ""] if folds_md else []
     extra += [f"Note: {n}" for n in notes]
     markdown = "\n".join([*lines, "", to_markdown(table), "", *extra])
-    written = [out / "report.md", out / "report.csv"]
+    written = [ReportLayout(out).markdown, ReportLayout(out).table]
     written[0].write_text(markdown)
     table.to_csv(written[1], index=False)
-    plot_metrics = [m for m in (main_metric(used), "attention_auc") if m in used]
+    plot_metrics = [m for m in (main_metric(used), metric_names.ATTENTION_AUC) if m in used]
     for m in dict.fromkeys(plot_metrics):
         path = plot_table(table, out, m, x)
         if path is not None:

@@ -34,23 +34,15 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from softmine.config import loading_option
+from softmine.config import flatten, loading_option, override_key
 from softmine.errors import ConfigError
 from softmine.runs.atomic import write_text_atomic
-from softmine.runs.metrics_file import STEP_KEY, read_metrics
+from softmine.runs.layout import RUN_FILES, RunLayout, read_metrics
+from softmine.runs.metrics_file import STEP_KEY
 
 log = logging.getLogger(__name__)
 
-LOCK_FILE = ".softmine.lock"
-RECORD_DIR = ".hydra"
-CONFIG_FILE = "config.yaml"
-OVERRIDES_FILE = "overrides.yaml"
-HYDRA_FILE = "hydra.yaml"
-RESUMES_FILE = "resumes.yaml"
-METRICS_FILE = "metrics.json"  # also softmine.runs.metrics_file.METRICS_FILE
-LOG_FILE = "train.log"
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's format
-LAST_CHECKPOINT = Path("checkpoints") / "last.pt"
 
 #: Keys that never change a run's numbers: they may differ when resuming, they are not
 #: recorded as part of the experiment's identity, and ``softmine-report`` does not group by them.
@@ -129,7 +121,7 @@ class RunLock:
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
-        self.path = self.folder / LOCK_FILE
+        self.path = RunLayout(self.folder).lock
         self._fd: int | None = None
 
     def acquire(self) -> RunLock:
@@ -224,11 +216,6 @@ class RunLock:
 # ----------------------------------------------------------------------------- overrides and keys
 
 
-def override_key(item: str) -> str:
-    """The key of a Hydra override string: ``+a.b=1`` -> ``a.b``, ``~c`` -> ``c``."""
-    return str(item).partition("=")[0].lstrip("+~")
-
-
 def strip_command_keys(overrides: Iterable[str]) -> list[str]:
     """``overrides`` without ``resume=...`` and ``resume_override=...``."""
     return [str(o) for o in overrides if override_key(o) not in COMMAND_KEYS]
@@ -236,18 +223,6 @@ def strip_command_keys(overrides: Iterable[str]) -> list[str]:
 
 def _covers(prefixes: Iterable[str], key: str) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
-
-
-def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    """A nested config container as ``{"a.b.c": leaf}`` (lists are leaves)."""
-    if isinstance(node, dict):
-        out: dict[str, Any] = {}
-        for k, v in node.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-        if not node and prefix:
-            out[prefix[:-1]] = {}
-        return out
-    return {prefix[:-1]: node}
 
 
 def _container(cfg: DictConfig | dict, resolve: bool = False) -> dict[str, Any]:
@@ -324,31 +299,27 @@ def config_differences(
 # ----------------------------------------------------------------------------- the record
 
 
-def record_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / RECORD_DIR
-
-
 def read_record(run_dir: Path) -> tuple[dict[str, Any], list[str], dict[str, Any]] | None:
     """The recorded (config, overrides, group choices) of ``run_dir``; None if it has no record."""
-    d = record_dir(run_dir)
-    if not (d / CONFIG_FILE).is_file():
+    files = RunLayout(run_dir)
+    if not files.config.is_file():
         return None
-    config = _container(OmegaConf.load(d / CONFIG_FILE))
+    config = _container(OmegaConf.load(files.config))
     overrides = []
-    if (d / OVERRIDES_FILE).is_file():
-        overrides = [str(o) for o in yaml.safe_load((d / OVERRIDES_FILE).read_text()) or []]
+    if files.overrides.is_file():
+        overrides = [str(o) for o in yaml.safe_load(files.overrides.read_text()) or []]
     choices: dict[str, Any] = {}
-    if (d / HYDRA_FILE).is_file():
-        hydra_cfg = yaml.safe_load((d / HYDRA_FILE).read_text()) or {}
+    if files.hydra.is_file():
+        hydra_cfg = yaml.safe_load(files.hydra.read_text()) or {}
         choices = ((hydra_cfg.get("hydra") or {}).get("runtime") or {}).get("choices") or {}
     return config, overrides, choices
 
 
 def holds_run(run_dir: Path) -> str | None:
     """What shows that ``run_dir`` holds a run (a file name), or None if it holds none."""
-    for rel in (METRICS_FILE, str(LAST_CHECKPOINT), f"{RECORD_DIR}/{CONFIG_FILE}"):
+    for rel in (RUN_FILES.metrics, RUN_FILES.last_checkpoint, RUN_FILES.config):
         if (Path(run_dir) / rel).exists():
-            return rel
+            return rel.as_posix()
     return None
 
 
@@ -429,14 +400,14 @@ def plan_run(inv: Invocation) -> Plan:
         if inv.multirun:  # a job that had not started when its sweep stopped
             return Plan("new", inv, config_yaml=snapshot)
         raise ConfigError(
-            f"resume=true but {run_dir} holds no run (no {RECORD_DIR}/{CONFIG_FILE}, no "
+            f"resume=true but {run_dir} holds no run (no {RUN_FILES.config}, no "
             f"checkpoint); give the folder of the run to resume with hydra.run.dir=..., or drop "
             "resume=true to start a new run there"
         )
     recorded = read_record(run_dir)
     resolve = recorded is None  # a checkpoint stores its config resolved
     if recorded is None:
-        recorded = (_checkpoint_config(run_dir / LAST_CHECKPOINT), [], {})
+        recorded = (_checkpoint_config(RunLayout(run_dir).last_checkpoint), [], {})
     rec_config, rec_overrides, rec_choices = recorded
     new_config = _container(cfg, resolve)
     allowed = resume_overrides(cfg)
@@ -449,16 +420,20 @@ def plan_run(inv: Invocation) -> Plan:
         raise ConfigError(
             f"resume=true with settings that differ from the run recorded in {run_dir}: "
             f"{shown}{more}; resume with the recorded settings (see "
-            f"{record_dir(run_dir) / OVERRIDES_FILE}), or allow a change explicitly with "
+            f"{RunLayout(run_dir).overrides}), or allow a change explicitly with "
             f"resume_override=[{','.join(d.key for d in refused[:6])}]"
         )
-    metrics_file = run_dir / METRICS_FILE
+    metrics_file = RunLayout(run_dir).metrics
     finished = metrics_file.exists()
     if finished:
         metrics = read_metrics(metrics_file)
         stale = stale_checkpoint(run_dir, metrics)
         if stale is not None:  # killed between the result and the final weights: finish the job
-            start = "its last checkpoint" if (run_dir / LAST_CHECKPOINT).is_file() else "the start"
+            start = (
+                "its last checkpoint"
+                if RunLayout(run_dir).last_checkpoint.is_file()
+                else "the start"
+            )
             log.warning("%s; training again from %s to write it", stale, start)
             return Plan(
                 "resume", inv, changes=diffs, recorded_overrides=rec_overrides, config_yaml=snapshot
@@ -511,9 +486,7 @@ def stale_checkpoint(run_dir: Path, metrics: dict[str, Any] | None = None) -> st
     checkpoint of an earlier step. Runs written before ``iteration`` was recorded, and
     folders without both files, are taken as consistent.
     """
-    run_dir = Path(run_dir)
-    last = run_dir / LAST_CHECKPOINT
-    metrics_file = run_dir / METRICS_FILE
+    last, metrics_file = RunLayout(run_dir).last_checkpoint, RunLayout(run_dir).metrics
     if metrics is None:
         if not metrics_file.is_file():
             return None
@@ -551,12 +524,12 @@ def _check_length_change(
     if finished:
         if unit_a != unit_b or end <= old:
             raise ConfigError(
-                f"the run in {run_dir} has finished (metrics.json); resume_override can only "
+                f"the run in {run_dir} has finished ({RUN_FILES.metrics}); resume_override can only "
                 f"extend it (trainer.epochs or trainer.max_iters beyond its {old} {unit_a}), "
                 "anything else would relabel its results; start a new run instead"
             )
         return
-    last = run_dir / LAST_CHECKPOINT
+    last = RunLayout(run_dir).last_checkpoint
     if not last.exists():
         return
     from softmine.engine.checkpoint import load_checkpoint
@@ -586,14 +559,14 @@ def commit_plan(plan: Plan) -> None:
     ``.hydra/resumes.yaml``.
     """
     inv = plan.invocation
-    d = record_dir(inv.run_dir)
-    d.mkdir(parents=True, exist_ok=True)
+    files = RunLayout(inv.run_dir)
+    files.record_dir.mkdir(parents=True, exist_ok=True)
     overrides = strip_command_keys(inv.overrides)
     config_text = plan.config_yaml or OmegaConf.to_yaml(inv.cfg)
     if plan.action == "new":
-        write_text_atomic(d / CONFIG_FILE, config_text)
-        write_text_atomic(d / HYDRA_FILE, _hydra_file_text(inv.hydra_cfg))
-        write_text_atomic(d / OVERRIDES_FILE, yaml.safe_dump(overrides))
+        write_text_atomic(files.config, config_text)
+        write_text_atomic(files.hydra, _hydra_file_text(inv.hydra_cfg))
+        write_text_atomic(files.overrides, yaml.safe_dump(overrides))
         return
     if plan.action != "resume":
         return
@@ -610,17 +583,16 @@ def commit_plan(plan: Plan) -> None:
         }
         kept = [o for o in plan.recorded_overrides if not _covers(changed, override_key(o))]
         given = [o for o in overrides if _covers(changed, override_key(o))]
-        write_text_atomic(d / CONFIG_FILE, config_text)
-        write_text_atomic(d / OVERRIDES_FILE, yaml.safe_dump(kept + given))
-        metrics = inv.run_dir / METRICS_FILE
-        if metrics.exists():  # an extended run: its earlier result stays on record here
-            entry["superseded_metrics"] = json.loads(metrics.read_text())
+        write_text_atomic(files.config, config_text)
+        write_text_atomic(files.overrides, yaml.safe_dump(kept + given))
+        if files.metrics.exists():  # an extended run: its earlier result stays on record here
+            entry["superseded_metrics"] = files.read_metrics()
     history = []
-    if (d / RESUMES_FILE).is_file():
-        history = yaml.safe_load((d / RESUMES_FILE).read_text()) or []
-    write_text_atomic(d / RESUMES_FILE, yaml.safe_dump([*history, entry], sort_keys=False))
+    if files.resumes.is_file():
+        history = yaml.safe_load(files.resumes.read_text()) or []
+    write_text_atomic(files.resumes, yaml.safe_dump([*history, entry], sort_keys=False))
     if plan.changes:
-        (inv.run_dir / METRICS_FILE).unlink(missing_ok=True)
+        files.metrics.unlink(missing_ok=True)
 
 
 def attach_log(run_dir: Path) -> logging.Handler:
@@ -629,7 +601,7 @@ def attach_log(run_dir: Path) -> logging.Handler:
     Attached only once the run's checks have passed, so a refused command writes no log line
     into a run folder.
     """
-    handler = logging.FileHandler(Path(run_dir) / LOG_FILE)
+    handler = logging.FileHandler(RunLayout(run_dir).log)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     logging.getLogger().addHandler(handler)
     return handler

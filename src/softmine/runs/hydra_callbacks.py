@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from softmine.engine.validate import check_writable
 from softmine.errors import ConfigError
 from softmine.runs import sweep
+from softmine.runs.layout import SWEEP_FILES
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ class SummaryCallback(Callback):
             return
         path = sweep.finish(state)  # softmine-train sets the exit status from state.failed
         if path is None:
-            log.warning("no job ran under %s; summary.csv not written", state.folder)
+            log.warning("no job ran under %s; %s not written", state.folder, SWEEP_FILES.summary)
         else:
             log.info("wrote %s (%d jobs, %d not ok)", path, state.total, len(state.failed))
 

@@ -11,8 +11,10 @@ import json
 from pathlib import Path
 
 from softmine.runs.atomic import write_text_atomic
+from softmine.runs.layout import RunLayout, read_metrics
 
-METRICS_FILE = "metrics.json"
+__all__ = ["STEP_KEY", "format_table", "read_metrics", "write_metrics"]
+
 #: The key of ``metrics.json`` that names the training step its final metrics belong to, so
 #: that a consumer can tell whether ``checkpoints/last.pt`` holds that same network.
 STEP_KEY = "iteration"
@@ -21,15 +23,7 @@ STEP_KEY = "iteration"
 def write_metrics(run_dir: Path, metrics: dict[str, float]) -> Path:
     """Write the flat metrics dict to ``metrics.json`` atomically."""
     text = json.dumps(metrics, indent=2, sort_keys=True) + "\n"
-    return write_text_atomic(Path(run_dir) / METRICS_FILE, text)
-
-
-def read_metrics(path: Path) -> dict[str, float]:
-    """The dict of a ``metrics.json`` file (``path``: the file, or the run folder holding it)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / METRICS_FILE
-    return json.loads(path.read_text())
+    return write_text_atomic(RunLayout(run_dir).metrics, text)
 
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:

@@ -41,34 +41,24 @@ import pandas as pd
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from softmine.config import override_key, parse_override
 from softmine.errors import ConfigError
+from softmine.evaluation.metric_names import selection_metric
 from softmine.runs import signals
 from softmine.runs.atomic import write_atomic, write_text_atomic
-from softmine.runs.folder import (
-    METRICS_FILE,
-    OVERRIDES_FILE,
-    RECORD_DIR,
-    RunLock,
-    override_key,
-    strip_command_keys,
-)
+from softmine.runs.folder import RunLock, strip_command_keys
+from softmine.runs.layout import SWEEP_FILES, RunLayout, SweepLayout
 
 log = logging.getLogger(__name__)
 
-#: What a job returns to the sweeper (Optuna maximises it), first found: chosen on held-out
-#: training classes when the run has them, never on the test split then.
-SCORES = ("val/map@r", "val/mAP", "map@r", "mAP")
-
-
 def sweep_score(metrics: dict[str, float]) -> float:
-    """The run's score for a sweeper: the first of :data:`SCORES` in ``metrics`` (0.0 if none)."""
-    return float(next((metrics[k] for k in SCORES if k in metrics), 0.0))
+    """What a job returns to the sweeper (Optuna maximises it): its main metric, on held-out
+    training classes when the run has them, never on the test split then (0.0 if none;
+    :func:`~softmine.evaluation.metric_names.selection_metric`)."""
+    key = selection_metric(metrics)
+    return float(metrics[key]) if key is not None else 0.0
 
 
-JOBS_DIR = ".jobs"
-STOP_FILE = "STOP"  # in JOBS_DIR: the sweep was asked to stop (holds the signal number)
-SUMMARY_FILE = "summary.csv"
-SWEEP_RECORD = "multirun.yaml"  # written by Hydra's sweeper at the sweep root
 OK, FAILED, INTERRUPTED, NOT_STARTED = "ok", "failed", "interrupted", "not started"
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
@@ -93,7 +83,7 @@ ACTIVE: SweepState | None = None
 
 def request_stop(sweep_dir: Path, signum: int) -> None:
     """Ask every job of the sweep that has not started yet to skip itself (the first request wins)."""
-    path = Path(sweep_dir) / JOBS_DIR / STOP_FILE
+    path = SweepLayout(sweep_dir).stop
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -107,7 +97,7 @@ def request_stop(sweep_dir: Path, signum: int) -> None:
 
 def stop_requested(sweep_dir: Path) -> int | None:
     """The signal that stopped the sweep in ``sweep_dir``, or None while it runs on."""
-    path = Path(sweep_dir) / JOBS_DIR / STOP_FILE
+    path = SweepLayout(sweep_dir).stop
     try:
         text = path.read_text()
     except OSError:
@@ -128,12 +118,12 @@ def record_outcome(
         "status": status,
         "reason": reason,
     }
-    return write_text_atomic(Path(sweep_dir) / JOBS_DIR / f"{int(num)}.json", json.dumps(data))
+    return write_text_atomic(SweepLayout(sweep_dir).job(num), json.dumps(data))
 
 
 def _outcomes(sweep_dir: Path) -> dict[int, dict[str, Any]]:
     out = {}
-    for f in sorted((Path(sweep_dir) / JOBS_DIR).glob("*.json")):
+    for f in sorted(SweepLayout(sweep_dir).jobs.glob("*.json")):
         try:
             data = json.loads(f.read_text())
             out[int(data["job"])] = data
@@ -143,7 +133,7 @@ def _outcomes(sweep_dir: Path) -> dict[int, dict[str, Any]]:
 
 
 def _recorded_overrides(job_dir: Path) -> list[str] | None:
-    f = job_dir / RECORD_DIR / OVERRIDES_FILE
+    f = RunLayout(job_dir).overrides
     if not f.is_file():
         return None
     return [str(o) for o in yaml.safe_load(f.read_text()) or []]
@@ -164,7 +154,7 @@ def collect_runs(sweep_dir: Path, planned: Sequence[Sequence[str]] | None = None
     for num, data in outcomes.items():
         jobs.setdefault(num, data.get("overrides"))
     for d in sweep_dir.iterdir() if sweep_dir.is_dir() else []:
-        if d.is_dir() and d.name.isdigit() and (d / RECORD_DIR).is_dir():
+        if d.is_dir() and d.name.isdigit() and RunLayout(d).record_dir.is_dir():
             jobs.setdefault(int(d.name), None)
     rows = []
     for num in sorted(jobs):
@@ -173,13 +163,14 @@ def collect_runs(sweep_dir: Path, planned: Sequence[Sequence[str]] | None = None
         overrides = jobs[num] or (outcome or {}).get("overrides") or _recorded_overrides(job_dir)
         row: dict[str, Any] = {"job": num}
         for item in strip_command_keys(overrides or []):
-            row[override_key(item)] = str(item).partition("=")[2]
-        metrics_file = job_dir / METRICS_FILE
+            key, value = parse_override(item)
+            row[key] = value
+        metrics_file = RunLayout(job_dir).metrics
         if outcome is not None:
             row["status"], row["reason"] = outcome["status"], outcome.get("reason", "")
         elif metrics_file.exists():
             row["status"], row["reason"] = OK, ""
-        elif (job_dir / RECORD_DIR).is_dir():
+        elif RunLayout(job_dir).record_dir.is_dir():
             row["status"], row["reason"] = INTERRUPTED, "stopped before it finished"
         else:
             row["status"], row["reason"] = NOT_STARTED, ""
@@ -194,7 +185,7 @@ def write_summary(sweep_dir: Path, planned: Sequence[Sequence[str]] | None = Non
     df = collect_runs(sweep_dir, planned)
     if df.empty:
         return None
-    path = Path(sweep_dir) / SUMMARY_FILE
+    path = SweepLayout(sweep_dir).summary
     write_atomic(path, lambda f: f.write(df.to_csv(index=False).encode()))
     return path
 
@@ -231,9 +222,9 @@ def resume_command(argv: Sequence[str], sweep_dir: Path) -> str:
 def holds_sweep(sweep_dir: Path) -> bool:
     """Whether ``sweep_dir`` already holds (part of) a sweep."""
     d = Path(sweep_dir)
-    if (d / SWEEP_RECORD).exists() or (d / SUMMARY_FILE).exists():
+    if SweepLayout(d).hydra_record.exists() or SweepLayout(d).summary.exists():
         return True
-    return d.is_dir() and any((p / RECORD_DIR).is_dir() for p in d.iterdir() if p.is_dir())
+    return d.is_dir() and any(RunLayout(p).record_dir.is_dir() for p in d.iterdir() if p.is_dir())
 
 
 def start(config: DictConfig, argv: Sequence[str]) -> SweepState:
@@ -259,7 +250,8 @@ def start(config: DictConfig, argv: Sequence[str]) -> SweepState:
     except BaseException:
         lock.release()
         raise
-    for old in [*(folder / JOBS_DIR).glob("*.json"), folder / JOBS_DIR / STOP_FILE]:
+    files = SweepLayout(folder)
+    for old in [*files.jobs.glob("*.json"), files.stop]:
         old.unlink(missing_ok=True)  # outcomes of an earlier invocation
     ACTIVE = SweepState(folder, list(argv), planned_jobs(config), lock)
     _install_handlers(ACTIVE)
@@ -308,10 +300,10 @@ def finish(state: SweepState) -> Path | None:
 def report_stop(state: SweepState, signum: int) -> None:
     """After an interrupted sweep: summary.csv, then the command that resumes it (stderr)."""
     try:
-        path = state.folder / SUMMARY_FILE if state.done else finish(state)
+        path = SweepLayout(state.folder).summary if state.done else finish(state)
     except Exception as e:  # the resume command matters more than the summary
         path = None
-        print(f"warning: summary.csv not written ({e})", file=sys.stderr)
+        print(f"warning: {SWEEP_FILES.summary} not written ({e})", file=sys.stderr)
     where = f"; summary in {path}" if path else ""
     print(
         f"sweep interrupted{where}. Resume it (finished jobs are skipped) with:\n"
