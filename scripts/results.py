@@ -63,8 +63,7 @@ import pandas as pd
 
 from softmine.reporting import fair_benchmark
 from softmine.reporting.sweep_report import SweepReport, fold_table, to_markdown, write_report
-from softmine.runs.metrics_file import read_metrics
-from softmine.runs.sweep import SUMMARY_FILE
+from softmine.runs.layout import RUN_FILES, RunLayout, SweepLayout, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "results.md"
@@ -196,7 +195,7 @@ def distributed_table() -> tuple[str, str]:
             _, took = _train([*DISTRIBUTED, *extra, f"hydra.run.dir={run}"], processes)
             seconds += took
             commands.append(f"`{_shown([*DISTRIBUTED, *extra], processes)}`")
-            log = pd.read_csv(run / "train_log.csv")
+            log = pd.read_csv(RunLayout(run).train_log)
             epochs = log[log["epoch_time_s"].notna()]
             metrics = read_metrics(run)
             split = "sampler.split_across_ranks=true" in extra
@@ -225,10 +224,9 @@ def demo_rows(run: Path) -> dict[str, dict[str, float]]:
     """The rows of the table a run with ``trainer.baselines=true`` prints, from its files: the
     baselines its last checkpoint records (raw pixels, the untrained network), then the
     trained embedding's final metrics (``metrics.json``)."""
-    from softmine.engine.checkpoint import LAST, load_checkpoint
-    from softmine.engine.trainer import CHECKPOINT_DIR
+    from softmine.engine.checkpoint import load_checkpoint
 
-    baselines = load_checkpoint(run / CHECKPOINT_DIR / LAST)["train_state"]["baselines"]
+    baselines = load_checkpoint(RunLayout(run).last_checkpoint)["train_state"]["baselines"]
     return {**baselines, "trained (OSM+CAA)": read_metrics(run)}
 
 
@@ -285,7 +283,7 @@ def run_sweep(name: str, given: dict[str, Path], when: str) -> tuple[SweepReport
     report = write_report([folder], metrics=REPORT_METRICS.get(name))
     table = report.table
     if int(table["failed"].fillna(0).sum()):
-        sys.exit(f"error: {folder} has failed runs; see {folder / SUMMARY_FILE}")
+        sys.exit(f"error: {folder} has failed runs; see {SweepLayout(folder).summary}")
     command = "softmine-train " + " ".join(shlex.quote(a) for a in SWEEPS[name])
     if name in REPORT_METRICS:
         command += "`, then `softmine-report SWEEP --metrics " + " ".join(REPORT_METRICS[name])
@@ -373,7 +371,11 @@ def selection_text(log: pd.DataFrame, metrics: dict[str, float]) -> str:
         cells = " | ".join(f"{row[c]:.4f}" for c in SELECTION_COLUMNS)
         lines.append(f"| {int(row['iteration'])} | {cells} |")
     last = int(log["iteration"].iloc[-1])
-    lines += ["", "| in `metrics.json` | iteration | `map@r` | `val/map@r` |", "|---|---|---|---|"]
+    lines += [
+        "",
+        f"| in `{RUN_FILES.metrics}` | iteration | `map@r` | `val/map@r` |",
+        "|---|---|---|---|",
+    ]
     for label, prefix, key in CHOICES:
         at = int(metrics[key]) if key else last
         test, val = metrics[f"{prefix}map@r"], metrics[f"{prefix}val/map@r"]
@@ -402,7 +404,7 @@ def selection_table() -> tuple[str, str]:
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
         _, seconds = _train([*SELECTION, f"hydra.run.dir={run}"])
-        log = pd.read_csv(run / "eval_log.csv")
+        log = pd.read_csv(RunLayout(run).eval_log)
         metrics = read_metrics(run)
     command = "softmine-train " + " ".join(SELECTION)
     return selection_text(log, metrics), f"`{command}` ({seconds:.0f} s)"
@@ -471,7 +473,7 @@ def fair_text(given: dict[str, Path], when: str) -> str:
         (folder / STAMP_FILE).write_text(when + "\n")
         took = f"{time.perf_counter() - t0:.0f} s"
     _, summary = fair_benchmark.table(folder)  # writes fair.md, fair.csv, val_curves.png
-    curves = folder / "val_curves.png"  # the page shows the runs' validation curves too
+    curves = SweepLayout(folder).val_curves  # the page shows the runs' validation curves too
     if curves.exists():
         shutil.copy(curves, FAIR_CURVES)
     table = fair_benchmark.to_markdown(summary)

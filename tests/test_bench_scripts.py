@@ -33,4 +33,6 @@ def test_the_check_finds_a_required_positional() -> None:
 
 @pytest.mark.parametrize("script", sorted(BENCH.glob("*.py")), ids=lambda p: p.name)
 def test_bench_script_needs_no_argument(script: Path) -> None:
-    assert _required_positionals(script.read_text()) == [], f"{script.name} cannot run from make bench"
+    assert _required_positionals(script.read_text()) == [], (
+        f"{script.name} cannot run from make bench"
+    )

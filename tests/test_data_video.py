@@ -17,7 +17,7 @@ from scipy.io import loadmat
 from torchvision.transforms import v2
 
 from softmine.data import ILIDSVID, MARS, PRID2011, PKSampler
-from softmine.data.video import clip_indices
+from softmine.data.tracklets import clip_indices
 from softmine.errors import ConfigError, DataError
 from softmine.testing.fakes import make_ilidsvid, make_mars, make_prid2011
 

@@ -81,7 +81,13 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "softmine.runs.signals",
     ),
     # 1. the pieces of the pipeline: data, models, losses, metrics (and fakes of the data)
-    ("softmine.data", "softmine.models", "softmine.losses", "softmine.evaluation", "softmine.testing"),
+    (
+        "softmine.data",
+        "softmine.models",
+        "softmine.losses",
+        "softmine.evaluation",
+        "softmine.testing",
+    ),
     # 2. the training loop that puts them together
     ("softmine.engine",),
     # 3. what runs around and after the loop: the run folder's life, reports, a trained model at work

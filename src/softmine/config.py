@@ -58,6 +58,8 @@ def loading_option(key: str) -> str | None:
     ):
         return f"dataset.{parts[-1]}"
     return None
+
+
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     """A nested config container as ``{"a.b.c": leaf}`` (lists are leaves, an empty mapping too)."""
     if isinstance(node, dict):

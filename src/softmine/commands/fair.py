@@ -24,6 +24,7 @@ from pathlib import Path
 from softmine.commands.common import ArgumentParser, user_errors_exit
 from softmine.errors import ConfigError
 from softmine.reporting.fair_benchmark import LOSSES, table
+from softmine.runs.layout import SweepLayout
 
 SEEDS = (0, 1, 2, 3, 4)
 ROOT = Path("multirun") / "fair"
@@ -91,7 +92,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         folder = args.sweep
     text, _ = table(folder)
     print(text)
-    print(f"wrote {folder / 'fair.md'}, fair.csv, val_curves.png", file=sys.stderr)
+    files = SweepLayout(folder)
+    print(
+        f"wrote {files.fair_markdown}, {files.fair_table.name}, {files.val_curves.name}",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from softmine.commands.common import ArgumentParser, user_errors_exit
 from softmine.reporting.sweep_report import IGNORED, report
+from softmine.runs.layout import RUN_FILES
 
 
 def build_parser() -> ArgumentParser:
@@ -31,7 +32,9 @@ def build_parser() -> ArgumentParser:
         help="output folder, not a run folder (default: PATH if one folder, PATH/summary if "
         "that is a run folder, else ./report)",
     )
-    p.add_argument("--metrics", nargs="+", help="metrics to show (default: all in metrics.json)")
+    p.add_argument(
+        "--metrics", nargs="+", help=f"metrics to show (default: all in {RUN_FILES.metrics})"
+    )
     p.add_argument("--x", help="numeric override to plot against (default: the first that varies)")
     p.add_argument(
         "--ignore",
@@ -43,7 +46,7 @@ def build_parser() -> ArgumentParser:
         "--run-plots",
         action="store_true",
         help="also draw each run's training curves / attention plot where missing, and "
-        "write its report.html",
+        f"write its {RUN_FILES.report}",
     )
     return p
 

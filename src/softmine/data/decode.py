@@ -1,7 +1,7 @@
 """Decoding one image file to RGB, with an optional crop box and one clear error per bad file.
 
 The lowest layer of the image data path, shared by the datasets
-(:mod:`softmine.data.images`, :mod:`softmine.data.video`), the decoded-image cache
+(:mod:`softmine.data.images`, :mod:`softmine.data.tracklets`), the decoded-image cache
 (:mod:`softmine.data.cache`) and ``softmine-data check``; it imports neither of them.
 
 :func:`read_image` is what the data path uses: JPEG files (every published set here)

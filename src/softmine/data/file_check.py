@@ -14,7 +14,7 @@ per line) and the run goes on.
 
 What ``skip`` does with a bad file depends on what reads it. Training replaces it with
 another image of its class (:mod:`softmine.data.images`), or a bad frame with the nearest
-readable frame of its tracklet (:mod:`softmine.data.video`). Evaluation never scores a
+readable frame of its tracklet (:mod:`softmine.data.tracklets`). Evaluation never scores a
 stand-in: an item whose files are all unreadable (an image item's one file, every frame of
 a tracklet) leaves the evaluation, as query and as gallery item alike
 (:func:`unreadable_items`, :class:`KeepItems`); the evaluator counts them. A file that
@@ -38,7 +38,7 @@ import numpy as np
 
 from softmine.data.decode import BadImageError, file_problem, image_header
 from softmine.data.images import ImageDataset
-from softmine.data.video import VideoDataset
+from softmine.data.tracklets import VideoDataset
 from softmine.data.views import DatasetView
 from softmine.hardware import available_cpus
 

@@ -144,7 +144,7 @@ def note_bad_image(dataset: Any, path: str, what: str, reason: str = "") -> None
 class FileDataset(Dataset):
     """What every reader of image files holds: its transform, bad-image policy and record, cache.
 
-    The base of :class:`ImageDataset` and :class:`~softmine.data.video.VideoDataset`; a
+    The base of :class:`ImageDataset` and :class:`~softmine.data.tracklets.VideoDataset`; a
     reader passes its loading options (``on_bad_image``, ``cache``, ``cache_size``,
     ``cache_dir``) here and only parses its layout.
 

@@ -16,7 +16,7 @@ from softmine.errors import ConfigError
 from softmine.losses.base import LossNeeds, needs_of
 from softmine.losses.heads import MissingFeatureError
 from softmine.losses.pairwise import to_float32
-from softmine.models.embedding import EmbeddingNet
+from softmine.models.embedding_net import EmbeddingNet
 from softmine.models.features import FeatureInfo
 
 VIDEO_BACKBONES = "backbone=video_bninception or backbone=video_resnet50"

@@ -1,7 +1,7 @@
 """Backbones (trunks), the embedding network built on them, and the video (tracklet) model."""
 
 from softmine.models.bninception import BNINCEPTION_INPUT_NORM, BNINCEPTION_URL, BNInception
-from softmine.models.embedding import EmbeddingNet, freeze_batchnorm, set_batchnorm_eval
+from softmine.models.embedding_net import EmbeddingNet, freeze_batchnorm, set_batchnorm_eval
 from softmine.models.features import FeatureInfo
 from softmine.models.normalization import IMAGENET_MEAN, IMAGENET_STD, InputNormalize
 from softmine.models.tiny import TinyCNN

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from softmine.errors import ConfigError
-from softmine.models.embedding import EmbeddingNet
+from softmine.models.embedding_net import EmbeddingNet
 
 POOLING_MODES = ("mean", "max", "attention")
 ATTENTION_FORMS = ("gaussian", "prob")

@@ -51,6 +51,7 @@ from softmine.runs.layout import SWEEP_FILES, RunLayout, SweepLayout
 
 log = logging.getLogger(__name__)
 
+
 def sweep_score(metrics: dict[str, float]) -> float:
     """What a job returns to the sweeper (Optuna maximises it): its main metric, on held-out
     training classes when the run has them, never on the test split then (0.0 if none;

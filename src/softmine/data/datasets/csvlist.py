@@ -28,7 +28,7 @@ the query would find itself), which the Market-1501/MARS rule uses to remove it.
 
 With a ``sequence`` column the rows are frames: the rows with the same label,
 camera and sequence form one tracklet, its frames in row order, and the dataset
-is a :class:`~softmine.data.video.VideoDataset` (splits train, query, gallery).
+is a :class:`~softmine.data.tracklets.VideoDataset` (splits train, query, gallery).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from softmine.data.custom import held_out, number_names
 from softmine.data.image_splits import SPLITS, Item, SplitImages
 from softmine.data.images import check_split, note_bad_image
 from softmine.data.sources import CSV_SOURCE, missing_files, require
-from softmine.data.video import Tracklet, VideoDataset
+from softmine.data.tracklets import Tracklet, VideoDataset
 from softmine.errors import ConfigError, DataError
 
 REQUIRED = ("path", "label")
@@ -259,7 +259,7 @@ class CSVTracklets(VideoDataset):
         table: the parsed CSV, with a ``sequence`` column.
         split: ``train`` | ``query`` | ``gallery``.
         seq_len: frames per clip (per chunk for ``sampling=all``).
-        sampling: ``evenly`` | ``random`` | ``all`` (see :mod:`softmine.data.video`).
+        sampling: ``evenly`` | ``random`` | ``all`` (see :mod:`softmine.data.tracklets`).
         transform: applied once per clip to a ``tv_tensors.Video`` (T, C, H, W).
         split_by, test_classes, test_ratio, split_seed: as for :class:`CSVImages`.
         on_bad_image: ``error`` | ``skip``: a missing frame is an error, or left out.

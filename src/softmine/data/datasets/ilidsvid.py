@@ -33,7 +33,7 @@ from softmine.data.sources import (
     require,
     require_any,
 )
-from softmine.data.video import Tracklet, VideoDataset
+from softmine.data.tracklets import Tracklet, VideoDataset
 from softmine.errors import ConfigError, DataError
 
 

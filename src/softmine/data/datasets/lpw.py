@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from softmine.data.sources import LPW_SOURCE, check_root, natural_key, require
-from softmine.data.video import Tracklet, VideoDataset
+from softmine.data.tracklets import Tracklet, VideoDataset
 from softmine.errors import DataError
 
 SCENES = (1, 2, 3)
@@ -91,7 +91,7 @@ class LPW(VideoDataset):
         split: ``train`` | ``query`` | ``gallery``.
         seq_len: frames per clip (per chunk for ``sampling=all``).
         sampling: ``evenly`` | ``random`` | ``all``; default ``random`` for train,
-            ``all`` otherwise (see :mod:`softmine.data.video`).
+            ``all`` otherwise (see :mod:`softmine.data.tracklets`).
         transform: applied once per clip to a ``tv_tensors.Video`` (T, C, H, W).
         on_bad_image: ``error`` | ``skip``.
 

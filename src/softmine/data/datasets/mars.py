@@ -48,7 +48,7 @@ from softmine.data.sources import (
     read_lines,
     require,
 )
-from softmine.data.video import Tracklet, VideoDataset
+from softmine.data.tracklets import Tracklet, VideoDataset
 from softmine.errors import DataError
 
 JUNK_PID = -1
@@ -101,7 +101,7 @@ class MARS(VideoDataset):
         split: ``train`` | ``query`` | ``gallery``.
         seq_len: frames per clip (per chunk for ``sampling=all``).
         sampling: ``evenly`` | ``random`` | ``all``; default ``random`` for train,
-            ``all`` otherwise (see :mod:`softmine.data.video`).
+            ``all`` otherwise (see :mod:`softmine.data.tracklets`).
         transform: applied once per clip to a ``tv_tensors.Video`` (T, C, H, W).
         gallery_includes_query: official MARS gallery (True) or torchreid's (False).
         on_bad_image: ``error`` | ``skip``.

@@ -33,7 +33,7 @@ from softmine.data.datasets.ilidsvid import (
     video_split_tracklets,
 )
 from softmine.data.sources import PRID_SOURCE, check_root, require, require_any
-from softmine.data.video import VideoDataset
+from softmine.data.tracklets import VideoDataset
 from softmine.errors import DataError
 
 SHARED_PEOPLE = 200  # person_0001..person_0200 are the same people in cam_a and cam_b
