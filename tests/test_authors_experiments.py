@@ -64,7 +64,7 @@ def test_authors_experiment_runs_on_fake_data(tmp_path: Path, experiment: str) -
         expected = expected | {"authors/cmc@1", "authors/mAP", "rerank/cmc@1", "rerank/authors/mAP"}
         assert expected <= set(metrics)
     cfg = (run_dir / ".hydra" / "config.yaml").read_text()
-    assert "seed: 123" in cfg and "OSMCAAOfficial" in cfg
+    assert "seed: 123" in cfg and "OSMCAAAuthors" in cfg
     # softmine-eval rebuilds the model and the run's own protocol from the checkpoint
     ev = run_cli(["softmine.commands.evaluate", str(run_dir), "--device", "cpu"], tmp_path)
     assert ev.returncode == 0, ev.stderr[-3000:]

@@ -154,6 +154,24 @@ def test_an_old_key_set_in_a_config_wins_over_the_default_of_the_new_one() -> No
     assert upgrade_config(cfg) == []  # today's names: nothing to do
 
 
+def test_upgrading_reads_the_config_as_written() -> None:
+    cfg = OmegaConf.create(
+        {
+            "seed": 3,
+            "tuned": "???",  # experiment=fair before its tuned file is chosen
+            "out": "${hydra:runtime.output_dir}",  # resolvable only inside a Hydra job
+            "sampler": {"num_classes": "${seed}", "samples_per_class": 2},
+            "loss": {"_target_": "softmine.losses.OSMCAAOfficialVideoLoss", "heads": None},
+        }
+    )
+    OmegaConf.set_struct(cfg, True)
+    assert len(upgrade_config(cfg)) == 2
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    assert raw["sampler"] == {"samples_per_class": 2, "classes_per_batch": "${seed}"}
+    assert raw["loss"]["_target_"] == "softmine.losses.OSMCAAAuthorsVideoLoss"
+    assert raw["tuned"] == "???" and raw["out"] == "${hydra:runtime.output_dir}"
+
+
 def test_old_class_names_import_as_the_new_classes() -> None:
     from softmine.losses.osm_caa_official import OSMCAAOfficialLoss as from_old_module
 

@@ -4,14 +4,14 @@ that were renamed (old names still work, and a run logs their new names once).""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from softmine.errors import ConfigError, SoftmineError
 
@@ -152,21 +152,32 @@ def upgrade_config(cfg: MutableMapping[str, Any]) -> list[str]:
     return notes
 
 
-def _upgrade_targets(node: Any) -> list[str]:
+def _upgrade_targets(cfg: Any) -> list[str]:
+    """Rename the old class names of every ``_target_`` in ``cfg``, reading it as written (a
+    value that cannot be resolved here, ``???`` or ``${hydra:...}``, is left alone)."""
+    raw = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else cfg
     notes: list[str] = []
-    if isinstance(node, (list, ListConfig)):
-        for item in node:
-            notes.extend(_upgrade_targets(item))
-    elif isinstance(node, (MutableMapping, DictConfig)):
-        target = node.get("_target_") if "_target_" in node else None
-        if isinstance(target, str) and target in OLD_TARGETS:
-            with _writable(node):
-                node["_target_"] = OLD_TARGETS[target]
-            notes.append(_old_name_note(target, OLD_TARGETS[target]))
-        for key in list(node.keys()):
-            if key != "_target_":
-                notes.extend(_upgrade_targets(node[key]))
+    for path, old in _old_targets(raw):
+        node = cfg
+        for key in path:
+            node = node[key]
+        with _writable(node):
+            node["_target_"] = OLD_TARGETS[old]
+        notes.append(_old_name_note(old, OLD_TARGETS[old]))
     return notes
+
+
+def _old_targets(node: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], str]]:
+    """(path, old class name) of every node below ``node`` whose ``_target_`` is an old name."""
+    if isinstance(node, Mapping):
+        target = node.get("_target_")
+        if isinstance(target, str) and target in OLD_TARGETS:
+            yield path, target
+        for key, value in node.items():
+            yield from _old_targets(value, (*path, key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _old_targets(value, (*path, i))
 
 
 def _writable(node: Any) -> AbstractContextManager[Any]:
