@@ -6,6 +6,8 @@ STAMP  := $(VENV)/.setup-stamp
 DOCS_STAMP := $(VENV)/.docs-stamp
 
 .PHONY: setup demo test lint bench ablation noise results clean docs docs-serve tune fair \
+        authors-cub authors-cars authors-mars authors-ilidsvid authors-lpw \
+        authors-cub-bbox authors-cars-bbox \
         reproduce-cub reproduce-cars reproduce-mars reproduce-ilidsvid reproduce-lpw \
         reproduce-cub-bbox reproduce-cars-bbox
 
@@ -45,28 +47,37 @@ docs-serve: $(DOCS_STAMP)
 bench: setup
 	@for b in scripts/bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
-# The authors' released settings (configs/experiment/reproduce_*.yaml). Each needs its data set
+# The authors' released settings (configs/experiment/authors_*.yaml). Each needs its data set
 # under data/ (see docs/datasets.md) and, in practice, a GPU. Extra overrides: ARGS="...".
-reproduce-cub: setup
-	$(BIN)/softmine-train experiment=reproduce_cub $(ARGS)
+authors-cub: setup
+	$(BIN)/softmine-train experiment=authors_cub $(ARGS)
 
-reproduce-cars: setup
-	$(BIN)/softmine-train experiment=reproduce_cars $(ARGS)
+authors-cars: setup
+	$(BIN)/softmine-train experiment=authors_cars $(ARGS)
 
-reproduce-cub-bbox: setup
-	$(BIN)/softmine-train experiment=reproduce_cub_bbox $(ARGS)
+authors-cub-bbox: setup
+	$(BIN)/softmine-train experiment=authors_cub_bbox $(ARGS)
 
-reproduce-cars-bbox: setup
-	$(BIN)/softmine-train experiment=reproduce_cars_bbox $(ARGS)
+authors-cars-bbox: setup
+	$(BIN)/softmine-train experiment=authors_cars_bbox $(ARGS)
 
-reproduce-mars: setup
-	$(BIN)/softmine-train experiment=reproduce_mars $(ARGS)
+authors-mars: setup
+	$(BIN)/softmine-train experiment=authors_mars $(ARGS)
 
-reproduce-lpw: setup
-	$(BIN)/softmine-train experiment=reproduce_lpw $(ARGS)
+authors-lpw: setup
+	$(BIN)/softmine-train experiment=authors_lpw $(ARGS)
 
-reproduce-ilidsvid: setup
-	$(BIN)/softmine-train -m experiment=reproduce_ilidsvid 'dataset.split_id=range(10)' $(ARGS)
+authors-ilidsvid: setup
+	$(BIN)/softmine-train -m experiment=authors_ilidsvid 'dataset.split_id=range(10)' $(ARGS)
+
+# The old names of the targets above (before issue 24): each runs its authors-* target.
+reproduce-cub: authors-cub
+reproduce-cars: authors-cars
+reproduce-cub-bbox: authors-cub-bbox
+reproduce-cars-bbox: authors-cars-bbox
+reproduce-mars: authors-mars
+reproduce-lpw: authors-lpw
+reproduce-ilidsvid: authors-ilidsvid
 
 clean:
 	rm -rf $(VENV) outputs multirun site .pytest_cache .ruff_cache

@@ -323,7 +323,7 @@ def render(config_dir: Path = CONFIG_DIR) -> str:
         "softmine-train loss=contrastive                 # pick another option of a group",
         "softmine-train loss.margin=1.0 seed=3           # set any key",
         "softmine-train dataset=cub dataset/transform=reid   # an option of a nested group",
-        "softmine-train experiment=reproduce_cub         # a named setting that sets many keys",
+        "softmine-train experiment=authors_cub           # a named setting that sets many keys",
         "softmine-train --cfg job                        # print the composed config",
         "softmine-train -m loss=osm_caa,contrastive seed=0,1,2   # a sweep over every combination",
         "```",
@@ -334,6 +334,12 @@ def render(config_dir: Path = CONFIG_DIR) -> str:
         "test fails when it is not what the configs give. Keys are shown under the name you type: a key `margin` of `configs/loss/osm.yaml` "
         "is `loss.margin`. A value `null` for `num_classes` or `embedding_dim` is filled at run "
         "time from the data and the backbone; a value `${...}` is taken from another key.",
+        "",
+        "Old names still work, and a run logs the new name once (`softmine.config` lists "
+        "them): `loss=osm_caa_official[_video]` is `loss=osm_caa_authors[_video]`, "
+        "`experiment=reproduce_*` is `experiment=authors_*`, and the sampler's "
+        "`sampler.num_classes` / `sampler.num_samples` are `sampler.classes_per_batch` / "
+        "`sampler.samples_per_class`.",
         "",
     ]
     for group in dict.fromkeys(f.group for f in files):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared GPU check (< 8 minutes on one H200): a fake CUB at real size, the CUDA tests,
-# then reproduce_cub for 300 iterations in fp32 and bf16, with and without the decoded-image
+# then authors_cub for 300 iterations in fp32 and bf16, with and without the decoded-image
 # cache + device augmentation, and a summary (images/s, data wait vs compute, peak GPU memory,
 # extrapolated wall time of the full 3,000-iteration run + its 9 evaluations (each as long as the
 # measured final one), and that time as a multiple of the run's data-decode floor).
@@ -87,7 +87,7 @@ run() {  # name, overrides...
   local dir=$WORK/runs/$name
   rm -rf "$dir"
   local t0=$SECONDS
-  "$PYTHON" -m softmine.commands.train experiment=reproduce_cub backbone.pretrained=false \
+  "$PYTHON" -m softmine.commands.train experiment=authors_cub backbone.pretrained=false \
     "dataset.root=$DATA" "trainer.max_iters=$ITERS" trainer.eval_every_iters=0 \
     trainer.checkpoint_every=0 trainer.plots=false trainer.progress_bar=false \
     "hydra.run.dir=$dir" "$@" > "$WORK/$name.log" 2>&1 || { tail -20 "$WORK/$name.log"; return 1; }
@@ -95,7 +95,7 @@ run() {  # name, overrides...
   grep -h "evaluation at iteration" "$WORK/$name.log" | tail -1 || true
 }
 
-echo "== reproduce_cub, $ITERS iterations each"
+echo "== authors_cub, $ITERS iterations each"
 run fp32 trainer.precision=32
 run bf16 trainer.precision=bf16
 run fp32_cache trainer.precision=32 dataset.cache=ram dataset/transform=dml_device \

@@ -49,8 +49,8 @@ FAST_DIGITS = [
     "trainer.progress_bar=false",
     "trainer.plots=false",
     "trainer.tensorboard=false",
-    "sampler.num_classes=5",
-    "sampler.num_samples=4",
+    "sampler.classes_per_batch=5",
+    "sampler.samples_per_class=4",
 ]
 
 #: A short CPU run on a fake CUB (tests/fakes): 2 classes x 3 images a batch, RGB input.
@@ -60,7 +60,7 @@ FAST_CUB = [
     "trainer.progress_bar=false",
     "trainer.tensorboard=false",
     "trainer.plots=false",
-    "sampler.num_classes=2",
-    "sampler.num_samples=3",
+    "sampler.classes_per_batch=2",
+    "sampler.samples_per_class=3",
     "backbone.trunk.in_channels=3",
 ]

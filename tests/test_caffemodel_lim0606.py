@@ -78,13 +78,13 @@ def full(folder: Path) -> tuple[Path, list[Layer]]:
 
 
 def _authors_backbone(path: Path, *overrides: str) -> torch.nn.Module:
-    """The backbone of experiment=reproduce_cub, its weights from ``path``."""
-    cfg = compose(["experiment=reproduce_cub", f"backbone.pretrained={path}", *overrides])
+    """The backbone of experiment=authors_cub, its weights from ``path``."""
+    cfg = compose(["experiment=authors_cub", f"backbone.pretrained={path}", *overrides])
     return build(cfg.backbone, "backbone")
 
 
-def _reproduce_experiments() -> list[str]:
-    return sorted(p.stem for p in (REPO / "configs" / "experiment").glob("reproduce_*.yaml"))
+def _authors_experiments() -> list[str]:
+    return sorted(p.stem for p in (REPO / "configs" / "experiment").glob("authors_*.yaml"))
 
 
 def test_the_layer_list_has_lim0606s_222_weighted_layers() -> None:
@@ -130,7 +130,7 @@ def test_every_weighted_layer_converts_and_loads(full: tuple[Path, list[Layer]])
         np.testing.assert_array_equal(value.numpy(), expected[key], err_msg=key)
 
 
-def test_the_reproduce_backbone_loads_the_full_file(full: tuple[Path, list[Layer]]) -> None:
+def test_the_authors_backbone_loads_the_full_file(full: tuple[Path, list[Layer]]) -> None:
     path, layers = full
     expected = _expected(layers)
     trunk = _authors_backbone(path).trunk.state_dict()
@@ -142,8 +142,8 @@ def test_the_reproduce_backbone_loads_the_full_file(full: tuple[Path, list[Layer
         np.testing.assert_array_equal(value.numpy(), expected[key], err_msg=key)
 
 
-@pytest.mark.parametrize("experiment", _reproduce_experiments())
-def test_every_reproduce_experiment_loads_its_weights_strictly(experiment: str) -> None:
+@pytest.mark.parametrize("experiment", _authors_experiments())
+def test_every_authors_experiment_loads_its_weights_strictly(experiment: str) -> None:
     cfg = compose([f"experiment={experiment}"])
     assert cfg.backbone.trunk.partial_load is False
 

@@ -13,8 +13,8 @@ from tests.conftest import run_cli
 FAST = [
     "trainer.progress_bar=false",
     "trainer.plots=false",
-    "sampler.num_classes=5",
-    "sampler.num_samples=4",
+    "sampler.classes_per_batch=5",
+    "sampler.samples_per_class=4",
 ]
 METRIC_KEYS = {"recall@1", "recall@2", "recall@4", "recall@8", "map@r", "r_precision", "nmi"}
 
@@ -101,7 +101,7 @@ def test_bad_config_is_one_line_and_nonzero(tmp_path: Path) -> None:
 
 
 def test_bad_sampler_is_one_line(tmp_path: Path) -> None:
-    res = run_cli(["softmine.commands.train", "sampler.num_classes=11", *FAST[:1]], tmp_path)
+    res = run_cli(["softmine.commands.train", "sampler.classes_per_batch=11", *FAST[:1]], tmp_path)
     assert res.returncode == 2
     assert "larger than the 10 classes" in res.stderr
 

@@ -80,7 +80,7 @@ def test_image_configs_build_uint8_224_crops(fakes: dict[str, Path], name: str) 
 def test_image_config_trains_through_a_pk_loader(fakes: dict[str, Path]) -> None:
     cfg = _cfg("dataset=cub", f"dataset.root={fakes['cub']}", "dataset.crop=true")
     train = build_split(cfg.dataset, "train")
-    sampler = PKSampler(train.labels, num_classes=2, num_samples=3, seed=0)
+    sampler = PKSampler(train.labels, classes_per_batch=2, samples_per_class=3, seed=0)
     x, y = next(iter(DataLoader(train, batch_sampler=sampler)))
     assert x.shape == (6, 3, 224, 224) and sorted(y.tolist()) == [0, 0, 0, 1, 1, 1]
 
@@ -112,7 +112,7 @@ def test_identity_sampler_config_over_video_labels(fakes: dict[str, Path]) -> No
         "dataset=ilidsvid",
         f"dataset.root={fakes['ilidsvid']}",
         "sampler=identity",
-        "sampler.num_classes=2",
+        "sampler.classes_per_batch=2",
     )
     train = build_split(cfg.dataset, "train")
     sampler = build(cfg.sampler, "sampler", labels=train.labels, seed=0)

@@ -152,7 +152,7 @@ def test_errors_name_a_class_by_its_folder_not_its_id(tmp_path: Path) -> None:
     for path in sorted((root / "bee").iterdir())[2:]:
         path.unlink()  # bee keeps 2 images: 1 trains, fewer than K = 2
     cfg = compose(["dataset=imagefolder", f"dataset.root={root}", *FAST])
-    cfg.sampler.num_classes, cfg.sampler.num_samples = 2, 2
+    cfg.sampler.classes_per_batch, cfg.sampler.samples_per_class = 2, 2
     with pytest.raises(ConfigError, match=r"e\.g\. class 'bee'\)"):
         Trainer(cfg, tmp_path / "run")
     bad = ImageFolder(root, "train", on_bad_image="skip")

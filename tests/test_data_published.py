@@ -169,14 +169,14 @@ def test_lpw_config_builds_clips(lpw: Path) -> None:
     assert clip.shape == (2, 3, 256, 128) and label == 0
 
 
-def test_reproduce_lpw_has_the_authors_settings() -> None:
-    cfg = compose(["experiment=reproduce_lpw"])
+def test_authors_lpw_has_the_authors_settings() -> None:
+    cfg = compose(["experiment=authors_lpw"])
     assert cfg.dataset.name == "lpw" and cfg.loss.sigma == 0.6 and cfg.loss.margin == 1.2
     assert cfg.trainer.max_iters == 65000
     assert (cfg.trainer.eval_every_iters, cfg.trainer.eval_start_iter) == (5000, 50000)
     assert list(cfg.scheduler.milestones) == [30000, 40000, 50000]
     assert cfg.optimizer.weight_decay == 0.0001 and cfg.seed == 123
-    frames = cfg.sampler.num_classes * cfg.sampler.num_samples * cfg.dataset.seq_len
+    frames = cfg.sampler.classes_per_batch * cfg.sampler.samples_per_class * cfg.dataset.seq_len
     assert frames == 54  # train.prototxt: input_dim 54 frames, 6 tracklets
 
 

@@ -200,7 +200,7 @@ def test_mars_unreadable_frame_error_or_nearest_frame(mars: Path, tmp_path: Path
 
 def test_identity_sampler_over_mars_tracklets(mars: Path) -> None:
     ds = MARS(mars, "train")
-    sampler = PKSampler(ds.labels, num_classes=2, num_samples=2, seed=0)
+    sampler = PKSampler(ds.labels, classes_per_batch=2, samples_per_class=2, seed=0)
     for batch in sampler:
         labels = ds.labels[batch]
         assert len(set(labels.tolist())) == 2 and np.bincount(labels).max() == 2

@@ -28,7 +28,7 @@ from softmine.data import Digits, PKSampler
 from softmine.engine.distributed import all_reduce_with_grad, mean_over_ranks
 from softmine.engine.objective import Objective
 from softmine.engine.sync_bn import CpuSyncBatchNorm, convert_sync_batchnorm
-from softmine.losses import OSMCAALoss, OSMCAAOfficialLoss
+from softmine.losses import OSMCAAAuthorsLoss, OSMCAALoss
 from softmine.models import EmbeddingNet, TinyCNN, VideoEmbeddingNet
 from tests.conftest import FAST_DIGITS, compose
 
@@ -105,9 +105,9 @@ def test_two_ranks_match_one_process_on_the_concatenated_batch(tmp_path: Path) -
 P, K, C, T = 4, 3, 6, 3  # global batch of P classes x K items; C classes of 8 items; T frames
 CPU = torch.device("cpu")
 CASES: dict[str, tuple[Callable[..., torch.nn.Module], bool]] = {  # name: (loss, video model)
-    "osm_caa_official": (OSMCAAOfficialLoss, False),
+    "osm_caa_authors": (OSMCAAAuthorsLoss, False),
     "osm_caa": (OSMCAALoss, False),
-    "video_osm_caa_official": (OSMCAAOfficialLoss, True),  # + the frame cross-entropy
+    "video_osm_caa_authors": (OSMCAAAuthorsLoss, True),  # + the frame cross-entropy
 }
 
 
@@ -223,8 +223,8 @@ def test_without_sync_bn_the_split_batch_is_not_the_one_process_step(
     split_runs: list[dict],
 ) -> None:
     """The control: per-rank BatchNorm statistics change the gradients and running statistics."""
-    _, ref = _one_process("osm_caa_official")
-    got = split_runs[0]["osm_caa_official", False]
+    _, ref = _one_process("osm_caa_authors")
+    got = split_runs[0]["osm_caa_authors", False]
     grad_gap = max(float((got["grads"][k] - g).abs().max()) for k, g in ref["grads"].items())
     var_gap = float(
         (got["buffers"]["head_bn.running_var"] - ref["buffers"]["head_bn.running_var"]).abs().max()
@@ -289,7 +289,7 @@ def test_p_not_divisible_by_the_ranks_exits_2_with_one_line(tmp_path: Path) -> N
         assert p.returncode == 2, err[-2000:]
         lines = err.strip().splitlines()
         assert lines[-1].startswith("error: sampler.split_across_ranks=true"), err[-2000:]
-        assert "P=sampler.num_classes=5 is not divisible by N=2" in lines[-1]
+        assert "P=sampler.classes_per_batch=5 is not divisible by N=2" in lines[-1]
         assert "Traceback" not in err
 
 
@@ -342,7 +342,7 @@ def test_torchrun_split_batch_with_sync_bn_trains_on_the_one_process_schedule(
     run_dir = tmp_path / "run"
     overrides = [
         *FAST_DIGITS,
-        "sampler.num_classes=4",  # P divisible by the 2 ranks
+        "sampler.classes_per_batch=4",  # P divisible by the 2 ranks
         "sampler.split_across_ranks=true",
         "trainer.sync_bn=true",
         "backbone.head_bn=true",

@@ -1,7 +1,7 @@
 """softmine-embed, softmine-index and softmine-export on real run folders, and their bad-input errors.
 
 Digits (tiny CNN, PNG files written by a helper) for the everyday checks; the
-paper's ``experiment=reproduce_cub`` on fake CUB images for the issue's full chain:
+paper's ``experiment=authors_cub`` on fake CUB images for the issue's full chain:
 embed -> index (flat, hnsw) -> search by image -> eval -> ONNX export.
 """
 
@@ -227,17 +227,17 @@ def _noise_images(folder: Path) -> None:
 
 
 @pytest.mark.slow
-def test_reproduce_cub_run_embed_index_search_eval_export(
+def test_authors_cub_run_embed_index_search_eval_export(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The issue's chain on ``experiment=reproduce_cub`` trained 2 iterations on fake CUB images."""
+    """The issue's chain on ``experiment=authors_cub`` trained 2 iterations on fake CUB images."""
     root = make_cub(tmp_path / "CUB_200_2011", num_classes=16, images_per_class=7)
     _noise_images(root / "images")
     run_dir = tmp_path / "run"
     res = run_cli(
         [
             "softmine.commands.train",
-            "experiment=reproduce_cub",
+            "experiment=authors_cub",
             f"dataset.root={root}",
             f"hydra.run.dir={run_dir}",
             "trainer.max_iters=2",

@@ -12,9 +12,9 @@ from tests.test_loss_properties import NAMES, _build
 SETTINGS = settings(max_examples=15, deadline=None, derandomize=True)
 
 
-# The released form's classifier reads the raw feature (a linear layer with bias), so its
+# The authors' form's classifier reads the raw feature (a linear layer with bias), so its
 # attention and cross-entropy change with the feature's scale, as in the authors' code.
-NOT_SCALE_INVARIANT = {"osm_caa_official"}
+NOT_SCALE_INVARIANT = {"osm_caa_authors"}
 
 
 @st.composite

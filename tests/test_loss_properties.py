@@ -18,8 +18,8 @@ from softmine.losses import weighted_contrastive_loss
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "loss"
 ALL_NAMES = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 # Losses of (embeddings, labels); the video objective also needs (B, T, dim) frame features and
-# is checked against its own float64 port in tests/test_released_objective.py.
-NAMES = [n for n in ALL_NAMES if n != "osm_caa_official_video"]
+# is checked against its own float64 port in tests/test_authors_objective.py.
+NAMES = [n for n in ALL_NAMES if n != "osm_caa_authors_video"]
 NUM_CLASSES, DIM = 5, 24
 
 
@@ -44,7 +44,7 @@ def _batch(n: int = 20, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 def test_all_issue_config_names_exist() -> None:
     wanted = {
         "osm_caa",
-        "osm_caa_official",
+        "osm_caa_authors",
         "osm",
         "caa",
         "contrastive",
@@ -177,7 +177,7 @@ def test_float64_embeddings_with_float32_parameters(name: str) -> None:
         assert torch.allclose(p32.grad.double(), p64.grad, rtol=1e-5, atol=1e-7), pname
 
 
-@pytest.mark.parametrize("name", ["osm_caa", "osm_caa_official", "osm", "caa"])
+@pytest.mark.parametrize("name", ["osm_caa", "osm_caa_authors", "osm", "caa"])
 def test_compile_switch_is_off_by_default_and_reaches_the_loss(name: str) -> None:
     assert _build(name).compile is False
     assert _build(name, compile=True).compile is True

@@ -1,4 +1,4 @@
-"""reproduce_mars's ``authors/*`` figures follow the authors' MARS evaluation, on a fake MARS.
+"""authors_mars's ``authors/*`` figures follow the authors' MARS evaluation, on a fake MARS.
 
 Their test data (``MARS_V01/pre_pro_process/generate_data/generate_Mars_test_dataset_V001.m``:18, 34)
 labels every tracklet with its folder's index in the ASCII-sorted listing of ``bbox_test/``
@@ -107,7 +107,7 @@ def test_authors_rule_is_junk_minus_one_with_distractors_as_negatives(fake_mars)
     rank-1 = 2/5; mAP = (5/12 + 1/4 + 1 + 1 + 1/4) / 5 = 7/12. (Dropping the distractors,
     the old variant's rule, would give rank-1 1 and mAP 1.)"""
     root, query, gallery = fake_mars
-    cfg = compose(["experiment=reproduce_mars", f"dataset.root={root}", "evaluation.rerank=false"])
+    cfg = compose(["experiment=authors_mars", f"dataset.root={root}", "evaluation.rerank=false"])
     got = score_arrays(_arrays(query, gallery, _hand_features()), cfg)
     assert got["authors/cmc@1"] == pytest.approx(2 / 5)
     assert got["authors/cmc@5"] == pytest.approx(1.0)
@@ -126,7 +126,7 @@ def test_authors_variant_matches_a_port_of_their_evaluation(fake_mars, seed: int
     root, query, gallery = fake_mars
     rng = np.random.default_rng(seed)
     features = rng.normal(size=(len(MARS_TEST), 4))
-    cfg = compose(["experiment=reproduce_mars", f"dataset.root={root}", "evaluation.rerank=false"])
+    cfg = compose(["experiment=authors_mars", f"dataset.root={root}", "evaluation.rerank=false"])
     got = score_arrays(_arrays(query, gallery, features), cfg)
     cmc, mAP = _authors_reference(features)
     for r in cfg.evaluation.ranks:

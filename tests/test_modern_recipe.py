@@ -37,7 +37,7 @@ def test_modern_recipe_holds_the_published_settings(
     assert b.pretrained is True and b.embedding_dim == 512  # --embedding-size 512
     assert b.frozen_bn is True  # --bn-freeze 1
     assert b.trunk.pooling == "avg+max"  # net/resnet.py: max_x + avg_x
-    assert cfg.sampler.num_classes * cfg.sampler.num_samples == 120  # --batch-size 120
+    assert cfg.sampler.classes_per_batch * cfg.sampler.samples_per_class == 120  # --batch-size 120
     o = cfg.optimizer
     assert o._target_ == "torch.optim.AdamW" and o.lr == 1e-4  # --optimizer adamw, --lr 1e-4
     assert o.weight_decay == 1e-4  # --weight-decay default
@@ -71,8 +71,8 @@ def test_modern_cub_runs_on_a_fake_cub(tmp_path: Path, loss: str) -> None:
             "backbone.pretrained=false",  # no download in tests
             "dataset.transform.resize=40",
             "dataset.transform.crop_size=32",
-            "sampler.num_classes=2",
-            "sampler.num_samples=2",
+            "sampler.classes_per_batch=2",
+            "sampler.samples_per_class=2",
             "trainer.max_iters=4",
             "trainer.eval_every_iters=2",
             "trainer.device=cpu",

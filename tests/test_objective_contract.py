@@ -17,9 +17,9 @@ from softmine.engine.trainer import Trainer, run_time_sizes
 from softmine.errors import ConfigError
 from softmine.losses import (
     MetricLoss,
+    OSMCAAAuthorsLoss,
+    OSMCAAAuthorsVideoLoss,
     OSMCAALoss,
-    OSMCAAOfficialLoss,
-    OSMCAAOfficialVideoLoss,
     TripletBatchHardLoss,
     needs_of,
 )
@@ -68,14 +68,14 @@ def test_losses_declare_what_they_need() -> None:
     assert needs_of(TripletBatchHardLoss()).requires == ()
     assert needs_of(OSMCAALoss(4, 6)).returns_details
     assert not needs_of(TripletBatchHardLoss()).returns_details
-    assert needs_of(OSMCAAOfficialLoss(4, 6)).requires == ("embedding",)
+    assert needs_of(OSMCAAAuthorsLoss(4, 6)).requires == ("embedding",)
     heads = {"a": {"feature": "trunk"}, "b": {"feature": "pool5"}}
-    loss = OSMCAAOfficialLoss(
+    loss = OSMCAAAuthorsLoss(
         4, 6, heads=heads, attention_head="a", feature_dims={"pool5": 3, "trunk": 2}
     )
     assert needs_of(loss).requires == ("pool5", "trunk")
     video = needs_of(
-        OSMCAAOfficialVideoLoss(
+        OSMCAAAuthorsVideoLoss(
             4, 6, heads=heads, attention_head="a", feature_dims={"pool5": 3, "trunk": 2}
         )
     )
@@ -85,9 +85,9 @@ def test_losses_declare_what_they_need() -> None:
 
 def test_a_per_frame_loss_on_an_image_model_is_one_line_naming_both_sides() -> None:
     with pytest.raises(ConfigError) as err:
-        check_contract(_image_net(), OSMCAAOfficialVideoLoss(4, 6))
+        check_contract(_image_net(), OSMCAAAuthorsVideoLoss(4, 6))
     assert str(err.value) == (
-        "loss OSMCAAOfficialVideoLoss needs features per frame (B, T, dim) but backbone tiny "
+        "loss OSMCAAAuthorsVideoLoss needs features per frame (B, T, dim) but backbone tiny "
         f"is an image model, offering: embedding (6), trunk (8); {VIDEO_FIX}"
     )
 
@@ -111,17 +111,17 @@ def test_matching_pairs_pass_and_the_objective_routes_by_the_declarations() -> N
     torch.manual_seed(0)
     x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 0, 1, 1])
     for model, loss in [
-        (_image_net(), OSMCAAOfficialLoss(2, 6)),
+        (_image_net(), OSMCAAAuthorsLoss(2, 6)),
         (_image_net(), PlainLoss()),
         (nn.Sequential(nn.Flatten(), nn.Linear(64, 6)), PlainLoss()),
-        (VideoEmbeddingNet(TinyCNN(1, 4), embedding_dim=6), OSMCAAOfficialVideoLoss(2, 6)),
-        (VideoEmbeddingNet(TinyCNN(1, 4), embedding_dim=6), OSMCAAOfficialLoss(2, 6)),
+        (VideoEmbeddingNet(TinyCNN(1, 4), embedding_dim=6), OSMCAAAuthorsVideoLoss(2, 6)),
+        (VideoEmbeddingNet(TinyCNN(1, 4), embedding_dim=6), OSMCAAAuthorsLoss(2, 6)),
     ]:
         check_contract(model, loss)
         batch = x[:, None].expand(4, 3, 1, 8, 8) if isinstance(model, VideoEmbeddingNet) else x
         value, details = Objective(model, loss)(batch, y)
         assert value.ndim == 0 and torch.isfinite(value)
-        assert ("pair" in details) == isinstance(loss, OSMCAAOfficialLoss | OSMCAAOfficialVideoLoss)
+        assert ("pair" in details) == isinstance(loss, OSMCAAAuthorsLoss | OSMCAAAuthorsVideoLoss)
         assert ("frame_ce" in details) == isinstance(model, VideoEmbeddingNet)
 
 
@@ -136,7 +136,7 @@ def test_building_the_run_checks_the_contract(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         Trainer(cfg, tmp_path / "video")
     assert str(err.value) == (
-        "loss OSMCAAOfficialVideoLoss needs features per frame (B, T, dim) but backbone tiny "
+        "loss OSMCAAAuthorsVideoLoss needs features per frame (B, T, dim) but backbone tiny "
         f"is an image model, offering: {_expected_tiny_offer(cfg)}; {VIDEO_FIX}"
     )
 
@@ -149,7 +149,7 @@ def test_a_head_on_a_feature_the_backbone_lacks_is_the_same_contract_error(
     with pytest.raises(ConfigError) as err:
         Trainer(cfg, tmp_path / "heads")
     assert str(err.value) == (
-        "loss OSMCAAOfficialLoss needs feature 'pool5' (loss.heads.h) but backbone tiny offers: "
+        "loss OSMCAAAuthorsLoss needs feature 'pool5' (loss.heads.h) but backbone tiny offers: "
         f"{_expected_tiny_offer(cfg)}; point loss.heads.h.feature at one of those, or use a "
         "backbone that has it"
     )

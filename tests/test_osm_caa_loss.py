@@ -1,4 +1,4 @@
-"""OSM+CAA loss (paper and released forms) against float64 loops over pairs written here.
+"""OSM+CAA loss (paper and authors' forms) against float64 loops over pairs written here.
 
 The loops use true Euclidean distances ||x_i - x_j|| of the normalised rows and
 scalar autograd, so values *and* gradients are checked against an independent
@@ -17,8 +17,8 @@ import torch
 
 from softmine.errors import ConfigError
 from softmine.losses import (
+    OSMCAAAuthorsLoss,
     OSMCAALoss,
-    OSMCAAOfficialLoss,
     caa_attention,
     fused,
     weighted_contrastive_loss,
@@ -309,13 +309,13 @@ def test_compiled_loss_matches_float64_loop(monkeypatch: pytest.MonkeyPatch) -> 
     assert float(loss) == pytest.approx(ref, rel=REL)
     assert _rel_err(f1.grad, gf) < REL
     assert _rel_err(loss_fn.class_vectors.grad, gv) < REL
-    # the released form: no classifier inside the fused part, attention passed in
-    official = OSMCAAOfficialLoss(num_classes=4, embedding_dim=6).double()
-    eager_loss = official(f, y)
-    official.compile = True
+    # the authors' form: no classifier inside the fused part, attention passed in
+    authors = OSMCAAAuthorsLoss(num_classes=4, embedding_dim=6).double()
+    eager_loss = authors(f, y)
+    authors.compile = True
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        assert float(official(f, y)) == pytest.approx(float(eager_loss), rel=1e-12)
+        assert float(authors(f, y)) == pytest.approx(float(eager_loss), rel=1e-12)
     if fused._COMPILE_FAILED:  # checked the eager fallback only
         pytest.skip(f"torch.compile cannot compile here: {fused._COMPILE_FAILED[0][:300]}")
 
@@ -370,15 +370,15 @@ def test_module_without_classifier_has_no_ce() -> None:
     assert float(loss) == pytest.approx(float(weighted_contrastive_loss(f, y)), rel=1e-12)
 
 
-def test_official_form_matches_caffe_style_loop() -> None:
+def test_authors_form_matches_caffe_style_loop() -> None:
     """Default head (on the embedding): weighted CE + V5 pair loss, by loops in float64.
 
     Caffe's ContrastiveLoss backward divides the negatives' gradient by d + 1e-4; the loop's
     value has no such term, so the value is compared exactly and the gradient to 1e-3
-    (tests/test_released_objective.py ports the backward itself, to 1e-6).
+    (tests/test_authors_objective.py ports the backward itself, to 1e-6).
     """
     f, y = _batch(7, BATCHES["pk"], dim=6)
-    loss_fn = OSMCAAOfficialLoss(num_classes=4, embedding_dim=6).double()
+    loss_fn = OSMCAAAuthorsLoss(num_classes=4, embedding_dim=6).double()
     head = loss_fn.heads["classifier"].linear
     with torch.no_grad():
         head.weight.normal_(generator=torch.Generator().manual_seed(8))
@@ -415,10 +415,10 @@ def test_official_form_matches_caffe_style_loop() -> None:
     assert _rel_err(head.bias.grad, b2.grad) < REL
 
 
-def test_official_form_reads_features_when_given() -> None:
+def test_authors_form_reads_features_when_given() -> None:
     f, y = _batch(10, BATCHES["pk"], dim=6)
     feats = torch.randn(len(y), 9, dtype=F64, requires_grad=True)
-    loss_fn = OSMCAAOfficialLoss(
+    loss_fn = OSMCAAAuthorsLoss(
         num_classes=4,
         embedding_dim=6,
         heads={"h": {"feature": "pool5"}},

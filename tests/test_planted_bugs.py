@@ -52,7 +52,7 @@ def test_every_sample_is_drawn_each_epoch_leftovers_included() -> None:
     """With P = 1 every chunk is used: class c gives ceil(n_c / K) batches, all its samples."""
     counts, k = [10, 7, 12, 5], 4
     labels = _labels(counts)
-    sampler = PKSampler(labels, num_classes=1, num_samples=k, seed=3)
+    sampler = PKSampler(labels, classes_per_batch=1, samples_per_class=k, seed=3)
     for epoch in range(3):
         sampler.set_epoch(epoch)
         batches = list(sampler)
@@ -144,8 +144,8 @@ def _trainer(tmp_path: Path, *overrides: str) -> Trainer:
             "trainer.progress_bar=false",
             "trainer.plots=false",
             "trainer.tensorboard=false",
-            "sampler.num_classes=10",
-            "sampler.num_samples=8",
+            "sampler.classes_per_batch=10",
+            "sampler.samples_per_class=8",
             *overrides,
         ]
     )

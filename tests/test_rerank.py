@@ -104,7 +104,7 @@ def test_the_authors_expansion_matches_their_matlab_rule(k1: int) -> None:
     got = k_reciprocal_distances(q, g, k1=k1, k2=3, lambda_value=0.85, expansion="authors")
     np.testing.assert_allclose(got, _reference(q, g, k1, 3, 0.85, authors=True), atol=2e-6)
     assert (expansion_size(k1, "authors") == expansion_size(k1, "zhong")) == (k1 % 4 != 3)
-    if k1 == 7:  # the reproduce_mars setting: here the two rules re-rank differently
+    if k1 == 7:  # the authors_mars setting: here the two rules re-rank differently
         zhong = k_reciprocal_distances(q, g, k1=k1, k2=3, lambda_value=0.85)
         assert not np.allclose(got, zhong)
 

@@ -55,8 +55,8 @@ def _overrides(name: str, root: Path) -> list[str]:
         "trainer.tensorboard=false",
         "trainer.plots=false",
         "trainer.max_iters=1",
-        "sampler.num_classes=2",
-        "sampler.num_samples=2",
+        "sampler.classes_per_batch=2",
+        "sampler.samples_per_class=2",
         "sampler.allow_replacement=true",
     ]
     return given + (VIDEO if name in VIDEO_SETS else ["backbone.trunk.in_channels=3"])

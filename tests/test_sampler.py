@@ -19,7 +19,7 @@ def _labels(counts: list[int]) -> np.ndarray:
 
 def test_every_batch_has_p_classes_with_k_samples_each() -> None:
     labels = _labels([10, 7, 12, 9, 8, 11])
-    s = PKSampler(labels, num_classes=3, num_samples=4, seed=1)
+    s = PKSampler(labels, classes_per_batch=3, samples_per_class=4, seed=1)
     batches = list(s)
     assert batches, "an epoch must yield batches"
     for b in batches:
@@ -32,7 +32,7 @@ def test_every_batch_has_p_classes_with_k_samples_each() -> None:
 
 def test_epoch_sees_most_samples_and_batches_match_len() -> None:
     labels = _labels([16] * 8)
-    s = PKSampler(labels, num_classes=4, num_samples=4, seed=0)
+    s = PKSampler(labels, classes_per_batch=4, samples_per_class=4, seed=0)
     batches = list(s)
     assert len(batches) == len(s) == 8  # 8 classes x 4 chunks each / 4 per batch
     seen = set(np.concatenate(batches).tolist())
@@ -70,7 +70,7 @@ def test_ranks_get_disjoint_equal_shares() -> None:
 
 def test_too_few_classes_is_a_clear_error() -> None:
     with pytest.raises(ConfigError, match="larger than the 3 classes"):
-        PKSampler(_labels([5, 5, 5]), num_classes=4, num_samples=2)
+        PKSampler(_labels([5, 5, 5]), classes_per_batch=4, samples_per_class=2)
 
 
 def test_class_smaller_than_k_is_an_error_unless_replacement_allowed() -> None:
@@ -130,7 +130,7 @@ def test_split_across_ranks_in_one_process_is_the_plain_sampler() -> None:
 
 
 def test_split_across_ranks_needs_p_divisible_by_the_ranks() -> None:
-    with pytest.raises(ConfigError, match=r"P=sampler.num_classes=5 is not divisible by N=2"):
+    with pytest.raises(ConfigError, match=r"P=sampler.classes_per_batch=5 is not divisible by N=2"):
         PKSampler(_labels([4] * 6), 5, 2, rank=0, world_size=2, split_across_ranks=True)
     PKSampler(_labels([4] * 6), 5, 2, rank=0, world_size=2)  # without the split any P works
 

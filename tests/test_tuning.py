@@ -39,6 +39,13 @@ def test_every_loss_has_a_search_space_over_keys_its_config_has(loss: str) -> No
     assert cfg.evaluation.test is False and cfg.hydra.sweeper.direction == "maximize"
 
 
+def test_a_study_takes_the_old_sampler_keys() -> None:
+    old = tuning.study_config("digits_pairs", "osm", ["sampler.num_classes=4"])
+    new = tuning.study_config("digits_pairs", "osm", ["sampler.classes_per_batch=4"])
+    assert old.sampler.classes_per_batch == 4
+    assert OmegaConf.to_container(old.sampler) == OmegaConf.to_container(new.sampler)
+
+
 def _interrupted_study(folder: Path, dataset: str, loss: str) -> None:
     """What an interrupted session leaves: one completed trial and one left running."""
     import optuna

@@ -49,7 +49,7 @@ from softmine.engine.setup import resolve_num_workers
 from softmine.hardware import available_cpus
 from softmine.testing.fakes import make_cub
 
-BATCH = 56  # the reproduce-CUB batch: 8 classes x 7 images
+BATCH = 56  # the authors-CUB batch: 8 classes x 7 images
 
 
 def write_photos(root: Path, seed: int = 0) -> list[Path]:

@@ -15,7 +15,7 @@ It prints images/s of both (best of ``--trials``) and ``trainer/bare`` last per
 setting: 1.00 would mean the loop around the step costs nothing.
 
 Settings: the digits demo (tiny CNN, P x K = 8 x 8; small enough that per-step
-overheads show) and, with ``--cub``, the reproduce-CUB setting (BN-Inception, 8 x 7,
+overheads show) and, with ``--cub``, the authors-CUB setting (BN-Inception, 8 x 7,
 ``backbone.pretrained=false``) on a fake CUB folder at ``--cub-size`` pixels.
 Usage: ``python scripts/bench/train.py [--steps 150] [--trials 3] [--cub]``.
 """
@@ -43,8 +43,8 @@ def settings(root: Path | None, cub_size: int) -> dict[str, list[str]]:
     """Name -> config overrides of each measured setting."""
     out = {"digits tiny CNN (P x K = 8 x 8)": ["trainer.grad_clip=10.0"]}
     if root is not None:
-        out[f"reproduce_cub BN-Inception (8 x 7, {cub_size} px)"] = [
-            "experiment=reproduce_cub",
+        out[f"authors_cub BN-Inception (8 x 7, {cub_size} px)"] = [
+            "experiment=authors_cub",
             "backbone.pretrained=false",
             f"dataset.root={root}",
             f"dataset.transform.size={cub_size}",
@@ -104,7 +104,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=150, help="timed iterations (digits)")
     p.add_argument("--cub-steps", type=int, default=6, help="timed iterations (CUB)")
     p.add_argument("--trials", type=int, default=3, help="interleaved trials, best of each")
-    p.add_argument("--cub", action="store_true", help="also the reproduce-CUB setting")
+    p.add_argument("--cub", action="store_true", help="also the authors-CUB setting")
     p.add_argument("--cub-size", type=int, default=96, help="CUB image size (pixels)")
     args = p.parse_args()
     device = "cuda " + torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"

@@ -1,8 +1,9 @@
 """Old module paths that still import: each name below is the module it became.
 
 Issue 24 gave the package a layout whose folders name their job (commands/, runs/,
-reporting/, data/datasets/, testing/). Code and configs written against the old
-paths keep working: ``import softmine.engine.run_folder`` returns
+reporting/, data/datasets/, testing/) and one name, "authors", for the authors' released
+code (``losses/osm_caa_official`` became ``losses/osm_caa_authors``). Code and configs
+written against the old paths keep working: ``import softmine.engine.run_folder`` returns
 :mod:`softmine.runs.folder` itself (one module object, so patches and
 ``isinstance`` checks agree), and ``python -m softmine.train`` runs
 :mod:`softmine.commands.train`. New code uses the new paths.
@@ -55,6 +56,7 @@ MOVED: dict[str, str] = {
     "softmine.inference.export": "softmine.inference.model_export",
     "softmine.inference.images": "softmine.inference.image_files",
     "softmine.inference.index": "softmine.inference.search_index",
+    "softmine.losses.osm_caa_official": "softmine.losses.osm_caa_authors",
     "softmine.plots": "softmine.reporting.plots",
     "softmine.report": "softmine.commands.report",
     "softmine.train": "softmine.commands.train",

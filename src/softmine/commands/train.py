@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+#: Old config keys this command line used, renamed before Hydra read it (:func:`_main`).
+_RENAMED_KEYS: list[str] = []
 
 
 def _on_rank0(fn: Callable[[], T]) -> T:
@@ -81,6 +83,7 @@ def train(inv: Invocation) -> dict[str, float]:
     env = DistEnv.current()
     if not env.is_main:
         logging.getLogger().setLevel(logging.WARNING)
+    _upgrade_old_names(inv, log_them=env.is_main)
     validate_config(cfg)
     lock = RunLock(inv.run_dir) if env.is_main else None
     plan: Plan | None = None
@@ -121,6 +124,16 @@ def train(inv: Invocation) -> dict[str, float]:
             handler.close()
         if lock is not None:
             lock.release()
+
+
+def _upgrade_old_names(inv: Invocation, log_them: bool) -> None:
+    """Give the old names this job used (config options, keys, class names) their new ones in
+    ``inv.cfg``, so the run is recorded and compared under today's names; log each once."""
+    from softmine.config import log_old_names, old_choice_notes, upgrade_config
+
+    notes = [*_RENAMED_KEYS, *old_choice_notes(inv.choices), *upgrade_config(inv.cfg)]
+    if log_them:
+        log_old_names(notes)
 
 
 def _log_failure(handler: logging.Handler, e: BaseException) -> None:
@@ -269,11 +282,12 @@ def _main() -> None:
     from omegaconf.errors import OmegaConfBaseException
 
     from softmine.commands.hydra_errors import describe
-    from softmine.config import CONFIG_DIR
+    from softmine.config import CONFIG_DIR, upgrade_overrides
     from softmine.engine.distributed import init_from_env, run_stamp
     from softmine.runs import sweep
 
     OmegaConf.register_new_resolver("run_stamp", run_stamp, replace=True)
+    sys.argv[1:], _RENAMED_KEYS[:] = upgrade_overrides(sys.argv[1:])  # Hydra refuses unknown keys
     init_from_env()
     keep_hydra_errors = os.environ.get("HYDRA_FULL_ERROR") == "1" or debug_enabled()
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors to us instead of printing them

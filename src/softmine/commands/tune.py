@@ -44,7 +44,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from softmine.commands.common import ArgumentParser, user_errors_exit
-from softmine.config import CONFIG_DIR
+from softmine.config import CONFIG_DIR, upgrade_overrides
 from softmine.errors import ConfigError, Interrupted
 from softmine.evaluation.metric_names import MAP_AT_R, VAL_PREFIX
 from softmine.reporting.fair_benchmark import LOSSES
@@ -72,7 +72,8 @@ def study_config(dataset: str, loss: str, overrides: Sequence[str] = ()) -> Dict
     """The composed config of the study (Hydra's settings included), as ``-m`` would build it."""
     from hydra import compose, initialize_config_dir
 
-    args = ["experiment=tune", f"dataset={dataset}", f"loss={loss}", *overrides]
+    given, _ = upgrade_overrides(overrides)  # the trials' softmine-train logs the old names
+    args = ["experiment=tune", f"dataset={dataset}", f"loss={loss}", *given]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose("train", overrides=args, return_hydra_config=True)
 

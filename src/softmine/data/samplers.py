@@ -61,8 +61,8 @@ class PKSampler(Sampler[list[int]]):
 
     Args:
         labels: label of every dataset item.
-        num_classes: P, classes per batch.
-        num_samples: K, samples per class in a batch.
+        classes_per_batch: P, classes in a batch.
+        samples_per_class: K, samples of each of those classes in a batch.
         seed: base seed; epoch ``e`` uses ``(seed, e)``.
         allow_replacement: let classes with fewer than K items fill their K slots by
             sampling with replacement; by default such classes are an error.
@@ -83,8 +83,8 @@ class PKSampler(Sampler[list[int]]):
     def __init__(
         self,
         labels: Sequence[int] | np.ndarray,
-        num_classes: int,
-        num_samples: int,
+        classes_per_batch: int,
+        samples_per_class: int,
         seed: int = 0,
         allow_replacement: bool = False,
         rank: int = 0,
@@ -105,41 +105,42 @@ class PKSampler(Sampler[list[int]]):
                 f"sampler.within_class={within_class} needs sampler.draw=uniform_classes "
                 "(the epoch draw takes every item once); set sampler.within_class=distinct"
             )
-        if num_classes < 1 or num_samples < 1:
+        if classes_per_batch < 1 or samples_per_class < 1:
             raise ConfigError(
-                f"sampler.num_classes (P={num_classes}) and sampler.num_samples "
-                f"(K={num_samples}) must both be >= 1"
+                f"sampler.classes_per_batch (P={classes_per_batch}) and sampler.samples_per_class "
+                f"(K={samples_per_class}) must both be >= 1"
             )
-        if num_samples < 2:
+        if samples_per_class < 2:
             raise ConfigError(
-                "sampler.num_samples (K) must be >= 2: with one sample per class a batch "
+                "sampler.samples_per_class (K) must be >= 2: with one sample per class a batch "
                 "has no positive pair"
             )
         classes, counts = np.unique(labels, return_counts=True)
-        if len(classes) < num_classes:
+        if len(classes) < classes_per_batch:
             raise ConfigError(
-                f"sampler.num_classes (P={num_classes}) is larger than the {len(classes)} "
-                f"classes in the training set; lower sampler.num_classes"
+                f"sampler.classes_per_batch (P={classes_per_batch}) is larger than the "
+                f"{len(classes)} classes in the training set; lower sampler.classes_per_batch"
             )
-        small = classes[counts < num_samples]
+        small = classes[counts < samples_per_class]
         if len(small) and not allow_replacement and within_class == "distinct":
             name = repr(class_names[int(small[0])]) if class_names is not None else small[0]
             raise ConfigError(
                 f"{len(small)} of {len(classes)} training classes have fewer than "
-                f"K={num_samples} samples (smallest has {counts.min()}, e.g. class {name}); "
-                f"lower sampler.num_samples or set sampler.allow_replacement=true"
+                f"K={samples_per_class} samples (smallest has {counts.min()}, e.g. class {name}); "
+                f"lower sampler.samples_per_class or set sampler.allow_replacement=true"
             )
         if not 0 <= rank < world_size:
             raise ConfigError(f"sampler rank {rank} must lie in [0, world_size={world_size})")
-        if split_across_ranks and num_classes % world_size:
+        if split_across_ranks and classes_per_batch % world_size:
             raise ConfigError(
                 f"sampler.split_across_ranks=true gives each of the N={world_size} ranks "
-                f"P/N whole classes of every batch, but P=sampler.num_classes={num_classes} "
-                f"is not divisible by N={world_size}; set sampler.num_classes to a multiple "
-                f"of {world_size}, launch a number of processes that divides {num_classes}, "
+                f"P/N whole classes of every batch, but "
+                f"P=sampler.classes_per_batch={classes_per_batch} is not divisible by "
+                f"N={world_size}; set sampler.classes_per_batch to a multiple "
+                f"of {world_size}, launch a number of processes that divides {classes_per_batch}, "
                 "or set sampler.split_across_ranks=false"
             )
-        self.P, self.K = int(num_classes), int(num_samples)
+        self.P, self.K = int(classes_per_batch), int(samples_per_class)
         self.seed = int(seed)
         self.allow_replacement = allow_replacement
         self.rank, self.world_size = rank, world_size

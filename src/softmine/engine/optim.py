@@ -22,7 +22,7 @@ own parameters" (``loss.*``: Proxy-Anchor's proxies, OSM+CAA's class vectors) th
 rate and still run a loss that has none.
 
 :class:`CaffeSGD` (``optimizer=caffe_sgd``) is SGD with momentum in Caffe's form, the
-learning rate inside the momentum history: the ``reproduce_*`` experiments train with it.
+learning rate inside the momentum history: the ``authors_*`` experiments train with it.
 """
 
 from __future__ import annotations

@@ -254,7 +254,8 @@ class Trainer:
         if self.batches_per_epoch == 0:
             raise ConfigError(
                 "the sampler produces no batch: the training set is too small for "
-                f"P={self.sampler.P} x K={self.sampler.K}; lower sampler.num_classes or num_samples"
+                f"P={self.sampler.P} x K={self.sampler.K}; lower sampler.classes_per_batch or "
+                "samples_per_class"
             )
         self.total_steps = (
             int(tcfg.max_iters)

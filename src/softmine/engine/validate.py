@@ -251,7 +251,7 @@ def validate_config(cfg: DictConfig, run_dir: Path | None = None) -> None:
     if _num(cfg, "backbone.embedding_dim") is None:
         raise ConfigError("backbone.embedding_dim must be a positive integer (got null)")
     _int(cfg, "backbone.embedding_dim", 1, "a positive integer")
-    for key in ("sampler.num_classes", "sampler.num_samples"):
+    for key in ("sampler.classes_per_batch", "sampler.samples_per_class"):
         _int(cfg, key, 1, "a positive integer")
     _check_lr(cfg)
     _check_optimizer(cfg)

@@ -23,7 +23,11 @@ from softmine.losses.osm_caa import (
     class_logits,
     weighted_contrastive_loss,
 )
-from softmine.losses.osm_caa_official import OSMCAAOfficialLoss, OSMCAAOfficialVideoLoss
+from softmine.losses.osm_caa_authors import OSMCAAAuthorsLoss, OSMCAAAuthorsVideoLoss
+from softmine.losses.osm_caa_authors import OSMCAAOfficialLoss as OSMCAAOfficialLoss  # old name
+from softmine.losses.osm_caa_authors import (
+    OSMCAAOfficialVideoLoss as OSMCAAOfficialVideoLoss,  # old name
+)
 from softmine.losses.proxy_anchor import ProxyAnchorLoss, proxy_anchor_loss
 from softmine.losses.triplet import (
     TripletBatchHardLoss,
@@ -41,8 +45,8 @@ __all__ = [
     "MultiSimilarityLoss",
     "NormSoftmaxLoss",
     "OSMCAALoss",
-    "OSMCAAOfficialLoss",
-    "OSMCAAOfficialVideoLoss",
+    "OSMCAAAuthorsLoss",
+    "OSMCAAAuthorsVideoLoss",
     "ProxyAnchorLoss",
     "TripletBatchHardLoss",
     "TripletSemiHardLoss",

@@ -1,7 +1,7 @@
 """The fused OSM (+CAA) (+cross-entropy) pair loss: forward and gradient written out by hand.
 
 Shared by the paper form (:mod:`softmine.losses.osm_caa`) and the authors' released
-form (:mod:`softmine.losses.osm_caa_official`). With detached weights the loss and its
+form (:mod:`softmine.losses.osm_caa_authors`). With detached weights the loss and its
 gradient are computed together (:class:`_FusedOSMCAA`): one matmul gives the Gram
 matrix and the class logits, the gradient is one more matmul (plus one for the class
 vectors), formed during the forward pass, and no autograd graph is built for the

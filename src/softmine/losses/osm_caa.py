@@ -2,7 +2,7 @@
 
 Wang, Hua, Kodirov, Hu, Robertson. "Deep Metric Learning by Online Soft Mining
 and Class-Aware Attention". AAAI 2019. https://arxiv.org/abs/1811.01459
-(The authors' released Caffe form is :mod:`softmine.losses.osm_caa_official`.)
+(The authors' released Caffe form is :mod:`softmine.losses.osm_caa_authors`.)
 
 For L2-normalised embeddings x_i and all ordered pairs i != j with distance
 d_ij = ||x_i - x_j||:

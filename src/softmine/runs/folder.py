@@ -34,7 +34,13 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from softmine.config import flatten, loading_option, override_key
+from softmine.config import (
+    current_choices,
+    flatten,
+    loading_option,
+    override_key,
+    upgrade_config,
+)
 from softmine.errors import ConfigError
 from softmine.runs.atomic import write_text_atomic
 from softmine.runs.layout import RUN_FILES, RunLayout, read_metrics
@@ -409,9 +415,12 @@ def plan_run(inv: Invocation) -> Plan:
     if recorded is None:
         recorded = (_checkpoint_config(RunLayout(run_dir).last_checkpoint), [], {})
     rec_config, rec_overrides, rec_choices = recorded
+    upgrade_config(rec_config)  # a run recorded before a rename compares under today's names
     new_config = _container(cfg, resolve)
     allowed = resume_overrides(cfg)
-    diffs = config_differences(rec_config, new_config, rec_choices, inv.choices)
+    diffs = config_differences(
+        rec_config, new_config, current_choices(rec_choices), current_choices(inv.choices)
+    )
     diffs = _same_when_resolved(diffs, rec_config, cfg)
     refused = [d for d in diffs if not _covers(allowed, d.key)]
     if refused:

@@ -8,7 +8,7 @@ structure, file names, text-file formats
 and ``.mat`` variables (written with :func:`scipy.io.savemat`, struct arrays
 with the published field names) as the real download, and returns ``root``.
 The loaders cannot tell them from the real thing except by size, so they serve
-the data tests, the training tests (e.g. ``experiment=reproduce_cub`` on a fake
+the data tests, the training tests (e.g. ``experiment=authors_cub`` on a fake
 CUB: pass ``num_classes=16, images_per_class=7`` for an 8 x 7 P x K batch) and
 anyone trying the pipeline without the download.
 

@@ -26,11 +26,11 @@ IMAGE = ["dataset.transform.size=96"]
 VIDEO = ["dataset.transform.size=96", "evaluation.frame_batch_size=8"]
 
 CASES = {
-    "reproduce_cub": (lambda r: make_cub(r, num_classes=16, images_per_class=7), IMAGE),
-    "reproduce_cars": (lambda r: make_cars(r, num_classes=16, images_per_class=7), IMAGE),
-    "reproduce_mars": (make_mars, VIDEO),
-    "reproduce_ilidsvid": (make_ilidsvid, VIDEO),
-    "reproduce_lpw": (make_lpw, VIDEO),
+    "authors_cub": (lambda r: make_cub(r, num_classes=16, images_per_class=7), IMAGE),
+    "authors_cars": (lambda r: make_cars(r, num_classes=16, images_per_class=7), IMAGE),
+    "authors_mars": (make_mars, VIDEO),
+    "authors_ilidsvid": (make_ilidsvid, VIDEO),
+    "authors_lpw": (make_lpw, VIDEO),
 }
 RETRIEVAL = {"recall@1", "recall@2", "recall@4", "recall@8", "map@r", "nmi"}
 REID = {"cmc@1", "cmc@5", "cmc@10", "cmc@20", "mAP"}
@@ -38,7 +38,7 @@ REID = {"cmc@1", "cmc@5", "cmc@10", "cmc@20", "mAP"}
 
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", sorted(CASES))
-def test_reproduce_experiment_runs_on_fake_data(tmp_path: Path, experiment: str) -> None:
+def test_authors_experiment_runs_on_fake_data(tmp_path: Path, experiment: str) -> None:
     make, size = CASES[experiment]
     root = make(tmp_path / "data")
     run_dir = tmp_path / "run"
@@ -60,11 +60,11 @@ def test_reproduce_experiment_runs_on_fake_data(tmp_path: Path, experiment: str)
     expected = REID if any(v in experiment for v in video) else RETRIEVAL
     assert expected <= set(metrics)
     assert all(0.0 <= metrics[k] <= 1.0 for k in expected)
-    if experiment == "reproduce_mars":  # the authors' rule and re-ranking beside the standard one
+    if experiment == "authors_mars":  # the authors' rule and re-ranking beside the standard one
         expected = expected | {"authors/cmc@1", "authors/mAP", "rerank/cmc@1", "rerank/authors/mAP"}
         assert expected <= set(metrics)
     cfg = (run_dir / ".hydra" / "config.yaml").read_text()
-    assert "seed: 123" in cfg and "OSMCAAOfficial" in cfg
+    assert "seed: 123" in cfg and "OSMCAAAuthors" in cfg
     # softmine-eval rebuilds the model and the run's own protocol from the checkpoint
     ev = run_cli(["softmine.commands.evaluate", str(run_dir), "--device", "cpu"], tmp_path)
     assert ev.returncode == 0, ev.stderr[-3000:]
@@ -74,7 +74,7 @@ def test_reproduce_experiment_runs_on_fake_data(tmp_path: Path, experiment: str)
 
 
 @pytest.mark.parametrize("experiment", sorted(CASES))
-def test_reproduce_without_data_is_the_clear_data_error(tmp_path: Path, experiment: str) -> None:
+def test_authors_without_data_is_the_clear_data_error(tmp_path: Path, experiment: str) -> None:
     res = run_cli(
         [
             "softmine.commands.train",
@@ -88,9 +88,9 @@ def test_reproduce_without_data_is_the_clear_data_error(tmp_path: Path, experime
     assert "Traceback" not in res.stderr
 
 
-def test_make_reproduce_cub_without_data(tmp_path: Path) -> None:
+def test_make_authors_cub_without_data(tmp_path: Path) -> None:
     res = subprocess.run(
-        ["make", "-s", "-C", str(REPO), "reproduce-cub", f"ARGS=dataset.root={tmp_path / 'none'}"],
+        ["make", "-s", "-C", str(REPO), "authors-cub", f"ARGS=dataset.root={tmp_path / 'none'}"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -101,14 +101,14 @@ def test_make_reproduce_cub_without_data(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_reproduce_cub_evaluates_on_schedule_with_three_heads(tmp_path: Path) -> None:
+def test_authors_cub_evaluates_on_schedule_with_three_heads(tmp_path: Path) -> None:
     """Issue 12's check: eval_log rows at 2 and 4, best_test_*, three CE pieces, varying attention."""
     root = make_cub(tmp_path / "data", num_classes=8, images_per_class=4)
     run_dir = tmp_path / "run"
     res = run_cli(
         [
             "softmine.commands.train",
-            "experiment=reproduce_cub",
+            "experiment=authors_cub",
             f"dataset.root={root}",
             f"hydra.run.dir={run_dir}",
             "trainer.max_iters=4",
@@ -116,8 +116,8 @@ def test_reproduce_cub_evaluates_on_schedule_with_three_heads(tmp_path: Path) ->
             "trainer.eval_start_iter=0",
             "trainer.log_every=1",
             "trainer.plots=false",
-            "sampler.num_classes=4",
-            "sampler.num_samples=3",
+            "sampler.classes_per_batch=4",
+            "sampler.samples_per_class=3",
             "dataset.transform.size=96",
             *[a for a in COMMON if not a.startswith("trainer.max_iters")],
         ],

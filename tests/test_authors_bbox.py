@@ -1,4 +1,4 @@
-"""The authors' bounding-box runs: reproduce_cub_bbox and reproduce_cars_bbox.
+"""The authors' bounding-box runs: authors_cub_bbox and authors_cars_bbox.
 
 Expected values are read off the authors' repository (XinshaoAmosWang/OSM_CAA_WeightedContrastiveLoss
 at a8911b9): ``CUB_V01/train_M_WIDE_ASiamese_V42_e1_bbox/`` and
@@ -48,22 +48,25 @@ def _evaluated(cfg) -> list[int]:
     ]
 
 
-def test_reproduce_cub_bbox_is_reproduce_cub_on_box_crops() -> None:
+def test_authors_cub_bbox_is_authors_cub_on_box_crops() -> None:
     """train.m of the bbox run differs from the full-image one only in its data file (line 9)."""
-    full, bbox = compose(["experiment=reproduce_cub"]), compose(["experiment=reproduce_cub_bbox"])
+    full, bbox = compose(["experiment=authors_cub"]), compose(["experiment=authors_cub_bbox"])
     assert _differences(full, bbox) == {"dataset.crop": (False, True)}
     # CUB_V01/M_WIDE_ASiamese_V42_e1/solver.prototxt (train.m:15 modelDir)
     assert bbox.optimizer.lr == 0.0005 and bbox.optimizer.weight_decay == 0.0003
     assert list(bbox.scheduler.milestones) == [500, 1000, 1500, 1501, 2000, 2001]
-    assert bbox.seed == 123 and (bbox.sampler.num_classes, bbox.sampler.num_samples) == (8, 7)
+    assert bbox.seed == 123 and (
+        bbox.sampler.classes_per_batch,
+        bbox.sampler.samples_per_class,
+    ) == (8, 7)
     # train.m:25-27, test_model.m:23 `for iter = 1000 : 250 : 3000`
     assert bbox.trainer.max_iters == 3000
     assert _evaluated(bbox) == list(range(1000, 3001, 250))
 
 
-def test_reproduce_cars_bbox_has_the_shorter_schedule() -> None:
+def test_authors_cars_bbox_has_the_shorter_schedule() -> None:
     """train.m:25-27 of the bbox run: 8,000 iterations, snapshots every 500 from 2,000."""
-    full, bbox = compose(["experiment=reproduce_cars"]), compose(["experiment=reproduce_cars_bbox"])
+    full, bbox = compose(["experiment=authors_cars"]), compose(["experiment=authors_cars_bbox"])
     assert _differences(full, bbox) == {
         "dataset.crop": (False, True),
         "trainer.max_iters": (10000, 8000),
@@ -75,7 +78,10 @@ def test_reproduce_cars_bbox_has_the_shorter_schedule() -> None:
     assert bbox.optimizer.lr == 0.001 and bbox.optimizer.weight_decay == 0.00005
     assert list(bbox.scheduler.milestones) == [1500, 3000, 4500, 6000]
     assert bbox.scheduler.gamma == 0.5 and bbox.optimizer.momentum == 0.9
-    assert bbox.seed == 123 and (bbox.sampler.num_classes, bbox.sampler.num_samples) == (8, 7)
+    assert bbox.seed == 123 and (
+        bbox.sampler.classes_per_batch,
+        bbox.sampler.samples_per_class,
+    ) == (8, 7)
     # test_model.m:23 `for iter = 2000 : 500 : 8000`
     assert _evaluated(bbox) == list(range(2000, 8001, 500))
     assert bbox.dataset.name == "cars196"
@@ -85,9 +91,9 @@ def test_reproduce_cars_bbox_has_the_shorter_schedule() -> None:
     ("experiment", "make", "box_hw"),
     [
         # make_cub: box x 1, y 2, w 4, h 3 -> a 3 x 4 crop
-        ("reproduce_cub_bbox", lambda r: make_cub(r, num_classes=4, images_per_class=2), (3, 4)),
+        ("authors_cub_bbox", lambda r: make_cub(r, num_classes=4, images_per_class=2), (3, 4)),
         # make_cars: MATLAB box (2, 3)-(6, 7), inclusive -> 5 x 5
-        ("reproduce_cars_bbox", lambda r: make_cars(r, num_classes=4, images_per_class=2), (5, 5)),
+        ("authors_cars_bbox", lambda r: make_cars(r, num_classes=4, images_per_class=2), (5, 5)),
     ],
 )
 def test_bbox_experiments_crop_train_and_test_images_to_their_boxes(
@@ -103,18 +109,18 @@ def test_bbox_experiments_crop_train_and_test_images_to_their_boxes(
 
 
 @pytest.mark.slow  # BN-Inception on the CPU, 2 iterations
-def test_reproduce_cub_bbox_runs_on_a_fake_cub(tmp_path: Path) -> None:
+def test_authors_cub_bbox_runs_on_a_fake_cub(tmp_path: Path) -> None:
     root = make_cub(tmp_path / "data", num_classes=4, images_per_class=3)
     run_dir = tmp_path / "run"
     res = run_cli(
         [
             "softmine.commands.train",
-            "experiment=reproduce_cub_bbox",
+            "experiment=authors_cub_bbox",
             f"dataset.root={root}",
             f"hydra.run.dir={run_dir}",
             "trainer.max_iters=2",
-            "sampler.num_classes=2",
-            "sampler.num_samples=3",
+            "sampler.classes_per_batch=2",
+            "sampler.samples_per_class=3",
             "backbone.pretrained=false",
             "trainer.device=cpu",
             "trainer.num_workers=0",

@@ -1,4 +1,4 @@
-"""The reproduce_* experiments hold the authors' released values, so a config edit cannot drift.
+"""The authors_* experiments hold the authors' released values, so a config edit cannot drift.
 
 Every expected value below is read off a file of the authors' repository
 (XinshaoAmosWang/OSM_CAA_WeightedContrastiveLoss at a8911b9); the file is named beside it.
@@ -22,11 +22,11 @@ HEADS = {"loss1": "inception_3c", "loss2": "embedding", "loss3": "pool5"}  # tra
 
 def _common_image(cfg) -> None:
     assert cfg.seed == 123  # train.m: seed = 123
-    assert (cfg.sampler.num_classes, cfg.sampler.num_samples) == (
+    assert (cfg.sampler.classes_per_batch, cfg.sampler.samples_per_class) == (
         8,
         7,
     )  # train.m id_num, image_per_id
-    assert cfg.loss._target_ == "softmine.losses.OSMCAAOfficialLoss"
+    assert cfg.loss._target_ == "softmine.losses.OSMCAAAuthorsLoss"
     assert (cfg.loss.sigma, cfg.loss.margin) == (0.8, 1.2)  # V5 layer gaussian_param, margin
     assert (cfg.loss.attention_sigma, cfg.loss.ce_mean, cfg.loss.ce_sigma) == (0.68, 0.5, 0.18)
     assert {h: o.feature for h, o in cfg.loss.heads.items()} == HEADS
@@ -60,8 +60,8 @@ def _authors_backbone(cfg) -> None:
         assert names == ["ToImage", "Resize"], names
 
 
-def test_reproduce_cub_holds_the_released_values() -> None:
-    cfg = compose(["experiment=reproduce_cub"])
+def test_authors_cub_holds_the_released_values() -> None:
+    cfg = compose(["experiment=authors_cub"])
     _common_image(cfg)
     assert cfg.dataset.name == "cub"
     # CUB_V01/M_WIDE_ASiamese_V42_e1/solver.prototxt
@@ -71,8 +71,8 @@ def test_reproduce_cub_holds_the_released_values() -> None:
     assert cfg.trainer.max_iters == 3000  # train.m param.train_maxiter
 
 
-def test_reproduce_cars_holds_the_released_values() -> None:
-    cfg = compose(["experiment=reproduce_cars"])
+def test_authors_cars_holds_the_released_values() -> None:
+    cfg = compose(["experiment=authors_cars"])
     _common_image(cfg)
     assert cfg.dataset.name == "cars196"
     # CARS196_V01/M_WIDE_ASiamese_V62_e1/solver.prototxt
@@ -81,15 +81,15 @@ def test_reproduce_cars_holds_the_released_values() -> None:
     assert cfg.trainer.max_iters == 10000  # train.m
 
 
-def test_reproduce_mars_holds_the_released_values() -> None:
-    cfg = compose(["experiment=reproduce_mars"])
+def test_authors_mars_holds_the_released_values() -> None:
+    cfg = compose(["experiment=authors_mars"])
     assert cfg.seed == 123 and cfg.dataset.name == "mars"
     assert cfg.dataset.seq_len == 9  # 54 frames / tracklet_num 6 (train.m, train.prototxt)
-    assert (cfg.sampler.num_classes, cfg.sampler.num_samples) == (
+    assert (cfg.sampler.classes_per_batch, cfg.sampler.samples_per_class) == (
         3,
         2,
     )  # selects = [selects, selects]
-    assert cfg.loss._target_ == "softmine.losses.OSMCAAOfficialVideoLoss"
+    assert cfg.loss._target_ == "softmine.losses.OSMCAAAuthorsVideoLoss"
     assert (cfg.loss.sigma, cfg.loss.margin, cfg.loss.attention_sigma) == (1.0, 1.2, 0.68)
     assert {h: o.feature for h, o in cfg.loss.heads.items()} == HEADS
     assert cfg.loss.attention_head == "loss3"
@@ -130,16 +130,16 @@ def _eval_iterations(cfg) -> list[int]:
     return due
 
 
-def test_reproduce_mars_runs_their_length_and_evaluates_as_they_did() -> None:
+def test_authors_mars_runs_their_length_and_evaluates_as_they_did() -> None:
     """train.m:24-26: test_start 40000, test_interval 5000, train_maxiter 100000."""
-    cfg = compose(["experiment=reproduce_mars"])
+    cfg = compose(["experiment=authors_mars"])
     assert cfg.trainer.max_iters == 100000
     assert _eval_iterations(cfg) == list(range(40000, 100001, 5000))  # 60000 (reported) among them
     assert cfg.trainer.checkpoint_every == 5000  # a snapshot at every evaluation, as they saved
 
 
-def test_reproduce_mars_reports_reranked_metrics_beside_the_plain_ones() -> None:
-    cfg = compose(["experiment=reproduce_mars"])
+def test_authors_mars_reports_reranked_metrics_beside_the_plain_ones() -> None:
+    cfg = compose(["experiment=authors_mars"])
     assert rerank_options(cfg.evaluation) == {
         "k1": 7,
         "k2": 3,
@@ -158,15 +158,15 @@ def test_reproduce_mars_reports_reranked_metrics_beside_the_plain_ones() -> None
     ]
 
 
-@pytest.mark.parametrize("experiment", ["reproduce_cub", "reproduce_cars"])
+@pytest.mark.parametrize("experiment", ["authors_cub", "authors_cars"])
 def test_recall_at_k_columns_are_those_of_their_logs(experiment: str) -> None:
     """test_one_model.m:21-29 (CUB_V01 and CARS196_V01): R@2^(i-1), i = 1..6."""
     cfg = compose([f"experiment={experiment}"])
     assert list(cfg.evaluation.ks) == [1, 2, 4, 8, 16, 32]
 
 
-def test_reproduce_lpw_is_mars_with_the_lpw_solver() -> None:
-    cfg = compose(["experiment=reproduce_lpw"])
+def test_authors_lpw_is_mars_with_the_lpw_solver() -> None:
+    cfg = compose(["experiment=authors_lpw"])
     assert cfg.dataset.name == "lpw" and cfg.loss.sigma == 0.6  # LPW train.prototxt
     # LPW_V01/M_WIDE_WF_WIDE_ASiamese_V20_e5/solver.prototxt, train_LPW.m
     assert cfg.optimizer.weight_decay == 0.0001 and cfg.optimizer.lr == 0.001
@@ -174,13 +174,13 @@ def test_reproduce_lpw_is_mars_with_the_lpw_solver() -> None:
     assert cfg.trainer.max_iters == 65000
     assert (cfg.trainer.eval_every_iters, cfg.trainer.eval_start_iter) == (5000, 50000)
     assert cfg.evaluation.reid_variants.authors is None  # a plain CMC in their test script
-    assert cfg.loss._target_ == "softmine.losses.OSMCAAOfficialVideoLoss"
+    assert cfg.loss._target_ == "softmine.losses.OSMCAAAuthorsVideoLoss"
     _authors_backbone(cfg)
 
 
 def test_caffe_multistep_with_repeated_steps_gives_the_authors_rates() -> None:
     """Caffe passes one stepvalue per iteration: x0.5 at 1500 and again at 1501 (hand values)."""
-    cfg = compose(["experiment=reproduce_cub"])
+    cfg = compose(["experiment=authors_cub"])
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0005)
     sched = multistep(opt, 3000, milestones=list(cfg.scheduler.milestones), gamma=0.5)
     rates = {}
@@ -194,7 +194,7 @@ def test_caffe_multistep_with_repeated_steps_gives_the_authors_rates() -> None:
 
 
 def test_cfg_job_shows_the_schedule_and_no_augmentation(tmp_path) -> None:
-    res = run_cli(["softmine.commands.train", "experiment=reproduce_cub", "--cfg", "job"], tmp_path)
+    res = run_cli(["softmine.commands.train", "experiment=authors_cub", "--cfg", "job"], tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     job = OmegaConf.create(res.stdout)
     assert list(job.scheduler.milestones) == [500, 1000, 1500, 1501, 2000, 2001]
@@ -202,15 +202,21 @@ def test_cfg_job_shows_the_schedule_and_no_augmentation(tmp_path) -> None:
     assert "RandomResizedCrop" not in train and "Flip" not in train and "Crop" not in train
 
 
-EXPERIMENTS = sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml"))
+#: Every experiment but the old names (reproduce_*), which compose the authors_* ones exactly
+#: (tests/test_config_old_names.py).
+EXPERIMENTS = sorted(
+    p.stem
+    for p in (REPO / "configs" / "experiment").glob("*.yaml")
+    if not p.stem.startswith("reproduce_")
+)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_reproduce_experiments_train_as_caffe_did_and_the_others_do_not(experiment: str) -> None:
+def test_authors_experiments_train_as_caffe_did_and_the_others_do_not(experiment: str) -> None:
     """Caffe's SGD (sgd_solver.cpp:221), full float32 (no cuDNN, no TF32) and the authors'
-    uniform class draw in every reproduce_* experiment; TF32 stays on everywhere else."""
+    uniform class draw in every authors_* experiment; TF32 stays on everywhere else."""
     cfg = compose([f"experiment={experiment}", *_benchmark(experiment)])
-    authors = experiment.startswith("reproduce_")
+    authors = experiment.startswith("authors_")
     assert (cfg.optimizer._target_ == "softmine.engine.optim.CaffeSGD") is authors
     assert cfg.trainer.tf32 is not authors
     assert (cfg.sampler.draw == "uniform_classes") is authors
@@ -229,15 +235,15 @@ def test_every_experiment_resolves(experiment: str) -> None:
     cfg = compose([f"experiment={experiment}", *_benchmark(experiment)])
     OmegaConf.resolve(cfg)
     assert not OmegaConf.to_yaml(cfg).count("${")  # nothing left unresolved
-    their_logs = [1, 2, 4, 8, 16, 32]  # reproduce_cub/cars: R@1..32 as the authors' logs
-    theirs = experiment.startswith(("reproduce_cub", "reproduce_cars"))  # and their _bbox runs
+    their_logs = [1, 2, 4, 8, 16, 32]  # authors_cub/cars: R@1..32 as the authors' logs
+    theirs = experiment.startswith(("authors_cub", "authors_cars"))  # and their _bbox runs
     ks = their_logs if theirs else cfg.dataset.recall_ks
     assert list(cfg.evaluation.ks) == list(ks)
 
 
 def test_cfg_job_resolve_prints_the_final_values(tmp_path) -> None:
     res = run_cli(
-        ["softmine.commands.train", "experiment=reproduce_cub", "--cfg", "job", "--resolve"],
+        ["softmine.commands.train", "experiment=authors_cub", "--cfg", "job", "--resolve"],
         tmp_path,
     )
     assert res.returncode == 0, res.stderr[-2000:]

@@ -43,7 +43,7 @@ DEFAULT_HEAD = "classifier"
 CAFFE_DIST_EPS = 1e-4
 
 
-def released_pair_loss(
+def authors_pair_loss(
     embeddings: Tensor,
     labels: Tensor,
     attention: Tensor,
@@ -74,7 +74,7 @@ def released_pair_loss(
     return loss, means, w
 
 
-class _ReleasedBase(MetricLoss):
+class _AuthorsBase(MetricLoss):
     """Hyperparameters and heads shared by the image and the video form."""
 
     returns_details = True
@@ -150,7 +150,7 @@ class _ReleasedBase(MetricLoss):
         return total, p_att
 
 
-class OSMCAAOfficialLoss(_ReleasedBase):
+class OSMCAAAuthorsLoss(_AuthorsBase):
     """The authors' released image objective: classifier heads + attention-weighted V5 pair loss.
 
     total = sum_h weight_h * CE_h + pair loss of the embeddings with attention from the
@@ -168,14 +168,14 @@ class OSMCAAOfficialLoss(_ReleasedBase):
         attention_head: the head whose true-class probability gives the attention
             (default with ``heads=None``: ``classifier``; authors: ``loss3``).
         feature_dims: sizes of the backbone's named features (filled by the trainer).
-        margin: negative margin (1.2 in all released prototxts).
+        margin: negative margin (1.2 in all the authors' prototxts).
         sigma: Caffe-convention Gaussian width of the positive weights (0.8 CUB/Cars,
             1.0 MARS, 0.6 LPW).
-        lam: weight of the negative term (0.5 in the released layer).
+        lam: weight of the negative term (0.5 in the authors' layer).
         attention_sigma: width of the attention Gaussian around p = 1 (0.68).
         ce_mean, ce_sigma: centre and width of the heads' cross-entropy sample weights (0.5, 0.18).
         ce_weight: loss weight of the default head (``heads=None`` only).
-        divide_by_pairs: scale the pair loss by 1 / (n (n-1) / 2) as the released code does.
+        divide_by_pairs: scale the pair loss by 1 / (n (n-1) / 2) as the authors' code does.
         compile: run the fused pair loss through ``torch.compile``.
     """
 
@@ -235,7 +235,7 @@ class OSMCAAOfficialLoss(_ReleasedBase):
         with full_precision(embeddings):
             ce, p = self._run_heads(feats, labels, details)
             attention = gaussian(p, 1.0, self.attention_sigma)
-            pair, means, w = released_pair_loss(
+            pair, means, w = authors_pair_loss(
                 embeddings,
                 labels,
                 attention,
@@ -255,7 +255,7 @@ class OSMCAAOfficialLoss(_ReleasedBase):
         return loss, details
 
 
-class OSMCAAOfficialVideoLoss(_ReleasedBase):
+class OSMCAAAuthorsVideoLoss(_AuthorsBase):
     """The authors' released MARS / LPW objective on clips of T frames.
 
     From ``MARS_V01/M_WIDE_WF_WIDE_ASiamese_V20_e2/train.prototxt``, for a batch of B clips
@@ -276,7 +276,7 @@ class OSMCAAOfficialVideoLoss(_ReleasedBase):
     Features come from a video backbone's ``forward_features`` as (B, T, dim) tensors
     (``embedding``: frame embeddings before L2 normalisation).
 
-    Args: as :class:`OSMCAAOfficialLoss`, plus
+    Args: as :class:`OSMCAAAuthorsLoss`, plus
         tracklet_head: ``{weighting, weight, bias}`` of the tracklet classifier (its feature
             is the pooled tracklet feature); None: no tracklet classifier, and the tracklet
             attention then comes from the mean frame attention of the clip.
@@ -387,10 +387,10 @@ class OSMCAAOfficialVideoLoss(_ReleasedBase):
                 "divide_by_pairs": self.divide_by_pairs,
                 "compile": self.compile,
             }
-            pair, means, pw = released_pair_loss(tracklet, labels, att_t, **opts)
+            pair, means, pw = authors_pair_loss(tracklet, labels, att_t, **opts)
             loss = ce + pair
             if self.image_pair_weight > 0:
-                image_pair, _, _ = released_pair_loss(
+                image_pair, _, _ = authors_pair_loss(
                     flat["embedding"], frame_labels, a.flatten(), **opts
                 )
                 loss = loss + self.image_pair_weight * image_pair
@@ -408,3 +408,10 @@ class OSMCAAOfficialVideoLoss(_ReleasedBase):
             }
         )
         return loss, details
+
+
+#: The names these had before issue 24 ("official", "released"): configs recorded by older runs
+#: name them in ``_target_``, and user code may import them.
+OSMCAAOfficialLoss = OSMCAAAuthorsLoss
+OSMCAAOfficialVideoLoss = OSMCAAAuthorsVideoLoss
+released_pair_loss = authors_pair_loss

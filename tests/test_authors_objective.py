@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from softmine.losses import OSMCAAOfficialLoss, OSMCAAOfficialVideoLoss
+from softmine.losses import OSMCAAAuthorsLoss, OSMCAAAuthorsVideoLoss
 
 FLT_MIN = 1.1754943508222875e-38
 DIMS = {"inception_3c": 7, "embedding": 6, "pool5": 5}
@@ -122,7 +122,7 @@ def test_three_head_objective_matches_the_released_layers(labels: list[int]) -> 
     grads["embedding"] += l2_back(dx)
 
     # --- softmine
-    loss_fn = OSMCAAOfficialLoss(
+    loss_fn = OSMCAAAuthorsLoss(
         num_classes=4, embedding_dim=6, heads=HEADS, attention_head="loss3", feature_dims=DIMS
     ).double()
     with torch.no_grad():
@@ -154,12 +154,12 @@ def test_heads_need_their_features_and_a_known_attention_head() -> None:
     from softmine.errors import ConfigError
 
     with pytest.raises(ConfigError, match="not a feature of this backbone"):
-        OSMCAAOfficialLoss(4, 6, heads={"h": {"feature": "pool5"}}, attention_head="h")
+        OSMCAAAuthorsLoss(4, 6, heads={"h": {"feature": "pool5"}}, attention_head="h")
     with pytest.raises(ConfigError, match="attention_head"):
-        OSMCAAOfficialLoss(4, 6, heads=HEADS, attention_head="loss9", feature_dims=DIMS)
+        OSMCAAAuthorsLoss(4, 6, heads=HEADS, attention_head="loss9", feature_dims=DIMS)
     with pytest.raises(ConfigError, match="unknown key"):
-        OSMCAAOfficialLoss(4, 6, heads={"h": {"feature": "embedding", "lr": 2}}, attention_head="h")
-    loss_fn = OSMCAAOfficialLoss(4, 6, heads=HEADS, attention_head="loss3", feature_dims=DIMS)
+        OSMCAAAuthorsLoss(4, 6, heads={"h": {"feature": "embedding", "lr": 2}}, attention_head="h")
+    loss_fn = OSMCAAAuthorsLoss(4, 6, heads=HEADS, attention_head="loss3", feature_dims=DIMS)
     with pytest.raises(ValueError, match="pool5"):
         loss_fn(torch.randn(4, 6), torch.tensor([0, 0, 1, 1]))
 
@@ -168,7 +168,7 @@ def test_default_head_reads_the_embedding() -> None:
     """heads=None: one Gaussian-weighted head on the embedding, attention from it."""
     y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
     f = torch.randn(8, 6, dtype=torch.float64)
-    loss_fn = OSMCAAOfficialLoss(4, 6).double()
+    loss_fn = OSMCAAAuthorsLoss(4, 6).double()
     assert loss_fn.requires == ("embedding",)
     a = loss_fn(f, y)
     b = loss_fn(torch.randn(8, 6, dtype=torch.float64), y, features={"embedding": f})
@@ -215,7 +215,7 @@ def test_video_objective_matches_the_released_mars_layers() -> None:
     value += v_i
     grads["embedding"] += back_i(dxi)
 
-    loss_fn = OSMCAAOfficialVideoLoss(
+    loss_fn = OSMCAAAuthorsVideoLoss(
         c, 6, heads=HEADS, attention_head="loss3", feature_dims=DIMS, tracklet_head={}
     ).double()
     with torch.no_grad():
