@@ -148,22 +148,8 @@ def build_components(
     named = [(f"model.{n}", p) for n, p in model.named_parameters()]
     named += [(f"loss.{n}", p) for n, p in loss_fn.named_parameters()]
     optimizer = build_optimizer(cfg.optimizer, named)
-
-    shard_args = {"rank": dist.rank, "world_size": dist.world_size} if dist.enabled else {}
-    sampler = build(
-        cfg.sampler,
-        "sampler",
-        labels=labels,
-        seed=seed,
-        class_names=getattr(train_set, "class_names", None),
-        **shard_args,
-    )
+    sampler = _sampler(cfg, train_set, labels, dist)
     batches_per_epoch = len(sampler)
-    if batches_per_epoch == 0:
-        raise ConfigError(
-            "the sampler produces no batch: the training set is too small for "
-            f"P={sampler.P} x K={sampler.K}; lower sampler.num_classes or num_samples"
-        )
     total_steps = (
         int(tcfg.max_iters) if tcfg.max_iters is not None else int(tcfg.epochs) * batches_per_epoch
     )
@@ -173,20 +159,8 @@ def build_components(
     num_workers = resolve_num_workers(tcfg.num_workers, train_set)
     evaluator.num_workers = num_workers
     set_sharing_strategy(tcfg.get("sharing_strategy", "file_descriptor"))
-    node = OmegaConf.select(cfg, "dataset.transform.device_transform")
-    device_transform = None if node is None else build(node, "dataset.transform.device_transform")
-    # one loader iterator for the whole run; items seeded unless drawn in-process from memory
-    seed_items = num_workers > 0 or not getattr(train_set, "in_memory", False)
-    run_batches = RunBatchSampler(sampler, seed=seed, rank=dist.rank, seed_items=seed_items)
-    loader_generator = torch.Generator()
-    loader = DataLoader(
-        SeededItems(train_set) if seed_items else train_set,
-        batch_sampler=run_batches,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-        generator=loader_generator,
-        collate_fn=getattr(device_transform, "collate", None),
-        worker_init_fn=ignore_interrupts,
+    device_transform, run_batches, loader_generator, loader = _loader(
+        cfg, train_set, sampler, num_workers, dist, device
     )
     in_flight = [(train_set, sampler.P * sampler.K)]  # loaders whose worker batches share memory
     if evaluator.protocol == "retrieval" and evaluator.has_test:
@@ -218,6 +192,55 @@ def build_components(
         scaler=scaler,
         objective=objective,
     )
+
+
+def _sampler(cfg: DictConfig, train_set: Any, labels: np.ndarray, dist: DistEnv) -> Any:
+    """The P x K batch sampler of the training labels (this rank's share under torch.distributed)."""
+    shard_args = {"rank": dist.rank, "world_size": dist.world_size} if dist.enabled else {}
+    sampler = build(
+        cfg.sampler,
+        "sampler",
+        labels=labels,
+        seed=int(cfg.seed),
+        class_names=getattr(train_set, "class_names", None),
+        **shard_args,
+    )
+    if len(sampler) == 0:
+        raise ConfigError(
+            "the sampler produces no batch: the training set is too small for "
+            f"P={sampler.P} x K={sampler.K}; lower sampler.num_classes or num_samples"
+        )
+    return sampler
+
+
+def _loader(
+    cfg: DictConfig,
+    train_set: Any,
+    sampler: Any,
+    num_workers: int,
+    dist: DistEnv,
+    device: torch.device,
+) -> tuple[Any, RunBatchSampler, torch.Generator, DataLoader]:
+    """The device transform, the run's batch sampler, the generator that seeds the loader's
+    workers, and the one DataLoader of the whole run."""
+    node = OmegaConf.select(cfg, "dataset.transform.device_transform")
+    device_transform = None if node is None else build(node, "dataset.transform.device_transform")
+    # one loader iterator for the whole run; items seeded unless drawn in-process from memory
+    seed_items = num_workers > 0 or not getattr(train_set, "in_memory", False)
+    run_batches = RunBatchSampler(
+        sampler, seed=int(cfg.seed), rank=dist.rank, seed_items=seed_items
+    )
+    generator = torch.Generator()
+    loader = DataLoader(
+        SeededItems(train_set) if seed_items else train_set,
+        batch_sampler=run_batches,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        generator=generator,
+        collate_fn=getattr(device_transform, "collate", None),
+        worker_init_fn=ignore_interrupts,
+    )
+    return device_transform, run_batches, generator, loader
 
 
 def _model_and_loss(
