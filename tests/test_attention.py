@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+from softmine.commands.train import fit_and_report
 from softmine.data import Digits
 from softmine.engine import Trainer
 from softmine.losses import OSMCAALoss
@@ -71,7 +72,7 @@ def _fit(tmp_path: Path, *overrides: str) -> tuple[Path, dict[str, float]]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return run, Trainer(cfg, run).fit()
+        return run, fit_and_report(Trainer(cfg, run))  # with the end-of-run reports
     finally:
         torch.set_num_threads(threads)
 

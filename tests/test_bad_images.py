@@ -289,6 +289,7 @@ def test_query_and_gallery_items_are_dropped_alike(fakes: Path, tmp_path: Path) 
 @pytest.fixture(scope="module")
 def skipped_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """(run folder, dataset root, the broken test image) of a short CUB run under skip."""
+    from softmine.commands.train import fit_and_report
     from softmine.engine import Trainer
 
     base = tmp_path_factory.mktemp("skipped")
@@ -306,7 +307,7 @@ def skipped_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, P
             "dataset.transform.crop_size=16",
         ]
     )
-    Trainer(cfg, run_dir).fit()
+    fit_and_report(Trainer(cfg, run_dir))  # with report.html
     return run_dir, root, bad
 
 

@@ -371,6 +371,7 @@ def test_the_end_of_a_run_embeds_the_test_set_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The final evaluation's embeddings serve the plots (Recall@K curve, t-SNE, grid)."""
+    from softmine.commands.train import fit_and_report
     from softmine.engine import Trainer, evaluator
     from softmine.reporting import artifacts
 
@@ -392,6 +393,6 @@ def test_the_end_of_a_run_embeds_the_test_set_once(
 
     counting(evaluator)
     counting(artifacts)
-    trainer.fit()
+    fit_and_report(trainer)  # with the plots
     assert embedded == ["softmine.engine.evaluator"]
     assert (tmp_path / "run" / "plots" / "recall_at_k.png").exists()

@@ -24,6 +24,7 @@ def _client(store: Path):
 
 @pytest.mark.slow
 def test_mlflow_records_params_step_metrics_final_metrics_and_plots(tmp_path: Path) -> None:
+    from softmine.commands.train import fit_and_report
     from softmine.engine import Trainer
 
     store, run_dir = tmp_path / "mlruns", tmp_path / "run"
@@ -38,7 +39,7 @@ def test_mlflow_records_params_step_metrics_final_metrics_and_plots(tmp_path: Pa
         "trainer.plots=true",
     ]
     cfg = compose(overrides)
-    metrics = Trainer(cfg, run_dir).fit()
+    metrics = fit_and_report(Trainer(cfg, run_dir))  # with the plots
 
     client = _client(store)
     run_id = (run_dir / "mlflow_run_id").read_text().strip()

@@ -12,8 +12,9 @@ import torch
 from torch import Tensor, nn
 
 from softmine.config import build
+from softmine.engine.components import run_time_sizes
 from softmine.engine.objective import Objective, build_loss, check_contract
-from softmine.engine.trainer import Trainer, run_time_sizes
+from softmine.engine.trainer import Trainer
 from softmine.errors import ConfigError
 from softmine.losses import (
     MetricLoss,
@@ -183,7 +184,9 @@ def test_softmine_train_names_the_config_options_in_one_line(
 # experiments' networks (weights not loaded), every other loss with the digits network that
 # `make demo` and the fair benchmark's digits runs use.
 EXPERIMENT_OF = {
-    "osm_caa_official": ["experiment=reproduce_cub"],
+    "osm_caa_authors": ["experiment=authors_cub"],
+    "osm_caa_authors_video": ["experiment=authors_mars"],
+    "osm_caa_official": ["experiment=reproduce_cub"],  # the old names of the two above
     "osm_caa_official_video": ["experiment=reproduce_mars"],
 }
 LOSS_CONFIGS = sorted(p.stem for p in (REPO / "configs" / "loss").glob("*.yaml"))
@@ -204,8 +207,8 @@ def test_every_loss_config_meets_its_backbone(loss: str) -> None:
 
 
 def test_the_authors_experiments_read_their_three_features() -> None:
-    """reproduce_cub / reproduce_mars: heads on inception_3c, embedding and pool5 (their prototxts)."""
-    for experiment, video in (("reproduce_cub", False), ("reproduce_mars", True)):
+    """authors_cub / authors_mars: heads on inception_3c, embedding and pool5 (their prototxts)."""
+    for experiment, video in (("authors_cub", False), ("authors_mars", True)):
         cfg = compose([f"experiment={experiment}", "backbone.pretrained=false"])
         dim = int(cfg.backbone.embedding_dim)
         model = build(cfg.backbone, "backbone", **run_time_sizes(cfg.backbone, 5, dim))

@@ -188,12 +188,11 @@ def test_a_runs_grids_and_tsne_name_the_folders(
     test = ImageFolder(root, "test")
     assert test.class_names[7] == "three"  # the remapping the plots must undo
     emb = np.eye(10, dtype=np.float32)[test.labels] + 0.01 * np.arange(len(test))[:, None]
-    trainer = SimpleNamespace(
-        state=SimpleNamespace(step=5),
-        test_embeddings=(5, emb, test.labels),
+    run = SimpleNamespace(  # the RunOutputs fields the plots read
+        test_embeddings=(emb, test.labels),
         cfg=OmegaConf.create({"seed": 0}),
     )
-    _plot_test_set(trainer, tmp_path / "plots", test)
+    _plot_test_set(run, tmp_path / "plots", test)
     for grid in ("retrieval_grid.png", "retrieval_grid_worst.png"):
         captions = [t for t in drawn_text[grid] if t not in ("same class", "other class")]
         captions = [t for t in captions if not t.startswith("lowest AP@R")]

@@ -25,6 +25,7 @@ import pytest
 import torch
 import yaml
 
+import softmine.commands.train as train_command
 from softmine.commands.train import train
 from softmine.engine import Trainer
 from softmine.runs.folder import Invocation
@@ -82,7 +83,7 @@ def test_the_same_command_resumes_on_every_dataset(
     """The run is built (which resolves shared nodes in place) and recorded; the same command
     with resume=true is then accepted with no difference, and the record is unchanged."""
     fits: list[Trainer] = []
-    monkeypatch.setattr(Trainer, "fit", lambda self: fits.append(self) or {})
+    monkeypatch.setattr(train_command, "fit_and_report", lambda t: fits.append(t) or {})
     given = _overrides(name, fake_roots[name])
     run_dir = tmp_path / "run"
     train(Invocation(run_dir, compose(given), given, choices={}))
@@ -101,7 +102,7 @@ def test_a_record_with_values_resolved_by_an_older_version_still_resumes(
 ) -> None:
     """Run folders written before the fix hold some interpolations resolved: equal in value,
     they are no difference."""
-    monkeypatch.setattr(Trainer, "fit", lambda self: {})
+    monkeypatch.setattr(train_command, "fit_and_report", lambda t: {})
     given = _overrides("cub", fake_roots["cub"])
     run_dir = tmp_path / "run"
     train(Invocation(run_dir, compose(given), given, choices={}))

@@ -32,6 +32,7 @@ from softmine.runs.layout import RunLayout, SweepLayout
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
+    from softmine.engine.trainer import Trainer
     from softmine.runs.folder import Invocation
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ def train(inv: Invocation) -> dict[str, float]:
                 log.info("resume_override: %s", change)
         barrier()
         try:
-            return trainer.fit()
+            return fit_and_report(trainer)
         except BaseException as e:
             if handler is not None:  # the reason is in the run's own log, not only on stderr
                 _log_failure(handler, e)
@@ -134,6 +135,26 @@ def _upgrade_old_names(inv: Invocation, log_them: bool) -> None:
     notes = [*_RENAMED_KEYS, *old_choice_notes(inv.choices), *upgrade_config(inv.cfg)]
     if log_them:
         log_old_names(notes)
+
+
+def fit_and_report(trainer: Trainer) -> dict[str, float]:
+    """Train, write the end-of-run reports, close the run; returns what metrics.json holds.
+
+    The engine trains, evaluates and writes metrics.json and the final checkpoint
+    (:meth:`Trainer.train`); the reports then read the run's
+    :class:`~softmine.engine.outputs.RunOutputs`: plots, ``attention.csv`` and
+    ``report.html`` (rank 0), then the fold embeddings (every rank: it may embed the test
+    split again). :meth:`Trainer.close` ends the run (the loggers upload the plots).
+    """
+    from softmine.reporting.artifacts import write_run_artifacts
+    from softmine.reporting.crossval import save_fold_embeddings
+
+    with trainer.explaining_stops():  # a failed write says what was kept where
+        outputs = trainer.train()
+        if outputs is not None:  # None: resume=true found the run finished, nothing to report
+            write_run_artifacts(outputs)  # plots; attention.csv + attention_auc under label noise
+            save_fold_embeddings(outputs)  # dataset.folds: test_embeddings.npz for softmine-report
+        return trainer.close()
 
 
 def _log_failure(handler: logging.Handler, e: BaseException) -> None:

@@ -11,19 +11,27 @@ from __future__ import annotations
 
 import logging
 import random
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 
+from softmine.engine.setup import rank_seed
+from softmine.engine.state import TrainState
 from softmine.errors import ConfigError
 from softmine.runs.atomic import write_atomic
-from softmine.runs.layout import RUN_FILES
+from softmine.runs.layout import RUN_FILES, RunLayout
+
+if TYPE_CHECKING:
+    from softmine.engine.components import Components
 
 log = logging.getLogger(__name__)
 
-LAST = RUN_FILES.last_checkpoint.name  # the checkpoints' names in a run's checkpoints/ folder
+CHECKPOINT_DIR = RUN_FILES.checkpoints.name  # a run's checkpoints/ folder and the names in it
+LAST = RUN_FILES.last_checkpoint.name
 BEST = RUN_FILES.best_checkpoint.name
 
 
@@ -251,3 +259,108 @@ def load_state_checked(
             f"checkpoint {path} holds a different {what} than this config builds "
             f"({first} {detail}); resume with the config it was trained with or start a new run"
         ) from None
+
+
+class Checkpoints:
+    """A run's ``checkpoints/`` folder: the training state written there, and read back to resume.
+
+    Only rank 0 writes (under torch.distributed every rank holds the same weights).
+    :attr:`saved_step` is the step of ``last.pt`` on disk, when known: the failure
+    messages (:mod:`softmine.engine.failures`) name it.
+    """
+
+    def __init__(self, run_dir: Path, is_main: bool = True) -> None:
+        self.run_dir = Path(run_dir)
+        self.dir = self.run_dir / CHECKPOINT_DIR
+        self.is_main = is_main
+        self.saved_step: int | None = None
+
+    @property
+    def last(self) -> Path:
+        """``checkpoints/last.pt``: the latest state, the one ``resume=true`` continues from."""
+        return self.dir / LAST
+
+    def check_run_folder(self, resume: bool) -> None:
+        """Never overwrite a finished (or resumable) run unless asked to resume it."""
+        if resume:
+            return
+        taken = [p for p in (RunLayout(self.run_dir).metrics, self.last) if p.exists()]
+        if taken:
+            raise ConfigError(
+                f"the run folder {self.run_dir} already holds a run ({taken[0].name}); "
+                "continue it with resume=true, or pick a new folder with hydra.run.dir=..."
+            )
+
+    def save(self, parts: Components, state: TrainState, cfg: DictConfig, name: str) -> Path:
+        """Write the whole training state atomically to ``checkpoints/<name>`` (rank 0)."""
+        path = self.dir / name
+        if self.is_main:
+            save_atomic(training_state(parts, state, cfg), path)
+            if name == LAST:
+                self.saved_step = state.step
+        return path
+
+    def load(self, path: Path, parts: Components, cfg: DictConfig) -> TrainState:
+        """Restore into ``parts`` everything :meth:`save` wrote, checking it fits this config;
+        returns the run's position (and the RNG streams are the saved ones)."""
+        state = load_training_state(path, parts, cfg)
+        self.saved_step = state.step
+        return state
+
+
+def training_state(parts: Components, state: TrainState, cfg: DictConfig) -> dict[str, Any]:
+    """What a checkpoint holds: weights, optimiser, schedule, scaler, position, RNG, config."""
+    return {
+        "format": 1,
+        "num_classes": parts.num_classes,
+        "model": parts.model.state_dict(),
+        "loss": parts.loss_fn.state_dict(),
+        "optimizer": parts.optimizer.state_dict(),
+        "scheduler": parts.scheduler.state_dict(),
+        "scaler": parts.scaler.state_dict(),
+        "train_state": asdict(state),
+        "rng": capture_rng_state(),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+
+
+def load_training_state(path: Path, parts: Components, cfg: DictConfig) -> TrainState:
+    """Load a checkpoint of :func:`training_state` into ``parts`` and the RNG streams."""
+    ckpt = load_checkpoint(path)
+    missing = {"model", "loss", "optimizer", "train_state", "rng"} - set(ckpt)
+    if missing:
+        raise ConfigError(f"{path} is not a softmine training checkpoint (lacks {sorted(missing)})")
+    names = {id(p): f"model.{n}" for n, p in parts.model.named_parameters()}
+    names |= {id(p): f"loss.{n}" for n, p in parts.loss_fn.named_parameters()}
+    require_finite_state(path, ckpt, parts.optimizer, names)
+    load_state_checked(parts.model, ckpt["model"], "model", path)
+    load_state_checked(parts.loss_fn, ckpt["loss"], "loss (class vectors / classifier)", path)
+    try:
+        parts.optimizer.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise ConfigError(
+            f"checkpoint {path} holds optimizer state for other parameters ({e}); "
+            "resume with the config it was trained with"
+        ) from None
+    _load_schedule(parts.scheduler, ckpt["scheduler"])
+    recorded = (ckpt.get("config") or {}).get("optimizer") or {}
+    current = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    for key in reapply_optimizer_settings(parts.optimizer, parts.scheduler, recorded, current):
+        log.info("%s changed on resume: now %s", key, cfg.optimizer[key.split(".")[1]])
+    parts.scaler.load_state_dict(ckpt["scaler"])
+    state = TrainState(**ckpt["train_state"])
+    restore_rng_state(ckpt["rng"])
+    if parts.dist.rank > 0:  # the checkpoint holds rank 0's streams: give this rank its own
+        torch.manual_seed(rank_seed(int(cfg.seed), parts.dist.rank, state.step))
+    return state
+
+
+def _load_schedule(scheduler: Any, saved: dict[str, Any]) -> None:
+    """The schedule's position from a checkpoint; its shape follows this run's config
+    (a resume may extend ``trainer.epochs``)."""
+    lambdas = getattr(scheduler, "lr_lambdas", [])
+    fresh = [dict(vars(fn)) if hasattr(fn, "__dict__") else None for fn in lambdas]
+    scheduler.load_state_dict(saved)
+    for fn, attrs in zip(lambdas, fresh, strict=True):
+        if attrs is not None:
+            vars(fn).update(attrs)

@@ -195,7 +195,7 @@ def _warn_if_stale(ckpt: Path) -> None:
 
 def build_network(cfg: DictConfig, num_classes: int | None) -> nn.Module:
     """The run's backbone, built from its config with the sizes it left open filled in."""
-    from softmine.engine.trainer import run_time_sizes
+    from softmine.engine.components import run_time_sizes
 
     node = no_pretrained_download(cfg.backbone)
     sizes = run_time_sizes(node, num_classes, int(node.embedding_dim))

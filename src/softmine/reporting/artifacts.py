@@ -1,6 +1,8 @@
 """What a finished run leaves besides its metrics: plots, and the attention of noisy labels.
 
-:func:`write_run_artifacts` runs once at the end of :meth:`Trainer.fit`:
+:func:`write_run_artifacts` runs once a run has trained (``softmine-train`` calls it after
+:meth:`Trainer.train <softmine.engine.trainer.Trainer.train>`), on the run's
+:class:`~softmine.engine.outputs.RunOutputs`:
 
 * under label noise (``dataset.label_noise > 0``) it embeds the whole training set
   (with the test transform, no augmentation), reads the attention the loss gives
@@ -32,8 +34,8 @@ import pandas as pd
 import torch
 from torch.utils.data import Subset
 
-from softmine.engine.distributed import DistEnv
 from softmine.engine.embedding import extract_embeddings
+from softmine.engine.outputs import RunOutputs
 from softmine.evaluation.metric_names import ATTENTION_AUC, CMC, RECALL
 from softmine.losses.base import needs_of
 from softmine.reporting.attention import (
@@ -56,43 +58,33 @@ GRID_QUERIES, GRID_K = 6, 5  # retrieval grid: queries x results
 RECALL_KS = (1, 2, 4, 8, 16, 32)
 
 
-def _num_workers(trainer: Any) -> int:
-    """The trainer's resolved DataLoader worker count (``trainer.num_workers`` may be ``auto``)."""
-    resolved = getattr(trainer, "num_workers", None)
-    return int(resolved if resolved is not None else trainer.cfg.trainer.num_workers)
+def write_run_artifacts(run: RunOutputs) -> dict[str, float]:
+    """Attention under label noise, end-of-run plots and ``report.html`` of a finished run.
 
-
-def _test_set(trainer: Any) -> Any:
-    """The retrieval test split of the trainer's evaluator; None for query/gallery sets."""
-    return getattr(trainer.evaluator, "test_set", None)
-
-
-def write_run_artifacts(trainer: Any) -> dict[str, float]:
-    """Attention under label noise, end-of-run plots and ``report.html`` of a finished ``Trainer``.
-
-    Adds ``attention_auc`` to ``trainer.state.metrics`` (and rewrites ``metrics.json``)
-    when the training set has flipped labels and the loss has attention. Returns the metrics.
+    Adds ``attention_auc`` to ``run.metrics`` (and rewrites ``metrics.json``) when the
+    training set has flipped labels and the loss has attention. Returns the metrics.
+    Rank 0 alone writes: other ranks return at once.
     """
-    metrics = trainer.state.metrics
-    if not DistEnv.current().is_main:
+    metrics = run.metrics
+    if not run.is_main:
         return metrics
-    plots = bool(trainer.cfg.trainer.get("plots", False))
-    flipped = getattr(trainer.train_set, "flipped", None)
+    plots = bool(run.cfg.trainer.get("plots", False))
+    flipped = getattr(run.train_set, "flipped", None)
     noisy = flipped is not None and bool(np.any(flipped))
-    run_dir = Path(trainer.run_dir)
+    run_dir = Path(run.run_dir)
     if plots or noisy:
-        _noise_and_plots(trainer, run_dir, plots, noisy)
-    _attempt(RUN_FILES.report.name, _write_html, trainer, run_dir)
+        _noise_and_plots(run, run_dir, plots, noisy)
+    _attempt(RUN_FILES.report.name, _write_html, run, run_dir)
     return metrics
 
 
-def _noise_and_plots(trainer: Any, run_dir: Path, plots: bool, noisy: bool) -> None:
-    metrics = trainer.state.metrics
+def _noise_and_plots(run: RunOutputs, run_dir: Path, plots: bool, noisy: bool) -> None:
+    metrics = run.metrics
     t0 = time.perf_counter()
-    emb, labels, index = _train_embeddings(trainer, everything=noisy)
-    device = trainer.device
+    emb, labels, index = _train_embeddings(run, everything=noisy)
+    device = run.device
     attention = sample_attention(
-        trainer.loss_fn, torch.from_numpy(emb).to(device), torch.from_numpy(labels).to(device)
+        run.loss_fn, torch.from_numpy(emb).to(device), torch.from_numpy(labels).to(device)
     )
     auc = None
     if noisy:  # the record of the flips, with the attention each sample gets (if any)
@@ -100,50 +92,52 @@ def _noise_and_plots(trainer: Any, run_dir: Path, plots: bool, noisy: bool) -> N
             run_dir,
             np.full(len(labels), np.nan) if attention is None else attention,
             labels,
-            np.asarray(trainer.train_set.clean_labels),
-            trainer.train_set.flipped,
+            np.asarray(run.train_set.clean_labels),
+            run.train_set.flipped,
         )
     if attention is not None and noisy:
-        auc = attention_auc(attention, trainer.train_set.flipped)
+        auc = attention_auc(attention, run.train_set.flipped)
         metrics[ATTENTION_AUC] = auc
-        write_metrics(run_dir, trainer.final_metrics())  # keeps best_test/* and selected/*
+        write_metrics(run_dir, run.final_metrics())  # keeps best_test/* and selected/*
         log.info("attention AUC (clean vs flipped labels): %.4f", auc)
     if plots:
         out = RunLayout(run_dir).plots
-        _plot_run(trainer, out, emb, labels, attention, index, auc)
+        _plot_run(run, out, emb, labels, attention, index, auc)
         log.info("plots written to %s (%.1f s)", out, time.perf_counter() - t0)
 
 
-def _write_html(trainer: Any, run_dir: Path) -> None:
+def _write_html(run: RunOutputs, run_dir: Path) -> None:
     """``report.html``: metrics.json, the plots, eval_log.csv and the config, in one page."""
     from omegaconf import OmegaConf
 
     from softmine.reporting import html as html_report
 
     try:
-        config = OmegaConf.to_yaml(trainer.cfg, resolve=True)
+        config = OmegaConf.to_yaml(run.cfg, resolve=True)
     except Exception:  # a resolver only Hydra's app knows: show the config as written
-        config = OmegaConf.to_yaml(trainer.cfg)
-    path = html_report.write_run_report(run_dir, config, trainer.state.baselines or None)
+        config = OmegaConf.to_yaml(run.cfg)
+    path = html_report.write_run_report(run_dir, config, run.baselines or None)
     log.info("report written to %s", path)
 
 
-def _train_embeddings(trainer: Any, everything: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _train_embeddings(
+    run: RunOutputs, everything: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Embeddings and (training) labels of the training set, or of a seeded subset of it."""
-    train_set = trainer.train_set
+    train_set = run.train_set
     n = len(train_set)
     index = np.arange(n)
     if not everything and n > MAX_TRAIN_POINTS:
-        rng = np.random.default_rng(int(trainer.cfg.seed))
+        rng = np.random.default_rng(int(run.cfg.seed))
         index = np.sort(rng.choice(n, size=MAX_TRAIN_POINTS, replace=False))
     data = train_set if len(index) == n else Subset(train_set, index.tolist())
-    with deterministic_transform(train_set, _test_set(trainer)):
+    with deterministic_transform(train_set, run.test_set):
         emb, labels = extract_embeddings(
-            trainer.model,
+            run.model,
             data,
-            device=trainer.device,
-            batch_size=int(trainer.cfg.trainer.eval_batch_size),
-            num_workers=_num_workers(trainer),
+            device=run.device,
+            batch_size=int(run.cfg.trainer.eval_batch_size),
+            num_workers=run.num_workers,
         )
     return emb, labels, index
 
@@ -156,7 +150,7 @@ def _attempt(name: str, fn: Any, *args: Any, **kwargs: Any) -> None:
 
 
 def _plot_run(
-    trainer: Any,
+    run: RunOutputs,
     out: Path,
     train_emb: np.ndarray,
     train_labels: np.ndarray,
@@ -166,7 +160,7 @@ def _plot_run(
 ) -> None:
     from softmine.reporting import plots
 
-    log_file = RunLayout(trainer.run_dir).train_log
+    log_file = RunLayout(run.run_dir).train_log
     if log_file.exists():
         _attempt(
             "training_curves",
@@ -174,9 +168,9 @@ def _plot_run(
                 pd.read_csv(log_file), out / RUN_FILES.training_curves_plot.name
             ),
         )
-    _attempt("osm_weights", _plot_pair_weights, trainer, out, train_emb, train_labels)
+    _attempt("osm_weights", _plot_pair_weights, run, out, train_emb, train_labels)
     if attention is not None:
-        flipped = getattr(trainer.train_set, "flipped", None)
+        flipped = getattr(run.train_set, "flipped", None)
         flipped = None if flipped is None else np.asarray(flipped)[train_index]
         _attempt(
             "attention",
@@ -186,11 +180,10 @@ def _plot_run(
             flipped,
             auc,
         )
-    test_set = _test_set(trainer)
-    if test_set is not None:
-        _attempt("test-set plots", _plot_test_set, trainer, out, test_set)
+    if run.test_set is not None:
+        _attempt("test-set plots", _plot_test_set, run, out, run.test_set)
     else:
-        _attempt("metric curves", _plot_metric_curves, trainer.state.metrics, out)
+        _attempt("metric curves", _plot_metric_curves, run.metrics, out)
 
 
 def _plot_metric_curves(metrics: dict[str, float], out: Path) -> None:
@@ -208,27 +201,27 @@ def _plot_metric_curves(metrics: dict[str, float], out: Path) -> None:
             plots.plot_recall_at_k({"trained": curve}, path, title=label, xlabel=xlabel)
 
 
-def _plot_pair_weights(trainer: Any, out: Path, emb: np.ndarray, labels: np.ndarray) -> None:
+def _plot_pair_weights(run: RunOutputs, out: Path, emb: np.ndarray, labels: np.ndarray) -> None:
     """OSM weight against distance for the pairs of a seeded sample of training embeddings."""
     from softmine.reporting import plots
 
-    if needs_of(trainer.loss_fn).requires:
+    if needs_of(run.loss_fn).requires:
         log.info(
             "plot osm_weights skipped: the loss's heads read backbone features, which the "
             "saved embeddings do not include"
         )
         return
-    rng = np.random.default_rng(int(trainer.cfg.seed))
+    rng = np.random.default_rng(int(run.cfg.seed))
     pick = np.sort(rng.choice(len(emb), size=min(PAIR_SAMPLES, len(emb)), replace=False))
-    x = torch.from_numpy(emb[pick]).to(trainer.device)
-    y = torch.from_numpy(labels[pick]).to(trainer.device)
-    was_training = trainer.loss_fn.training
-    trainer.loss_fn.eval()
+    x = torch.from_numpy(emb[pick]).to(run.device)
+    y = torch.from_numpy(labels[pick]).to(run.device)
+    was_training = run.loss_fn.training
+    run.loss_fn.eval()
     with torch.no_grad():
-        details = loss_details(trainer.loss_fn, x, y)
-    trainer.loss_fn.train(was_training)
+        details = loss_details(run.loss_fn, x, y)
+    run.loss_fn.train(was_training)
     if "weights" not in details:
-        log.info("plot osm_weights skipped: the loss %s has no pair weights", type(trainer.loss_fn))
+        log.info("plot osm_weights skipped: the loss %s has no pair weights", type(run.loss_fn))
         return
     w = details["weights"].float().cpu().numpy()
     name = "OSM weight"
@@ -247,9 +240,7 @@ def _plot_pair_weights(trainer: Any, out: Path, emb: np.ndarray, labels: np.ndar
         chosen.append((rows[keep], cols[keep]))
     r = np.concatenate([c[0] for c in chosen])
     c = np.concatenate([c[1] for c in chosen])
-    hp = {
-        k: getattr(trainer.loss_fn, k) for k in ("margin", "sigma") if hasattr(trainer.loss_fn, k)
-    }
+    hp = {k: getattr(run.loss_fn, k) for k in ("margin", "sigma") if hasattr(run.loss_fn, k)}
     title = f"{name} against pair distance"
     if hp:
         title += "\n" + ", ".join(f"{k}={v:g}" for k, v in hp.items())
@@ -258,21 +249,20 @@ def _plot_pair_weights(trainer: Any, out: Path, emb: np.ndarray, labels: np.ndar
     )
 
 
-def _plot_test_set(trainer: Any, out: Path, test_set: Any) -> None:
+def _plot_test_set(run: RunOutputs, out: Path, test_set: Any) -> None:
     """Recall@K curve, t-SNE map and (for image items) the retrieval grid of the test split."""
     from softmine.evaluation import recall_at_k
     from softmine.reporting import plots
 
-    kept = getattr(trainer, "test_embeddings", None)
-    if kept is not None and kept[0] == trainer.state.step:  # the final evaluation's embeddings
-        emb, labels = kept[1], kept[2]
+    if run.test_embeddings is not None:  # the final evaluation's embeddings
+        emb, labels = run.test_embeddings
     else:
         emb, labels = extract_embeddings(
-            trainer.model,
+            run.model,
             test_set,
-            device=trainer.device,
-            batch_size=int(trainer.cfg.trainer.eval_batch_size),
-            num_workers=_num_workers(trainer),
+            device=run.device,
+            batch_size=int(run.cfg.trainer.eval_batch_size),
+            num_workers=run.num_workers,
         )
     names = class_names(test_set)
     ks = [k for k in RECALL_KS if k < len(labels)]
@@ -282,7 +272,7 @@ def _plot_test_set(trainer: Any, out: Path, test_set: Any) -> None:
         {"trained": recall_at_k(emb, labels, ks)},
         out / RUN_FILES.recall_plot.name,
     )
-    seed = int(trainer.cfg.seed)
+    seed = int(run.cfg.seed)
 
     def tsne() -> None:
         points, index = plots.tsne_map(emb, TSNE_POINTS, seed=seed)

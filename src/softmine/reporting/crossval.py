@@ -8,7 +8,8 @@ standard deviation over folds) and the test metrics of the K models together, ea
 item embedded as the concatenation of the K models' L2-normalised embeddings.
 
 So every fold run writes its final test embedding arrays to ``test_embeddings.npz``
-(:func:`save_fold_embeddings`, called by the trainer), in the layout ``softmine-eval``
+(:func:`save_fold_embeddings`, called by ``softmine-train`` once the run has trained), in the
+layout ``softmine-eval``
 reads; ``softmine-report`` finds the K runs of a configuration and seed that differ
 only in the fold and scores their concatenation with the runs' own protocol
 (:func:`concatenated_metrics`). The report needs neither the data nor the models.
@@ -18,33 +19,31 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig
 
 from softmine.engine.evaluator import score_arrays
+from softmine.engine.outputs import RunOutputs
 from softmine.errors import DataError
 from softmine.runs.layout import RunLayout
 
 EMBEDDING_ARRAYS = ("embeddings", "query", "gallery")  # the rest are labels / ids / cameras
 
 
-def save_fold_embeddings(trainer: Any) -> Path | None:
+def save_fold_embeddings(run: RunOutputs) -> Path | None:
     """Write the final test embeddings of a fold run to ``test_embeddings.npz`` (rank 0).
 
     Does nothing unless ``dataset.folds`` is set. Reuses the arrays of the final
     evaluation when it ran at the last step, else embeds the test split again (every
     rank takes part, as in any evaluation).
     """
-    if not int(trainer.cfg.dataset.get("folds") or 0):
+    if not int(run.cfg.dataset.get("folds") or 0):
         return None
-    arrays = trainer.evaluator.last_test_arrays
-    if not arrays or trainer.state.last_eval_step != trainer.state.step:
-        arrays = trainer.evaluator.embed_test(trainer.model)
-    if not trainer.dist.is_main:
+    arrays = run.test_arrays or run.embed_test()
+    if not run.is_main:
         return None
-    path = RunLayout(trainer.run_dir).test_embeddings
+    path = RunLayout(run.run_dir).test_embeddings
     tmp = path.with_name(path.stem + ".tmp.npz")
     np.savez(tmp, **arrays)
     tmp.replace(path)
