@@ -11,7 +11,7 @@ one table per config file, under the name a user types on the command line
 
 ``make docs`` runs it before building the site, so the page follows the configs. The page
 is committed (the README links to it on a fresh clone): after editing a config, run this
-script and commit the page with it; ``tests/test_docs.py`` fails while they differ.
+script and commit the page with it; ``tests/project/test_docs.py`` fails while they differ.
 The keys it finds in a file must be exactly the keys YAML loads from that file
 (a construct it cannot read is an error, never a silently missing row).
 """

@@ -80,7 +80,7 @@ PY
 echo "$DECODE_RATE images/s decoded with every core"
 
 echo "== pytest -m cuda"
-"$PYTHON" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py || echo "CUDA TESTS FAILED"
+"$PYTHON" -m pytest -q -p no:cacheprovider -m cuda tests/engine/test_cuda.py || echo "CUDA TESTS FAILED"
 
 run() {  # name, overrides...
   local name=$1; shift

@@ -250,8 +250,8 @@ def googlenet_bn_layers(
 # ------------------------------------- lim0606's GoogLeNet-BN, from its real layer list
 
 #: The TRAIN-phase layers of lim0606's train_val.prototxt (names, types, blob names and
-#: parameter shapes), derived once by tests/data/derive_googlenet_bn_layers.py.
-LIM0606_LAYER_LIST = Path(__file__).parent / "data" / "googlenet_bn_layers.tsv"
+#: parameter shapes), derived once by tests/fixtures/derive_googlenet_bn_layers.py.
+LIM0606_LAYER_LIST = Path(__file__).parent / "fixtures" / "googlenet_bn_layers.tsv"
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ gradient are computed together (:class:`_FusedOSMCAA`): one matmul gives the Gra
 matrix and the class logits, the gradient is one more matmul (plus one for the class
 vectors), formed during the forward pass, and no autograd graph is built for the
 (n, n) intermediates. ``compile=True`` runs the computation through torch.compile.
-Tested against float64 loops over pairs in ``tests/test_osm_caa_loss.py``.
+Tested against float64 loops over pairs in ``tests/losses/test_osm_caa_loss.py``.
 """
 
 from __future__ import annotations

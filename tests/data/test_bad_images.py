@@ -38,7 +38,7 @@ from softmine.evaluation import query_gallery_metrics, retrieval_metrics
 from softmine.testing.fakes import BUILDERS, make_cub
 from tests.conftest import FAST_CUB, compose, run_cli
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 #: Every dataset config that reads image files -> how its fake is passed to it.
 IMAGE_CONFIGS = {

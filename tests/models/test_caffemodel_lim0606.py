@@ -1,6 +1,6 @@
 """lim0606's GoogLeNet-BN, from its real layer list: every weighted layer maps, nothing falls back.
 
-The ``.caffemodel`` files here are written from ``tests/data/googlenet_bn_layers.tsv``, the
+The ``.caffemodel`` files here are written from ``tests/fixtures/googlenet_bn_layers.tsv``, the
 layer list derived from lim0606's ``train_val.prototxt`` (the ImageNet network the authors
 fine-tuned; see that file's header). Expected tensors are worked out from the Caffe layers
 written, by the naming table of docs/pretrained-weights.md, not by softmine's converter.

@@ -19,7 +19,7 @@ from softmine.data.file_check import base_dataset
 from softmine.testing.fakes import BUILDERS
 from tests.conftest import compose
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "dataset"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "dataset"
 
 #: The loading options each dataset config offers, read off the readers' arguments by hand.
 CACHED = {"root", "on_bad_image", "cache", "cache_size", "cache_dir"}

@@ -16,7 +16,7 @@ from softmine.engine.outputs import RunOutputs
 from softmine.errors import Interrupted, StorageError
 from tests.conftest import FAST_DIGITS, compose
 
-ENGINE = Path(__file__).resolve().parents[1] / "src" / "softmine" / "engine"
+ENGINE = Path(__file__).resolve().parents[2] / "src" / "softmine" / "engine"
 
 
 def test_the_engine_never_imports_the_reports() -> None:

@@ -23,7 +23,7 @@ from softmine.data.sources import SOURCES, check_root
 from softmine.errors import DataError
 from softmine.testing.fakes import BUILDERS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = str(REPO / "configs")
 
 

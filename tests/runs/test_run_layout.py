@@ -21,7 +21,7 @@ from softmine.runs.layout import (
 )
 from softmine.runs.metrics_file import read_metrics as reexported_read_metrics
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LAYOUT_MODULE = REPO / "src" / "softmine" / "runs" / "layout.py"
 
 #: Every property, with the path docs/ and users know (relative to the folder's root).

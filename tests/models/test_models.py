@@ -24,7 +24,7 @@ from softmine.models import (
     freeze_batchnorm,
 )
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 IMAGE_BACKBONES = [
     "tiny",
     "bninception",

@@ -375,7 +375,7 @@ def test_authors_form_matches_caffe_style_loop() -> None:
 
     Caffe's ContrastiveLoss backward divides the negatives' gradient by d + 1e-4; the loop's
     value has no such term, so the value is compared exactly and the gradient to 1e-3
-    (tests/test_authors_objective.py ports the backward itself, to 1e-6).
+    (tests/losses/test_authors_objective.py ports the backward itself, to 1e-6).
     """
     f, y = _batch(7, BATCHES["pk"], dim=6)
     loss_fn = OSMCAAAuthorsLoss(num_classes=4, embedding_dim=6).double()

@@ -71,7 +71,7 @@ def fake_roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def test_every_dataset_config_is_covered() -> None:
     """A new dataset config needs a fake copy (and so a place in this test)."""
-    configs = Path(__file__).resolve().parents[1] / "configs" / "dataset"
+    configs = Path(__file__).resolve().parents[2] / "configs" / "dataset"
     names = {p.stem for p in configs.glob("*.yaml")} - {"digits", "digits_pairs", "digits_zeroshot"}
     assert names <= set(DATASETS), sorted(names - set(DATASETS))
 

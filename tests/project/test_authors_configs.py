@@ -203,7 +203,7 @@ def test_cfg_job_shows_the_schedule_and_no_augmentation(tmp_path) -> None:
 
 
 #: Every experiment but the old names (reproduce_*), which compose the authors_* ones exactly
-#: (tests/test_config_old_names.py).
+#: (tests/config/test_config_old_names.py).
 EXPERIMENTS = sorted(
     p.stem
     for p in (REPO / "configs" / "experiment").glob("*.yaml")

@@ -14,7 +14,7 @@ from softmine.config import build
 from softmine.errors import ConfigError
 from softmine.models import EmbeddingNet, TinyCNN, VideoEmbeddingNet, frame_attention, temporal_pool
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def loop_pool(frames: torch.Tensor, mode: str, attention=None, mask=None) -> torch.Tensor:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_report.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "gpu_report.py"
 
 
 def fake_run(folder: Path) -> Path:

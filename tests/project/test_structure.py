@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "src" / "softmine"
+PACKAGE = Path(__file__).resolve().parents[2] / "src" / "softmine"
 
 
 def _module_name(path: Path) -> str:

@@ -15,10 +15,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from softmine.config import build
 from softmine.losses import weighted_contrastive_loss
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "loss"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "loss"
 ALL_NAMES = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 # Losses of (embeddings, labels); the video objective also needs (B, T, dim) frame features and
-# is checked against its own float64 port in tests/test_authors_objective.py.
+# is checked against its own float64 port in tests/losses/test_authors_objective.py.
 NAMES = [n for n in ALL_NAMES if n != "osm_caa_authors_video"]
 NUM_CLASSES, DIM = 5, 24
 
