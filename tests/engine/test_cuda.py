@@ -20,9 +20,9 @@ from softmine.data.device_transforms import crop_resize
 from softmine.engine import Trainer
 from softmine.testing.fakes import make_cub
 from tests.conftest import FAST_DIGITS, compose
-from tests.test_device_transforms import BOXES, SHAPES, _batch, _images
-from tests.test_loss_properties import NAMES, _build
-from tests.test_loss_properties import _batch as _loss_batch
+from tests.data.test_device_transforms import BOXES, SHAPES, _batch, _images
+from tests.losses.test_loss_properties import NAMES, _build
+from tests.losses.test_loss_properties import _batch as _loss_batch
 
 pytestmark = [
     pytest.mark.cuda,

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.test_loss_properties import NAMES, _build
+from tests.losses.test_loss_properties import NAMES, _build
 
 SETTINGS = settings(max_examples=15, deadline=None, derandomize=True)
 
