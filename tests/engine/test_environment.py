@@ -371,9 +371,9 @@ def test_the_end_of_a_run_embeds_the_test_set_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The final evaluation's embeddings serve the plots (Recall@K curve, t-SNE, grid)."""
-    from softmine.commands.train import fit_and_report
     from softmine.engine import Trainer, evaluator
     from softmine.reporting import artifacts
+    from softmine.reporting.artifacts import fit_and_report
 
     cfg = compose(["trainer.device=cpu", "trainer.epochs=1", *FAST_DIGITS, "trainer.plots=true"])
     trainer = Trainer(cfg, tmp_path / "run")

@@ -24,8 +24,8 @@ def _client(store: Path):
 
 @pytest.mark.slow
 def test_mlflow_records_params_step_metrics_final_metrics_and_plots(tmp_path: Path) -> None:
-    from softmine.commands.train import fit_and_report
     from softmine.engine import Trainer
+    from softmine.reporting.artifacts import fit_and_report
 
     store, run_dir = tmp_path / "mlruns", tmp_path / "run"
     overrides = [

@@ -103,8 +103,8 @@ def test_metrics_json_is_the_metrics_then_the_summary() -> None:
 def test_fit_trains_and_softmine_train_adds_the_reports(tmp_path: Path) -> None:
     """Trainer.fit writes what the engine writes; fit_and_report adds report.html and the plots,
     and both give the same metrics.json for the same run."""
-    from softmine.commands.train import fit_and_report
     from softmine.engine import Trainer
+    from softmine.reporting.artifacts import fit_and_report
 
     overrides = [*FAST_DIGITS, "trainer.device=cpu", "trainer.max_iters=4", "trainer.plots=true"]
     threads = torch.get_num_threads()

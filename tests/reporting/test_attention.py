@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-from softmine.commands.train import fit_and_report
 from softmine.data import Digits
 from softmine.engine import Trainer
 from softmine.losses import OSMCAALoss
+from softmine.reporting.artifacts import fit_and_report
 from softmine.reporting.attention import attention_auc, sample_attention
 from tests.conftest import FAST_DIGITS, compose
 

@@ -138,23 +138,11 @@ def _upgrade_old_names(inv: Invocation, log_them: bool) -> None:
 
 
 def fit_and_report(trainer: Trainer) -> dict[str, float]:
-    """Train, write the end-of-run reports, close the run; returns what metrics.json holds.
+    """:func:`softmine.reporting.artifacts.fit_and_report`, imported when a run starts (not
+    at start-up, so that a Ctrl-C there stays one line)."""
+    from softmine.reporting.artifacts import fit_and_report as train_and_report
 
-    The engine trains, evaluates and writes metrics.json and the final checkpoint
-    (:meth:`Trainer.train`); the reports then read the run's
-    :class:`~softmine.engine.outputs.RunOutputs`: plots, ``attention.csv`` and
-    ``report.html`` (rank 0), then the fold embeddings (every rank: it may embed the test
-    split again). :meth:`Trainer.close` ends the run (the loggers upload the plots).
-    """
-    from softmine.reporting.artifacts import write_run_artifacts
-    from softmine.reporting.crossval import save_fold_embeddings
-
-    with trainer.explaining_stops():  # a failed write says what was kept where
-        outputs = trainer.train()
-        if outputs is not None:  # None: resume=true found the run finished, nothing to report
-            write_run_artifacts(outputs)  # plots; attention.csv + attention_auc under label noise
-            save_fold_embeddings(outputs)  # dataset.folds: test_embeddings.npz for softmine-report
-        return trainer.close()
+    return train_and_report(trainer)
 
 
 def _log_failure(handler: logging.Handler, e: BaseException) -> None:

@@ -203,7 +203,7 @@ class Trainer:
     # ---------------------------------------------------------------- the run
     def fit(self) -> dict[str, float]:
         """:meth:`train`, then :meth:`close`; returns what metrics.json holds. ``softmine-train``
-        writes its end-of-run reports between the two (``commands.train.fit_and_report``).
+        writes its end-of-run reports between the two (``softmine.reporting.artifacts.fit_and_report``).
 
         A second Ctrl-C or a file that cannot be written (a full disk) stops the run with one
         error that says what was kept where.

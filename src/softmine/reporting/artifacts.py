@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -47,6 +47,9 @@ from softmine.reporting.attention import (
 )
 from softmine.runs.layout import RUN_FILES, RunLayout
 from softmine.runs.metrics_file import write_metrics
+
+if TYPE_CHECKING:
+    from softmine.engine.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,26 @@ def write_run_artifacts(run: RunOutputs) -> dict[str, float]:
         _noise_and_plots(run, run_dir, plots, noisy)
     _attempt(RUN_FILES.report.name, _write_html, run, run_dir)
     return metrics
+
+
+def fit_and_report(trainer: Trainer) -> dict[str, float]:
+    """Train, write the end-of-run reports, close the run; returns what metrics.json holds.
+
+    What ``softmine-train`` does with a built :class:`~softmine.engine.trainer.Trainer`:
+    the engine trains, evaluates and writes metrics.json and the final checkpoint
+    (:meth:`Trainer.train`); the reports then read the run's
+    :class:`~softmine.engine.outputs.RunOutputs`: plots, ``attention.csv`` and
+    ``report.html`` (rank 0), then the fold embeddings (every rank: it may embed the test
+    split again). :meth:`Trainer.close` ends the run (the loggers upload the plots).
+    """
+    from softmine.reporting.crossval import save_fold_embeddings
+
+    with trainer.explaining_stops():  # a failed write says what was kept where
+        outputs = trainer.train()
+        if outputs is not None:  # None: resume=true found the run finished, nothing to report
+            write_run_artifacts(outputs)  # plots; attention.csv + attention_auc under label noise
+            save_fold_embeddings(outputs)  # dataset.folds: test_embeddings.npz for softmine-report
+        return trainer.close()
 
 
 def _noise_and_plots(run: RunOutputs, run_dir: Path, plots: bool, noisy: bool) -> None:
