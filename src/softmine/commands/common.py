@@ -32,6 +32,12 @@ def user_message(e: BaseException) -> str:
     return msg.strip()
 
 
+def exit_with_error(message: str) -> NoReturn:
+    """Print ``error: <message>`` on stderr and exit with :data:`EXIT_USER_ERROR` (2)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
+
+
 def user_errors_exit(func: F) -> F:
     """Turn a :class:`SoftmineError` into ``error: <message>`` on stderr and exit code 2.
 
@@ -48,8 +54,7 @@ def user_errors_exit(func: F) -> F:
         except SoftmineError as e:
             if debug_enabled():
                 raise
-            print(f"error: {user_message(e)}", file=sys.stderr)
-            sys.exit(EXIT_USER_ERROR)
+            exit_with_error(user_message(e))
         except BrokenPipeError:  # output piped into `head` and the like: stop quietly
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
@@ -66,8 +71,7 @@ class ArgumentParser(argparse.ArgumentParser):
         self.add_argument("--version", action="version", version=version_line(self.prog))
 
     def error(self, message: str) -> NoReturn:
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        exit_with_error(f"{message} (see {self.prog} --help)")
 
 
 def version_line(prog: str = "softmine") -> str:

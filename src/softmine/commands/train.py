@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from softmine.commands.common import EXIT_USER_ERROR, debug_enabled, user_message, version_line
+from softmine.commands.common import debug_enabled, exit_with_error, user_message, version_line
 from softmine.errors import ConfigError, Interrupted, SoftmineError
 from softmine.runs.layout import RunLayout, SweepLayout
 
@@ -201,8 +201,7 @@ def run_job(inv: Invocation) -> float:
     except SoftmineError as e:
         if debug_enabled():
             raise
-        print(f"error: {user_message(e)}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        exit_with_error(user_message(e))
     except Exception as e:  # a config value OmegaConf cannot resolve: the user's, not a bug
         from omegaconf.errors import OmegaConfBaseException
 
@@ -210,8 +209,7 @@ def run_job(inv: Invocation) -> float:
             raise
         from softmine.commands.hydra_errors import describe
 
-        print(f"error: {describe(e, sys.argv[1:])}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        exit_with_error(describe(e, sys.argv[1:]))
 
 
 def sweep_job(inv: Invocation, folder: Path, num: int) -> float | None:
@@ -306,8 +304,7 @@ def _main() -> None:
     except (HydraException, OmegaConfBaseException) as e:
         if keep_hydra_errors:
             raise
-        print(f"error: {describe(e, sys.argv[1:])}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        exit_with_error(describe(e, sys.argv[1:]))
     state = sweep.ACTIVE
     if state is None:
         return

@@ -186,6 +186,14 @@ def _listed(*sets: StanfordOnlineProducts | InShop | ImageFolder) -> list[str]:
     )
 
 
+def _unmatched_queries(
+    report: Report, query: InShop | LPW, gallery: InShop | LPW, what: str
+) -> None:
+    """Check that every query identity is in the gallery (the published splits: all are)."""
+    unmatched = set(query.pids.tolist()) - set(gallery.pids.tolist())
+    report.add(not unmatched, f"{len(unmatched)} {what} (published: 0)")
+
+
 def _sop(root: str, report: Report) -> tuple[Counts, list[str]]:
     train, test = (StanfordOnlineProducts(root, s, on_bad_image="skip") for s in ("train", "test"))
     report.add(True, "Ebay_train.txt and Ebay_test.txt present and readable")
@@ -220,10 +228,7 @@ def _inshop(root: str, report: Report) -> tuple[Counts, list[str]]:
         "gallery_images": n["gallery"],
         "test_items": len(test_items),
     }
-    unmatched = set(query.pids.tolist()) - set(gallery.pids.tolist())
-    report.add(
-        not unmatched, f"{len(unmatched)} query item(s) without a gallery image (published: 0)"
-    )
+    _unmatched_queries(report, query, gallery, "query item(s) without a gallery image")
     return counts, _listed(train, query, gallery)
 
 
@@ -247,10 +252,7 @@ def _lpw(root: str, report: Report) -> tuple[Counts, list[str]]:
         "gallery_tracklets": len(gallery),
         "gallery_frames": frames(gallery),
     }
-    unmatched = set(query.pids.tolist()) - set(gallery.pids.tolist())
-    report.add(
-        not unmatched, f"{len(unmatched)} query people absent from the gallery (published: 0)"
-    )
+    _unmatched_queries(report, query, gallery, "query people absent from the gallery")
     return counts, _frames(train, query, gallery)
 
 

@@ -318,14 +318,20 @@ def require(source: Source, path: Path, what: str = "file") -> Path:
     return path
 
 
-def require_any(source: Source, candidates: Sequence[Path], what: str = "file") -> Path:
-    """The first existing path of ``candidates``; otherwise a DataError listing all of them."""
+def require_any(
+    source: Source, candidates: Sequence[Path], what: str = "file", why: str = ""
+) -> Path:
+    """The first existing path of ``candidates``; otherwise a DataError listing all of them.
+
+    ``why``, when given, follows the list in the message (what else the user should know).
+    """
     for path in candidates:
         if path.is_file():
             return path
     looked = ", ".join(str(p.resolve()) for p in candidates)
+    note = f"; {why}" if why else ""
     raise DataError(
-        f"{source.name}: missing {what} '{candidates[0].name}' (looked for {looked}). "
+        f"{source.name}: missing {what} '{candidates[0].name}' (looked for {looked}){note}. "
         f"{source.where()}"
     )
 

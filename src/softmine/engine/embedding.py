@@ -227,6 +227,17 @@ class _Pooled:
         return [feature.cpu()]
 
 
+def _in_order(dataset: Dataset, batch_size: int, num_workers: int) -> DataLoader:
+    """A loader of ``dataset`` in order; its workers ignore SIGINT/SIGTERM (:func:`ignore_interrupts`)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        worker_init_fn=ignore_interrupts,
+    )
+
+
 def extract_embeddings(
     model: nn.Module,
     dataset: Dataset,
@@ -236,13 +247,7 @@ def extract_embeddings(
     num_workers: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(embeddings float32 (n, d), labels int64 (n,)) of every item, in dataset order."""
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        worker_init_fn=ignore_interrupts,
-    )
+    loader = _in_order(dataset, batch_size, num_workers)
     embeddings, (labels,) = embed_batches(model, loader, device=device)
     return embeddings, labels.astype(np.int64)
 
@@ -276,13 +281,7 @@ def extract_reid_embeddings(
     mode = getattr(model, "eval_pooling", "mean")
     if mode not in POOL_MODES:
         mode = "mean"
-    loader = DataLoader(
-        dataset,
-        batch_size=1,
-        shuffle=False,
-        num_workers=num_workers,
-        worker_init_fn=ignore_interrupts,
-    )
+    loader = _in_order(dataset, 1, num_workers)
     lengths = [len(tracklets[i][0]) for i in indices]
     embeddings, (pids, camids) = embed_batches(
         model,

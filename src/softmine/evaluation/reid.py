@@ -141,6 +141,15 @@ def _ids(name: str, ids: ArrayLike, n: int) -> np.ndarray:
     return out
 
 
+def _query_gallery_ids(
+    ids: tuple[ArrayLike, ArrayLike, ArrayLike, ArrayLike], nq: int, ng: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(query pids, query camids, gallery pids, gallery camids), checked against nq and ng items."""
+    qp, qc = _ids("query_pids", ids[0], nq), _ids("query_camids", ids[1], nq)
+    gp, gc = _ids("gallery_pids", ids[2], ng), _ids("gallery_camids", ids[3], ng)
+    return qp, qc, gp, gc
+
+
 def _evaluate(
     scores_fn: Callable[[int, int], np.ndarray],
     q_pids: np.ndarray,
@@ -215,12 +224,9 @@ def evaluate_reid_distmat(
     d = as_array(distmat)
     if not np.isfinite(d).all():
         raise ValueError("the distance matrix contains NaN or Inf")
-    qp, qc = (
-        _ids("query_pids", query_pids, d.shape[0]),
-        _ids("query_camids", query_camids, d.shape[0]),
+    qp, qc, gp, gc = _query_gallery_ids(
+        (query_pids, query_camids, gallery_pids, gallery_camids), *d.shape
     )
-    gp = _ids("gallery_pids", gallery_pids, d.shape[1])
-    gc = _ids("gallery_camids", gallery_camids, d.shape[1])
     keep = _not_junk(gp, junk_pids)
     cols = np.flatnonzero(keep)
     return _evaluate(
@@ -277,10 +283,8 @@ def evaluate_reid(
     q, g = as_array(query), as_array(gallery)
     if q.shape[1] != g.shape[1]:
         raise ValueError(f"query features have dim {q.shape[1]}, gallery features {g.shape[1]}")
-    qp, qc = _ids("query_pids", query_pids, len(q)), _ids("query_camids", query_camids, len(q))
-    gp, gc = (
-        _ids("gallery_pids", gallery_pids, len(g)),
-        _ids("gallery_camids", gallery_camids, len(g)),
+    qp, qc, gp, gc = _query_gallery_ids(
+        (query_pids, query_camids, gallery_pids, gallery_camids), len(q), len(g)
     )
     opts = dict(max_rank=max_rank, ap=ap, distractor_pids=distractor_pids, chunk_size=chunk_size)
     if rerank:

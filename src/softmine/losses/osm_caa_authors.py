@@ -84,19 +84,20 @@ class _AuthorsBase(MetricLoss):
         num_classes: int,
         embedding_dim: int,
         *,
-        heads: Mapping[str, Mapping[str, Any]] | None,
-        attention_head: str | None,
-        feature_dims: Mapping[str, int] | None,
-        margin: float,
-        sigma: float,
-        lam: float,
-        attention_sigma: float,
-        ce_mean: float,
-        ce_sigma: float,
-        ce_weight: float,
-        divide_by_pairs: bool,
-        compile: bool,
+        heads: Mapping[str, Mapping[str, Any]] | None = None,
+        attention_head: str | None = None,
+        feature_dims: Mapping[str, int] | None = None,
+        margin: float = 1.2,
+        sigma: float = 0.8,
+        lam: float = 0.5,
+        attention_sigma: float = 0.68,
+        ce_mean: float = 0.5,
+        ce_sigma: float = 0.18,
+        ce_weight: float = 1.0,
+        divide_by_pairs: bool = True,
+        compile: bool = False,
     ) -> None:
+        """Arguments and defaults: as documented on :class:`OSMCAAAuthorsLoss`."""
         super().__init__()
         check_loss_hparams(margin, sigma, lam)
         _check_sizes(num_classes, embedding_dim)
@@ -125,6 +126,40 @@ class _AuthorsBase(MetricLoss):
         self.attention_head = str(attention_head)
         #: backbone features the heads read (the training objective hands them to ``forward``)
         self.requires = tuple(sorted({h.feature for h in self.heads.values()}))
+
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        return_details: bool = False,
+        *,
+        features: Mapping[str, Tensor] | None = None,
+    ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+        """Total loss (and with ``return_details`` its parts); ``features``: see ``_loss``."""
+        check_inputs(embeddings, labels)
+        loss, details = self._loss(embeddings, labels.long(), features)
+        return (loss, details) if return_details else loss
+
+    def _loss(
+        self, embeddings: Tensor, labels: Tensor, features: Mapping[str, Tensor] | None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The total loss of int64 ``labels``, and its parts by name."""
+        raise NotImplementedError
+
+    def _pair_loss(
+        self, embeddings: Tensor, labels: Tensor, attention: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """:func:`authors_pair_loss` with this loss's hyperparameters."""
+        return authors_pair_loss(
+            embeddings,
+            labels,
+            attention,
+            margin=self.margin,
+            sigma=self.sigma,
+            lam=self.lam,
+            divide_by_pairs=self.divide_by_pairs,
+            compile=self.compile,
+        )
 
     def _run_heads(
         self, feats: Mapping[str, Tensor], labels: Tensor, details: dict[str, Tensor]
@@ -179,75 +214,22 @@ class OSMCAAAuthorsLoss(_AuthorsBase):
         compile: run the fused pair loss through ``torch.compile``.
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        embedding_dim: int,
-        *,
-        heads: Mapping[str, Mapping[str, Any]] | None = None,
-        attention_head: str | None = None,
-        feature_dims: Mapping[str, int] | None = None,
-        margin: float = 1.2,
-        sigma: float = 0.8,
-        lam: float = 0.5,
-        attention_sigma: float = 0.68,
-        ce_mean: float = 0.5,
-        ce_sigma: float = 0.18,
-        ce_weight: float = 1.0,
-        divide_by_pairs: bool = True,
-        compile: bool = False,
-    ) -> None:
-        super().__init__(
-            num_classes,
-            embedding_dim,
-            heads=heads,
-            attention_head=attention_head,
-            feature_dims=feature_dims,
-            margin=margin,
-            sigma=sigma,
-            lam=lam,
-            attention_sigma=attention_sigma,
-            ce_mean=ce_mean,
-            ce_sigma=ce_sigma,
-            ce_weight=ce_weight,
-            divide_by_pairs=divide_by_pairs,
-            compile=compile,
-        )
-
-    def forward(
-        self,
-        embeddings: Tensor,
-        labels: Tensor,
-        return_details: bool = False,
-        *,
-        features: Mapping[str, Tensor] | None = None,
-    ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+    def _loss(
+        self, embeddings: Tensor, labels: Tensor, features: Mapping[str, Tensor] | None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Total loss; ``features`` maps feature names to (n, dim) tensors the heads read.
 
         Without ``features`` (or without its ``embedding`` entry) the ``embedding``
         feature is ``embeddings`` itself.
         """
-        check_inputs(embeddings, labels)
         feats = dict(features or {})
         feats.setdefault("embedding", embeddings)
-        labels = labels.long()
         details: dict[str, Tensor] = {}
         with full_precision(embeddings):
             ce, p = self._run_heads(feats, labels, details)
             attention = gaussian(p, 1.0, self.attention_sigma)
-            pair, means, w = authors_pair_loss(
-                embeddings,
-                labels,
-                attention,
-                margin=self.margin,
-                sigma=self.sigma,
-                lam=self.lam,
-                divide_by_pairs=self.divide_by_pairs,
-                compile=self.compile,
-            )
+            pair, means, w = self._pair_loss(embeddings, labels, attention)
             loss = pair + ce
-        if not return_details:
-            return loss
         details.update(
             {"l_pos": means[0], "l_neg": means[1], "pair": pair.detach(), "attention": attention}
         )
@@ -288,37 +270,13 @@ class OSMCAAAuthorsVideoLoss(_AuthorsBase):
         num_classes: int,
         embedding_dim: int,
         *,
-        heads: Mapping[str, Mapping[str, Any]] | None = None,
-        attention_head: str | None = None,
         tracklet_head: Mapping[str, Any] | None = None,
         image_pair_weight: float = 1.0,
-        feature_dims: Mapping[str, int] | None = None,
-        margin: float = 1.2,
         sigma: float = 1.0,
-        lam: float = 0.5,
-        attention_sigma: float = 0.68,
-        ce_mean: float = 0.5,
-        ce_sigma: float = 0.18,
-        ce_weight: float = 1.0,
-        divide_by_pairs: bool = True,
-        compile: bool = False,
+        **options: Any,
     ) -> None:
-        super().__init__(
-            num_classes,
-            embedding_dim,
-            heads=heads,
-            attention_head=attention_head,
-            feature_dims=feature_dims,
-            margin=margin,
-            sigma=sigma,
-            lam=lam,
-            attention_sigma=attention_sigma,
-            ce_mean=ce_mean,
-            ce_sigma=ce_sigma,
-            ce_weight=ce_weight,
-            divide_by_pairs=divide_by_pairs,
-            compile=compile,
-        )
+        """``options``: the other arguments of :class:`OSMCAAAuthorsLoss`, with its defaults."""
+        super().__init__(num_classes, embedding_dim, sigma=sigma, **options)
         if not float(image_pair_weight) >= 0:
             raise ConfigError(f"loss.image_pair_weight must be >= 0 (got {image_pair_weight})")
         self.image_pair_weight = float(image_pair_weight)
@@ -329,8 +287,8 @@ class OSMCAAAuthorsVideoLoss(_AuthorsBase):
                 {"tracklet": opts},
                 int(num_classes),
                 {"tracklet": int(embedding_dim)},
-                ce_mean=ce_mean,
-                ce_sigma=ce_sigma,
+                ce_mean=self.ce_mean,
+                ce_sigma=self.ce_sigma,
             )
             self.tracklet_head = built["tracklet"]
         self.requires = tuple(sorted({*self.requires, "embedding"}))  # the frames it pools
@@ -338,20 +296,14 @@ class OSMCAAAuthorsVideoLoss(_AuthorsBase):
     #: the training objective hands this loss per-frame (B, T, dim) features
     per_frame = True
 
-    def forward(
-        self,
-        embeddings: Tensor,
-        labels: Tensor,
-        return_details: bool = False,
-        *,
-        features: Mapping[str, Tensor] | None = None,
-    ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+    def _loss(
+        self, embeddings: Tensor, labels: Tensor, features: Mapping[str, Tensor] | None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Total loss of B clips; ``features`` maps names to (B, T, dim) frame features.
 
         ``embeddings`` (B, dim), the backbone's own pooled output, is only checked: the
         tracklet feature is pooled here with the frame attention.
         """
-        check_inputs(embeddings, labels)
         if not features or "embedding" not in features:
             raise ValueError(
                 "the video loss needs the frame features: forward(embeddings, labels, "
@@ -363,7 +315,6 @@ class OSMCAAAuthorsVideoLoss(_AuthorsBase):
                 f"frame features must be (B={embeddings.shape[0]}, T, dim), got {tuple(frames.shape)}"
             )
         b, t = frames.shape[:2]
-        labels = labels.long()
         frame_labels = labels.repeat_interleave(t)
         flat = {k: v.flatten(0, 1) for k, v in features.items() if v.dim() == 3}
         details: dict[str, Tensor] = {}
@@ -380,23 +331,12 @@ class OSMCAAAuthorsVideoLoss(_AuthorsBase):
                 att_t = gaussian(p_t, 1.0, self.attention_sigma)
             else:
                 att_t = a.mean(dim=1)
-            opts: dict[str, Any] = {
-                "margin": self.margin,
-                "sigma": self.sigma,
-                "lam": self.lam,
-                "divide_by_pairs": self.divide_by_pairs,
-                "compile": self.compile,
-            }
-            pair, means, pw = authors_pair_loss(tracklet, labels, att_t, **opts)
+            pair, means, pw = self._pair_loss(tracklet, labels, att_t)
             loss = ce + pair
             if self.image_pair_weight > 0:
-                image_pair, _, _ = authors_pair_loss(
-                    flat["embedding"], frame_labels, a.flatten(), **opts
-                )
+                image_pair, _, _ = self._pair_loss(flat["embedding"], frame_labels, a.flatten())
                 loss = loss + self.image_pair_weight * image_pair
                 details["image_pair"] = image_pair.detach()
-        if not return_details:
-            return loss
         details.update(
             {
                 "l_pos": means[0],

@@ -143,6 +143,17 @@ def _write_html(run: RunOutputs, run_dir: Path) -> None:
     log.info("report written to %s", path)
 
 
+def _embed(run: RunOutputs, data: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings and labels of ``data`` by the run's model, at its evaluation batch size."""
+    return extract_embeddings(
+        run.model,
+        data,
+        device=run.device,
+        batch_size=int(run.cfg.trainer.eval_batch_size),
+        num_workers=run.num_workers,
+    )
+
+
 def _train_embeddings(
     run: RunOutputs, everything: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -155,13 +166,7 @@ def _train_embeddings(
         index = np.sort(rng.choice(n, size=MAX_TRAIN_POINTS, replace=False))
     data = train_set if len(index) == n else Subset(train_set, index.tolist())
     with deterministic_transform(train_set, run.test_set):
-        emb, labels = extract_embeddings(
-            run.model,
-            data,
-            device=run.device,
-            batch_size=int(run.cfg.trainer.eval_batch_size),
-            num_workers=run.num_workers,
-        )
+        emb, labels = _embed(run, data)
     return emb, labels, index
 
 
@@ -280,13 +285,7 @@ def _plot_test_set(run: RunOutputs, out: Path, test_set: Any) -> None:
     if run.test_embeddings is not None:  # the final evaluation's embeddings
         emb, labels = run.test_embeddings
     else:
-        emb, labels = extract_embeddings(
-            run.model,
-            test_set,
-            device=run.device,
-            batch_size=int(run.cfg.trainer.eval_batch_size),
-            num_workers=run.num_workers,
-        )
+        emb, labels = _embed(run, test_set)
     names = class_names(test_set)
     ks = [k for k in RECALL_KS if k < len(labels)]
     _attempt(

@@ -36,6 +36,7 @@ from softmine.data.sources import (
     mat_struct_field,
     mat_value,
     require,
+    require_any,
 )
 from softmine.errors import DataError
 
@@ -141,13 +142,9 @@ class Cars196(ImageDataset):
 def _labelled_test_annos(root: Path) -> Path:
     """``cars_test_annos_withlabels.mat`` at the root or in devkit/ (a DataError otherwise)."""
     name = "cars_test_annos_withlabels.mat"
-    candidates = [root / name, root / "devkit" / name]
-    for path in candidates:
-        if path.is_file():
-            return path
-    looked = ", ".join(str(p.resolve()) for p in candidates)
-    raise DataError(
-        f"{CARS.name}: missing file 'cars_test_annos_withlabels.mat' (looked for {looked}); "
-        f"the devkit's cars_test_annos.mat has no labels, the labelled file is a separate "
-        f"download. {CARS.where()}"
+    return require_any(
+        CARS,
+        [root / name, root / "devkit" / name],
+        why="the devkit's cars_test_annos.mat has no labels, the labelled file is a separate "
+        "download",
     )
