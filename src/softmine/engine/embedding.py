@@ -275,7 +275,7 @@ def extract_reid_embeddings(
     base = dataset.dataset if isinstance(dataset, Subset) else dataset
     tracklets = getattr(base, "tracklets", None)
     if tracklets is None:
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        loader = _in_order(dataset, batch_size, num_workers)
         embeddings, (pids, camids) = embed_batches(model, loader, device=device)
         return embeddings, pids.astype(np.int64), camids.astype(np.int64)
     mode = getattr(model, "eval_pooling", "mean")
@@ -389,12 +389,7 @@ def extract_tracklet_features(
         raise DataError("no tracklets to embed")
     pids = np.asarray([t[1] for t in tracklets], dtype=np.int64)
     camids = np.asarray([t[2] for t in tracklets], dtype=np.int64)
-    loader = DataLoader(
-        _Frames(tracklets, load_frame),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-    )
+    loader = _in_order(_Frames(tracklets, load_frame), batch_size, num_workers)
     embeddings, _ = embed_batches(embed, loader, device=device, pool=mode)
     return embeddings, pids, camids
 
