@@ -128,7 +128,7 @@ def test_a_record_whose_splits_forward_the_loading_options_still_resumes(
 ) -> None:
     """A run recorded with the old dataset layout resumes with the same command; a changed
     option is still refused, named as the option given once."""
-    monkeypatch.setattr(Trainer, "fit", lambda self: {})
+    monkeypatch.setattr(train_command, "fit_and_report", lambda t: {})
     given = _overrides(name, fake_roots[name])
     run_dir = tmp_path / "run"
     train(Invocation(run_dir, compose(given), given, choices={}))
