@@ -6,10 +6,12 @@ import pickle
 
 import numpy as np
 import pytest
+import torch
 
 from softmine.config import build
 from softmine.data import Digits
 from softmine.data.noise import NoisyLabels, flip_labels
+from softmine.data.transforms import RandomShift
 from softmine.errors import ConfigError
 from tests.conftest import compose
 
@@ -99,3 +101,19 @@ def test_wrapper_forwards_attributes_and_pickles() -> None:
     assert inner.transform is None
     copy = pickle.loads(pickle.dumps(wrapped))  # DataLoader workers pickle the dataset
     assert np.array_equal(copy.labels, wrapped.labels) and copy[3][1] == wrapped[3][1]
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.3])
+def test_a_batched_fetch_is_the_items_one_by_one(fraction: float) -> None:
+    """The DataLoader's batched fetch (``__getitems__``) of shifted, partly flipped digits:
+    the same images, labels and random draws as the items fetched one by one."""
+    data = NoisyLabels(Digits(transform=RandomShift(1)), fraction, seed=1)
+    indices = [5, 3, 700, 5, 0, 12]
+    torch.manual_seed(1)
+    one_by_one, after = [data[i] for i in indices], torch.rand(3)
+    torch.manual_seed(1)
+    batched = data.__getitems__(indices)
+    assert torch.equal(torch.rand(3), after)
+    assert [y for _, y in batched] == [y for _, y in one_by_one]
+    assert all(type(y) is int for _, y in batched)
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(batched, one_by_one, strict=True))

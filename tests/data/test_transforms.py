@@ -54,3 +54,14 @@ def test_random_shift_moves_content_by_at_most_one_pixel() -> None:
         seen.add((y, x))
         assert abs(y - 4) <= 1 and abs(x - 4) <= 1 and out.sum() == 1
     assert len(seen) > 3
+
+
+@pytest.mark.parametrize("shape", [(6, 1, 8, 8), (5, 3, 2, 7, 9)])
+def test_random_shift_batch_is_the_items_shifted_one_by_one(shape: tuple[int, ...]) -> None:
+    """The batched form draws the same shifts from the same stream, in the same order."""
+    x = torch.rand(shape)
+    torch.manual_seed(4)
+    one_by_one, after = torch.stack([RandomShift(2)(xi) for xi in x]), torch.rand(3)
+    torch.manual_seed(4)
+    assert torch.equal(RandomShift(2).batch(x), one_by_one)
+    assert torch.equal(torch.rand(3), after)

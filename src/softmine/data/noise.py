@@ -98,3 +98,12 @@ class NoisyLabels(DatasetView):
     def __getitem__(self, i: int) -> tuple[Any, ...]:
         item = self.dataset[i]
         return (item[0], int(self.labels[i]), *item[2:])
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[Any, ...]]:
+        """The items of ``indices`` at once, through the wrapped dataset's own batched fetch
+        when it has one (the same items as ``[self[i] for i in indices]``)."""
+        if hasattr(type(self.dataset), "__getitems__"):
+            items = self.dataset.__getitems__(indices)
+        else:
+            items = [self.dataset[i] for i in indices]
+        return [(it[0], int(self.labels[i]), *it[2:]) for i, it in zip(indices, items, strict=True)]

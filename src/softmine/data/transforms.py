@@ -23,6 +23,20 @@ class RandomShift:
         h, w = x.shape[-2:]
         return padded[..., s + dy : s + dy + h, s + dx : s + dx + w]
 
+    def batch(self, x: torch.Tensor) -> torch.Tensor:
+        """``torch.stack([self(xi) for xi in x])`` in a few tensor operations: the same
+        shifts, drawn from the same stream in the same order (one ``randint`` of ``(n, 2)``
+        yields what ``n`` calls of ``(2,)`` do)."""
+        if self.max_shift <= 0:
+            return x
+        s, (n, h, w) = self.max_shift, (len(x), *x.shape[-2:])
+        d = torch.randint(-s, s + 1, (n, 2))
+        padded = torch.nn.functional.pad(x.reshape(n, -1, h, w), (s, s, s, s))
+        rows = (s + d[:, :1] + torch.arange(h))[:, :, None]  # (n, h, 1)
+        cols = (s + d[:, 1:] + torch.arange(w))[:, None, :]  # (n, 1, w)
+        out = padded[torch.arange(n)[:, None, None], :, rows, cols]  # (n, h, w, channels)
+        return out.movedim(-1, 1).reshape(x.shape)
+
 
 class ResizeRandomResizedCrop:
     """``Resize(resize)`` then ``RandomResizedCrop(size, scale, ratio)`` with a single resampling.

@@ -56,6 +56,19 @@ class InMemoryImages(Dataset):
             x = self.transform(x)
         return x, int(self.targets[i])
 
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        """The items of ``indices`` at once (the DataLoader fetches a batch so): one gather
+        and, when the transform has a ``batch`` form (:class:`~softmine.data.transforms.RandomShift`),
+        one call of it; the same tensors and random draws as ``[self[i] for i in indices]``."""
+        batch = getattr(self.transform, "batch", None)
+        own = type(self).__getitem__ is InMemoryImages.__getitem__
+        if not own or (self.transform is not None and batch is None):
+            return [self[i] for i in indices]
+        x = self.images[torch.as_tensor(indices, dtype=torch.long)]
+        if batch is not None:
+            x = batch(x)
+        return list(zip(x.unbind(0), self.targets[indices].tolist(), strict=True))
+
 
 class Digits(InMemoryImages):
     """The digits images as (1, 8, 8) float tensors in [0, 1] with integer labels.
