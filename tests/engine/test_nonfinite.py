@@ -45,6 +45,22 @@ def test_watch_ignores_huge_finite_values_and_integer_buffers() -> None:
     assert watch.bad_step() is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan"), None])
+def test_watch_finds_any_nonfinite_value_of_each_float_dtype(
+    dtype: torch.dtype, bad: float | None
+) -> None:
+    """Among huge finite values (whose squares overflow float32), one Inf, -Inf or NaN is found."""
+    net = _net().to(dtype)
+    with torch.no_grad():
+        net[0].weight.fill_(torch.finfo(dtype).max)
+        if bad is not None:
+            net[0].weight[1, 2] = bad
+    watch = WeightWatch([net])
+    watch.update(5)
+    assert watch.bad_step() == (None if bad is None else 5)
+
+
 def _trainer(tmp_path: Path, *overrides: str) -> Trainer:
     cfg = compose(["trainer.epochs=1", "trainer.device=cpu", *FAST_DIGITS, *overrides])
     return Trainer(cfg, tmp_path)

@@ -3,9 +3,11 @@
 A finite loss and gradient do not make a finite step: a huge learning rate can
 push parameters, or BatchNorm running statistics (updated in the forward pass),
 to Inf. :class:`WeightWatch` checks every floating-point parameter and buffer
-after each step with one fused reduction (``torch._foreach_norm`` with the max
-norm, which cannot overflow the way a sum of squares can) and folds the result
-into a device-side record of the first bad step. Reading that record is the only
+after each step with one fused reduction (``torch._foreach_norm``) and folds the
+result into a device-side record of the first bad step. The reduction must not
+overflow where the values are finite: on the CPU it is the 2-norm accumulated in
+float64 (a float32 square is below 2**256, so no sum of them overflows; 2.5x faster
+there than the max norm), elsewhere, and for float64 tensors, the max norm. Reading that record is the only
 host sync, so the caller chooses how often to pay for it (the trainer reads it
 where it already syncs, and always before writing a checkpoint) and still learns
 the exact step.
@@ -34,15 +36,27 @@ class WeightWatch:
         self.tensors = [t for _, t in self.named]
         device = self.tensors[0].device if self.tensors else torch.device("cpu")
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        # (tensors, norm order, accumulation dtype) per group; one device: one stack of peaks
+        wide = [t for t in self.tensors if t.device.type != "cpu" or t.dtype == torch.float64]
+        narrow = [t for t in self.tensors if t.device.type == "cpu" and t.dtype != torch.float64]
+        self.groups = [
+            (ts, order, dtype)
+            for ts, order, dtype in ((narrow, 2.0, torch.float64), (wide, float("inf"), None))
+            if ts
+        ]
+        self.one_device = len({t.device for t in self.tensors}) <= 1
 
     @torch.no_grad()
     def update(self, step: int) -> None:
         """Record ``step`` as the first bad one if any watched tensor now holds NaN or Inf."""
         if not self.tensors:
             return
-        peaks = torch._foreach_norm(self.tensors, float("inf"))
-        bad = ~torch.stack([torch.isfinite(p).to(self.first_bad.device) for p in peaks]).all()
-        self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
+        peaks = [p for ts, o, dt in self.groups for p in torch._foreach_norm(ts, o, dtype=dt)]
+        if self.one_device:
+            ok = torch.isfinite(torch.stack(peaks)).all()
+        else:
+            ok = torch.stack([torch.isfinite(p).to(self.first_bad.device) for p in peaks]).all()
+        self.first_bad = torch.where(ok | (self.first_bad >= 0), self.first_bad, step)
 
     def bad_step(self) -> int | None:
         """The first step whose update left a non-finite value, or None (one host sync)."""

@@ -9,6 +9,7 @@ which names the exact step however late it reads it.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -26,15 +27,23 @@ from softmine.engine.step_stats import EPOCH, INTERVAL, StepStats
 log = logging.getLogger(__name__)
 
 
+@functools.lru_cache(maxsize=8)
+def _off_diagonal(n: int, device: torch.device) -> torch.Tensor:
+    """The (n, n) mask of pairs of two different samples (made once per batch size)."""
+    return ~torch.eye(n, dtype=torch.bool, device=device)
+
+
 def _pair_weight_means(weights: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Mean mining weight over positive and negative pairs (0 where a batch has none), on the device."""
+    """Mean mining weight over positive and negative pairs (0 where a batch has none), on the device.
+
+    A batch without such pairs sums no weight: 0 / max(count, 1) is that 0.
+    """
     same = labels[:, None] == labels[None, :]
-    off = ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    off = _off_diagonal(len(labels), labels.device)
     w = weights.detach()
     out = {}
     for name, mask in (("osm_weight_pos", same & off), ("osm_weight_neg", ~same)):
-        n = mask.sum()
-        out[name] = torch.where(n > 0, torch.where(mask, w, 0).sum() / n.clamp(min=1), 0.0)
+        out[name] = torch.where(mask, w, 0).sum() / mask.sum().clamp(min=1)
     return out
 
 
@@ -63,6 +72,9 @@ class TrainStep:
         self.weights = WeightWatch([parts.model, parts.loss_fn])
         self.guard = StepGuard(parts.device)
         self.stats = StepStats(parts.device)
+        clip = cfg.trainer.grad_clip  # read once: a config read per step costs more than a kernel
+        self.max_norm = float(clip) if clip else float("inf")
+        self.skip_nonfinite = cfg.trainer.on_nonfinite == "skip"
 
     def stats_into(self, state: TrainState) -> None:
         """The running sums of the epoch and of the log interval into ``state`` (a checkpoint's)."""
@@ -93,13 +105,12 @@ class TrainStep:
         p.optimizer.zero_grad(set_to_none=True)
         p.scaler.scale(loss).backward()
         p.scaler.unscale_(p.optimizer)
-        clip = self.cfg.trainer.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(p.params, float(clip) if clip else float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(p.params, self.max_norm)
         values["grad_norm"] = norm.detach()
         loss_ok = torch.isfinite(values["loss"])
         # fp16's gradient scaler skips a step with Inf gradients itself (and lowers its scale)
-        step_ok = loss_ok & (torch.isfinite(norm) | p.scaler.is_enabled())
-        if self.cfg.trainer.on_nonfinite == "skip":
+        step_ok = loss_ok if p.scaler.is_enabled() else loss_ok & torch.isfinite(norm)
+        if self.skip_nonfinite:
             ok, loss_fine, bad_weights = torch.stack(
                 [step_ok.long(), loss_ok.long(), self.weights.first_bad]
             ).tolist()

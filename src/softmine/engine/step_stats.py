@@ -28,6 +28,8 @@ class StepStats:
         self.names: list[str] = []
         self.sums = torch.zeros(2, 0, dtype=torch.float64, device=device)
         self.counts = [0, 0]  # steps added per window (host integers: no sync to know them)
+        # the latest vector and the values it was made of (held: their ids cannot be reused)
+        self._last: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None
 
     def _register(self, names: list[str]) -> None:
         new = [k for k in names if k not in self.names]
@@ -36,14 +38,28 @@ class StepStats:
             pad = torch.zeros(2, len(new), dtype=torch.float64, device=self.device)
             self.sums = torch.cat([self.sums, pad], dim=1)
 
+    @torch.no_grad()
     def vector(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The step's values as one float64 vector in :attr:`names` order (0 where absent)."""
+        """The step's values as one float64 vector in :attr:`names` order (0 where absent).
+
+        Asked again for the same tensors (the step's guard, then :meth:`add`), it returns
+        the vector it made. Floating-point values are stacked, then widened: a float
+        dtype's promotion is exact, so the numbers are those of widening each value alone.
+        """
         self._register(list(values))
+        if self._last is not None:
+            seen, vector = self._last
+            if len(vector) == len(self.names) and len(seen) == len(values):
+                if all(seen.get(k) is v for k, v in values.items()):
+                    return vector
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
-        parts = [
-            values[k].detach().reshape(()).double() if k in values else zero for k in self.names
-        ]
-        return torch.stack(parts)
+        parts = [_scalar(values[k]) if k in values else zero for k in self.names]
+        if all(p.is_floating_point() for p in parts):
+            vector = torch.stack(parts).double()
+        else:
+            vector = torch.stack([p.double() for p in parts])
+        self._last = (dict(values), vector)
+        return vector
 
     def add(self, values: dict[str, torch.Tensor]) -> None:
         """Add one applied step's values to both windows (device work only)."""
@@ -75,3 +91,8 @@ class StepStats:
         row = [float(sums.get(k, 0.0)) for k in self.names]
         self.sums[window] = torch.tensor(row, dtype=torch.float64, device=self.device)
         self.counts[window] = int(count)
+
+
+def _scalar(value: torch.Tensor) -> torch.Tensor:
+    """``value`` as a 0-d tensor (already one: itself, no view made)."""
+    return value if value.dim() == 0 else value.reshape(())

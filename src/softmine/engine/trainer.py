@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -279,6 +280,7 @@ class Trainer:
         t, p = self.cfg.trainer, self.parts
         every, log_every = int(t.checkpoint_every), int(t.log_every)
         check_every = int(t.get("interrupt_every", 10))
+        length = RunLength.of(t)  # the config read once, not per step
         steps_here = 0  # steps of this process (a stop requested before the loop: after the first)
         with (
             GracefulInterrupt() as interrupt,
@@ -289,7 +291,7 @@ class Trainer:
             seed = rank_seed(int(self.cfg.seed), p.dist.rank)  # workers differ per rank
             p.loader_generator.manual_seed(seed * 1_000_003 + s.epoch)
             batches = iter(p.loader)  # the run's batches: epoch boundaries found by counting
-            while not self._done():
+            while not length.done(s):
                 bar.set_description(f"epoch {s.epoch + 1}", refresh=False)
                 clock = EpochClock()
                 left = len(p.sampler.rank_batches(s.epoch)) - s.batch
@@ -304,9 +306,9 @@ class Trainer:
                         self.stats.add(values)
                     if log_every > 0 and s.step % log_every == 0 and self.stats.steps(INTERVAL):
                         self._log_interval()
-                    if self._eval_due_at_step():
+                    if length.eval_due(s.step):
                         self._evaluate_now()
-                    if self._done():
+                    if length.done(s):
                         break
                     if every > 0 and s.step % every == 0:
                         self.save_checkpoint()
@@ -316,7 +318,7 @@ class Trainer:
                         if any_rank(interrupt.requested, p.device):
                             self._stop_interrupted(interrupt.signum or signal.SIGINT)
                 self._end_epoch(clock)
-                if any_rank(interrupt.requested, p.device) and not self._done():
+                if any_rank(interrupt.requested, p.device) and not length.done(s):
                     self._stop_interrupted(interrupt.signum or signal.SIGINT)
             del batches  # its workers stop now, before the final evaluation
 
@@ -349,9 +351,7 @@ class Trainer:
 
     def _eval_due_at_step(self) -> bool:
         """``trainer.eval_every_iters`` > 0: every that many iterations from ``eval_start_iter``."""
-        t, step = self.cfg.trainer, self.state.step
-        every = int(t.get("eval_every_iters", 0) or 0)
-        return every > 0 and step >= int(t.get("eval_start_iter", 0) or 0) and step % every == 0
+        return RunLength.of(self.cfg.trainer).eval_due(self.state.step)
 
     def _log_interval(self) -> None:
         """A ``trainer.log_every`` row: the means over the applied steps since the previous row."""
@@ -366,11 +366,40 @@ class Trainer:
         raise interrupted(self.state.step, path, self.run_dir, signum)
 
 
+@dataclass(frozen=True)
+class RunLength:
+    """When a run ends and when it evaluates between epochs, read once from ``cfg.trainer``."""
+
+    max_iters: int | None  # trainer.max_iters, else the run is epochs long
+    epochs: int
+    eval_every_iters: int  # 0: no evaluation between epochs
+    eval_start_iter: int
+
+    @classmethod
+    def of(cls, t: DictConfig) -> RunLength:
+        """The rule of ``t`` (``cfg.trainer``)."""
+        return cls(
+            max_iters=None if t.max_iters is None else int(t.max_iters),
+            epochs=int(t.epochs),
+            eval_every_iters=int(t.get("eval_every_iters", 0) or 0),
+            eval_start_iter=int(t.get("eval_start_iter", 0) or 0),
+        )
+
+    def done(self, state: TrainState) -> bool:
+        """Whether the run has trained ``max_iters`` steps, or else ``epochs`` epochs."""
+        if self.max_iters is not None:
+            return state.step >= self.max_iters
+        return state.epoch >= self.epochs
+
+    def eval_due(self, step: int) -> bool:
+        """Every ``eval_every_iters`` iterations (> 0) from ``eval_start_iter``."""
+        every = self.eval_every_iters
+        return every > 0 and step >= self.eval_start_iter and step % every == 0
+
+
 def run_done(t: DictConfig, state: TrainState) -> bool:
     """Whether the run has trained ``trainer.max_iters`` steps, or else ``trainer.epochs`` epochs."""
-    if t.max_iters is not None:
-        return state.step >= int(t.max_iters)
-    return state.epoch >= int(t.epochs)
+    return RunLength.of(t).done(state)
 
 
 def start_run_batches(run_batches: RunBatchSampler, t: DictConfig, state: TrainState) -> None:
