@@ -14,7 +14,10 @@
   ``<run>/plots/``: ``training_curves``, ``recall_at_k`` (or ``cmc`` for re-ID, drawn
   from the final metrics), ``retrieval_grid`` and ``retrieval_grid_worst`` (image test
   sets: random queries, and the queries with the lowest AP@R), ``tsne``,
-  ``osm_weights`` and ``attention``;
+  ``osm_weights`` and ``attention``. In a sweep job the t-SNE map, the one costly picture,
+  is left to ``softmine-report``: the job keeps the embeddings it would map
+  (``plots/embedding_map.npz``) and the report draws the maps of the sweep at once
+  (``trainer.plots=all`` draws it in every job);
 * it always writes ``report.html``, the whole run in one self-contained page
   (:mod:`softmine.reporting.html`).
 
@@ -59,29 +62,32 @@ MAX_PAIRS = 4000  # pairs drawn per kind (positive / negative)
 TSNE_POINTS = 500  # test embeddings in the t-SNE map
 GRID_QUERIES, GRID_K = 6, 5  # retrieval grid: queries x results
 RECALL_KS = (1, 2, 4, 8, 16, 32)
+ALL_PLOTS = "all"  # trainer.plots value: every plot, the t-SNE map in sweep jobs too
 
 
-def write_run_artifacts(run: RunOutputs) -> dict[str, float]:
+def write_run_artifacts(run: RunOutputs, sweep_job: bool = False) -> dict[str, float]:
     """Attention under label noise, end-of-run plots and ``report.html`` of a finished run.
 
     Adds ``attention_auc`` to ``run.metrics`` (and rewrites ``metrics.json``) when the
     training set has flipped labels and the loss has attention. Returns the metrics.
-    Rank 0 alone writes: other ranks return at once.
+    ``sweep_job``: a job of ``softmine-train -m``, whose t-SNE map ``softmine-report``
+    draws (unless ``trainer.plots=all``). Rank 0 alone writes: other ranks return at once.
     """
     metrics = run.metrics
     if not run.is_main:
         return metrics
-    plots = bool(run.cfg.trainer.get("plots", False))
+    plots = run.cfg.trainer.get("plots", False)
     flipped = getattr(run.train_set, "flipped", None)
     noisy = flipped is not None and bool(np.any(flipped))
     run_dir = Path(run.run_dir)
     if plots or noisy:
-        _noise_and_plots(run, run_dir, plots, noisy)
+        defer_map = sweep_job and str(plots) != ALL_PLOTS
+        _noise_and_plots(run, run_dir, bool(plots), noisy, defer_map)
     _attempt(RUN_FILES.report.name, _write_html, run, run_dir)
     return metrics
 
 
-def fit_and_report(trainer: Trainer) -> dict[str, float]:
+def fit_and_report(trainer: Trainer, sweep_job: bool = False) -> dict[str, float]:
     """Train, write the end-of-run reports, close the run; returns what metrics.json holds.
 
     What ``softmine-train`` does with a built :class:`~softmine.engine.trainer.Trainer`:
@@ -90,18 +96,23 @@ def fit_and_report(trainer: Trainer) -> dict[str, float]:
     :class:`~softmine.engine.outputs.RunOutputs`: plots, ``attention.csv`` and
     ``report.html`` (rank 0), then the fold embeddings (every rank: it may embed the test
     split again). :meth:`Trainer.close` ends the run (the loggers upload the plots).
+    ``sweep_job``: see :func:`write_run_artifacts`.
     """
     from softmine.reporting.crossval import save_fold_embeddings
 
     with trainer.explaining_stops():  # a failed write says what was kept where
         outputs = trainer.train()
         if outputs is not None:  # None: resume=true found the run finished, nothing to report
-            write_run_artifacts(outputs)  # plots; attention.csv + attention_auc under label noise
+            write_run_artifacts(
+                outputs, sweep_job
+            )  # plots; attention.csv + attention_auc under label noise
             save_fold_embeddings(outputs)  # dataset.folds: test_embeddings.npz for softmine-report
         return trainer.close()
 
 
-def _noise_and_plots(run: RunOutputs, run_dir: Path, plots: bool, noisy: bool) -> None:
+def _noise_and_plots(
+    run: RunOutputs, run_dir: Path, plots: bool, noisy: bool, defer_map: bool
+) -> None:
     metrics = run.metrics
     t0 = time.perf_counter()
     emb, labels, index = _train_embeddings(run, everything=noisy)
@@ -125,7 +136,7 @@ def _noise_and_plots(run: RunOutputs, run_dir: Path, plots: bool, noisy: bool) -
         log.info("attention AUC (clean vs flipped labels): %.4f", auc)
     if plots:
         out = RunLayout(run_dir).plots
-        _plot_run(run, out, emb, labels, attention, index, auc)
+        _plot_run(run, out, emb, labels, attention, index, auc, defer_map)
         log.info("plots written to %s (%.1f s)", out, time.perf_counter() - t0)
 
 
@@ -185,6 +196,7 @@ def _plot_run(
     attention: np.ndarray | None,
     train_index: np.ndarray,
     auc: float | None,
+    defer_map: bool = False,
 ) -> None:
     from softmine.reporting import plots
 
@@ -209,7 +221,7 @@ def _plot_run(
             auc,
         )
     if run.test_set is not None:
-        _attempt("test-set plots", _plot_test_set, run, out, run.test_set)
+        _attempt("test-set plots", _plot_test_set, run, out, run.test_set, defer_map)
     else:
         _attempt("metric curves", _plot_metric_curves, run.metrics, out)
 
@@ -277,8 +289,11 @@ def _plot_pair_weights(run: RunOutputs, out: Path, emb: np.ndarray, labels: np.n
     )
 
 
-def _plot_test_set(run: RunOutputs, out: Path, test_set: Any) -> None:
-    """Recall@K curve, t-SNE map and (for image items) the retrieval grid of the test split."""
+def _plot_test_set(run: RunOutputs, out: Path, test_set: Any, defer_map: bool = False) -> None:
+    """Recall@K curve, t-SNE map and (for image items) the retrieval grid of the test split.
+
+    ``defer_map``: keep the embeddings of the map (``embedding_map.npz``) instead of drawing it.
+    """
     from softmine.evaluation import recall_at_k
     from softmine.reporting import plots
 
@@ -296,14 +311,28 @@ def _plot_test_set(run: RunOutputs, out: Path, test_set: Any) -> None:
     )
     seed = int(run.cfg.seed)
 
-    def tsne() -> None:
-        points, index = plots.tsne_map(emb, TSNE_POINTS, seed=seed)
-        title = f"t-SNE of {len(index)} test embeddings"
-        plots.plot_embedding_map(
-            points, labels[index], out / RUN_FILES.tsne_plot.name, title=title, class_names=names
+    if defer_map:  # a sweep job: softmine-report draws the maps of the sweep
+        _attempt(
+            "tsne",
+            plots.save_map_sample,
+            out / RUN_FILES.map_sample.name,
+            emb,
+            labels,
+            TSNE_POINTS,
+            seed,
+            names,
         )
-
-    _attempt("tsne", tsne)
+    else:
+        _attempt(
+            "tsne",
+            plots.plot_tsne,
+            emb,
+            labels,
+            out / RUN_FILES.tsne_plot.name,
+            TSNE_POINTS,
+            seed,
+            names,
+        )
     first = test_set[0][0]
     if not (isinstance(first, torch.Tensor) and first.dim() == 3 and first.shape[0] in (1, 3)):
         log.info("plot retrieval_grid skipped: test items are not (C, H, W) images")
