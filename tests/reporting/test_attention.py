@@ -146,3 +146,13 @@ def test_a_sweep_job_leaves_its_tsne_map_to_softmine_report(tmp_path: Path) -> N
     assert not (run / "plots" / "tsne.png").exists()
     report([sweep], run_plots=True)
     assert (run / "plots" / "tsne.png").stat().st_size > 0
+
+
+def test_trainer_plots_is_true_false_or_all() -> None:
+    from softmine.engine.validate import validate_config
+    from softmine.errors import ConfigError
+
+    for value in ("true", "false", "all"):
+        validate_config(compose([f"trainer.plots={value}"]))
+    with pytest.raises(ConfigError, match="trainer.plots must be true, false or all"):
+        validate_config(compose(["trainer.plots=some"]))

@@ -146,12 +146,13 @@ def _write_html(run: RunOutputs, run_dir: Path) -> None:
 
     from softmine.reporting import html as html_report
 
+    t0 = time.perf_counter()
     try:
         config = OmegaConf.to_yaml(run.cfg, resolve=True)
     except Exception:  # a resolver only Hydra's app knows: show the config as written
         config = OmegaConf.to_yaml(run.cfg)
     path = html_report.write_run_report(run_dir, config, run.baselines or None)
-    log.info("report written to %s", path)
+    log.info("report written to %s (%.1f s)", path, time.perf_counter() - t0)
 
 
 def _embed(run: RunOutputs, data: Any) -> tuple[np.ndarray, np.ndarray]:
