@@ -103,9 +103,8 @@ def fit_and_report(trainer: Trainer, sweep_job: bool = False) -> dict[str, float
     with trainer.explaining_stops():  # a failed write says what was kept where
         outputs = trainer.train()
         if outputs is not None:  # None: resume=true found the run finished, nothing to report
-            write_run_artifacts(
-                outputs, sweep_job
-            )  # plots; attention.csv + attention_auc under label noise
+            # plots; attention.csv + attention_auc under label noise
+            write_run_artifacts(outputs, sweep_job)
             save_fold_embeddings(outputs)  # dataset.folds: test_embeddings.npz for softmine-report
         return trainer.close()
 
