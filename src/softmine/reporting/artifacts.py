@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -181,11 +182,13 @@ def _train_embeddings(
     return emb, labels, index
 
 
-def _attempt(name: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+def _attempt(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, or None with a warning when it raises."""
     try:
-        fn(*args, **kwargs)
+        return fn(*args, **kwargs)
     except Exception as e:  # a plot must never fail a finished run
         log.warning("plot %s skipped: %s: %s", name, type(e).__name__, e)
+        return None
 
 
 def _plot_run(
@@ -198,6 +201,35 @@ def _plot_run(
     auc: float | None,
     defer_map: bool = False,
 ) -> None:
+    from softmine.reporting import plots
+
+    test = _attempt("test embeddings", _test_embeddings, run) if run.test_set is not None else None
+    pool = ThreadPoolExecutor(max_workers=1)
+    mapped = None  # the t-SNE of the test embeddings, computed beside the figures drawn below
+    if test is not None and not defer_map:
+        mapped = pool.submit(plots.tsne_map, test[0], TSNE_POINTS, int(run.cfg.seed))
+    try:
+        _plot_train_set(run, out, train_emb, train_labels, attention, train_index, auc)
+        if test is not None:
+            _attempt(
+                "test-set plots", _plot_test_set, run, out, run.test_set, test, mapped, defer_map
+            )
+        elif run.test_set is None:
+            _attempt("metric curves", _plot_metric_curves, run.metrics, out)
+    finally:
+        pool.shutdown(wait=True)
+
+
+def _plot_train_set(
+    run: RunOutputs,
+    out: Path,
+    train_emb: np.ndarray,
+    train_labels: np.ndarray,
+    attention: np.ndarray | None,
+    train_index: np.ndarray,
+    auc: float | None,
+) -> None:
+    """Training curves, OSM weights and the attention of the training samples."""
     from softmine.reporting import plots
 
     log_file = RunLayout(run.run_dir).train_log
@@ -220,10 +252,6 @@ def _plot_run(
             flipped,
             auc,
         )
-    if run.test_set is not None:
-        _attempt("test-set plots", _plot_test_set, run, out, run.test_set, defer_map)
-    else:
-        _attempt("metric curves", _plot_metric_curves, run.metrics, out)
 
 
 def _plot_metric_curves(metrics: dict[str, float], out: Path) -> None:
@@ -289,18 +317,32 @@ def _plot_pair_weights(run: RunOutputs, out: Path, emb: np.ndarray, labels: np.n
     )
 
 
-def _plot_test_set(run: RunOutputs, out: Path, test_set: Any, defer_map: bool = False) -> None:
-    """Recall@K curve, t-SNE map and (for image items) the retrieval grid of the test split.
+def _test_embeddings(run: RunOutputs) -> tuple[np.ndarray, np.ndarray]:
+    """The test split's embeddings and labels: the final evaluation's, else embedded now."""
+    if run.test_embeddings is not None:
+        return run.test_embeddings
+    return _embed(run, run.test_set)
 
-    ``defer_map``: keep the embeddings of the map (``embedding_map.npz``) instead of drawing it.
+
+def _plot_test_set(
+    run: RunOutputs,
+    out: Path,
+    test_set: Any,
+    test: tuple[np.ndarray, np.ndarray] | None = None,
+    mapped: Future | None = None,
+    defer_map: bool = False,
+) -> None:
+    """Recall@K curve, (for image items) the retrieval grids and the t-SNE map of the test split.
+
+    ``test``: its embeddings and labels (None: :func:`_test_embeddings`). ``mapped``: the
+    running :func:`~softmine.reporting.plots.tsne_map` of the embeddings (None: computed
+    here), whose map is drawn last. ``defer_map``: keep the embeddings of the map
+    (``embedding_map.npz``) for ``softmine-report`` instead (a sweep job).
     """
     from softmine.evaluation import recall_at_k
     from softmine.reporting import plots
 
-    if run.test_embeddings is not None:  # the final evaluation's embeddings
-        emb, labels = run.test_embeddings
-    else:
-        emb, labels = _embed(run, test_set)
+    emb, labels = _test_embeddings(run) if test is None else test
     names = class_names(test_set)
     ks = [k for k in RECALL_KS if k < len(labels)]
     _attempt(
@@ -310,39 +352,28 @@ def _plot_test_set(run: RunOutputs, out: Path, test_set: Any, defer_map: bool = 
         out / RUN_FILES.recall_plot.name,
     )
     seed = int(run.cfg.seed)
-
-    if defer_map:  # a sweep job: softmine-report draws the maps of the sweep
-        _attempt(
-            "tsne",
-            plots.save_map_sample,
-            out / RUN_FILES.map_sample.name,
-            emb,
-            labels,
-            TSNE_POINTS,
-            seed,
-            names,
-        )
-    else:
-        _attempt(
-            "tsne",
-            plots.plot_tsne,
-            emb,
-            labels,
-            out / RUN_FILES.tsne_plot.name,
-            TSNE_POINTS,
-            seed,
-            names,
-        )
     first = test_set[0][0]
-    if not (isinstance(first, torch.Tensor) and first.dim() == 3 and first.shape[0] in (1, 3)):
+    if isinstance(first, torch.Tensor) and first.dim() == 3 and first.shape[0] in (1, 3):
+        rng = np.random.default_rng(seed)
+        queries = np.sort(rng.choice(len(emb), size=min(GRID_QUERIES, len(emb)), replace=False))
+        _attempt(
+            "retrieval_grid", _retrieval_grid, test_set, emb, labels, queries, out, "", None, names
+        )
+        _attempt("retrieval_grid_worst", _worst_queries_grid, test_set, emb, labels, out, names)
+    else:
         log.info("plot retrieval_grid skipped: test items are not (C, H, W) images")
+    if defer_map:  # a sweep job: softmine-report draws the maps of the sweep
+        path = out / RUN_FILES.map_sample.name
+        _attempt("tsne", plots.save_map_sample, path, emb, labels, TSNE_POINTS, seed, names)
         return
-    rng = np.random.default_rng(seed)
-    queries = np.sort(rng.choice(len(emb), size=min(GRID_QUERIES, len(emb)), replace=False))
-    _attempt(
-        "retrieval_grid", _retrieval_grid, test_set, emb, labels, queries, out, "", None, names
-    )
-    _attempt("retrieval_grid_worst", _worst_queries_grid, test_set, emb, labels, out, names)
+
+    def tsne() -> None:
+        points, index = (
+            plots.tsne_map(emb, TSNE_POINTS, seed) if mapped is None else mapped.result()
+        )
+        plots.plot_tsne_points(points, index, labels, out / RUN_FILES.tsne_plot.name, names)
+
+    _attempt("tsne", tsne)
 
 
 def class_names(dataset: Any) -> list[str] | None:
