@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from softmine.data import Digits
 from softmine.engine import Trainer
@@ -116,3 +117,42 @@ def test_noisy_run_of_a_loss_without_attention_records_flips_but_no_auc(tmp_path
     assert "attention_auc" not in metrics
     table = pd.read_csv(run / "attention.csv")  # the flips are recorded all the same
     assert table["flipped"].sum() == round(0.3 * len(table)) and table["attention"].isna().all()
+
+
+@pytest.mark.slow
+def test_a_sweep_job_leaves_its_tsne_map_to_softmine_report(tmp_path: Path) -> None:
+    """A sweep job draws the cheap plots and keeps the embeddings of its t-SNE map; the sweep's
+    report draws the map (one panel per configuration), --run-plots the run's own."""
+    from softmine.reporting.sweep_report import report
+
+    cfg = compose([*FAST_DIGITS, "trainer.max_iters=4", "trainer.plots=true"])
+    sweep = tmp_path / "sweep"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fit_and_report(Trainer(cfg, sweep / "0"), sweep_job=True)
+    finally:
+        torch.set_num_threads(threads)
+    run = sweep / "0"
+    (run / ".hydra").mkdir()  # the record softmine-train writes, which the report reads
+    (run / ".hydra" / "overrides.yaml").write_text("- trainer.max_iters=4\n")
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    names = {p.name for p in (run / "plots").iterdir()}
+    assert "tsne.png" not in names and "embedding_map.npz" in names
+    assert {"training_curves.png", "recall_at_k.png", "retrieval_grid.png"} <= names
+    _, _, written = report([sweep])
+    assert sweep / "tsne.png" in written and (sweep / "tsne.png").stat().st_size > 0
+    assert "<figcaption>tsne.png</figcaption>" in (sweep / "report.html").read_text()
+    assert not (run / "plots" / "tsne.png").exists()
+    report([sweep], run_plots=True)
+    assert (run / "plots" / "tsne.png").stat().st_size > 0
+
+
+def test_trainer_plots_is_true_false_or_all() -> None:
+    from softmine.engine.validate import validate_config
+    from softmine.errors import ConfigError
+
+    for value in ("true", "false", "all"):
+        validate_config(compose([f"trainer.plots={value}"]))
+    with pytest.raises(ConfigError, match="trainer.plots must be true, false or all"):
+        validate_config(compose(["trainer.plots=some"]))

@@ -201,3 +201,20 @@ def test_a_runs_grids_and_tsne_name_the_folders(
         assert set(queries) <= set(DIGIT_NAMES)
         assert set(captions) - {f"query {n}" for n in DIGIT_NAMES} <= set(DIGIT_NAMES)
     assert set(DIGIT_NAMES) <= set(drawn_text["tsne.png"])  # the legend
+
+
+def test_a_saved_map_sample_draws_the_map_the_run_would_have_drawn(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    x = np.concatenate([rng.normal(0, 0.1, (70, 8)), rng.normal(3, 0.1, (70, 8))])
+    y = np.repeat([0, 1], 70)
+    names = ["cat", "dog"]
+    sample = plots.save_map_sample(
+        tmp_path / "m.npz", x, y, max_points=50, seed=3, class_names=names
+    )
+    direct = _pixels(plots.plot_tsne(x, y, tmp_path / "direct.png", 50, 3, names))
+    later = _pixels(plots.plot_saved_tsne(sample, tmp_path / "later.png"))
+    assert np.array_equal(direct, later)
+    with np.load(sample) as z:
+        assert z["embeddings"].shape == (50, 8) and z["class_names"].tolist() == names
+    panels = plots.plot_saved_tsne_panels([("a", sample), ("b", sample)], tmp_path / "p.png")
+    assert _pixels(panels).shape[1] > direct.shape[1]  # two panels side by side

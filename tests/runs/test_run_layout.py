@@ -54,6 +54,7 @@ EXPECTED = {
         "retrieval_grid_plot": "plots/retrieval_grid.png",
         "retrieval_grid_worst_plot": "plots/retrieval_grid_worst.png",
         "tsne_plot": "plots/tsne.png",
+        "map_sample": "plots/embedding_map.npz",
         "osm_weights_plot": "plots/osm_weights.png",
         "attention_plot": "plots/attention.png",
     },
@@ -73,6 +74,7 @@ EXPECTED = {
         "table": "report.csv",
         "html": "report.html",
         "training_loss_plot": "training_loss.png",
+        "tsne_plot": "tsne.png",
     },
 }
 

@@ -139,10 +139,19 @@ def _upgrade_old_names(inv: Invocation, log_them: bool) -> None:
 
 def fit_and_report(trainer: Trainer) -> dict[str, float]:
     """:func:`softmine.reporting.artifacts.fit_and_report`, imported when a run starts (not
-    at start-up, so that a Ctrl-C there stays one line)."""
+    at start-up, so that a Ctrl-C there stays one line); a sweep job's costly plots are left
+    to ``softmine-report``."""
     from softmine.reporting.artifacts import fit_and_report as train_and_report
 
-    return train_and_report(trainer)
+    return train_and_report(trainer, sweep_job=in_sweep_job())
+
+
+def in_sweep_job() -> bool:
+    """True in a job of a sweep (``softmine-train -m``), as Hydra runs it."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _log_failure(handler: logging.Handler, e: BaseException) -> None:

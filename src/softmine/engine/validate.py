@@ -286,6 +286,9 @@ def validate_config(cfg: DictConfig, run_dir: Path | None = None) -> None:
             f"trainer.sharing_strategy must be one of {SHARING_STRATEGIES} (got {strategy!r})"
         )
     _int(cfg, "trainer.checkpoint_every", 0)
+    plots = t.get("plots", True)
+    if not isinstance(plots, bool) and plots != "all":
+        raise ConfigError(f"trainer.plots must be true, false or all (got {_shown(plots)})")
     if not isinstance(t.get("tf32", True), bool):
         raise ConfigError(f"trainer.tf32 must be true or false (got {_shown(t.get('tf32'))})")
     if str(t.get("num_threads", "auto")) != "auto":

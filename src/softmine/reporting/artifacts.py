@@ -14,7 +14,10 @@
   ``<run>/plots/``: ``training_curves``, ``recall_at_k`` (or ``cmc`` for re-ID, drawn
   from the final metrics), ``retrieval_grid`` and ``retrieval_grid_worst`` (image test
   sets: random queries, and the queries with the lowest AP@R), ``tsne``,
-  ``osm_weights`` and ``attention``;
+  ``osm_weights`` and ``attention``. In a sweep job the t-SNE map, the one costly picture,
+  is left to ``softmine-report``: the job keeps the embeddings it would map
+  (``plots/embedding_map.npz``) and the report draws the maps of the sweep at once
+  (``trainer.plots=all`` draws it in every job);
 * it always writes ``report.html``, the whole run in one self-contained page
   (:mod:`softmine.reporting.html`).
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,29 +63,32 @@ MAX_PAIRS = 4000  # pairs drawn per kind (positive / negative)
 TSNE_POINTS = 500  # test embeddings in the t-SNE map
 GRID_QUERIES, GRID_K = 6, 5  # retrieval grid: queries x results
 RECALL_KS = (1, 2, 4, 8, 16, 32)
+ALL_PLOTS = "all"  # trainer.plots value: every plot, the t-SNE map in sweep jobs too
 
 
-def write_run_artifacts(run: RunOutputs) -> dict[str, float]:
+def write_run_artifacts(run: RunOutputs, sweep_job: bool = False) -> dict[str, float]:
     """Attention under label noise, end-of-run plots and ``report.html`` of a finished run.
 
     Adds ``attention_auc`` to ``run.metrics`` (and rewrites ``metrics.json``) when the
     training set has flipped labels and the loss has attention. Returns the metrics.
-    Rank 0 alone writes: other ranks return at once.
+    ``sweep_job``: a job of ``softmine-train -m``, whose t-SNE map ``softmine-report``
+    draws (unless ``trainer.plots=all``). Rank 0 alone writes: other ranks return at once.
     """
     metrics = run.metrics
     if not run.is_main:
         return metrics
-    plots = bool(run.cfg.trainer.get("plots", False))
+    plots = run.cfg.trainer.get("plots", False)
     flipped = getattr(run.train_set, "flipped", None)
     noisy = flipped is not None and bool(np.any(flipped))
     run_dir = Path(run.run_dir)
     if plots or noisy:
-        _noise_and_plots(run, run_dir, plots, noisy)
+        defer_map = sweep_job and str(plots) != ALL_PLOTS
+        _noise_and_plots(run, run_dir, bool(plots), noisy, defer_map)
     _attempt(RUN_FILES.report.name, _write_html, run, run_dir)
     return metrics
 
 
-def fit_and_report(trainer: Trainer) -> dict[str, float]:
+def fit_and_report(trainer: Trainer, sweep_job: bool = False) -> dict[str, float]:
     """Train, write the end-of-run reports, close the run; returns what metrics.json holds.
 
     What ``softmine-train`` does with a built :class:`~softmine.engine.trainer.Trainer`:
@@ -90,18 +97,22 @@ def fit_and_report(trainer: Trainer) -> dict[str, float]:
     :class:`~softmine.engine.outputs.RunOutputs`: plots, ``attention.csv`` and
     ``report.html`` (rank 0), then the fold embeddings (every rank: it may embed the test
     split again). :meth:`Trainer.close` ends the run (the loggers upload the plots).
+    ``sweep_job``: see :func:`write_run_artifacts`.
     """
     from softmine.reporting.crossval import save_fold_embeddings
 
     with trainer.explaining_stops():  # a failed write says what was kept where
         outputs = trainer.train()
         if outputs is not None:  # None: resume=true found the run finished, nothing to report
-            write_run_artifacts(outputs)  # plots; attention.csv + attention_auc under label noise
+            # plots; attention.csv + attention_auc under label noise
+            write_run_artifacts(outputs, sweep_job)
             save_fold_embeddings(outputs)  # dataset.folds: test_embeddings.npz for softmine-report
         return trainer.close()
 
 
-def _noise_and_plots(run: RunOutputs, run_dir: Path, plots: bool, noisy: bool) -> None:
+def _noise_and_plots(
+    run: RunOutputs, run_dir: Path, plots: bool, noisy: bool, defer_map: bool
+) -> None:
     metrics = run.metrics
     t0 = time.perf_counter()
     emb, labels, index = _train_embeddings(run, everything=noisy)
@@ -125,7 +136,7 @@ def _noise_and_plots(run: RunOutputs, run_dir: Path, plots: bool, noisy: bool) -
         log.info("attention AUC (clean vs flipped labels): %.4f", auc)
     if plots:
         out = RunLayout(run_dir).plots
-        _plot_run(run, out, emb, labels, attention, index, auc)
+        _plot_run(run, out, emb, labels, attention, index, auc, defer_map)
         log.info("plots written to %s (%.1f s)", out, time.perf_counter() - t0)
 
 
@@ -135,12 +146,13 @@ def _write_html(run: RunOutputs, run_dir: Path) -> None:
 
     from softmine.reporting import html as html_report
 
+    t0 = time.perf_counter()
     try:
         config = OmegaConf.to_yaml(run.cfg, resolve=True)
     except Exception:  # a resolver only Hydra's app knows: show the config as written
         config = OmegaConf.to_yaml(run.cfg)
     path = html_report.write_run_report(run_dir, config, run.baselines or None)
-    log.info("report written to %s", path)
+    log.info("report written to %s (%.1f s)", path, time.perf_counter() - t0)
 
 
 def _embed(run: RunOutputs, data: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -170,11 +182,13 @@ def _train_embeddings(
     return emb, labels, index
 
 
-def _attempt(name: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+def _attempt(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, or None with a warning when it raises."""
     try:
-        fn(*args, **kwargs)
+        return fn(*args, **kwargs)
     except Exception as e:  # a plot must never fail a finished run
         log.warning("plot %s skipped: %s: %s", name, type(e).__name__, e)
+        return None
 
 
 def _plot_run(
@@ -185,7 +199,37 @@ def _plot_run(
     attention: np.ndarray | None,
     train_index: np.ndarray,
     auc: float | None,
+    defer_map: bool = False,
 ) -> None:
+    from softmine.reporting import plots
+
+    test = _attempt("test embeddings", _test_embeddings, run) if run.test_set is not None else None
+    pool = ThreadPoolExecutor(max_workers=1)
+    mapped = None  # the t-SNE of the test embeddings, computed beside the figures drawn below
+    if test is not None and not defer_map:
+        mapped = pool.submit(plots.tsne_map, test[0], TSNE_POINTS, int(run.cfg.seed))
+    try:
+        _plot_train_set(run, out, train_emb, train_labels, attention, train_index, auc)
+        if test is not None:
+            _attempt(
+                "test-set plots", _plot_test_set, run, out, run.test_set, test, mapped, defer_map
+            )
+        elif run.test_set is None:
+            _attempt("metric curves", _plot_metric_curves, run.metrics, out)
+    finally:
+        pool.shutdown(wait=True)
+
+
+def _plot_train_set(
+    run: RunOutputs,
+    out: Path,
+    train_emb: np.ndarray,
+    train_labels: np.ndarray,
+    attention: np.ndarray | None,
+    train_index: np.ndarray,
+    auc: float | None,
+) -> None:
+    """Training curves, OSM weights and the attention of the training samples."""
     from softmine.reporting import plots
 
     log_file = RunLayout(run.run_dir).train_log
@@ -208,10 +252,6 @@ def _plot_run(
             flipped,
             auc,
         )
-    if run.test_set is not None:
-        _attempt("test-set plots", _plot_test_set, run, out, run.test_set)
-    else:
-        _attempt("metric curves", _plot_metric_curves, run.metrics, out)
 
 
 def _plot_metric_curves(metrics: dict[str, float], out: Path) -> None:
@@ -277,15 +317,32 @@ def _plot_pair_weights(run: RunOutputs, out: Path, emb: np.ndarray, labels: np.n
     )
 
 
-def _plot_test_set(run: RunOutputs, out: Path, test_set: Any) -> None:
-    """Recall@K curve, t-SNE map and (for image items) the retrieval grid of the test split."""
+def _test_embeddings(run: RunOutputs) -> tuple[np.ndarray, np.ndarray]:
+    """The test split's embeddings and labels: the final evaluation's, else embedded now."""
+    if run.test_embeddings is not None:
+        return run.test_embeddings
+    return _embed(run, run.test_set)
+
+
+def _plot_test_set(
+    run: RunOutputs,
+    out: Path,
+    test_set: Any,
+    test: tuple[np.ndarray, np.ndarray] | None = None,
+    mapped: Future | None = None,
+    defer_map: bool = False,
+) -> None:
+    """Recall@K curve, (for image items) the retrieval grids and the t-SNE map of the test split.
+
+    ``test``: its embeddings and labels (None: :func:`_test_embeddings`). ``mapped``: the
+    running :func:`~softmine.reporting.plots.tsne_map` of the embeddings (None: computed
+    here), whose map is drawn last. ``defer_map``: keep the embeddings of the map
+    (``embedding_map.npz``) for ``softmine-report`` instead (a sweep job).
+    """
     from softmine.evaluation import recall_at_k
     from softmine.reporting import plots
 
-    if run.test_embeddings is not None:  # the final evaluation's embeddings
-        emb, labels = run.test_embeddings
-    else:
-        emb, labels = _embed(run, test_set)
+    emb, labels = _test_embeddings(run) if test is None else test
     names = class_names(test_set)
     ks = [k for k in RECALL_KS if k < len(labels)]
     _attempt(
@@ -295,25 +352,28 @@ def _plot_test_set(run: RunOutputs, out: Path, test_set: Any) -> None:
         out / RUN_FILES.recall_plot.name,
     )
     seed = int(run.cfg.seed)
+    first = test_set[0][0]
+    if isinstance(first, torch.Tensor) and first.dim() == 3 and first.shape[0] in (1, 3):
+        rng = np.random.default_rng(seed)
+        queries = np.sort(rng.choice(len(emb), size=min(GRID_QUERIES, len(emb)), replace=False))
+        _attempt(
+            "retrieval_grid", _retrieval_grid, test_set, emb, labels, queries, out, "", None, names
+        )
+        _attempt("retrieval_grid_worst", _worst_queries_grid, test_set, emb, labels, out, names)
+    else:
+        log.info("plot retrieval_grid skipped: test items are not (C, H, W) images")
+    if defer_map:  # a sweep job: softmine-report draws the maps of the sweep
+        path = out / RUN_FILES.map_sample.name
+        _attempt("tsne", plots.save_map_sample, path, emb, labels, TSNE_POINTS, seed, names)
+        return
 
     def tsne() -> None:
-        points, index = plots.tsne_map(emb, TSNE_POINTS, seed=seed)
-        title = f"t-SNE of {len(index)} test embeddings"
-        plots.plot_embedding_map(
-            points, labels[index], out / RUN_FILES.tsne_plot.name, title=title, class_names=names
+        points, index = (
+            plots.tsne_map(emb, TSNE_POINTS, seed) if mapped is None else mapped.result()
         )
+        plots.plot_tsne_points(points, index, labels, out / RUN_FILES.tsne_plot.name, names)
 
     _attempt("tsne", tsne)
-    first = test_set[0][0]
-    if not (isinstance(first, torch.Tensor) and first.dim() == 3 and first.shape[0] in (1, 3)):
-        log.info("plot retrieval_grid skipped: test items are not (C, H, W) images")
-        return
-    rng = np.random.default_rng(seed)
-    queries = np.sort(rng.choice(len(emb), size=min(GRID_QUERIES, len(emb)), replace=False))
-    _attempt(
-        "retrieval_grid", _retrieval_grid, test_set, emb, labels, queries, out, "", None, names
-    )
-    _attempt("retrieval_grid_worst", _worst_queries_grid, test_set, emb, labels, out, names)
 
 
 def class_names(dataset: Any) -> list[str] | None:

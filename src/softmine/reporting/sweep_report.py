@@ -36,7 +36,9 @@ OUT is never a run folder: the ``report.html`` there is the run's own page, writ
 by the run, and stays as it is (``-o RUN`` is refused). The plots: the main metric
 against a numeric swept key with error bars, one line per configuration of the
 other keys (or one bar per configuration when no numeric key varies), the same
-for ``attention_auc`` when runs have it, and the mean training loss per epoch.
+for ``attention_auc`` when runs have it, the mean training loss per epoch, and the t-SNE
+maps of the test embeddings that sweep jobs left to the report (``tsne.png``: one panel per
+configuration, from the first run of it that kept ``plots/embedding_map.npz``).
 """
 
 from __future__ import annotations
@@ -462,20 +464,41 @@ def plot_table(table: pd.DataFrame, out: Path, metric: str, x: str | None = None
     )
 
 
-def plot_training_loss(runs: pd.DataFrame, table: pd.DataFrame, out: Path) -> Path | None:
-    """Mean training loss per epoch of each configuration (std over seeds as error bars)."""
-    from softmine.reporting import plots
-
+def _run_configs(runs: pd.DataFrame, table: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:
+    """The finished runs and the name of each one's configuration (as the table's rows)."""
     keys = table.attrs.get("keys", [])
     ok = runs[runs["status"] == STATUS_OK]
-    if ok.empty:
-        return None
     keyed = pd.DataFrame({"dataset": ok["dataset"]}, index=ok.index)
     for k in keys:
         col = ok.get(f"override:{k}", pd.Series("", index=ok.index)).fillna("")
         num = _as_number(col.replace("", np.nan))
         keyed[k] = col if num is None else num
-    names = _config_label(keyed, keys)
+    return ok, _config_label(keyed, keys)
+
+
+def plot_embedding_maps(runs: pd.DataFrame, table: pd.DataFrame, out: Path) -> Path | None:
+    """The t-SNE maps sweep jobs left to the report: one panel per configuration, drawn from the
+    first of its runs that kept ``plots/embedding_map.npz``. None when no run kept one."""
+    from softmine.reporting import plots
+
+    ok, names = _run_configs(runs, table)
+    panels: dict[str, Path] = {}
+    for i, run in ok.iterrows():
+        sample = RunLayout(run["run"]).map_sample
+        if names[i] not in panels and sample.exists():
+            panels[names[i]] = sample
+    if not panels:
+        return None
+    return plots.plot_saved_tsne_panels(list(panels.items()), ReportLayout(out).tsne_plot)
+
+
+def plot_training_loss(runs: pd.DataFrame, table: pd.DataFrame, out: Path) -> Path | None:
+    """Mean training loss per epoch of each configuration (std over seeds as error bars)."""
+    from softmine.reporting import plots
+
+    ok, names = _run_configs(runs, table)
+    if ok.empty:
+        return None
     frames = []
     for i, run in ok.iterrows():
         log_file = RunLayout(run["run"]).train_log
@@ -508,7 +531,8 @@ def plot_training_loss(runs: pd.DataFrame, table: pd.DataFrame, out: Path) -> Pa
 
 
 def plot_runs(runs: pd.DataFrame) -> int:
-    """Per-run plots from the files a run leaves (train_log.csv, attention.csv) where missing.
+    """Per-run plots from the files a run leaves (train_log.csv, attention.csv, the embeddings of
+    the t-SNE map a sweep job left to the report) where missing.
 
     A run whose plots were redrawn, or which has no ``report.html``, gets its page
     (re)written. Returns the number of files written.
@@ -525,6 +549,9 @@ def plot_runs(runs: pd.DataFrame) -> int:
         if files.attention.exists() and not files.attention_plot.exists():
             a = pd.read_csv(files.attention)
             plots.plot_attention(a["attention"], files.attention_plot, a["flipped"])
+            drawn += 1
+        if files.map_sample.exists() and not files.tsne_plot.exists():
+            plots.plot_saved_tsne(files.map_sample, files.tsne_plot)
             drawn += 1
         if drawn > before or not files.report.exists():
             html_report.write_run_report(run_dir)
@@ -623,6 +650,9 @@ def write_report(
     loss_plot = plot_training_loss(runs, table, out)
     if loss_plot is not None:
         written.append(loss_plot)
+    maps = plot_embedding_maps(runs, table, out)
+    if maps is not None:
+        written.append(maps)
     if run_plots:
         plot_runs(runs)
     intro = [ln for ln in lines[2:] if ln]

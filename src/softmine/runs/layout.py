@@ -154,6 +154,12 @@ class RunLayout:
         return self.plots / "tsne.png"
 
     @property
+    def map_sample(self) -> Path:
+        """The test embeddings the t-SNE map draws, kept when a sweep job leaves the map to
+        ``softmine-report`` (:func:`softmine.reporting.plots.save_map_sample`)."""
+        return self.plots / "embedding_map.npz"
+
+    @property
     def osm_weights_plot(self) -> Path:
         return self.plots / "osm_weights.png"
 
@@ -263,6 +269,11 @@ class ReportLayout:
     @property
     def training_loss_plot(self) -> Path:
         return self.root / "training_loss.png"
+
+    @property
+    def tsne_plot(self) -> Path:
+        """One t-SNE panel per configuration, from the runs' ``plots/embedding_map.npz``."""
+        return self.root / "tsne.png"
 
     def plot(self, stem: str) -> Path:
         """A plot named ``stem`` (e.g. a metric's slug)."""
