@@ -11,7 +11,8 @@ Prints, in one run, images/s per host core of:
 (c) the cached path's host side: what a worker still does per image once the
     decoded-image cache exists (``dataset.cache=ram``, ``dataset/transform=dml_device``):
     take the cached array and pad it into the batch (``ToHWC`` + ``collate_padded``),
-    one process; the same through the DataLoader is printed beside it;
+    one process with one torch thread as in a worker; the same through the
+    DataLoader is printed beside it;
 (d) reported, not a target: the device augmentation (``DeviceResizedCrop``: crop,
     resize to 224, flip) on this CPU with one thread, and on the GPU when there is one.
 
@@ -223,6 +224,9 @@ def main() -> None:
         cached_ds = CUB200(root, "train", transform=ToHWC(), cache="ram", cache_size=256)
         build = len(cached_ds) / (time.perf_counter() - t0)
         whole_ds = CUB200(root, "train", transform=ToHWC())
+        # one torch thread in this process, as in a DataLoader worker: idle OpenMP threads
+        # spinning after each parallel copy would count as CPU time of (c)
+        torch.set_num_threads(1)
         runs = interleave(
             {
                 "a": lambda: bare_decode(paths, min_s),
@@ -236,7 +240,6 @@ def main() -> None:
         )
         per_core = {k: Summary.of([r.per_core for r in v], True) for k, v in runs.items()}
         wall = {k: Summary.of([r.per_second for r in v], True) for k, v in runs.items()}
-        torch.set_num_threads(1)
         dev_cpu = device_rate(cached_ds, torch.device("cpu"), min_s)
         torch.set_num_threads(cpu_threads)
         dev_gpu = None
