@@ -44,7 +44,8 @@ docs-serve: $(DOCS_STAMP)
 	$(BIN)/python scripts/gen_config_docs.py
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
-# Every scripts/bench/*.py but the helpers named _*.py (about N minutes on 2 CPU cores).
+# Every scripts/bench/*.py but the helpers named _*.py; prints its total time (1,111 s on 2 CPU
+# cores shared with other jobs, load average 5-7; eval.py and train.py take most of it).
 bench: setup
 	@start=$$(date +%s); for b in scripts/bench/[!_]*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done; \
 	echo "make bench: $$(( $$(date +%s) - start )) s"

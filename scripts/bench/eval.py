@@ -21,7 +21,7 @@ floor and for us alike: on a shared CPU its OpenMP threads wait on each other
 whenever one is descheduled, which makes multi-threaded timings swing by 2x from
 run to run, while single-threaded ones repeat to within a few percent.
 
-Run: ``python scripts/bench/eval.py`` (about 3 minutes on 2 CPU cores).
+Run: ``python scripts/bench/eval.py`` (about 5 minutes on 2 CPU cores shared with other jobs).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ Targets (issue #3): OSMCAALoss <= 1.1x (a); >= 3.5x faster than (b) at n = 56,
 OSMCAALoss with attached weights, whose gradients are those of (b) (the port
 detaches nothing).
 
-    python scripts/bench/loss.py                 # CPU, ~2 minutes
+    python scripts/bench/loss.py                 # CPU, 2-3 minutes
     python scripts/bench/loss.py --no-compile    # without the torch.compile column
     python scripts/bench/loss.py --device cuda
 
