@@ -7,8 +7,11 @@ the host waits on). The baseline is the trainer before the change: per epoch
 ``set_epoch`` and a fresh ``iter(loader)`` with persistent workers, whose queue
 drains at the end of every epoch and refills at the start of the next. The
 measured path is ``RunBatchSampler``: one iterator over all epochs, items seeded
-per item (``SeededItems``). Prints the wall time per batch of each (best of
-``--trials`` interleaved) and ``epochs: run/per_epoch = X.XX`` (below 1: faster).
+per item (``SeededItems``). The two take turns trial by trial (``--trials`` of
+each); ``--epochs`` is raised where needed so that a trial lasts at least
+``--min-trial-s`` seconds (sized from an untimed pilot trial). Prints the wall time
+per batch of each, best and median, and ``epochs: run/per_epoch = BEST (median
+MEDIAN)`` (below 1: faster).
 
 Usage: ``python scripts/bench/epochs.py [--epochs 6] [--workers 2] [--step-ms 20]``.
 """
@@ -16,11 +19,13 @@ Usage: ``python scripts/bench/epochs.py [--epochs 6] [--workers 2] [--step-ms 20
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from _timing import MIN_TRIAL_S, TRIALS, Summary, headline, interleave
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -72,10 +77,13 @@ def one_run(ds: CUB200, sampler: PKSampler, args: argparse.Namespace) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--classes", type=int, default=8, help="training classes (8 images each)")
-    parser.add_argument("--epochs", type=int, default=6, help="timed epochs")
+    parser.add_argument("--epochs", type=int, default=6, help="timed epochs (at least)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     parser.add_argument("--step-ms", type=float, default=20.0, help="simulated step per batch")
-    parser.add_argument("--trials", type=int, default=3, help="interleaved trials, best of each")
+    parser.add_argument("--trials", type=int, default=TRIALS, help="interleaved trials of each")
+    parser.add_argument(
+        "--min-trial-s", type=float, default=MIN_TRIAL_S, help="least wall time of one trial"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = make_cub(
@@ -85,14 +93,24 @@ def main() -> None:
         cfg = compose_config(["dataset=cub"])
         ds = CUB200(root, "train", transform=build(cfg.dataset.transform.train, "transform"))
         sampler = PKSampler(ds.labels, 4, 4, seed=0)
-        print(f"{len(ds)} images, {len(sampler.rank_batches(0))} batches of 16 per epoch")
-        base, ours = [], []
-        for _ in range(args.trials):
-            base.append(per_epoch(ds, sampler, args))
-            ours.append(one_run(ds, sampler, args))
-        b, o = min(base), min(ours)
-        print(f"per-epoch iterator: {1000 * b:.1f} ms/batch; one iterator: {1000 * o:.1f} ms/batch")
-        print(f"epochs: run/per_epoch = {o / b:.2f}")
+        per = len(sampler.rank_batches(0))
+        print(f"{len(ds)} images, {per} batches of 16 per epoch")
+        # enough epochs that a trial lasts >= --min-trial-s, from an untimed pilot trial
+        pilot = per_epoch(ds, sampler, args)
+        args.epochs = max(args.epochs, math.ceil(1.2 * args.min_trial_s / (pilot * per)))
+        runs = interleave(
+            {
+                "per_epoch": lambda: per_epoch(ds, sampler, args),
+                "run": lambda: one_run(ds, sampler, args),
+            },
+            args.trials,
+            warmup=False,
+        )
+        b, o = Summary.of(runs["per_epoch"], False), Summary.of(runs["run"], False)
+        print(f"{args.epochs} epochs per trial, {args.trials} interleaved trials")
+        print(f"  per-epoch iterator: {b.scaled(1e3).format('.1f')} ms/batch")
+        print(f"  one iterator:       {o.scaled(1e3).format('.1f')} ms/batch")
+        print(headline("epochs: run/per_epoch", o / b))
 
 
 if __name__ == "__main__":

@@ -13,25 +13,27 @@ resetting the peak with ``/proc/self/clear_refs``: it counts every allocation,
 numpy's, faiss's C++ index and BLAS scratch alike, which tracemalloc would miss.
 glibc's malloc is first told to serve every block over 128 KiB by mmap and to
 return freed memory at once (``mallopt``), so memory freed by one measurement
-cannot be silently reused by the next and hide its peak. Timings are the best of
-interleaved repeats. faiss runs single-threaded by default (``--threads``), for the
+cannot be silently reused by the next and hide its peak. The measured calls take
+turns trial by trial (``--trials`` of each; a call shorter than a second is repeated
+within its trial until the trial lasts one), and each prints the best and the median
+of its trials. faiss runs single-threaded by default (``--threads``), for the
 floor and for us alike: on a shared CPU its OpenMP threads wait on each other
 whenever one is descheduled, which makes multi-threaded timings swing by 2x from
 run to run, while single-threaded ones repeat to within a few percent.
 
-Run: ``python scripts/bench/eval.py`` (about 1-2 minutes on 2 CPU cores).
+Run: ``python scripts/bench/eval.py`` (about 5 minutes on 2 CPU cores shared with other jobs).
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import faiss
 import numpy as np
+from _timing import MIN_TRIAL_S, Summary, headline, interleave, run_for
 
 from softmine.evaluation import cmc_map, evaluate_reid, recall_at_k
 
@@ -56,17 +58,21 @@ def _kib(field: str) -> int:
     raise RuntimeError(f"{field} not in {_STATUS}")
 
 
-def measure(fn: Callable[[], object]) -> tuple[float, float, object]:
-    """(seconds, peak memory growth in MiB, result) of one call of ``fn``."""
+def measure(fn: Callable[[], object], min_s: float = MIN_TRIAL_S) -> tuple[float, float, object]:
+    """(seconds per call, peak memory growth in MiB, result) of ``fn``, called for >= ``min_s``."""
+    out: list[object] = []
+
+    def call() -> None:
+        out.clear()  # the last result is freed before the next call, so it adds no peak
+        out.append(fn())
+
     _CLEAR_REFS.write_text("5")  # reset VmHWM to the current resident set
     before = _kib("VmRSS")
-    t0 = time.perf_counter()
-    out = fn()
-    seconds = time.perf_counter() - t0
-    return seconds, (_kib("VmHWM") - before) / 1024, out
+    trial = run_for(call, min_s)
+    return trial.per_unit, (_kib("VmHWM") - before) / 1024, out[0]
 
 
-def bench_recall(n: int, d: int, repeats: int) -> bool:
+def bench_recall(n: int, d: int, trials: int) -> bool:
     rng = np.random.default_rng(0)
     labels = rng.integers(0, n // 50, n)
     centers = rng.normal(size=(n // 50, d))
@@ -82,21 +88,23 @@ def bench_recall(n: int, d: int, repeats: int) -> bool:
     def ours() -> dict[int, float]:
         return recall_at_k(x, labels, (1, 2, 4, 8))
 
-    floor_t, floor_m, ours_t, ours_m = [], [], [], []
-    for _ in range(repeats):  # interleaved, best of each: the CPU is shared
-        t, m, _ = measure(floor)
-        floor_t.append(t)
-        floor_m.append(m)
-        t, m, rec = measure(ours)
-        ours_t.append(t)
-        ours_m.append(m)
-    ft, ot, fm, om = min(floor_t), min(ours_t), min(floor_m), max(ours_m)
-    ok = ot <= 1.25 * ft and om <= 2.0 * fm
-    print(f"Recall@K on {n:,} x {d} (leave-one-out, best of {repeats}):")
+    runs = interleave(
+        {"floor": lambda: measure(floor), "ours": lambda: measure(ours)}, trials, warmup=False
+    )
+    ft, ot = (Summary.of([r[0] for r in runs[k]], False) for k in ("floor", "ours"))
+    fm = Summary.of([r[1] for r in runs["floor"]], False)  # memory: the floor's least ...
+    om = Summary.of([r[1] for r in runs["ours"]], True)  # ... against our most
+    rec = runs["ours"][-1][2]
+    time_ratio, mem_ratio = ot / ft, om / fm
+    ok = time_ratio.best <= 1.25 and mem_ratio.best <= 2.0
+    print(f"Recall@K on {n:,} x {d} (leave-one-out, {trials} interleaved trials):")
     print(f"  recalls              {', '.join(f'R@{k}={v:.4f}' for k, v in rec.items())}")
-    print(f"  floor (IndexFlatIP)  {ft:7.2f} s   peak +{fm:7.1f} MiB")
-    print(f"  recall_at_k          {ot:7.2f} s   peak +{om:7.1f} MiB")
-    print(f"  ratio time {ot / ft:.3f}x (target <= 1.25)  memory {om / fm:.3f}x (target <= 2)")
+    print(f"  {'':20} {'time (s)':>17}   {'peak growth (MiB)':>19}")
+    print(f"  {'':20} {'best':>8} {'median':>8}   {'best':>9} {'median':>9}")
+    for label, t, m in (("floor (IndexFlatIP)", ft, fm), ("recall_at_k", ot, om)):
+        print(f"  {label:<20} {t.best:8.2f} {t.median:8.2f}   {m.best:9.1f} {m.median:9.1f}")
+    print(headline("  recall: time ratio", time_ratio, ".3f") + ", target <= 1.25")
+    print(headline("  recall: memory ratio", mem_ratio, ".3f") + ", target <= 2")
     return ok
 
 
@@ -146,35 +154,49 @@ def torchreid_style_loop(q, qp, qc, g, gp, gc, max_rank: int = 20) -> tuple[np.n
 MARS_IDS = {"junk_pids": (-1,), "distractor_pids": (0,)}  # MARS's junk and distractor identities
 
 
-def bench_cmc_map(repeats: int, rerank: bool) -> bool:
+def bench_cmc_map(trials: int, rerank: bool) -> bool:
     data = mars_like(0, clustered=True)
-    ours_t = []
-    for _ in range(repeats):
-        t, _, (cmc, m) = measure(lambda: cmc_map(*data, **MARS_IDS))
-        ours_t.append(t)
-    t_loop, _, (cmc_loop, m_loop) = measure(lambda: torchreid_style_loop(*data))
     worst = mars_like(1, clustered=False)
-    t_worst = min(measure(lambda: cmc_map(*worst, **MARS_IDS))[0] for _ in range(repeats))
-    ot = min(ours_t)
-    ok = ot < 3.0 and t_loop / ot >= 15.0
-    print("cmc_map at MARS size (1,980 x 11,310, d = 1,024; 10% junk, 5% distractors):")
-    print(f"  cmc_map              {ot:7.2f} s   rank-1 {cmc[0]:.4f}  mAP {m:.4f}")
-    print(f"  torchreid-style loop {t_loop:7.2f} s   rank-1 {cmc_loop[0]:.4f}  mAP {m_loop:.4f}")
+    runs = interleave(
+        {
+            "loop": lambda: measure(lambda: torchreid_style_loop(*data)),
+            "ours": lambda: measure(lambda: cmc_map(*data, **MARS_IDS)),
+            "worst": lambda: measure(lambda: cmc_map(*worst, **MARS_IDS)),
+        },
+        trials,
+        warmup=False,  # a loop trial takes half a minute; the first trials warm up alike
+    )
+    t_loop, ot, t_worst = (Summary.of([r[0] for r in runs[k]], False) for k in runs)
+    cmc, m = runs["ours"][-1][2]
+    cmc_loop, m_loop = runs["loop"][-1][2]
+    speedup = t_loop / ot
+    ok = ot.best < 3.0 and speedup.best >= 15.0
+    print(
+        f"cmc_map at MARS size (1,980 x 11,310, d = 1,024; 10% junk, 5% distractors; {trials} trials):"
+    )
+    print(f"  {'':20} {'time (s)':>17}")
+    print(f"  {'':20} {'best':>8} {'median':>8}")
+    print(f"  {'cmc_map':<20} {ot.best:8.2f} {ot.median:8.2f}   rank-1 {cmc[0]:.4f}  mAP {m:.4f}")
+    print(
+        f"  {'torchreid-style loop':<20} {t_loop.best:8.2f} {t_loop.median:8.2f}"
+        f"   rank-1 {cmc_loop[0]:.4f}  mAP {m_loop:.4f}"
+    )
     print(
         f"  agreement |d mAP| {abs(m - m_loop):.1e}  max |d CMC| {np.abs(cmc - cmc_loop).max():.1e}"
     )
-    print(f"  speed-up {t_loop / ot:.1f}x (target >= 15)   time {ot:.2f} s (target < 3)")
-    print(f"  unstructured features (worst case for cmc_map): {t_worst:.2f} s")
+    print(f"  unstructured features (worst case for cmc_map): {t_worst.format('.2f')} s")
     if rerank:
-        t, mem, res = measure(lambda: evaluate_reid(*data, rerank=True, **MARS_IDS))
+        t, mem, res = measure(lambda: evaluate_reid(*data, rerank=True, **MARS_IDS), 0.0)
         print(f"  with k-reciprocal re-ranking: {t:.1f} s, peak +{mem:.0f} MiB, mAP {res.mAP:.4f}")
+    print(f"  cmc_map time {ot.format('.2f')} s (target < 3)")
+    print(headline("  cmc_map: speed-up over the loop", speedup, ".1f") + ", target >= 15")
     return ok
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=50_000, help="items of the Recall@K benchmark")
-    parser.add_argument("--repeats", type=int, default=2, help="timed repeats (best is kept)")
+    parser.add_argument("--trials", type=int, default=3, help="interleaved trials of each")
     parser.add_argument(
         "--threads", type=int, default=1, help="faiss OpenMP threads (0: faiss's default)"
     )
@@ -184,8 +206,8 @@ def main() -> None:
     if args.threads > 0:
         faiss.omp_set_num_threads(args.threads)
     print(f"faiss threads: {faiss.omp_get_max_threads()}")
-    ok = bench_recall(args.n, 128, args.repeats)
-    ok &= bench_cmc_map(args.repeats, args.rerank)
+    ok = bench_recall(args.n, 128, args.trials)
+    ok &= bench_cmc_map(args.trials, args.rerank)
     print("targets met" if ok else "TARGETS MISSED")
     raise SystemExit(0 if ok else 1)
 

@@ -5,19 +5,20 @@ buffer for NaN/Inf with one fused reduction (:class:`softmine.engine.nonfinite.W
 and reads the result where the step already synchronises. This script times full
 training steps of the digits demo's setting (tiny CNN, P x K = 8 x 8) with the guard
 and with its update replaced by a no-op, interleaving the two so that load on the
-machine affects both alike, and prints the ratio (best of ``--repeats`` rounds of
-``--steps`` steps each).
+machine affects both alike (``--trials`` of each, each repeating passes over
+``--steps`` batches for at least ``--min-trial-s`` seconds, after an untimed warm-up
+trial), and prints the time per step and the ratio, best and median.
 
-Usage: ``python scripts/bench/guard.py [--steps 30] [--repeats 5]``.
+Usage: ``python scripts/bench/guard.py [--steps 30] [--trials 5]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 
 import torch
+from _timing import MIN_TRIAL_S, TRIALS, Summary, headline, interleave, run_for
 
 from softmine.config import compose_config
 from softmine.engine import Trainer
@@ -25,23 +26,28 @@ from softmine.engine import Trainer
 SETTINGS = {"digits tiny CNN (P x K = 8 x 8)": ["trainer.device=auto"]}
 
 
-def _steps(trainer: Trainer, batches: list, guard: bool) -> float:
+def _steps(trainer: Trainer, batches: list, guard: bool, min_s: float) -> float:
+    """Seconds per training step, passes over ``batches`` repeated for at least ``min_s``."""
     update = trainer.weights.update
     if not guard:
         trainer.weights.update = lambda step: None  # type: ignore[method-assign]
-    try:
-        t0 = time.perf_counter()
+
+    def one_pass() -> None:
         for x, y in batches:
             trainer.train_step(x, y)
         trainer.check_weights()
+
+    def sync() -> None:
         if trainer.device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - t0
+
+    try:
+        return run_for(one_pass, min_s, sync=sync).per_unit / len(batches)
     finally:
         trainer.weights.update = update  # type: ignore[method-assign]
 
 
-def measure(name: str, overrides: list[str], steps: int, repeats: int) -> None:
+def measure(name: str, overrides: list[str], steps: int, trials: int, min_s: float) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose_config(["trainer.progress_bar=false", "trainer.plots=false", *overrides])
         trainer = Trainer(cfg, tmp)
@@ -50,26 +56,34 @@ def measure(name: str, overrides: list[str], steps: int, repeats: int) -> None:
             batches += [
                 b for _, b in zip(range(steps - len(batches)), trainer.loader, strict=False)
             ]
-        _steps(trainer, batches[:3], guard=True)  # warm-up
-        with_guard, without = [], []
-        for _ in range(repeats):
-            with_guard.append(_steps(trainer, batches, guard=True))
-            without.append(_steps(trainer, batches, guard=False))
+        runs = interleave(
+            {
+                "without": lambda: _steps(trainer, batches, False, min_s),
+                "with": lambda: _steps(trainer, batches, True, min_s),
+            },
+            trials,
+        )
+        without, with_guard = (Summary.of(runs[k], False) for k in ("without", "with"))
         tensors = len(trainer.weights.tensors)
         print(
-            f"{name} on {trainer.device}: {len(batches)} steps, {tensors} tensors watched; "
-            f"best {min(without):.3f} s without the guard, {min(with_guard):.3f} s with it: "
-            f"ratio {min(with_guard) / min(without):.3f}"
+            f"{name} on {trainer.device}: passes over {len(batches)} batches for >= {min_s:g} s "
+            f"per trial, {trials} interleaved trials, {tensors} tensors watched"
         )
+        print(f"  ms per step without the guard: {without.scaled(1e3).format('.3f')}")
+        print(f"  ms per step with the guard:    {with_guard.scaled(1e3).format('.3f')}")
+        print(headline("  guard: with/without", with_guard / without, ".3f"))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--steps", type=int, default=30, help="batches of one pass")
+    p.add_argument("--trials", type=int, default=TRIALS, help="interleaved trials of each")
+    p.add_argument(
+        "--min-trial-s", type=float, default=MIN_TRIAL_S, help="least wall time of one trial"
+    )
     args = p.parse_args()
     for name, overrides in SETTINGS.items():
-        measure(name, overrides, args.steps, args.repeats)
+        measure(name, overrides, args.steps, args.trials, args.min_trial_s)
 
 
 if __name__ == "__main__":

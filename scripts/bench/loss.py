@@ -13,24 +13,27 @@ Targets (issue #3): OSMCAALoss <= 1.1x (a); >= 3.5x faster than (b) at n = 56,
 OSMCAALoss with attached weights, whose gradients are those of (b) (the port
 detaches nothing).
 
-    python scripts/bench/loss.py                 # CPU, ~2 minutes
+    python scripts/bench/loss.py                 # CPU, 2-3 minutes
     python scripts/bench/loss.py --no-compile    # without the torch.compile column
     python scripts/bench/loss.py --device cuda
 
 On CPU it runs one thread and times process CPU time by default, so that other
 processes on a shared machine do not count (``--wall``, ``--threads`` to change).
+Each trial repeats one step for at least ``--min-trial-s`` (1 s) of that clock; the
+steps take turns trial by trial (``--trials`` of each), and the table shows each
+step's median time and each ratio's best and median.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 import warnings
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from _timing import MIN_TRIAL_S, Summary, interleave, run_for
 from torch import Tensor, nn
 
 from softmine.losses import OSMCAALoss
@@ -134,31 +137,28 @@ def sync(device: torch.device) -> None:
 def time_steps(
     steps: dict[str, Callable[[], None]],
     device: torch.device,
-    budget_s: float,
+    trials: int,
+    min_s: float,
     clock: Callable[[], float],
-) -> dict[str, float]:
-    """Median seconds per call of each step; calls are interleaved in rounds so load drifts hit all."""
+) -> dict[str, Summary]:
+    """Seconds per call of each step, best and median of ``trials`` interleaved trials.
+
+    Each trial repeats its step for at least ``min_s`` of ``clock``; the steps take
+    turns trial by trial, so load drifting on the machine hits them alike.
+    """
     for step in steps.values():  # warm-up
         for _ in range(3):
             step()
     sync(device)
-    per_round = {}
-    for name, step in steps.items():  # calls per round so that one block takes >= ~10 ms
-        t0 = clock()
-        step()
-        sync(device)
-        per_round[name] = max(1, int(0.01 / max(clock() - t0, 1e-6)))
-    samples: dict[str, list[float]] = {k: [] for k in steps}
-    t_end = time.perf_counter() + budget_s
-    while time.perf_counter() < t_end or min(len(v) for v in samples.values()) < 5:
-        for name, step in steps.items():
-            k = per_round[name]
-            t0 = clock()
-            for _ in range(k):
-                step()
-            sync(device)
-            samples[name].append((clock() - t0) / k)
-    return {k: statistics.median(v) for k, v in samples.items()}
+    runs = interleave(
+        {
+            name: lambda s=step: run_for(s, min_s, clock, lambda: sync(device)).per_unit
+            for name, step in steps.items()
+        },
+        trials,
+        warmup=False,
+    )
+    return {name: Summary.of(v, False) for name, v in runs.items()}
 
 
 def make_step(fn: Callable[[Tensor, Tensor], Tensor], emb: Tensor, labels: Tensor, params):
@@ -173,7 +173,10 @@ def make_step(fn: Callable[[Tensor, Tensor], Tensor], emb: Tensor, labels: Tenso
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    ap.add_argument("--budget", type=float, default=6.0, help="seconds of timing per batch size")
+    ap.add_argument("--trials", type=int, default=3, help="interleaved trials of each step")
+    ap.add_argument(
+        "--min-trial-s", type=float, default=MIN_TRIAL_S, help="least clock time of one trial"
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--wall", action="store_true", help="CPU: wall-clock instead of CPU time")
     ap.add_argument(
@@ -191,11 +194,16 @@ def main() -> int:
         f"device {device}, threads {torch.get_num_threads()}, torch {torch.__version__}, "
         f"timer: {'process CPU time' if cpu_time else 'wall clock'}"
     )
-    print(f"d = {DIM}, {NUM_CLASSES} classes; median ms per forward+backward\n")
     print(
-        f"{'n':>5} {'OSMCAA':>8} {'(a) plain':>10} {'(b) port':>9} {'OSMCAA/(a)':>11}"
-        f" {'(b)/OSMCAA':>11} {'compiled/(a)':>13}   targets (default OSMCAALoss; compile=True)"
+        f"d = {DIM}, {NUM_CLASSES} classes; {args.trials} interleaved trials of >= "
+        f"{args.min_trial_s:g} s per step: median ms per forward+backward, ratios as "
+        "best (of the best times) and median; targets checked on the best\n"
     )
+    print(
+        f"{'n':>5} {'OSMCAA':>8} {'(a) plain':>10} {'(b) port':>9} {'OSMCAA/(a)':>12}"
+        f" {'(b)/OSMCAA':>12} {'compiled/(a)':>12}   targets (default OSMCAALoss; compile=True)"
+    )
+    print(f"{'':>5} {'':>8} {'':>10} {'':>9} {'best med':>12} {'best med':>12} {'best med':>12}")
     diag = []
     compile_s: dict[int, float] = {}
     for n, k in SIZES:
@@ -227,20 +235,22 @@ def main() -> int:
         }
         if compiled is not None:
             steps["compiled"] = make_step(compiled, emb, labels, [emb, *compiled.parameters()])
-        t = time_steps(steps, device, args.budget, clock)
+        t = time_steps(steps, device, args.trials, args.min_trial_s, clock)
         r_a, r_b = t["ours"] / t["plain"], t["port"] / t["ours"]
         want_b = TARGET_B.get(n)
-        verdict = f"(a) <= {TARGET_A}x: {'met' if r_a <= TARGET_A else 'NOT MET'}"
-        r_c = f"{'-':>13}"
+        verdict = f"(a) <= {TARGET_A}x: {'met' if r_a.best <= TARGET_A else 'NOT MET'}"
+        r_c = f"{'-':>12}"
         if compiled is not None:
             c_a = t["compiled"] / t["plain"]
-            r_c = f"{c_a:>12.2f}x"
-            verdict += f" (compiled: {'met' if c_a <= TARGET_A else 'NOT MET'})"
+            r_c = f"{c_a.best:>6.2f} {c_a.median:>5.2f}"
+            verdict += f" (compiled: {'met' if c_a.best <= TARGET_A else 'NOT MET'})"
         if want_b is not None:
-            verdict += f"; (b) >= {want_b}x: {'met' if r_b >= want_b else 'NOT MET'}"
+            verdict += f"; (b) >= {want_b}x: {'met' if r_b.best >= want_b else 'NOT MET'}"
+        ms = {name: 1e3 * v.median for name, v in t.items()}
         print(
-            f"{n:>5} {1e3 * t['ours']:>8.3f} {1e3 * t['plain']:>10.3f} {1e3 * t['port']:>9.3f}"
-            f" {r_a:>10.2f}x {r_b:>10.1f}x {r_c}   {verdict}"
+            f"{n:>5} {ms['ours']:>8.3f} {ms['plain']:>10.3f} {ms['port']:>9.3f}"
+            f" {r_a.best:>6.2f} {r_a.median:>5.2f} {r_b.best:>6.1f} {r_b.median:>5.1f} {r_c}"
+            f"   {verdict}"
         )
         diag.append((n, t))
     print(
@@ -254,10 +264,11 @@ def main() -> int:
         f" {'(a)+cls':>8} {'OSMCAA/((a)+cls)':>17}"
     )
     for n, t in diag:
+        m = {name: v.median for name, v in t.items()}  # medians: these are for information
         print(
-            f"{n:>5} {1e3 * t['osm_only']:>9.3f} {t['osm_only'] / t['plain']:>12.2f}x"
-            f" {1e3 * t['attached']:>9.3f} {t['port'] / t['attached']:>12.1f}x"
-            f" {1e3 * t['plain_cls']:>8.3f} {t['ours'] / t['plain_cls']:>16.2f}x"
+            f"{n:>5} {1e3 * m['osm_only']:>9.3f} {m['osm_only'] / m['plain']:>12.2f}x"
+            f" {1e3 * m['attached']:>9.3f} {m['port'] / m['attached']:>12.1f}x"
+            f" {1e3 * m['plain_cls']:>8.3f} {m['ours'] / m['plain_cls']:>16.2f}x"
         )
     if compile_s:
         from softmine.losses import fused

@@ -13,8 +13,12 @@ interleaving the two so that load on the machine affects both alike:
   values, logging and the work between epochs, non-finite checks, interrupt checks and
   gradient clipping included.
 
-It prints images/s of both (best of ``--trials``) and ``trainer/bare`` last per
-setting: 1.00 would mean the loop around the step costs nothing.
+The two take turns trial by trial (``--trials`` of each); a bare trial repeats its
+passes over the batches for at least ``--min-trial-s`` seconds, and ``--steps`` is
+raised where needed so that a trainer trial lasts as long (sized from an untimed
+warm-up trial of bare steps). It prints images/s of both, best and median, and
+``trainer/bare = BEST (median MEDIAN)`` last per setting: 1.00 would mean the
+loop around the step costs nothing.
 
 Settings: the digits demo (tiny CNN, P x K = 8 x 8, one CPU thread as ``make demo``;
 small enough that per-step overheads show) and, with ``--cub``, the authors-CUB
@@ -26,6 +30,7 @@ Usage: ``python scripts/bench/train.py [--steps 150] [--trials 3] [--cub]``.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import tempfile
 import time
@@ -34,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _timing import MIN_TRIAL_S, Summary, headline, interleave, run_for
 
 from softmine.config import compose_config
 from softmine.engine import Trainer
@@ -57,8 +63,11 @@ def settings(root: Path | None, cub_size: int) -> dict[str, list[str]]:
     return out
 
 
-def bare(overrides: list[str], steps: int) -> float:
-    """Images/s of bare optimizer steps of the trainer's objective on prefetched device batches."""
+def bare(overrides: list[str], steps: int, min_s: float = 0.0) -> float:
+    """Images/s of bare optimizer steps of the trainer's objective on prefetched device batches.
+
+    Passes over the ``steps`` batches are repeated for at least ``min_s`` seconds.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         t = Trainer(compose_config([*QUIET, *overrides]), Path(tmp))
         batches: list = []
@@ -78,11 +87,13 @@ def bare(overrides: list[str], steps: int) -> float:
 
         step(*batches[0])  # warm-up
         _sync(t.device)
-        t0 = time.perf_counter()
-        for x, y in batches:
-            step(x, y)
-        _sync(t.device)
-        return sum(len(y) for _, y in batches) / (time.perf_counter() - t0)
+
+        def one_pass() -> None:
+            for x, y in batches:
+                step(x, y)
+
+        trial = run_for(one_pass, min_s, sync=lambda: _sync(t.device))
+        return trial.rate * sum(len(y) for _, y in batches)
 
 
 def trainer(overrides: list[str], steps: int) -> float:
@@ -120,12 +131,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=150, help="timed iterations (digits)")
     p.add_argument("--cub-steps", type=int, default=6, help="timed iterations (CUB)")
-    p.add_argument("--trials", type=int, default=3, help="interleaved trials, best of each")
+    p.add_argument("--trials", type=int, default=3, help="interleaved trials of each")
     p.add_argument("--cub", action="store_true", help="also the authors-CUB setting")
     p.add_argument("--cub-size", type=int, default=96, help="CUB image size (pixels)")
+    p.add_argument(
+        "--min-trial-s", type=float, default=MIN_TRIAL_S, help="least wall time of one trial"
+    )
     args = p.parse_args()
     device = "cuda " + torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(f"training images/s, {device}, {os.cpu_count()} CPUs, best of {args.trials}")
+    print(f"training images/s, {device}, {os.cpu_count()} CPUs, {args.trials} interleaved trials")
     with tempfile.TemporaryDirectory() as data:
         root = (
             make_cub(Path(data) / "CUB_200_2011", num_classes=16, images_per_class=8, size=64)
@@ -134,14 +148,29 @@ def main() -> None:
         )
         for name, overrides in settings(root, args.cub_size).items():
             steps = args.cub_steps if "cub" in name else args.steps
-            bare_best, real_best = 0.0, 0.0
-            for _ in range(args.trials):
-                bare_best = max(bare_best, bare(overrides, steps))
-                real_best = max(real_best, trainer(overrides, steps))
-            print(f"{name}, {steps} iterations:")
-            print(f"  bare optimizer step:  {bare_best:9.1f} images/s")
-            print(f"  Trainer.fit:          {real_best:9.1f} images/s")
-            print(f"  trainer/bare = {real_best / bare_best:.2f}")
+            # enough iterations that a trial of Trainer.fit lasts >= --min-trial-s (it is
+            # slower than bare steps): from an untimed warm-up trial of bare steps
+            per_step = 1.0 / bare(overrides, steps) * _batch(overrides)
+            steps = max(steps, math.ceil(1.1 * args.min_trial_s / per_step))
+            runs = interleave(
+                {
+                    "bare": lambda o=overrides, n=steps: bare(o, n, args.min_trial_s),
+                    "trainer": lambda o=overrides, n=steps: trainer(o, n),
+                },
+                args.trials,
+                warmup=False,
+            )
+            b, r = Summary.of(runs["bare"], True), Summary.of(runs["trainer"], True)
+            print(f"{name}, {steps} iterations per trial:")
+            print(f"  bare optimizer step:  {b.format('9.1f')} images/s")
+            print(f"  Trainer.fit:          {r.format('9.1f')} images/s")
+            print(headline("  trainer/bare", r / b))
+
+
+def _batch(overrides: list[str]) -> int:
+    """Images per batch (P x K) of a setting."""
+    cfg = compose_config([*QUIET, *overrides])
+    return int(cfg.sampler.classes_per_batch) * int(cfg.sampler.samples_per_class)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""`make bench` runs every script in scripts/bench/ with no arguments, so none may require one."""
+"""`make bench` runs every script in scripts/bench/ with no arguments, so none may require one.
+
+Helpers the benches import are named ``_*.py``; `make bench` does not run them.
+"""
 
 from __future__ import annotations
 
@@ -31,7 +34,16 @@ def test_the_check_finds_a_required_positional() -> None:
     assert _required_positionals(src) == ["runs"]
 
 
-@pytest.mark.parametrize("script", sorted(BENCH.glob("*.py")), ids=lambda p: p.name)
+BENCHES = sorted(p for p in BENCH.glob("*.py") if not p.name.startswith("_"))
+
+
+def test_make_bench_skips_the_helpers() -> None:
+    makefile = (BENCH.parents[1] / "Makefile").read_text()
+    assert "scripts/bench/[!_]*.py" in makefile
+    assert (BENCH / "_timing.py").exists() and BENCH / "_timing.py" not in BENCHES
+
+
+@pytest.mark.parametrize("script", BENCHES, ids=lambda p: p.name)
 def test_bench_script_needs_no_argument(script: Path) -> None:
     assert _required_positionals(script.read_text()) == [], (
         f"{script.name} cannot run from make bench"
