@@ -9,7 +9,7 @@ import pytest
 from softmine.engine.eval_history import metric_names as protocol_names
 from softmine.engine.eval_history import resolve_monitor
 from softmine.evaluation import metric_names as mn
-from softmine.reporting.sweep_report import main_metric as report_plot_metric
+from softmine.reporting.sweep_report import plot_metric as report_plot_metric
 from softmine.runs.sweep import sweep_score as _score
 
 RETRIEVAL_RUN = {  # metrics.json of a CUB run without held-out classes

@@ -562,7 +562,7 @@ def plot_runs(runs: pd.DataFrame) -> int:
 # ----------------------------------------------------------------------------- the report
 
 
-def main_metric(metrics: Sequence[str]) -> str | None:
+def plot_metric(metrics: Sequence[str]) -> str | None:
     """The metric the plots show: the main one (:func:`metric_names.main_metric`), else the first."""
     return metric_names.main_metric(metrics) or (metrics[0] if metrics else None)
 
@@ -642,7 +642,7 @@ def write_report(
     written = [ReportLayout(out).markdown, ReportLayout(out).table]
     written[0].write_text(markdown)
     table.to_csv(written[1], index=False)
-    plot_metrics = [m for m in (main_metric(used), metric_names.ATTENTION_AUC) if m in used]
+    plot_metrics = [m for m in (plot_metric(used), metric_names.ATTENTION_AUC) if m in used]
     for m in dict.fromkeys(plot_metrics):
         path = plot_table(table, out, m, x)
         if path is not None:
