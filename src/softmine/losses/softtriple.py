@@ -30,13 +30,14 @@ def softtriple_loss(
     gamma: float = 0.1,
     tau: float = 0.2,
     margin: float = 0.01,
+    reg_eps: float = REG_EPS,
 ) -> Tensor:
     """SoftTriple loss (Eq. 10 of the paper) plus its center regulariser (Eq. 12), batch mean.
 
     With unit x_i and unit centers w_c^k (K per class):
     S_ic = sum_k softmax_k(x_i . w_c^k / gamma) * (x_i . w_c^k),
     L_i = -log( e^{la (S_iy - margin)} / (e^{la (S_iy - margin)} + sum_{c != y} e^{la S_ic}) ),
-    R = sum_c sum_{k < k'} sqrt(2 + 1e-5 - 2 w_c^k . w_c^k') / (C K (K - 1)),
+    R = sum_c sum_{k < k'} sqrt(2 + reg_eps - 2 w_c^k . w_c^k') / (C K (K - 1)),
     L = mean_i L_i + tau * R  (R only when K > 1).
 
     Args:
@@ -48,6 +49,8 @@ def softtriple_loss(
         gamma: the softmax temperature over a class's centers (0.1).
         tau: weight of the regulariser that merges a class's redundant centers (0.2).
         margin: delta, the margin on the target class (0.01).
+        reg_eps: added under the regulariser's square root (the authors' 1e-5; it keeps the
+            gradient finite when two centers meet).
 
     Returns:
         Scalar loss in float32 (float64 for float64 input).
@@ -71,7 +74,7 @@ def softtriple_loss(
             per_class = w.view(-1, k, w.shape[1])
             gram = per_class @ per_class.transpose(1, 2)  # (C, K, K)
             upper = torch.ones(k, k, dtype=torch.bool, device=w.device).triu(1)
-            dist = (2.0 + REG_EPS - 2.0 * gram[:, upper]).sqrt()
+            dist = (2.0 + reg_eps - 2.0 * gram[:, upper]).sqrt()
             loss = loss + tau * dist.sum() / (per_class.shape[0] * k * (k - 1))
         return loss
 
