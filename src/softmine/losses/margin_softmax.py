@@ -110,7 +110,9 @@ def arcface_loss(
     ``cos theta_y - m sin m`` instead, which keeps it decreasing in theta_y: the rule
     of the authors' code (insightface, ``easy_margin`` off) and of pytorch-metric-learning.
     cos(theta + m) is computed as cos theta cos m - sin theta sin m with
-    sin theta = sqrt(max(1 - cos^2 theta, 1e-12)), finite at theta = 0.
+    sin theta = sqrt(max(1 - cos^2 theta, 1e-12)): exact except within 1e-6 rad of
+    theta = 0 (off by at most 1e-6 sin m there), where the gradient stays finite
+    (through arccos, as pytorch-metric-learning computes it, it is infinite at theta = 0).
 
     With ``sub_centers`` = K > 1 this is Sub-center ArcFace (Eq. 1 of Deng et al.,
     ECCV 2020): each class has K vectors and cos theta_k is the best of class k's K
