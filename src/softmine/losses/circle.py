@@ -41,9 +41,9 @@ def circle_loss(
     Args:
         embeddings: (n, dim) features (normalised here).
         labels: (n,) integer labels.
-        m: relaxation margin (0.4 for fine-grained image retrieval in the paper, Sec. 4.1;
+        m: relaxation margin (0.4 for fine-grained image retrieval in the paper's experiments, Sec. 4;
             0.25 for face recognition and re-identification).
-        gamma: scale (80 for fine-grained image retrieval, Sec. 4.1; 256 faces, 128 re-id).
+        gamma: scale (80 for fine-grained image retrieval, Sec. 4; 256 faces, 128 re-id).
 
     Returns:
         Scalar loss in float32 (float64 for float64 input).

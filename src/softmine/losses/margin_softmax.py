@@ -55,11 +55,12 @@ def class_cosines(embeddings: Tensor, class_weights: Tensor, sub_centers: int = 
     return cos if k == 1 else cos.view(cos.shape[0], -1, k).amax(dim=2)
 
 
-def _check_labels(labels: Tensor, num_classes: int) -> Tensor:
-    y = labels.long()
-    if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise ValueError(f"labels must lie in 0..{num_classes - 1}, got {y.min()}..{y.max()}")
-    return y
+def target_offset(cos: Tensor, labels: Tensor, value: float) -> Tensor:
+    """(n, C) zeros with ``value`` at each row's label: the margin of the target logits.
+
+    A scatter rather than ``one_hot``, which reads the labels' range back from the device.
+    """
+    return torch.zeros_like(cos).scatter(1, labels.long()[:, None], value)
 
 
 def cosface_loss(
@@ -79,8 +80,8 @@ def cosface_loss(
         embeddings: (n, dim) features (normalised here).
         labels: (n,) integer labels in 0..C-1.
         class_weights: (C, dim) class vectors (normalised here).
-        scale: s (64 in the paper, Sec. 4.1).
-        margin: m (0.35 in the paper, Sec. 4).
+        scale: s (64 in the paper's experiments, Sec. 4).
+        margin: m (0.35, the same).
 
     Returns:
         Scalar loss in float32 (float64 for float64 input).
@@ -88,9 +89,8 @@ def cosface_loss(
     check_inputs(embeddings, labels)
     with full_precision(embeddings):
         cos = class_cosines(embeddings, class_weights)
-        y = _check_labels(labels, cos.shape[1])
-        logits = cos - margin * F.one_hot(y, cos.shape[1]).to(cos.dtype)
-        return F.cross_entropy(scale * logits, y)
+        logits = cos - target_offset(cos, labels, margin)
+        return F.cross_entropy(scale * logits, labels.long())
 
 
 def arcface_loss(
@@ -132,7 +132,7 @@ def arcface_loss(
     check_inputs(embeddings, labels)
     with full_precision(embeddings):
         cos = class_cosines(embeddings, class_weights, sub_centers)
-        y = _check_labels(labels, cos.shape[1])
+        y = labels.long()
         target = cos.gather(1, y[:, None])
         sin = (1.0 - target.square()).clamp_min(EPS).sqrt()
         shifted = target * math.cos(margin) - sin * math.sin(margin)
@@ -168,8 +168,8 @@ class CosFaceLoss(MetricLoss):
     Args:
         num_classes: number of training classes (labels 0..num_classes-1).
         embedding_dim: dimension of the embeddings.
-        scale: s (64, Sec. 4.1 of the paper).
-        margin: m (0.35, Sec. 4 of the paper).
+        scale: s (64, the paper's experiments, Sec. 4).
+        margin: m (0.35, the same).
     """
 
     def __init__(
@@ -230,7 +230,7 @@ class ArcFaceLoss(MetricLoss):
 
 class SubCenterArcFaceLoss(ArcFaceLoss):
     """Sub-center ArcFace (config ``loss=subcenter_arcface``): :class:`ArcFaceLoss` with K = 3
-    vectors per class, the paper's choice (Deng et al., ECCV 2020, Sec. 4.1, Table 1).
+    vectors per class, the paper's choice (Deng et al., ECCV 2020, its experiments' study of K).
 
     The paper's second stage (after training, drop the non-dominant sub-centers and the
     samples far from the dominant one, then retrain) cleans a noisy training set; it is

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from softmine.errors import ConfigError
 from softmine.losses.base import MetricLoss
+from softmine.losses.margin_softmax import target_offset
 from softmine.losses.pairwise import EPS, check_inputs, common_float, full_precision, unit_rows
 
 REG_EPS = 1e-5
@@ -67,9 +68,8 @@ def softtriple_loss(
         w = F.normalize(w, dim=1, eps=EPS)
         sim = (unit_rows(e) @ w.T).view(len(e), -1, k)  # (n, C, K)
         class_sim = (F.softmax(sim / gamma, dim=2) * sim).sum(dim=2)
-        y = labels.long()
-        logits = la * (class_sim - margin * F.one_hot(y, class_sim.shape[1]).to(sim.dtype))
-        loss = F.cross_entropy(logits, y)
+        logits = la * (class_sim - target_offset(class_sim, labels, margin))
+        loss = F.cross_entropy(logits, labels.long())
         if tau > 0 and k > 1:
             per_class = w.view(-1, k, w.shape[1])
             gram = per_class @ per_class.transpose(1, 2)  # (C, K, K)
