@@ -15,11 +15,13 @@ from softmine.losses import (
     ArcFaceLoss,
     CircleLoss,
     CosFaceLoss,
+    LossNeeds,
     SoftTripleLoss,
     SubCenterArcFaceLoss,
     arcface_loss,
     circle_loss,
     cosface_loss,
+    needs_of,
     softtriple_loss,
 )
 from tests.conftest import FAST_DIGITS, compose
@@ -308,6 +310,7 @@ def test_loss_config_composes_and_trains_two_digits_steps(name: str, tmp_path: P
     cfg = compose([f"loss={name}", "trainer.device=cpu", "trainer.max_iters=2", *FAST_DIGITS])
     assert cfg.loss._target_ == NEW[name]
     t = Trainer(cfg, tmp_path)  # builds the run: the loss/model contract is checked here
+    assert needs_of(t.parts.loss_fn) == LossNeeds()  # the embeddings and labels only
     loss_params = {id(p) for p in t.parts.loss_fn.parameters()}
     in_optimizer = {id(p) for g in t.parts.optimizer.param_groups for p in g["params"]}
     assert loss_params <= in_optimizer  # the class vectors / centers are trained
