@@ -16,6 +16,7 @@ pytest.importorskip("optuna")
 pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
 
 from softmine.commands import tune as tuning
+from softmine.reporting.fair_benchmark import BASELINES
 from softmine.runs.layout import StudyLayout
 
 #: Metric names the test split would write (the validation split's are prefixed val/).
@@ -23,7 +24,7 @@ TEST_METRIC = ("recall@", "map@r", "r_precision", "nmi", "mirror_confusion", "be
 FAST = ["hydra.sweeper.n_trials=3", "trainer.max_iters=3", "dataset.per_class=8"]
 
 
-@pytest.mark.parametrize("loss", tuning.LOSSES)
+@pytest.mark.parametrize("loss", [*tuning.LOSSES, *BASELINES])
 def test_every_loss_has_a_search_space_over_keys_its_config_has(loss: str) -> None:
     cfg = tuning.study_config("digits_pairs", loss)
     space = dict(cfg.hydra.sweeper.params)

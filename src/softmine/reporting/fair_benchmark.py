@@ -47,6 +47,10 @@ LOSSES = (
     "normsoftmax",
     "lifted",
 )
+#: Issue 27's baselines: each has its search space (configs/hparams_search/<loss>.yaml), no
+#: tuned setting is committed yet; `make tune LOSS=<name>` writes it, then
+#: `make fair ARGS="--losses <names>"` trains them. The table lists them after LOSSES.
+BASELINES = ("cosface", "arcface", "subcenter_arcface", "softtriple", "circle")
 TAIL = 0.2  # the last fraction of a curve's evaluations that "still rising" looks at
 RISE_TOLERANCE = 0.005  # MAP@R: how much the tail's best must beat the best before it
 BOOTSTRAP_RESAMPLES = 10_000
@@ -119,7 +123,7 @@ def _fmt(values: pd.Series) -> str:
     return f"{v.mean():.4f}" if len(v) == 1 else f"{v.mean():.4f} ± {v.std(ddof=1):.4f}"
 
 
-def summarize(runs: pd.DataFrame, order: Sequence[str] = LOSSES) -> pd.DataFrame:
+def summarize(runs: pd.DataFrame, order: Sequence[str] = LOSSES + BASELINES) -> pd.DataFrame:
     """The table's rows: one per loss (``order`` first), the best loss's MAP@R as the reference."""
     ok = runs[runs["status"] == "ok"]
     if ok.empty:
