@@ -22,6 +22,7 @@ from softmine.evaluation import retrieval_metrics
 from softmine.inference import (
     EmbeddingIndex,
     Embeddings,
+    collect_images,
     embed_images,
     embed_split,
     export_model,
@@ -148,6 +149,43 @@ def test_images_of_different_sizes_without_a_resize_are_refused(run: Path, tmp_p
     Image.new("L", (9, 8)).save(tmp_path / "b.png")
     with pytest.raises(DataError, match="different sizes"):
         embed_images(loaded, list_images(tmp_path), progress=False)
+
+
+def _image(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8)).save(path)
+
+
+def test_images_from_folders_files_and_patterns_mixed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("a/1.png", "a/2.jpg", "b/3.png", "loose/x.png", "loose/y.jpg", "deep/s/t/z.png"):
+        _image(tmp_path / "photos" / name)
+    _image(tmp_path / "more" / "c" / "4.png")
+    (tmp_path / "photos" / "loose" / "notes.txt").write_text("not an image")
+    monkeypatch.chdir(tmp_path)
+    flat = collect_images(["photos/a", "photos/b"])
+    assert flat.paths == ["photos/a/1.png", "photos/a/2.jpg", "photos/b/3.png"]
+    assert flat.names is None  # files directly in each folder: no sub-folder, no label
+    labelled = collect_images(["photos", "more"])  # labelled folders only: labels kept
+    assert labelled.names == ["a", "a", "b", "deep", "loose", "loose", "c"]
+    assert labelled.paths[-1] == "more/c/4.png"
+    pattern = collect_images(["photos/loose/*"])  # the pattern skips notes.txt
+    assert pattern.paths == ["photos/loose/x.png", "photos/loose/y.jpg"] and pattern.names is None
+    deep = collect_images(["photos/**/*.png"])
+    assert [Path(p).name for p in deep.paths] == ["1.png", "3.png", "z.png", "x.png"]
+    mixed = collect_images(["photos/loose/x.png", "photos/a", "photos/*/y.jpg", "photos/a/1.png"])
+    assert mixed.paths == [  # the order given; a file named twice once
+        "photos/loose/x.png",
+        "photos/a/1.png",
+        "photos/a/2.jpg",
+        "photos/loose/y.jpg",
+    ]
+    assert mixed.names is None  # a file among the sources: no labels
+    with pytest.raises(DataError, match=r"--images 'photos/\*\.gif': the pattern matches no image"):
+        collect_images(["photos/a", "photos/*.gif"])
+    with pytest.raises(DataError, match="no such file or folder"):
+        collect_images(["photos/missing.png"])
 
 
 def test_empty_or_missing_folder(tmp_path: Path) -> None:
