@@ -28,7 +28,7 @@ import csv
 import logging
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -417,7 +417,7 @@ class WandbLogger(_Guarded):
 
 #: The experiment trackers ``trainer.loggers`` may list besides csv and tensorboard, each
 #: built from its settings ``trainer.<name>``.
-TRACKERS: dict[str, type[MlflowLogger] | type[WandbLogger]] = {
+TRACKERS: dict[str, Callable[..., Tracker]] = {
     "mlflow": MlflowLogger,
     "wandb": WandbLogger,
 }
