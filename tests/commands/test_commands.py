@@ -45,6 +45,29 @@ def test_softmine_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -
     assert "  report " in capsys.readouterr().out
 
 
+def test_every_console_script_and_command_is_listed_by_help_no_args_and_a_typo(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``softmine --help``, ``softmine`` alone and ``softmine <unknown>`` each name every command;
+    the first two also every console script of pyproject.toml's [project.scripts]."""
+    scripts = set(_console_scripts()) - {"softmine"}
+    assert scripts  # softmine-train, softmine-eval, ...
+    with pytest.raises(SystemExit):
+        umbrella(["--help"])
+    helped = capsys.readouterr().out
+    assert umbrella([]) is None
+    bare = capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        umbrella(["nosuchcommand"])
+    typo = capsys.readouterr().err
+    for out in (helped, bare):
+        listed = set(re.findall(r"\[(softmine-[\w-]+)\]", out))
+        assert listed == scripts, out
+        for name in COMMANDS:
+            assert re.search(rf"^  {re.escape(name)} ", out, re.M), name
+    assert set(typo.split("choose one of ", 1)[1].split(" (")[0].split(", ")) == set(COMMANDS)
+
+
 def test_softmine_version_and_an_unknown_command(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
         umbrella(["--version"])

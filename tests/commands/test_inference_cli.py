@@ -189,6 +189,29 @@ def test_bad_input_is_one_line_and_exit_2(
     )
 
 
+def test_embed_takes_folders_files_and_patterns(
+    run: Path, pngs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from softmine.inference import load_embeddings
+
+    one = _first_png(pngs, 1)
+    n_folder, n_pattern = len(list((pngs / "3").iterdir())), len(list((pngs / "7").glob("*.png")))
+    emb = tmp_path / "mixed.npz"
+    sources = [str(pngs / "3"), str(pngs / "7" / "*.png"), str(one)]
+    out = _ok(embed_main, [str(run), "--images", *sources, "-o", str(emb)], capsys)
+    n = n_folder + n_pattern + 1
+    assert re.search(rf"wrote {n} embeddings \(64-d, without labels\)", out)
+    mixed = load_embeddings(emb)
+    assert mixed.paths[-1] == str(one) and len(set(mixed.paths)) == n
+    _ok(embed_main, [str(run), "--images", str(pngs), "-o", str(tmp_path / "all.npz")], capsys)
+    full = load_embeddings(tmp_path / "all.npz")
+    row = {p: i for i, p in enumerate(full.paths)}
+    want = full.vectors[[row[p] for p in mixed.paths]]
+    np.testing.assert_allclose(mixed.vectors, want, atol=1e-5)  # the same images, the same vectors
+    err = _fails(embed_main, [str(run), "--images", str(pngs / "*.jpg"), "-o", str(emb)], capsys)
+    assert "the pattern matches no image file" in err
+
+
 def test_commands_print_their_version(capsys: pytest.CaptureFixture[str]) -> None:
     for main, name in (
         (embed_main, "softmine-embed"),

@@ -22,6 +22,7 @@ from softmine.evaluation import retrieval_metrics
 from softmine.inference import (
     EmbeddingIndex,
     Embeddings,
+    collect_images,
     embed_images,
     embed_split,
     export_model,
@@ -148,6 +149,43 @@ def test_images_of_different_sizes_without_a_resize_are_refused(run: Path, tmp_p
     Image.new("L", (9, 8)).save(tmp_path / "b.png")
     with pytest.raises(DataError, match="different sizes"):
         embed_images(loaded, list_images(tmp_path), progress=False)
+
+
+def _image(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8)).save(path)
+
+
+def test_images_from_folders_files_and_patterns_mixed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("a/1.png", "a/2.jpg", "b/3.png", "loose/x.png", "loose/y.jpg", "deep/s/t/z.png"):
+        _image(tmp_path / "photos" / name)
+    _image(tmp_path / "more" / "c" / "4.png")
+    (tmp_path / "photos" / "loose" / "notes.txt").write_text("not an image")
+    monkeypatch.chdir(tmp_path)
+    flat = collect_images(["photos/a", "photos/b"])
+    assert flat.paths == ["photos/a/1.png", "photos/a/2.jpg", "photos/b/3.png"]
+    assert flat.names is None  # files directly in each folder: no sub-folder, no label
+    labelled = collect_images(["photos", "more"])  # labelled folders only: labels kept
+    assert labelled.names == ["a", "a", "b", "deep", "loose", "loose", "c"]
+    assert labelled.paths[-1] == "more/c/4.png"
+    pattern = collect_images(["photos/loose/*"])  # the pattern skips notes.txt
+    assert pattern.paths == ["photos/loose/x.png", "photos/loose/y.jpg"] and pattern.names is None
+    deep = collect_images(["photos/**/*.png"])
+    assert [Path(p).name for p in deep.paths] == ["1.png", "3.png", "z.png", "x.png"]
+    mixed = collect_images(["photos/loose/x.png", "photos/a", "photos/*/y.jpg", "photos/a/1.png"])
+    assert mixed.paths == [  # the order given; a file named twice once
+        "photos/loose/x.png",
+        "photos/a/1.png",
+        "photos/a/2.jpg",
+        "photos/loose/y.jpg",
+    ]
+    assert mixed.names is None  # a file among the sources: no labels
+    with pytest.raises(DataError, match=r"--images 'photos/\*\.gif': the pattern matches no image"):
+        collect_images(["photos/a", "photos/*.gif"])
+    with pytest.raises(DataError, match="no such file or folder"):
+        collect_images(["photos/missing.png"])
 
 
 def test_empty_or_missing_folder(tmp_path: Path) -> None:
@@ -320,3 +358,143 @@ def test_index_refuses_nonfinite_embeddings_and_queries(value: float) -> None:
     queries[1, 0] = value
     with pytest.raises(DataError, match=r"the queries hold NaN or Inf in 1 of 2 rows .*: q1"):
         index.search(queries, 3, names=["q0", "q1"])
+
+
+def _read_preprocessing(path: Path) -> dict:
+    """The preprocessing JSON of an exported file, read as a serving stack would: the ONNX
+    file's metadata_props, the TorchScript file's extra file."""
+    if path.suffix == ".onnx":
+        import onnx
+
+        props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+        return json.loads(props["preprocessing"])
+    extra = {"preprocessing.json": ""}
+    torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    return json.loads(extra["preprocessing.json"])
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.load: TorchScript is deprecated
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_states_the_digits_preprocessing(run: Path, tmp_path: Path, fmt: str) -> None:
+    out = tmp_path / ("m.onnx" if fmt == "onnx" else "m.pt")
+    export_model(load_model(run, "cpu"), fmt, out)
+    spec = _read_preprocessing(out)
+    assert spec["image_mode"] == "L" and spec["steps"] == []  # digits: images as stored
+    assert spec["resize"] is None and spec["crop"] is None and spec["normalization"] is None
+    assert spec["input"] == {
+        "name": "images",
+        "dtype": "float32",
+        "layout": "NCHW",
+        "shape": ["N", 1, 8, 8],
+        "channel_order": "gray",
+        "value_range": [0.0, 1.0],
+    }
+
+
+def _untrained_run(tmp_path: Path, overrides: list[str]) -> Path:
+    """A checkpoint of an untrained network with the config ``overrides`` give (no training,
+    no weights downloaded): what load_model and export need."""
+    from omegaconf import OmegaConf
+
+    from softmine.inference.model import build_network
+
+    cfg = compose(overrides)
+    torch.manual_seed(0)
+    net = build_network(cfg, None)
+    state = {"config": OmegaConf.to_container(cfg, resolve=True), "model": net.state_dict()}
+    torch.save(state, tmp_path / "untrained.pt")
+    return tmp_path / "untrained.pt"
+
+
+DML_SMALL = ["dataset=cub", "dataset.transform.resize=110", "dataset.transform.crop_size=96"]
+
+
+def test_preprocessing_steps_of_the_authors_and_reid_transforms() -> None:
+    from softmine.config import build
+    from softmine.inference.model_export import transform_steps
+
+    authors = compose(["experiment=authors_cub"]).dataset.test.transform
+    assert transform_steps(build(authors, "t")) == [
+        {
+            "op": "resize",
+            "size": [224, 224],
+            "mode": "exact",
+            "interpolation": "bicubic",
+            "antialias": True,
+            "max_size": None,
+        }
+    ]
+    reid = compose(["dataset=mars"]).dataset.query.transform
+    (step,) = transform_steps(build(reid, "t"))
+    assert (step["size"], step["mode"]) == ([256, 128], "exact")
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the input check, a constant
+@pytest.mark.parametrize(
+    ("backbone", "order", "value_range", "mean", "std"),
+    [
+        ("bninception", "BGR", [0.0, 255.0], [104.0, 117.0, 128.0], [1.0, 1.0, 1.0]),
+        ("resnet18", "RGB", [0.0, 1.0], [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    ],
+)
+def test_export_states_the_dml_preprocessing_and_it_reproduces_the_embeddings(
+    tmp_path: Path,
+    backbone: str,
+    order: str,
+    value_range: list[float],
+    mean: list[float],
+    std: list[float],
+) -> None:
+    """The DML transform (resize the shorter side, centre crop) and the backbone's own input
+    normalisation (BN-Inception's Caffe BGR 0..255 minus the mean pixel; torchvision's
+    ImageNet mean/std) are stated, and an image prepared from the JSON alone gets the
+    embedding softmine gives it."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    ckpt = _untrained_run(
+        tmp_path, [f"backbone={backbone}", "backbone.pretrained=false", *DML_SMALL]
+    )
+    loaded = load_model(ckpt, "cpu")
+    out = tmp_path / "m.pt"
+    export_model(loaded, "torchscript", out)
+    spec = _read_preprocessing(out)
+    assert spec["image_mode"] == "RGB"
+    assert spec["steps"] == [
+        {
+            "op": "resize",
+            "size": 110,
+            "mode": "shorter_side",
+            "interpolation": "bilinear",
+            "antialias": True,
+            "max_size": None,
+        },
+        {"op": "center_crop", "size": [96, 96]},
+    ]
+    assert (spec["resize"], spec["resize_mode"], spec["crop"]) == (110, "shorter_side", [96, 96])
+    assert spec["input"]["shape"] == ["N", 3, 96, 96] and spec["input"]["channel_order"] == "RGB"
+    norm = spec["normalization"]
+    assert norm["in_model"] and norm["channel_order"] == order
+    assert norm["value_range"] == value_range
+    assert norm["mean"] == pytest.approx(mean) and norm["std"] == pytest.approx(std)
+    if backbone == "bninception":  # the ONNX file states the same
+        export_model(loaded, "onnx", tmp_path / "m.onnx")
+        assert _read_preprocessing(tmp_path / "m.onnx") == spec
+
+    rng = np.random.default_rng(0)
+    photo = tmp_path / "photo.png"
+    Image.fromarray(rng.integers(0, 256, (150, 200, 3), dtype=np.uint8)).save(photo)
+    x = TF.pil_to_tensor(Image.open(photo).convert(spec["image_mode"]))
+    for step in spec["steps"]:  # a serving stack's loop over the stated steps
+        if step["op"] == "resize":
+            mode = InterpolationMode(step["interpolation"])
+            x = TF.resize(x, [step["size"]], interpolation=mode, antialias=step["antialias"])
+        elif step["op"] == "center_crop":
+            x = TF.center_crop(x, step["size"])
+    x = x[None].float() / 255.0  # value_range [0, 1]; the network normalises itself
+    with torch.no_grad():
+        served = torch.jit.load(str(out)).eval()(x).numpy()
+    want = embed_images(loaded, [str(photo)], progress=False).embeddings.vectors
+    np.testing.assert_allclose(served, want, atol=1e-4)

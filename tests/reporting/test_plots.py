@@ -218,3 +218,23 @@ def test_a_saved_map_sample_draws_the_map_the_run_would_have_drawn(tmp_path: Pat
         assert z["embeddings"].shape == (50, 8) and z["class_names"].tolist() == names
     panels = plots.plot_saved_tsne_panels([("a", sample), ("b", sample)], tmp_path / "p.png")
     assert _pixels(panels).shape[1] > direct.shape[1]  # two panels side by side
+
+
+def test_bars_start_at_zero_and_show_the_spread_where_there_is_one() -> None:
+    from matplotlib.container import BarContainer, ErrorbarContainer
+
+    fig = plots.metric_bars_figure(["a", "b", "c"], [0.91, 0.93, 0.92], [0.01, float("nan"), 0.02])
+    (ax,) = fig.axes
+    low, high = ax.get_ylim()
+    assert low == 0.0 and 0.95 <= high < 1.1  # from zero: bar lengths compare
+    (bars,) = [c for c in ax.containers if isinstance(c, BarContainer)]
+    assert [b.get_height() for b in bars] == pytest.approx([0.91, 0.93, 0.92])
+    (err,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    segments = err.lines[2][0].get_segments()  # the vertical error bars: a and c only
+    assert [tuple(np.round(s[:, 1], 6)) for s in segments] == [(0.9, 0.92), (0.9, 0.94)]
+    assert {t.get_text() for t in ax.texts} == {"0.91", "0.93", "0.92"}  # the means, written
+    one_seed = plots.metric_bars_figure(["a", "b"], [0.5, 0.6], None).axes[0]
+    assert not [c for c in one_seed.containers if isinstance(c, ErrorbarContainer)]
+    negative = plots.metric_bars_figure(["a", "b"], [-0.2, 0.4], [0.05, 0.05]).axes[0]
+    low, high = negative.get_ylim()
+    assert low < -0.25 and high > 0.45  # zero inside, every bar whole

@@ -181,3 +181,48 @@ def test_a_sweep_page_never_links_to_itself(tmp_path: Path) -> None:
     assert _links(html_report.sweep_report_html(pd.DataFrame(), runs, [], [], out=tmp_path)) == [
         "run/report.html"
     ]
+
+
+def _write_loss_run(folder: Path, loss: str, seed: int, scale: float) -> None:
+    """A run whose config holds its loss node as a real run's .hydra/config.yaml does."""
+    from omegaconf import OmegaConf
+
+    from tests.conftest import compose
+
+    _write_run(folder, [f"loss={loss}", f"seed={seed}"], {"recall@1": 0.8 + 0.01 * seed})
+    config = yaml.safe_load((folder / ".hydra" / "config.yaml").read_text())
+    config["loss"] = OmegaConf.to_container(compose([f"loss={loss}"]).loss, resolve=False)
+    (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    rows = [{"epoch": e, "loss": scale / e + 0.01 * seed, "epoch_time_s": 0.1} for e in (1, 2, 3)]
+    pd.DataFrame(rows).to_csv(folder / "train_log.csv", index=False)
+
+
+def test_losses_with_and_without_a_classification_term_get_their_own_axes(
+    tmp_path: Path,
+) -> None:
+    from softmine.reporting.sweep_report import LOSS_KINDS, training_loss_figure
+
+    for i, (loss, scale) in enumerate(
+        [("contrastive", 0.2), ("contrastive", 0.2), ("osm_caa", 6.0), ("normsoftmax", 4.0)]
+    ):
+        _write_loss_run(tmp_path / "sweep" / str(i), loss, seed=i, scale=scale)
+    runs = load_runs([tmp_path / "sweep"])
+    kinds = dict(zip(runs["override:loss"], runs["loss_kind"], strict=True))
+    assert kinds == {
+        "contrastive": LOSS_KINDS[False],  # osm_caa with ce_weight=0: no classifier
+        "osm_caa": LOSS_KINDS[True],  # + ce_weight * CE
+        "normsoftmax": LOSS_KINDS[True],
+    }
+    assert "loss_kind" not in aggregate(runs).attrs["metrics"]  # not a metric
+    fig = training_loss_figure(runs, aggregate(runs))
+    axes = {ax.get_title(): ax for ax in fig.axes}
+    assert set(axes) == {LOSS_KINDS[True], LOSS_KINDS[False]}
+    ce, pair = axes[LOSS_KINDS[True]], axes[LOSS_KINDS[False]]
+    assert {t.get_text() for t in ce.get_legend().get_texts()} == {"osm_caa", "normsoftmax"}
+    assert {t.get_text() for t in pair.get_legend().get_texts()} == {"contrastive"}
+    assert pair.get_ylim()[1] < 0.5 < 4.0 < ce.get_ylim()[1]  # each on its own scale
+    one_kind = runs[runs["override:loss"] == "contrastive"]
+    single = training_loss_figure(one_kind, aggregate(one_kind))
+    assert len(single.axes) == 1 and single.axes[0].get_title() == "training loss per epoch"
+    _, _, written = report([tmp_path / "sweep"], out=tmp_path / "out")
+    assert "training_loss.png" in {p.name for p in written}

@@ -44,6 +44,7 @@ EXPECTED = {
         "summary": "summary",
         "tensorboard": "tensorboard",
         "mlflow_run_id": "mlflow_run_id",
+        "wandb_run_id": "wandb_run_id",
         "checkpoints": "checkpoints",
         "last_checkpoint": "checkpoints/last.pt",
         "best_checkpoint": "checkpoints/best.pt",

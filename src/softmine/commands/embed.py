@@ -3,13 +3,16 @@
 Examples::
 
     softmine-embed outputs/2026-12-01/12-00-00 --images photos/ -o photos.npz
+    softmine-embed RUN --images 'shots/*.jpg' extra/query.png more_photos/ -o mixed.npz
     softmine-embed RUN --list files.txt -o emb.parquet --flip --precision bf16
     softmine-embed RUN --dataset-split test -o test.npz && softmine-eval test.npz
 
 MODEL is a run folder or a ``.pt`` checkpoint. Images go through the run's own
 test transform and input normalisation, in batches, on the GPU when there is one.
-``--images DIR`` takes every image file below DIR (sub-folders included; the first
-sub-folder's name is the label); ``--list FILE`` takes ``PATH`` or ``PATH<TAB>LABEL``
+``--images PATH ...`` takes folders (every image file below one, sub-folders included;
+the first sub-folder's name is the label), image files and quoted glob patterns
+(``'photos/*.jpg'``, ``'shots/**/*.png'``), mixed; labels are kept when every PATH is
+a folder that gives them. ``--list FILE`` takes ``PATH`` or ``PATH<TAB>LABEL``
 lines; ``--dataset-split`` embeds a split of the run's own dataset with its labels.
 The output holds the embeddings, the paths, the labels when known and the model's
 fingerprint; ``softmine-eval`` and ``softmine-index build`` read it.
@@ -26,7 +29,7 @@ from softmine.data.images import BAD_IMAGE_POLICIES
 from softmine.engine.precision import PRECISIONS
 from softmine.inference.embeddings import check_output_path, save_embeddings
 from softmine.inference.extract import embed_images, embed_split
-from softmine.inference.image_files import list_images, read_image_list
+from softmine.inference.image_files import collect_images, read_image_list
 from softmine.inference.model import find_checkpoint, load_model
 from softmine.runs.layout import bad_images_beside
 
@@ -37,7 +40,12 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="softmine-embed", description=__doc__.split("\n")[0])
     p.add_argument("model", type=Path, help="run folder or checkpoint (.pt)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", type=Path, metavar="DIR", help="every image file below DIR")
+    src.add_argument(
+        "--images",
+        nargs="+",
+        metavar="PATH",
+        help="folders (every image below), image files and quoted glob patterns ('photos/*.jpg')",
+    )
     src.add_argument("--list", type=Path, metavar="FILE", help="PATH or PATH<TAB>LABEL lines")
     src.add_argument(
         "--dataset-split", metavar="SPLIT", help="a split of the run's dataset: test, train, ..."
@@ -68,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     checkpoint = find_checkpoint(args.model)  # cheap checks first, the model loads last
     images = None
     if args.images is not None:
-        images = list_images(args.images)
+        images = collect_images(args.images)
     elif args.list is not None:
         images = read_image_list(args.list)
     loaded = load_model(checkpoint, args.device)
@@ -81,7 +89,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         progress=progress,
     )
     if images is not None:
-        source = f"--images {args.images}" if args.images is not None else f"--list {args.list}"
+        source = (
+            f"--images {' '.join(args.images)}"
+            if args.images is not None
+            else f"--list {args.list}"
+        )
         result = embed_images(
             loaded, images, on_bad_image=args.on_bad_image, source=source, **common
         )

@@ -9,7 +9,10 @@ The file holds the whole network, input normalisation included: input ``images``
 float32 (N, C, H, W) in [0, 1] after the run's test transform (N dynamic, H x W
 as printed), output ``embeddings`` (N, D). After writing, the file is run on random
 inputs and compared with PyTorch; the largest absolute difference is printed and
-must stay within ``--tolerance``.
+must stay within ``--tolerance``. The file states the preprocessing a serving stack
+must reproduce (resize, crop, value range, and the mean, std and channel order the
+network applies itself): ONNX metadata key ``preprocessing``, TorchScript extra file
+``preprocessing.json``.
 """
 
 from __future__ import annotations

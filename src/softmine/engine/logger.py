@@ -1,4 +1,4 @@
-"""Run logging: a CSV of training rows always, and TensorBoard and MLflow when asked for.
+"""Run logging: a CSV of training rows always, and TensorBoard, MLflow and W&B when asked for.
 
 ``trainer.loggers`` lists where the rows go:
 
@@ -9,7 +9,17 @@
   (dotted keys) and as the artifact ``config.yaml``, every row's numbers as metrics
   at their step, the final metrics as ``final/<name>``, and at the end the
   artifacts ``metrics.json``, ``train_log.csv`` and ``plots/``. MLflow metric names
-  cannot hold ``@``: ``recall@1`` is logged as ``recall_at_1``.
+  cannot hold ``@``: ``recall@1`` is logged as ``recall_at_1``;
+* ``wandb``: a Weights & Biases run (``trainer.wandb``) with the resolved config
+  (dotted keys, as MLflow's params but with their types), every row's numbers as
+  history at their step (two rows of one step, as the last iteration's row and the
+  epoch's mean, merge: the later value stays) and the final metrics in the run's
+  summary as ``final/<name>``. ``trainer.wandb.mode=offline`` writes the run under
+  ``<run>/wandb/`` with no network (``wandb sync`` uploads it later).
+
+MLflow and W&B are the experiment trackers (:data:`TRACKERS`): each is a class built
+from its ``trainer.<name>`` settings that takes the rows' numbers and, at the end,
+the run's final state; a new one is a class and a row of that table.
 """
 
 from __future__ import annotations
@@ -18,9 +28,9 @@ import csv
 import logging
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -31,7 +41,6 @@ from softmine.runs.layout import RUN_FILES, RunLayout
 
 log = logging.getLogger(__name__)
 
-LOGGERS = ("csv", "tensorboard", "mlflow")
 MLFLOW_PARAM_BATCH = 100  # params per request (MLflow's limit)
 MLFLOW_PARAM_MAX = 6000  # characters of one param value (MLflow's limit)
 NOT_METRICS = ("step", "epoch")
@@ -59,15 +68,30 @@ def metric_name(key: str) -> str:
     return key.replace("@", "_at_")
 
 
+class Tracker(Protocol):
+    """An experiment tracker a run's rows also go to (see :data:`TRACKERS`).
+
+    Built as ``Tracker(run_dir, settings, config, resume=...)`` from ``trainer.<name>``;
+    a failure to start is a :class:`ConfigError`, a failure later a warning.
+    """
+
+    def log_metrics(self, values: dict[str, float], step: int) -> None:
+        """The numbers of one row, at training step ``step``."""
+
+    def finish(self, run_dir: Path, step: int) -> None:
+        """The final metrics (``metrics.json`` when the run finished) and the run's end."""
+
+
 class RunLogger:
-    """Writes dict rows to ``<run_dir>/<csv_name>`` (header grows with new keys), TensorBoard and MLflow.
+    """Writes dict rows to ``<run_dir>/<csv_name>`` (header grows with new keys), TensorBoard
+    and the experiment trackers.
 
     Args:
         run_dir: the run folder.
         csv_name: file name of the CSV log.
         tensorboard: ``auto`` (use it when installed), ``true`` (require it) or ``false``.
         enabled: False keeps rows in memory only (ranks other than 0 under torch.distributed).
-        mlflow: an :class:`MlflowLogger` to send the rows to as well, or None.
+        trackers: the experiment trackers (:data:`TRACKERS`) to send the rows to as well.
     """
 
     def __init__(
@@ -76,7 +100,7 @@ class RunLogger:
         csv_name: str,
         tensorboard: str | bool = "auto",
         enabled: bool = True,
-        mlflow: MlflowLogger | None = None,
+        trackers: Iterable[Tracker] = (),
     ) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / csv_name
@@ -86,13 +110,14 @@ class RunLogger:
             with self.path.open(newline="") as f:
                 self.rows = list(csv.DictReader(f))
         self.writer = self._tensorboard(self.run_dir, str(tensorboard).lower())
-        self.mlflow = mlflow
+        self.trackers = list(trackers)
 
     @classmethod
     def from_config(
         cls, run_dir: Path, csv_name: str, cfg: DictConfig, enabled: bool = True
     ) -> RunLogger:
-        """The loggers ``cfg.trainer`` asks for (``loggers``, ``tensorboard``, ``mlflow``)."""
+        """The loggers ``cfg.trainer`` asks for (``loggers``, ``tensorboard``, and the settings
+        ``trainer.<name>`` of each tracker listed)."""
         t = cfg.trainer
         names = check_loggers(t.get("loggers", ["csv", "tensorboard"]))
         mode = str(t.get("tensorboard", "auto")).lower()
@@ -100,12 +125,13 @@ class RunLogger:
             mode = "false"
         if not enabled:
             mode = "false"
-        mlflow = None
-        if "mlflow" in names and enabled:
-            mlflow = MlflowLogger(
-                run_dir, t.get("mlflow") or {}, cfg, resume=bool(cfg.get("resume"))
-            )
-        return cls(run_dir, csv_name, tensorboard=mode, enabled=enabled, mlflow=mlflow)
+        resume = bool(cfg.get("resume"))
+        trackers = [
+            TRACKERS[n](run_dir, t.get(n) or {}, cfg, resume=resume)
+            for n in names
+            if n in TRACKERS and enabled
+        ]
+        return cls(run_dir, csv_name, tensorboard=mode, enabled=enabled, trackers=trackers)
 
     @staticmethod
     def _tensorboard(run_dir: Path, mode: str) -> Any:
@@ -142,8 +168,8 @@ class RunLogger:
         if self.writer is not None:
             for k, v in numbers.items():
                 self.writer.add_scalar(k, v, int(row["step"]))
-        if self.mlflow is not None:
-            self.mlflow.log_metrics(numbers, int(row["step"]))
+        for tracker in self.trackers:
+            tracker.log_metrics(numbers, int(row["step"]))
 
     def _write(self) -> None:
         if not self.enabled:
@@ -163,10 +189,11 @@ class RunLogger:
             self.writer.flush()
             self.writer.close()
             self.writer = None
-        if self.mlflow is not None:
+        if self.trackers:
             step = int(self.rows[-1].get("step", 0) or 0) if self.rows else 0
-            self.mlflow.finish(self.run_dir, step)
-            self.mlflow = None
+            for tracker in self.trackers:
+                tracker.finish(self.run_dir, step)
+            self.trackers = []
 
 
 def _params(node: Any) -> dict[str, str]:
@@ -178,7 +205,30 @@ def _is_file_store(uri: str) -> bool:
     return uri.startswith("file:") or "://" not in uri and ":" not in uri.split("/")[0]
 
 
-class MlflowLogger:
+class _Guarded:
+    """What a tracker does when its service fails during training: one warning, then nothing."""
+
+    label = ""  # the tracker's name in the warning
+    failed = False  # set after the first failure: later calls do nothing
+
+    def _safely(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+        if self.failed:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as e:  # tracking must never stop training
+            self.failed = True
+            log.warning(
+                "%s %s failed (%s: %s); %s logging stops, training goes on",
+                self.label,
+                what,
+                type(e).__name__,
+                e,
+                self.label,
+            )
+
+
+class MlflowLogger(_Guarded):
     """One MLflow run for one softmine run; see the module docstring for what it records.
 
     Args:
@@ -192,6 +242,8 @@ class MlflowLogger:
     A tracking server that fails during training costs a warning, never the run.
     """
 
+    label = "MLflow"
+
     def __init__(
         self, run_dir: Path, settings: Any, config: DictConfig, resume: bool = False
     ) -> None:
@@ -204,7 +256,6 @@ class MlflowLogger:
                 "pip install 'softmine[mlflow]' or remove mlflow from trainer.loggers"
             ) from None
         run_dir = Path(run_dir)
-        self.failed = False  # set after the first failure: later calls do nothing
         uri = settings.get("tracking_uri") or (Path.cwd() / "mlruns").as_uri()
         if _is_file_store(str(uri)):  # MLflow 3 keeps the file store only on request
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
@@ -244,20 +295,6 @@ class MlflowLogger:
                 f"{str(e).strip().splitlines()[0] if str(e).strip() else e!r}); check "
                 "trainer.mlflow.tracking_uri, or remove mlflow from trainer.loggers"
             ) from e
-
-    def _safely(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
-        if self.failed:
-            return
-        try:
-            fn(*args, **kwargs)
-        except Exception as e:  # tracking must never stop training
-            self.failed = True
-            log.warning(
-                "MLflow %s failed (%s: %s); MLflow logging stops, training goes on",
-                what,
-                type(e).__name__,
-                e,
-            )
 
     def log_metrics(self, values: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -306,3 +343,82 @@ def _run_name(run_dir: Path) -> str:
         return str(run_dir.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(run_dir)
+
+
+class WandbLogger(_Guarded):
+    """One Weights & Biases run for one softmine run; see the module docstring for what it records.
+
+    Args:
+        run_dir: the run folder (the W&B run id is kept in ``<run_dir>/wandb_run_id``,
+            so ``resume=true`` continues the same W&B run).
+        settings: ``trainer.wandb``: ``project``, ``entity`` (None: your default),
+            ``mode`` (None: W&B's default, i.e. ``WANDB_MODE`` else online; ``online`` |
+            ``offline`` | ``disabled``), ``run_name`` (None: the run folder), ``dir``
+            (None: the run folder; W&B writes ``<dir>/wandb/``), ``tags``.
+        config: the run's config, recorded resolved with dotted keys.
+        resume: continue the W&B run recorded in the run folder, if any.
+
+    A W&B service that fails during training costs a warning, never the run.
+    """
+
+    label = "W&B"
+
+    def __init__(
+        self, run_dir: Path, settings: Any, config: DictConfig, resume: bool = False
+    ) -> None:
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError(
+                "trainer.loggers has wandb but Weights & Biases is not installed; "
+                "pip install 'softmine[wandb]' or remove wandb from trainer.loggers"
+            ) from None
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        id_file = RunLayout(run_dir).wandb_run_id
+        run_id = id_file.read_text().strip() if resume and id_file.exists() else None
+        resolved = OmegaConf.to_container(config, resolve=True)
+        mode = settings.get("mode")
+        try:
+            self.run = wandb.init(
+                project=str(settings.get("project") or "softmine"),
+                entity=settings.get("entity") or None,
+                mode=str(mode) if mode else None,
+                name=str(settings.get("run_name") or _run_name(run_dir)),
+                dir=str(settings.get("dir") or run_dir),
+                tags=[str(t) for t in settings.get("tags") or []],
+                config={k: v for k, v in flatten(resolved).items() if v != {}},
+                id=run_id,
+                resume="allow" if run_id else None,
+                settings=wandb.Settings(console="off", silent=True),
+            )
+        except Exception as e:  # W&B raises many types (no login, network, bad entity, ...)
+            raise ConfigError(
+                f"W&B failed to start the run ({type(e).__name__}: "
+                f"{str(e).strip().splitlines()[0] if str(e).strip() else e!r}); log in "
+                "(wandb login), set trainer.wandb.mode=offline, or remove wandb from trainer.loggers"
+            ) from e
+        id_file.write_text(self.run.id + "\n")
+
+    def log_metrics(self, values: dict[str, float], step: int) -> None:
+        finite = {k: float(v) for k, v in values.items() if not math.isnan(float(v))}
+        if finite:
+            self._safely("metric logging", self.run.log, finite, step=step)
+
+    def finish(self, run_dir: Path, step: int) -> None:
+        """The final metrics into the run's summary, and the run's end (exit code 1 unfinished)."""
+        files = RunLayout(run_dir)
+        finished = files.metrics.exists()
+        if finished:
+            final = {FINAL_PREFIX + k: v for k, v in files.read_metrics().items()}
+            self._safely("summary update", self.run.summary.update, final)
+        self._safely("closing the run", self.run.finish, exit_code=0 if finished else 1)
+
+
+#: The experiment trackers ``trainer.loggers`` may list besides csv and tensorboard, each
+#: built from its settings ``trainer.<name>``.
+TRACKERS: dict[str, Callable[..., Tracker]] = {
+    "mlflow": MlflowLogger,
+    "wandb": WandbLogger,
+}
+LOGGERS = ("csv", "tensorboard", *TRACKERS)

@@ -14,7 +14,12 @@ are thin layers over these functions.
 
 from softmine.inference.embeddings import Embeddings, load_embeddings, save_embeddings
 from softmine.inference.extract import EmbedResult, embed_batch, embed_images, embed_split
-from softmine.inference.image_files import ImageList, list_images, read_image_list
+from softmine.inference.image_files import (
+    ImageList,
+    collect_images,
+    list_images,
+    read_image_list,
+)
 from softmine.inference.model import LoadedModel, find_checkpoint, load_model
 from softmine.inference.model_export import ExportReport, export_model
 from softmine.inference.search_index import EmbeddingIndex, Hit
@@ -27,6 +32,7 @@ __all__ = [
     "Hit",
     "ImageList",
     "LoadedModel",
+    "collect_images",
     "embed_batch",
     "embed_images",
     "embed_split",

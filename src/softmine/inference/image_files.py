@@ -2,12 +2,14 @@
 
 Labels, when known, are names: the first sub-folder below the folder given to
 :func:`list_images` (the ``ImageFolder`` layout, and CUB's ``images/NNN.Class/``),
-or the second column of a list file. :func:`encode_labels` turns them into the
+or the second column of a list file. :func:`collect_images` takes what
+``softmine-embed --images`` is given: folders, files and glob patterns, mixed. :func:`encode_labels` turns them into the
 integer labels the metrics need.
 """
 
 from __future__ import annotations
 
+import glob
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -57,6 +59,65 @@ def list_images(folder: str | Path) -> ImageList:
     parts = [p.relative_to(folder).parts for p in files]
     names = [q[0] for q in parts] if all(len(q) > 1 for q in parts) else None
     return ImageList([str(p) for p in files], names)
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _glob_images(pattern: str) -> list[Path]:
+    """The image files a glob pattern names (``**`` spans sub-folders), sorted; a folder it
+    matches gives every image file below it."""
+    found: list[Path] = []
+    for match in sorted(glob.glob(pattern, recursive=True)):
+        p = Path(match)
+        if p.is_dir():
+            found.extend(sorted(q for q in p.rglob("*") if _is_image(q)))
+        elif _is_image(p):
+            found.append(p)
+    if not found:
+        raise DataError(
+            f"--images {pattern!r}: the pattern matches no image file (looked for "
+            f"{', '.join(IMAGE_SUFFIXES)}); check the pattern, or give a folder"
+        )
+    return found
+
+
+def collect_images(sources: Sequence[str | Path]) -> ImageList:
+    """The images of ``softmine-embed --images``: each source a folder (every image below it,
+    as :func:`list_images`), an image file, or a glob pattern (``'photos/*.jpg'``,
+    ``'shots/**/*.png'``: quote it, or the shell expands it first, which works too).
+
+    Paths keep the order of the sources (a folder's and a pattern's in sorted order); a
+    file named twice is embedded once. Labels (first sub-folder names) are kept only when
+    every source is a folder that gives them; otherwise the set is unlabelled.
+    """
+    if not sources:
+        raise DataError("--images needs at least one folder, file or pattern")
+    paths: list[str] = []
+    names: list[str] | None = []
+    for source in sources:
+        text = str(source)
+        p = Path(text)
+        if p.is_dir():
+            found = list_images(p)
+            paths += found.paths
+            names = names + found.names if names is not None and found.names else None
+            continue
+        if p.is_file():
+            paths.append(str(p))
+        elif glob.has_magic(text):
+            paths += [str(q) for q in _glob_images(text)]
+        else:
+            raise DataError(
+                f"--images {text}: no such file or folder (and no pattern: *, ? or [...])"
+            )
+        names = None
+    seen: dict[str, int] = {}
+    for i, path in enumerate(paths):
+        seen.setdefault(str(Path(path).resolve()), i)
+    keep = sorted(seen.values())
+    return ImageList([paths[i] for i in keep], None if names is None else [names[i] for i in keep])
 
 
 def read_image_list(file: str | Path) -> ImageList:

@@ -11,6 +11,12 @@ N is dynamic, H and W are fixed at the size the run tested on. Its output is
 After writing the file it is loaded back (onnxruntime, or ``torch.jit.load``) and
 run on random inputs of batch sizes 1 and 3; the largest absolute difference from
 PyTorch is reported and must stay within ``tolerance``.
+
+Both formats carry the preprocessing a serving stack must reproduce, as JSON
+(:func:`preprocessing`): the ONNX file in its metadata (``metadata_props`` key
+``preprocessing``), the TorchScript file as the extra file ``preprocessing.json``
+(``torch.jit.load(path, _extra_files={"preprocessing.json": ""})``). It is read from
+the run's own test transform and the network's input normalisation, not restated.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,11 +39,17 @@ from torch import nn
 from softmine.errors import ConfigError, SoftmineError
 from softmine.inference.image_files import to_uint8_tensor
 from softmine.inference.model import LoadedModel
+from softmine.models import InputNormalize
 
 EXPORT_FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
 CHECK_BATCHES = (1, 3)  # batch sizes of the check: neither is the traced one (2)
 PROBE_SIZE = 320  # side of the blank image put through the test transform to find H x W
+PREPROCESSING_KEY = "preprocessing"  # ONNX metadata key of the preprocessing JSON
+PREPROCESSING_FILE = "preprocessing.json"  # its TorchScript extra file
+METADATA_FILE = "softmine.json"  # TorchScript extra file of what the ONNX metadata also holds
+#: Transforms that change the type of an image, not its values (left out of the steps).
+TYPE_ONLY = {"ToImage", "PILToTensor", "ToPureTensor", "Identity"}
 
 
 class ExportMismatchError(SoftmineError):
@@ -113,7 +127,7 @@ def export_model(
         _export_onnx(net, example, out, opset, loaded)
         got = _run_onnx(out, checks)
     else:
-        _export_torchscript(net, example, out)
+        _export_torchscript(net, example, out, _metadata(loaded, shape))
         got = _run_torchscript(out, checks)
     diff = max(float(np.abs(g - w).max()) for g, w in zip(got, want, strict=True))
     if not diff <= tolerance:
@@ -161,18 +175,133 @@ def _export_onnx(
             "try --format torchscript, or set SOFTMINE_DEBUG=1 for the traceback"
         ) from e
     model = onnx.load(str(out))
-    from softmine import __version__
-
-    meta = {
-        "softmine_version": __version__,
-        "input": "images: float32 (N, C, H, W) in [0, 1] after the run's test transform",
-        "input_shape": "x".join(str(s) for s in example.shape[1:]),
-        **{f"model_{k}": str(v) for k, v in loaded.describe().items()},
-    }
-    for key, value in meta.items():
+    for key, value in _metadata(loaded, tuple(example.shape[1:])).items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.save(model, str(out))
+
+
+def _metadata(loaded: LoadedModel, shape: tuple[int, ...]) -> dict[str, str]:
+    """The strings both formats carry: softmine's version, the input, the model, the preprocessing."""
+    from softmine import __version__
+
+    c, h, w = (int(v) for v in shape)
+    return {
+        "softmine_version": __version__,
+        "input": "images: float32 (N, C, H, W) in [0, 1] after the run's test transform",
+        "input_shape": f"{c}x{h}x{w}",
+        **{f"model_{k}": str(v) for k, v in loaded.describe().items()},
+        PREPROCESSING_KEY: json.dumps(preprocessing(loaded, (c, h, w))),
+    }
+
+
+def preprocessing(loaded: LoadedModel, shape: tuple[int, int, int]) -> dict[str, Any]:
+    """What a serving stack does to an image file before the exported network, and what the
+    network then does itself, read from the run's test transform and its input normalisation.
+
+    Keys: ``image_mode`` (decode to ``RGB``, or ``L`` for 1-channel networks); ``steps``
+    (the test transform, in order: ``resize`` with ``size`` as torchvision means it, one
+    number = the shorter side, and ``interpolation``, ``center_crop``, ...; empty when the
+    run used its images as stored); the summary ``resize``, ``resize_mode``
+    (``shorter_side`` | ``exact``), ``interpolation`` and ``crop`` ([H, W] or None);
+    ``input`` (the file's input: name, dtype, layout, shape, ``channel_order``,
+    ``value_range`` [0, 1]); ``normalization`` (done inside the network, so not to be
+    applied again: ``channel_order`` the trunk sees, ``value_range`` it scales to,
+    ``mean`` and ``std`` in that channel order; None when the network takes its input
+    as it is).
+    """
+    c, h, w = shape
+    steps = transform_steps(loaded.transform)
+    sized = [s["size"] for s in steps if s["op"] == "center_crop" or s.get("mode") == "exact"]
+    if sized and sized[-1] != [h, w]:  # --input-size changed what the network takes
+        steps.append(
+            {
+                "op": "resize",
+                "size": [h, w],
+                "mode": "exact",
+                "interpolation": "bilinear",
+                "antialias": True,
+                "max_size": None,
+                "note": "--input-size of the export",
+            }
+        )
+    resize = next((s for s in steps if s["op"] == "resize"), None)
+    crop = next((s for s in steps if s["op"] == "center_crop"), None)
+    norms = [m for m in loaded.model.modules() if isinstance(m, InputNormalize)]
+    order = "gray" if c == 1 else "RGB"
+    return {
+        "image_mode": "L" if c == 1 else "RGB",
+        "steps": steps,
+        "resize": None if resize is None else resize["size"],
+        "resize_mode": None if resize is None else resize["mode"],
+        "interpolation": None if resize is None else resize["interpolation"],
+        "crop": None if crop is None else crop["size"],
+        "input": {
+            "name": "images",
+            "dtype": "float32",
+            "layout": "NCHW",
+            "shape": ["N", c, h, w],
+            "channel_order": order,
+            "value_range": [0.0, 1.0],
+        },
+        "normalization": _normalization(norms[0], c) if norms else None,
+    }
+
+
+def _normalization(norm: InputNormalize, channels: int) -> dict[str, Any]:
+    """What ``norm`` does, in the terms of a serving stack's config: y = (x * scale - mean) / std."""
+    std = (norm.scale / norm.a).flatten()
+    mean = (-norm.b * (norm.scale / norm.a)).flatten()
+    return {
+        "in_model": True,
+        "channel_order": "gray" if channels == 1 else norm.channel_order.upper(),
+        "value_range": [0.0, norm.scale],
+        "mean": [round(float(v), 6) for v in mean],
+        "std": [round(float(v), 6) for v in std],
+    }
+
+
+def transform_steps(transform: Any) -> list[dict[str, Any]]:
+    """The steps of a test transform (a torchvision ``Compose`` or one transform) as plain dicts;
+    type conversions that keep the values (``ToImage``, ...) are left out."""
+    if transform is None:
+        return []
+    inner = getattr(transform, "transforms", None)  # Compose: a list (a ListConfig from Hydra)
+    if isinstance(inner, Sequence) and not isinstance(inner, str):
+        return [step for t in inner for step in transform_steps(t)]
+    name = type(transform).__name__
+    if name in TYPE_ONLY:
+        return []
+    if name == "Resize":
+        size = [int(v) for v in _as_list(transform.size)]
+        return [
+            {
+                "op": "resize",
+                "size": size[0] if len(size) == 1 else size,
+                "mode": "shorter_side" if len(size) == 1 else "exact",
+                "interpolation": _interpolation(transform.interpolation),
+                "antialias": bool(getattr(transform, "antialias", True)),
+                "max_size": getattr(transform, "max_size", None),
+            }
+        ]
+    if name == "CenterCrop":
+        size = [int(v) for v in _as_list(transform.size)]
+        return [{"op": "center_crop", "size": size * 2 if len(size) == 1 else size}]
+    if name == "Normalize":
+        return [{"op": "normalize", "mean": list(transform.mean), "std": list(transform.std)}]
+    if isinstance(transform, InputNormalize):
+        return [{"op": "normalize", **_normalization(transform, transform.channels)}]
+    if name in ("ToDtype", "ConvertImageDtype", "ToTensor"):
+        return [{"op": "to_float", "scale_to_unit": bool(getattr(transform, "scale", True))}]
+    return [{"op": name, "repr": repr(transform)}]
+
+
+def _as_list(size: Any) -> list[Any]:
+    return list(size) if isinstance(size, Sequence) else [size]
+
+
+def _interpolation(mode: Any) -> str:
+    return str(getattr(mode, "value", mode)).lower()
 
 
 def _run_onnx(path: Path, inputs: list[torch.Tensor]) -> list[np.ndarray]:
@@ -181,11 +310,16 @@ def _run_onnx(path: Path, inputs: list[torch.Tensor]) -> list[np.ndarray]:
     return [session.run(["embeddings"], {"images": x.numpy()})[0] for x in inputs]
 
 
-def _export_torchscript(net: nn.Module, example: torch.Tensor, out: Path) -> None:
+def _export_torchscript(
+    net: nn.Module, example: torch.Tensor, out: Path, meta: dict[str, str]
+) -> None:
+    """The traced network, with the preprocessing and the rest of ``meta`` as extra files."""
+    meta = dict(meta)
+    extra = {PREPROCESSING_FILE: meta.pop(PREPROCESSING_KEY), METADATA_FILE: json.dumps(meta)}
     with warnings.catch_warnings():  # PyTorch marks TorchScript deprecated; the format still loads
         warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.trace(net, example, check_trace=False)
-        traced.save(str(out))
+        torch.jit.save(traced, str(out), _extra_files=extra)
 
 
 def _run_torchscript(path: Path, inputs: list[torch.Tensor]) -> list[np.ndarray]:

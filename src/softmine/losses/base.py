@@ -7,7 +7,11 @@ A loss module declares, instead of letting the objective probe its methods:
   the embeddings alone;
 * ``per_frame``: it wants those features per frame, (B, T, dim), from a video model;
 * ``returns_details``: ``forward(..., return_details=True)`` returns ``(loss, details)``,
-  whose scalar entries the trainer logs.
+  whose scalar entries the trainer logs;
+* ``classification_term``: its value includes a classification (cross-entropy) term,
+  which puts it on another scale than a loss of pairs alone: ``softmine-report`` draws
+  the training losses of the two kinds on separate axes (:func:`has_classification_term`
+  reads it from a loss config).
 
 :func:`softmine.engine.objective.check_contract` holds them against the model's
 :class:`~softmine.models.FeatureInfo` once, when the run is built. A plain ``nn.Module``
@@ -16,7 +20,10 @@ loss declares nothing: it needs the embeddings and labels only and returns the l
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -30,6 +37,9 @@ class MetricLoss(nn.Module):
     per_frame: bool = False
     #: ``forward(..., return_details=True)`` returns ``(loss, details)``
     returns_details: bool = False
+    #: the value holds a classification (cross-entropy) term: True, False, or the name of
+    #: the argument that weighs it (the term is there when that weight is > 0)
+    classification_term: bool | str = False
 
 
 @dataclass(frozen=True)
@@ -46,3 +56,27 @@ def needs_of(loss: nn.Module) -> LossNeeds:
     if not isinstance(loss, MetricLoss):
         return LossNeeds()
     return LossNeeds(tuple(loss.requires), bool(loss.per_frame), bool(loss.returns_details))
+
+
+def has_classification_term(loss_config: Mapping[str, Any]) -> bool | None:
+    """Whether the loss a config node builds (``_target_`` and its arguments) has a
+    classification term, as its class declares (:attr:`MetricLoss.classification_term`),
+    without building it. None when the config names no importable loss class."""
+    from hydra.utils import get_class
+
+    target = loss_config.get("_target_") if isinstance(loss_config, Mapping) else None
+    if not target:
+        return None
+    try:
+        cls = get_class(str(target))
+    except Exception:  # noqa: BLE001 - a class of another version or project: unknown
+        return None
+    term = getattr(cls, "classification_term", False) if issubclass(cls, MetricLoss) else False
+    if not isinstance(term, str):
+        return bool(term)
+    if term in loss_config:
+        weight = loss_config[term]
+    else:
+        param = inspect.signature(cls).parameters.get(term)
+        weight = None if param is None else param.default
+    return isinstance(weight, int | float) and weight > 0

@@ -51,6 +51,8 @@ class NormSoftmaxLoss(MetricLoss):
         temperature: logit temperature (0.05 in the paper).
     """
 
+    classification_term = True  # a cross-entropy over cosine class proxies
+
     def __init__(self, num_classes: int, embedding_dim: int, temperature: float = 0.05) -> None:
         super().__init__()
         if num_classes is None or int(num_classes) < 1:

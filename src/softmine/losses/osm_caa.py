@@ -232,6 +232,7 @@ class OSMCAALoss(MetricLoss):
     """
 
     returns_details = True
+    classification_term = "ce_weight"  # + ce_weight * CE over the class vectors
 
     def __init__(
         self,

@@ -78,6 +78,7 @@ class _AuthorsBase(MetricLoss):
     """Hyperparameters and heads shared by the image and the video form."""
 
     returns_details = True
+    classification_term = True  # its softmax heads (the attention reads one)
 
     def __init__(
         self,

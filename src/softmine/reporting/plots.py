@@ -67,6 +67,11 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Write a figure of this module's ``*_figure`` functions to ``path`` as PNG; returns ``path``."""
+    return _save(fig, path)
+
+
 #: Class names longer than this are shortened (with an ellipsis) under a grid tile.
 MAX_NAME = 18
 
@@ -464,49 +469,112 @@ def plot_attention(
     return _save(fig, path)
 
 
-def plot_metric_lines(
+def metric_lines_figure(
     table: pd.DataFrame,
     x: str,
     y: str,
-    path: str | Path,
     *,
     line: str | None = None,
     err: str | None = None,
+    panel: str | None = None,
     xlabel: str | None = None,
     ylabel: str | None = None,
     title: str | None = None,
-) -> Path:
-    """``y`` against ``x`` with error bars ``err``, one line per value of the column ``line``."""
-    for col in (x, y, line, err):
+) -> Figure:
+    """``y`` against ``x`` with error bars ``err``, one line per value of the column ``line``;
+    one axes per value of the column ``panel`` (its own y scale, titled by the value), side by
+    side, for values that are not comparable (losses of different kinds)."""
+    for col in (x, y, line, err, panel):
         if col is not None and col not in table:
             raise ValueError(f"column {col!r} is not in the table ({list(table.columns)})")
+    panels = list(table.groupby(panel, sort=False)) if panel else [(None, table)]
     groups = list(table.groupby(line, sort=False)) if line else [(y, table)]
+    colors = dict(zip([name for name, _ in groups], _class_colors(len(groups)), strict=True))
     many = len(groups) > 6  # then the legend goes to the right of the axes
-    fig = Figure(figsize=(8.5 if many else 5.5, 4.0), layout="constrained")
+    width = (8.5 if many else 5.5) + 4.0 * (len(panels) - 1)
+    fig = Figure(figsize=(width, 4.0), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (panel_name, part_table) in zip(axes, panels, strict=True):
+        parts = part_table.groupby(line, sort=False) if line else [(y, part_table)]
+        for name, part in parts:
+            part = part.sort_values(x)
+            yerr = part[err].fillna(0.0).to_numpy() if err else None
+            ax.errorbar(
+                part[x],
+                part[y],
+                yerr=yerr,
+                marker="o",
+                capsize=3,
+                label=str(name),
+                markersize=4 if len(part) <= 12 else 2,
+                color=colors[name],
+            )
+        ax.set_xlabel(xlabel or x)
+        ax.set_ylabel(ylabel or y)
+        if len(panels) > 1:
+            ax.set_title(str(panel_name), fontsize=9)
+        elif title:
+            ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if many:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        else:
+            ax.legend(fontsize=8)
+    if title and len(panels) > 1:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_metric_lines(table: pd.DataFrame, x: str, y: str, path: str | Path, **kwargs: Any) -> Path:
+    """:func:`metric_lines_figure` written to ``path``."""
+    return _save(metric_lines_figure(table, x, y, **kwargs), path)
+
+
+def metric_bars_figure(
+    names: Sequence[str],
+    means: Sequence[float],
+    stds: Sequence[float] | None = None,
+    *,
+    ylabel: str = "",
+    title: str | None = None,
+) -> Figure:
+    """One bar per configuration (its mean), drawn from zero so that bar lengths compare, with
+    the std over seeds as an error bar where there is one (several runs) and each mean
+    written on its bar, so that gaps too small to see still read."""
+    means = np.asarray(means, dtype=np.float64)
+    spread = np.full_like(means, np.nan) if stds is None else np.asarray(stds, dtype=np.float64)
+    fig = Figure(figsize=(max(4.0, 0.9 * len(names) + 1.5), 3.8), layout="constrained")
     ax = fig.subplots()
-    for (name, part), color in zip(groups, _class_colors(len(groups)), strict=True):
-        part = part.sort_values(x)
-        yerr = part[err].fillna(0.0).to_numpy() if err else None
+    pos = np.arange(len(names))
+    ax.bar(pos, means, color=QUERY)
+    has_err = np.isfinite(spread) & np.isfinite(means)
+    if has_err.any():
         ax.errorbar(
-            part[x],
-            part[y],
-            yerr=yerr,
-            marker="o",
-            capsize=3,
-            label=str(name),
-            markersize=4 if len(part) <= 12 else 2,
-            color=color,
+            pos[has_err], means[has_err], yerr=spread[has_err], fmt="none", capsize=4, ecolor="k"
         )
-    ax.set_xlabel(xlabel or x)
-    ax.set_ylabel(ylabel or y)
+    ax.set_xticks(pos, list(names), rotation=30, ha="right", fontsize=8)
+    ok = np.isfinite(means)
+    if ok.any():  # from zero (below it only for negative values), a margin above the bars
+        tops = means + np.where(has_err, spread, 0.0)
+        lows = means - np.where(has_err, spread, 0.0)
+        hi, lo = max(0.0, float(tops[ok].max())), min(0.0, float(lows[ok].min()))
+        pad = 0.08 * (hi - lo) or 1.0
+        ax.set_ylim(lo - pad if lo < 0 else 0.0, hi + pad)
+        for p, m, t in zip(pos[ok], means[ok], tops[ok], strict=True):
+            ax.annotate(
+                f"{m:.3g}",
+                (p, max(t, 0.0)),
+                xytext=(0, 2),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
+    ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if many:
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    else:
-        ax.legend(fontsize=8)
-    return _save(fig, path)
+    ax.grid(alpha=0.3, axis="y")
+    return fig
 
 
 def plot_metric_bars(
@@ -514,26 +582,7 @@ def plot_metric_bars(
     means: Sequence[float],
     stds: Sequence[float] | None,
     path: str | Path,
-    *,
-    ylabel: str = "",
-    title: str | None = None,
+    **kwargs: Any,
 ) -> Path:
-    """One bar per configuration (mean) with its std as error bar."""
-    means = np.asarray(means, dtype=np.float64)
-    err = None if stds is None else np.nan_to_num(np.asarray(stds, dtype=np.float64))
-    fig = Figure(figsize=(max(4.0, 0.9 * len(names) + 1.5), 3.8), layout="constrained")
-    ax = fig.subplots()
-    pos = np.arange(len(names))
-    ax.bar(pos, means, yerr=err, capsize=4, color=QUERY)
-    ax.set_xticks(pos, list(names), rotation=30, ha="right", fontsize=8)
-    spread = np.zeros_like(means) if err is None else err
-    ok = np.isfinite(means)
-    if ok.any():  # zoom on the bars' range (from 0 if that is near), so small gaps show
-        lo, hi = float((means - spread)[ok].min()), float((means + spread)[ok].max())
-        pad = 0.1 * (hi - lo) + 1e-3
-        ax.set_ylim(max(0.0, lo - pad) if lo > 0 else lo - pad, hi + pad)
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
-    ax.grid(alpha=0.3, axis="y")
-    return _save(fig, path)
+    """:func:`metric_bars_figure` written to ``path``."""
+    return _save(metric_bars_figure(names, means, stds, **kwargs), path)

@@ -35,8 +35,11 @@ report, in one self-contained page: :mod:`softmine.reporting.html`), and PNG plo
 OUT is never a run folder: the ``report.html`` there is the run's own page, written
 by the run, and stays as it is (``-o RUN`` is refused). The plots: the main metric
 against a numeric swept key with error bars, one line per configuration of the
-other keys (or one bar per configuration when no numeric key varies), the same
-for ``attention_auc`` when runs have it, the mean training loss per epoch, and the t-SNE
+other keys (or one bar per configuration when no numeric key varies: bars from zero,
+error bars = std where a configuration has several runs), the same for
+``attention_auc`` when runs have it, the mean training loss per epoch (losses with a
+classification term and losses without one on separate axes: their values are on
+different scales; the loss class declares it, :func:`softmine.losses.base.has_classification_term`), and the t-SNE
 maps of the test embeddings that sweep jobs left to the report (``tsne.png``: one panel per
 configuration, from the first run of it that kept ``plots/embedding_map.npz``).
 """
@@ -47,7 +50,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -57,6 +60,7 @@ from softmine.config import parse_override
 from softmine.errors import ConfigError, DataError
 from softmine.evaluation import metric_names
 from softmine.evaluation.metric_names import BEST_TEST_PREFIX, CONCAT_PREFIX
+from softmine.losses.base import has_classification_term
 from softmine.reporting import html as html_report
 from softmine.runs.folder import BOOKKEEPING_KEYS
 from softmine.runs.layout import RUN_FILES, ReportLayout, RunLayout
@@ -77,8 +81,18 @@ IGNORED = (
     *BOOKKEEPING_KEYS,
 )  # overrides never used for grouping (besides hydra.*)
 #: Never metrics (``iteration``: the training step of a run's final metrics).
-RUN_COLUMNS = {"run", "dataset", "seed", "status", "fold", "folds", "iteration"}
+RUN_COLUMNS = {"run", "dataset", "seed", "status", "fold", "folds", "iteration", "loss_kind"}
+#: The panels of the training-loss plot: a run's loss with a classification (cross-entropy)
+#: term, without one, or of a class that does not say (``loss_kind`` of :func:`read_run`).
+LOSS_KINDS = {
+    True: "losses with a classification (CE) term",
+    False: "losses without a classification term",
+    None: "losses of unknown kind",
+}
 STATUS_OK, STATUS_FAILED = "ok", "failed"
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 # ----------------------------------------------------------------------------- reading runs
@@ -137,7 +151,8 @@ def _parse_overrides(items: Sequence[str]) -> dict[str, str]:
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
-    """One run as a flat dict: ``run``, ``status``, ``dataset``, ``seed``, its overrides and metrics."""
+    """One run as a flat dict: ``run``, ``status``, ``dataset``, ``seed``, ``loss_kind`` (a
+    :data:`LOSS_KINDS` value, from its loss config), its overrides and metrics."""
     run_dir = Path(run_dir)
     files = RunLayout(run_dir)
     overrides = _parse_overrides(yaml.safe_load(files.overrides.read_text()))
@@ -153,6 +168,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         "seed": overrides.get("seed", config.get("seed")),
         "folds": folds if folds else np.nan,
         "fold": int(dataset_cfg.get("fold") or 0) if folds else np.nan,
+        "loss_kind": LOSS_KINDS[has_classification_term(config.get("loss") or {})],
     }
     row.update({f"override:{k}": v for k, v in overrides.items() if k != "seed"})
     if files.metrics.exists():
@@ -492,8 +508,9 @@ def plot_embedding_maps(runs: pd.DataFrame, table: pd.DataFrame, out: Path) -> P
     return plots.plot_saved_tsne_panels(list(panels.items()), ReportLayout(out).tsne_plot)
 
 
-def plot_training_loss(runs: pd.DataFrame, table: pd.DataFrame, out: Path) -> Path | None:
-    """Mean training loss per epoch of each configuration (std over seeds as error bars)."""
+def training_loss_figure(runs: pd.DataFrame, table: pd.DataFrame) -> Figure | None:
+    """Mean training loss per epoch of each configuration (std over seeds as error bars), one
+    axes per kind of loss (:data:`LOSS_KINDS`) among the runs. None without training logs."""
     from softmine.reporting import plots
 
     ok, names = _run_configs(runs, table)
@@ -509,25 +526,38 @@ def plot_training_loss(runs: pd.DataFrame, table: pd.DataFrame, out: Path) -> Pa
             continue
         if "epoch_time_s" in log:
             log = log[log["epoch_time_s"].notna()]
-        frames.append(pd.DataFrame({"epoch": log["epoch"], "value": log["loss"], "line": names[i]}))
+        kind = run.get("loss_kind", LOSS_KINDS[None])
+        frames.append(
+            pd.DataFrame(
+                {"epoch": log["epoch"], "value": log["loss"], "line": names[i], "kind": kind}
+            )
+        )
     if not frames:
         return None
     curves = (
         pd.concat(frames, ignore_index=True)
-        .groupby(["line", "epoch"], sort=False)["value"]
+        .groupby(["kind", "line", "epoch"], sort=False)["value"]
         .agg(loss_mean="mean", loss_std="std")
         .reset_index()
     )
-    return plots.plot_metric_lines(
+    return plots.metric_lines_figure(
         curves,
         "epoch",
         "loss_mean",
-        ReportLayout(out).training_loss_plot,
         line="line",
         err="loss_std",
+        panel="kind",
         ylabel="training loss (mean ± std over seeds)",
         title="training loss per epoch",
     )
+
+
+def plot_training_loss(runs: pd.DataFrame, table: pd.DataFrame, out: Path) -> Path | None:
+    """:func:`training_loss_figure` written to the report folder ``out``."""
+    from softmine.reporting import plots
+
+    fig = training_loss_figure(runs, table)
+    return None if fig is None else plots.save_figure(fig, ReportLayout(out).training_loss_plot)
 
 
 def plot_runs(runs: pd.DataFrame) -> int:

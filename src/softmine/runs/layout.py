@@ -109,6 +109,11 @@ class RunLayout:
         """The MLflow run this run logs to, so that resuming continues it."""
         return self.root / "mlflow_run_id"
 
+    @property
+    def wandb_run_id(self) -> Path:
+        """The W&B run this run logs to, so that resuming continues it."""
+        return self.root / "wandb_run_id"
+
     # --- checkpoints
     @property
     def checkpoints(self) -> Path:
