@@ -226,3 +226,34 @@ def test_losses_with_and_without_a_classification_term_get_their_own_axes(
     assert len(single.axes) == 1 and single.axes[0].get_title() == "training loss per epoch"
     _, _, written = report([tmp_path / "sweep"], out=tmp_path / "out")
     assert "training_loss.png" in {p.name for p in written}
+
+
+@pytest.mark.parametrize(
+    "loss, has_ce",
+    [
+        ("contrastive", False),
+        ("contrastive_hard", False),
+        ("osm", False),
+        ("lifted", False),
+        ("multi_similarity", False),
+        ("triplet_batchhard", False),
+        ("triplet_semihard", False),
+        ("proxy_anchor", False),  # log-sum-exp over proxies, no softmax cross-entropy
+        ("circle", False),
+        ("caa", True),
+        ("osm_caa", True),
+        ("osm_caa_authors", True),
+        ("normsoftmax", True),
+        ("cosface", True),
+        ("arcface", True),
+        ("subcenter_arcface", True),
+        ("softtriple", True),
+    ],
+)
+def test_every_bundled_loss_declares_whether_it_has_a_classification_term(
+    loss: str, has_ce: bool
+) -> None:
+    from softmine.losses.base import has_classification_term
+    from tests.conftest import compose
+
+    assert has_classification_term(compose([f"loss={loss}"]).loss) is has_ce

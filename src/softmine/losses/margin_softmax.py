@@ -172,6 +172,8 @@ class CosFaceLoss(MetricLoss):
         margin: m (0.35, the same).
     """
 
+    classification_term = True  # a cross-entropy over the class vectors
+
     def __init__(
         self, num_classes: int, embedding_dim: int, scale: float = 64.0, margin: float = 0.35
     ) -> None:
@@ -198,6 +200,8 @@ class ArcFaceLoss(MetricLoss):
         margin: m in radians (0.5, Sec. 3.1 of the paper).
         sub_centers: K vectors per class (1: ArcFace; 3: Sub-center ArcFace, ECCV 2020).
     """
+
+    classification_term = True  # a cross-entropy over the class vectors
 
     def __init__(
         self,

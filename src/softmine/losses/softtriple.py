@@ -97,6 +97,8 @@ class SoftTripleLoss(MetricLoss):
         margin: delta (0.01).
     """
 
+    classification_term = True  # a cross-entropy over the classes' soft similarities
+
     def __init__(
         self,
         num_classes: int,
