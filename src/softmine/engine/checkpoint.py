@@ -1,9 +1,9 @@
 """Checkpoints: atomic writes, and the full state needed to resume a run bit-for-bit.
 
 A checkpoint holds the model, the loss (class vectors / classifier), the cross-batch
-memory's queue (``loss.memory=xbm``), optimizer, scheduler and AMP scaler states, the sampler position (epoch, batch within the
-epoch), the running epoch statistics and the RNG states of Python, NumPy, torch
-and CUDA. Everything is stored as tensors and plain containers, so it loads with
+memory's queue (``loss.memory=xbm``), optimizer, scheduler and AMP scaler states,
+the sampler position (epoch, batch within the epoch), the running epoch statistics
+and the RNG states of Python, NumPy, torch and CUDA. Everything is stored as tensors and plain containers, so it loads with
 ``torch.load(..., weights_only=True)``.
 """
 

@@ -114,7 +114,7 @@ def reference_rows(x: Tensor, labels: Tensor, memory: References | None) -> tupl
     """
     if memory is None:
         return x, labels
-    stored = F.normalize(memory.embeddings.to(x.dtype), dim=1, eps=EPS)
+    stored = F.normalize(memory.embeddings.to(x.device, x.dtype), dim=1, eps=EPS)
     ref_labels = torch.cat((labels, memory.labels.to(labels.device, labels.dtype)))
     return torch.cat((x.detach(), stored)), ref_labels
 
