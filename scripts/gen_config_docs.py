@@ -39,6 +39,9 @@ COMMANDS = ("softmine-train", "softmine-eval", "softmine-report", "python", "tor
 KEY_LINE = re.compile(r"^(?P<indent> *)(?P<item>- +)?(?P<key>[A-Za-z0-9_@./+~-]+): ?(?P<rest>.*)$")
 GLOBAL = "_global_"
 
+#: Groups whose files other files include (their defaults lists), never chosen on their own.
+INCLUDED = ("loss/shared",)
+
 #: What each group is for, in the order of the page.
 GROUPS = {
     "": "The main config, `configs/train.yaml`: the defaults of every group, the seed, and the "
@@ -51,6 +54,9 @@ GROUPS = {
     "pick `backbone=benchmark/<dataset>`).",
     "sampler": "How a training batch is drawn (P classes x K samples).",
     "loss": "The metric-learning loss.",
+    "loss/shared": "Keys the pair losses share: each pair loss's file includes these in its "
+    "defaults list, so they are set with the loss (`loss=contrastive loss.memory=xbm`); "
+    'docs/losses.md, "Cross-batch memory".',
     "optimizer": "The optimizer and its parameter groups.",
     "scheduler": "The learning-rate schedule, stepped per iteration.",
     "experiment": "Named settings that override everything above for one published result "
@@ -350,7 +356,10 @@ def render(config_dir: Path = CONFIG_DIR) -> str:
             out += [f"## `{group}`", "", GROUPS.get(group, ""), ""]
             chooser = f"`{group}=NAME`"
             where = f"`{members[0].package}.`" if members[0].package else "their full paths"
-            out += [f"Choose with {chooser}; the keys live under {where}.", ""]
+            if group in INCLUDED:
+                out += [f"Included by other files, not chosen; the keys live under {where}.", ""]
+            else:
+                out += [f"Choose with {chooser}; the keys live under {where}.", ""]
             out += ["| option | what it is |", "|---|---|"]
             for f in members:
                 first = _first_sentence(f.header)

@@ -71,6 +71,24 @@ def test_bad_command_is_one_line_and_exit_2(
 
 
 @pytest.mark.parametrize(
+    "overrides",
+    [["loss=proxy_anchor", "loss.memory=xbm"], ["loss=normsoftmax", "+loss.memory=xbm"]],
+)
+def test_cross_batch_memory_on_a_loss_without_pairs_is_one_line_naming_the_fix(
+    tmp_path: Path, monkeypatch, capsys, overrides: list[str]
+) -> None:
+    """Proxy and classifier losses have no loss.memory key (Hydra's error) and, given one with +,
+    refuse it when built: either way one line naming the pair losses as the fix."""
+    code, err = _train(
+        [*overrides, "trainer.max_iters=1", *FAST_DIGITS], tmp_path, monkeypatch, capsys
+    )
+    assert code == 2
+    line = _one_line(err)
+    assert f"{overrides[0]} has no pairs for a cross-batch memory" in line
+    assert "drop loss.memory" in line and "contrastive" in line
+
+
+@pytest.mark.parametrize(
     ("overrides", "message"),
     [
         (["optimizer.weight_decay=-1"], "optimizer.weight_decay must be a finite number >= 0"),

@@ -101,6 +101,60 @@ def test_two_ranks_match_one_process_on_the_concatenated_batch(tmp_path: Path) -
         torch.testing.assert_close(got["grads"][k], g, rtol=1e-8, atol=1e-12, msg=k)
 
 
+def _memory_steps(obj: torch.nn.Module, memory, rank: int, world: int) -> dict[str, Any]:
+    """Three training steps of 16 samples each (this rank's share of each) with a cross-batch
+    memory of 20 that joins at step 2; the last step's loss and gradients, and the queue."""
+    g = torch.Generator().manual_seed(3)
+    for step in range(3):
+        x = torch.rand(N, 1, 8, 8, dtype=torch.float64, generator=g)
+        y = (torch.arange(N) + step) % CLASSES
+        part = slice(rank * N // world, (rank + 1) * N // world)
+        obj.zero_grad()
+        loss, details = obj(x[part], y[part])
+        loss.backward()
+    grads = {k.removeprefix("module."): v for k, v in _grads(obj).items()}
+    queue = memory.contents()
+    return {
+        "loss": loss.detach(),
+        "memory_loss": details["memory_loss"],
+        "grads": grads,
+        "queue": (queue.embeddings, queue.labels, queue.fields["attention"]),
+    }
+
+
+def _memory_objective() -> tuple[Objective, Any]:
+    from softmine.losses.memory import CrossBatchMemory
+
+    obj, _, _ = _setup()
+    memory = CrossBatchMemory(20, start=1, fields=("attention",))
+    return Objective(obj.model, obj.loss_fn, memory=memory), memory
+
+
+def _memory_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    _init(rank, world, init_file)
+    obj, memory = _memory_objective()
+    res = _memory_steps(DistributedDataParallel(obj), memory, rank, world)
+    torch.save(res, Path(out) / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_two_ranks_with_a_cross_batch_memory_match_one_process(tmp_path: Path) -> None:
+    """Every rank enqueues the gathered global batch: the same queue on both ranks as in one
+    process, and the same loss (memory term included) and gradients."""
+    _spawn(_memory_worker, str(tmp_path / "init"), str(tmp_path))
+    obj, memory = _memory_objective()
+    want = _memory_steps(obj, memory, 0, 1)
+    assert float(want["memory_loss"]) > 0 and memory.filled == 20
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert float(got["loss"]) == pytest.approx(float(want["loss"]), rel=1e-10)
+        for a, b in zip(got["queue"], want["queue"], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        for k, grad in want["grads"].items():
+            torch.testing.assert_close(got["grads"][k], grad, rtol=1e-8, atol=1e-12, msg=k)
+
+
 # ---------------------------------------------------------------- split batch + synchronised BN
 P, K, C, T = 4, 3, 6, 3  # global batch of P classes x K items; C classes of 8 items; T frames
 CPU = torch.device("cpu")

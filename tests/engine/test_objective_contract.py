@@ -17,6 +17,7 @@ from softmine.engine.objective import Objective, build_loss, check_contract
 from softmine.engine.trainer import Trainer
 from softmine.errors import ConfigError
 from softmine.losses import (
+    LossNeeds,
     MetricLoss,
     OSMCAAAuthorsLoss,
     OSMCAAAuthorsVideoLoss,
@@ -81,7 +82,10 @@ def test_losses_declare_what_they_need() -> None:
         )
     )
     assert video.per_frame and video.requires == ("embedding", "pool5", "trunk")
-    assert needs_of(PlainLoss()) == needs_of(TripletBatchHardLoss())  # declares nothing
+    assert needs_of(PlainLoss()) == LossNeeds()  # declares nothing
+    assert needs_of(TripletBatchHardLoss()) == LossNeeds(takes_memory=True)  # a pair loss
+    assert needs_of(OSMCAALoss(4, 6)).memory_fields == ("attention",)
+    assert needs_of(OSMCAALoss(4, 6, caa=False, ce_weight=0)).memory_fields == ()
 
 
 def test_a_per_frame_loss_on_an_image_model_is_one_line_naming_both_sides() -> None:

@@ -9,17 +9,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from softmine.config import build
 from softmine.losses import weighted_contrastive_loss
+from softmine.losses.memory import MEMORY_KEYS
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "loss"
 ALL_NAMES = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 # Losses of (embeddings, labels); the video objective also needs (B, T, dim) frame features and
-# is checked against its own float64 port in tests/losses/test_authors_objective.py.
-NAMES = [n for n in ALL_NAMES if n != "osm_caa_authors_video"]
+# is checked against its own float64 port in tests/losses/test_authors_objective.py (as is its
+# old name, osm_caa_official_video, the same config).
+NAMES = [n for n in ALL_NAMES if n not in ("osm_caa_authors_video", "osm_caa_official_video")]
 NUM_CLASSES, DIM = 5, 24
 
 
@@ -27,13 +29,21 @@ def _build(
     name: str, num_classes: int = NUM_CLASSES, dim: int = DIM, **overrides: object
 ) -> torch.nn.Module:
     """Instantiate ``loss=<name>`` the way the trainer does (sizes filled when left null)."""
-    cfg = OmegaConf.load(CONFIG_DIR / f"{name}.yaml")
-    if "defaults" in cfg:  # ablation presets extend osm_caa.yaml
-        base = OmegaConf.load(CONFIG_DIR / "osm_caa.yaml")
-        cfg = OmegaConf.merge(base, {k: v for k, v in cfg.items() if k != "defaults"})
-    cfg = OmegaConf.merge(cfg, overrides)
+    cfg = OmegaConf.merge(_load(name), overrides)
+    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in MEMORY_KEYS])  # the memory's
     extra = {k: v for k, v in (("num_classes", num_classes), ("embedding_dim", dim)) if k in cfg}
     return build(cfg, "loss", **extra)
+
+
+def _load(name: str) -> DictConfig:
+    """``configs/loss/<name>.yaml`` with its defaults list merged in (ablation presets extend
+    osm_caa.yaml; pair losses include shared/memory.yaml)."""
+    cfg = OmegaConf.load(CONFIG_DIR / f"{name}.yaml")
+    merged = OmegaConf.create()
+    for entry in cfg.get("defaults", []):
+        if entry != "_self_":
+            merged = OmegaConf.merge(merged, _load(entry.split("@")[0].removeprefix("/loss/")))
+    return OmegaConf.merge(merged, {k: v for k, v in cfg.items() if k != "defaults"})
 
 
 def _batch(n: int = 20, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -53,12 +53,15 @@ def _selection(group: str, option: str) -> list[str]:
     """The overrides that compose option ``option`` of ``group`` as softmine-train would.
 
     The fair benchmark's groups are chosen by experiment=tune|fair from the data set and
-    the loss (their files exist for those only), so they are composed that way.
+    the loss (their files exist for those only), so they are composed that way; loss/shared
+    is what the pair losses include.
     """
     if group in ("benchmark", "study", "backbone/benchmark"):
         return ["experiment=tune", f"dataset={option}"]
     if group == "hparams_search":
         return ["experiment=tune", "dataset=digits_pairs", f"loss={option}"]
+    if group == "loss/shared":  # included by the pair losses' files, never chosen on its own
+        return ["loss=contrastive_hard"]
     if group.startswith("tuned/"):
         return ["experiment=fair", f"dataset={group.split('/', 1)[1]}", f"loss={option}"]
     if group == "experiment" and option in ("tune", "fair"):

@@ -127,6 +127,31 @@ def _no_benchmark(group: str, option: str, options: Sequence[str]) -> str:
     )
 
 
+def memory_losses() -> list[str]:
+    """The ``loss=`` options that take a cross-batch memory: those whose defaults list
+    includes ``loss/shared/memory.yaml`` (directly or through another loss file)."""
+    root = Path(CONFIG_DIR) / "loss"
+
+    def includes(name: str) -> bool:
+        path = root / f"{name}.yaml"
+        entries = OmegaConf.load(path).get("defaults", []) if path.exists() else []
+        return any(
+            "shared/memory" in str(e) or (str(e) != "_self_" and includes(str(e))) for e in entries
+        )
+
+    return sorted(p.stem for p in root.glob("*.yaml") if includes(p.stem))
+
+
+def _no_memory(key: str, argv: Sequence[str]) -> str:
+    """``loss.memory*`` given to a loss without pairs (a proxy or classifier loss)."""
+    words = [a for a in argv if not a.startswith(("+", "~")) and override_key(a) == "loss"]
+    loss = f"loss={words[-1].partition('=')[2]}" if words else "this loss"
+    return (
+        f"{loss} has no pairs for a cross-batch memory ({key} is a key of the pair losses: "
+        f"{', '.join(memory_losses())}); use one of them or drop {key}"
+    )
+
+
 def describe(e: BaseException, argv: Sequence[str]) -> str:
     """One sentence for a Hydra composition or override error of the command ``argv``."""
     if isinstance(e, OverrideParseException):
@@ -153,6 +178,8 @@ def describe(e: BaseException, argv: Sequence[str]) -> str:
         match and "No match in the defaults list" in text
     ):
         key = str(getattr(cause, "full_key", "") or (match.group(1) if match else ""))
+        if key.startswith("loss.memory"):
+            return _no_memory(key, argv)
         if key:
             close = _closest(key, known_keys(argv, key))
             hint = f"did you mean {close}? " if close and close != key else ""

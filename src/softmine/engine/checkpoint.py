@@ -1,9 +1,9 @@
 """Checkpoints: atomic writes, and the full state needed to resume a run bit-for-bit.
 
-A checkpoint holds the model, the loss (class vectors / classifier), optimizer,
-scheduler and AMP scaler states, the sampler position (epoch, batch within the
-epoch), the running epoch statistics and the RNG states of Python, NumPy, torch
-and CUDA. Everything is stored as tensors and plain containers, so it loads with
+A checkpoint holds the model, the loss (class vectors / classifier), the cross-batch
+memory's queue (``loss.memory=xbm``), optimizer, scheduler and AMP scaler states,
+the sampler position (epoch, batch within the epoch), the running epoch statistics
+and the RNG states of Python, NumPy, torch and CUDA. Everything is stored as tensors and plain containers, so it loads with
 ``torch.load(..., weights_only=True)``.
 """
 
@@ -309,7 +309,9 @@ class Checkpoints:
 
 
 def training_state(parts: Components, state: TrainState, cfg: DictConfig) -> dict[str, Any]:
-    """What a checkpoint holds: weights, optimiser, schedule, scaler, position, RNG, config."""
+    """What a checkpoint holds: weights, optimiser, schedule, scaler, position, RNG, config
+    (and the cross-batch memory when the run has one)."""
+    memory = {} if parts.memory is None else {"memory": parts.memory.state()}
     return {
         "format": 1,
         "num_classes": parts.num_classes,
@@ -321,6 +323,7 @@ def training_state(parts: Components, state: TrainState, cfg: DictConfig) -> dic
         "train_state": asdict(state),
         "rng": capture_rng_state(),
         "config": OmegaConf.to_container(cfg, resolve=True),
+        **memory,
     }
 
 
@@ -335,6 +338,7 @@ def load_training_state(path: Path, parts: Components, cfg: DictConfig) -> Train
     require_finite_state(path, ckpt, parts.optimizer, names)
     load_state_checked(parts.model, ckpt["model"], "model", path)
     load_state_checked(parts.loss_fn, ckpt["loss"], "loss (class vectors / classifier)", path)
+    _load_memory(parts, ckpt, path)
     try:
         parts.optimizer.load_state_dict(ckpt["optimizer"])
     except (ValueError, KeyError) as e:
@@ -353,6 +357,23 @@ def load_training_state(path: Path, parts: Components, cfg: DictConfig) -> Train
     if parts.dist.rank > 0:  # the checkpoint holds rank 0's streams: give this rank its own
         torch.manual_seed(rank_seed(int(cfg.seed), parts.dist.rank, state.step))
     return state
+
+
+def _load_memory(parts: Components, ckpt: dict[str, Any], path: Path) -> None:
+    """The cross-batch memory's queue from a checkpoint; an error if only one side has one."""
+    if parts.memory is None and "memory" not in ckpt:
+        return
+    if parts.memory is None:
+        raise ConfigError(
+            f"checkpoint {path} holds a cross-batch memory and this config has none; resume "
+            "with the config it was trained with (loss.memory=xbm)"
+        )
+    if "memory" not in ckpt:
+        raise ConfigError(
+            f"this config has a cross-batch memory (loss.memory=xbm) and checkpoint {path} has "
+            "none; resume with the config it was trained with (loss.memory=null)"
+        )
+    parts.memory.load_state(ckpt["memory"])
 
 
 def _load_schedule(scheduler: Any, saved: dict[str, Any]) -> None:

@@ -25,7 +25,7 @@ from softmine.data.splits import build_train_and_validation
 from softmine.engine.distributed import DistEnv
 from softmine.engine.eval_history import resolve_monitor
 from softmine.engine.evaluator import Evaluator, eval_protocol
-from softmine.engine.objective import Objective, build_loss
+from softmine.engine.objective import Objective, build_loss, build_memory
 from softmine.engine.optim import build_optimizer
 from softmine.engine.precision import PRECISIONS
 from softmine.engine.setup import (
@@ -41,6 +41,7 @@ from softmine.engine.setup import (
 from softmine.engine.sync_bn import convert_sync_batchnorm
 from softmine.engine.validate import EVERY, NEVER, test_mode
 from softmine.errors import ConfigError
+from softmine.losses.memory import CrossBatchMemory
 from softmine.runs.layout import RunLayout
 from softmine.runs.signals import ignore_interrupts
 
@@ -72,6 +73,7 @@ class Components:
     channels_last: bool  # inputs (and model) in channels-last memory format
     scaler: torch.amp.GradScaler  # fp16 loss scaling (disabled otherwise)
     objective: torch.nn.Module  # model + loss (under DDP / torch.compile when asked)
+    memory: CrossBatchMemory | None = None  # loss.memory=xbm: the queue (in the checkpoint)
 
 
 def run_time_sizes(
@@ -166,7 +168,8 @@ def build_components(
     if evaluator.protocol == "retrieval" and evaluator.has_test:
         in_flight.append((evaluator.test_set, int(tcfg.eval_batch_size)))
     check_shared_memory(num_workers, in_flight)
-    scaler, objective, model = _objective(cfg, device, dist, model, loss_fn)
+    memory = build_memory(cfg.loss, loss_fn, device)
+    scaler, objective, model = _objective(cfg, device, dist, model, loss_fn, memory)
     return Components(
         dist=dist,
         device=device,
@@ -191,6 +194,7 @@ def build_components(
         channels_last=channels_last,
         scaler=scaler,
         objective=objective,
+        memory=memory,
     )
 
 
@@ -266,6 +270,7 @@ def _objective(
     dist: DistEnv,
     model: torch.nn.Module,
     loss_fn: torch.nn.Module,
+    memory: CrossBatchMemory | None = None,
 ) -> tuple[torch.amp.GradScaler, torch.nn.Module, torch.nn.Module]:
     """The AMP scaler, the objective (model + loss; DDP, compiled when asked) and the model
     (SyncBatchNorm converted when ``trainer.sync_bn``)."""
@@ -277,7 +282,7 @@ def _objective(
     )
     if tcfg.sync_bn:  # BatchNorm statistics of the global batch (no-op in one process)
         model = convert_sync_batchnorm(model, device)
-    objective: torch.nn.Module = Objective(model, loss_fn, autocast_dtype)
+    objective: torch.nn.Module = Objective(model, loss_fn, autocast_dtype, memory)
     if dist.enabled:
         objective = DistributedDataParallel(
             objective, device_ids=[device.index] if device.type == "cuda" else None

@@ -7,7 +7,7 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from softmine.config import build
@@ -15,6 +15,8 @@ from softmine.engine.distributed import gather_tensor, gather_with_grad, mean_ov
 from softmine.errors import ConfigError
 from softmine.losses.base import LossNeeds, needs_of
 from softmine.losses.heads import MissingFeatureError
+from softmine.losses.memory import MEMORY_KEYS, CrossBatchMemory
+from softmine.losses.memory import build_memory as _build_memory
 from softmine.losses.pairwise import to_float32
 from softmine.models.embedding_net import EmbeddingNet
 from softmine.models.features import FeatureInfo
@@ -73,7 +75,11 @@ def build_loss(node: DictConfig, model: nn.Module, **sizes: Any) -> nn.Module:
 
     A head that reads a feature the model lacks fails while the loss is built (it cannot
     be sized); that, too, becomes the contract error naming the loss and the backbone.
+    The cross-batch memory's keys (``loss.memory*``) are not the loss's: :func:`build_memory`
+    reads them.
     """
+    if any(k in node for k in MEMORY_KEYS):
+        node = OmegaConf.masked_copy(node, [k for k in node if k not in MEMORY_KEYS])
     try:
         loss = build(node, "loss", **sizes)
     except MissingFeatureError as e:
@@ -83,6 +89,15 @@ def build_loss(node: DictConfig, model: nn.Module, **sizes: Any) -> nn.Module:
         ) from None
     check_contract(model, loss)
     return loss
+
+
+def build_memory(
+    node: DictConfig, loss: nn.Module, device: torch.device | None = None
+) -> CrossBatchMemory | None:
+    """The cross-batch memory ``loss.memory`` asks for (None for null), on ``device``; a
+    one-line error naming the loss when it has no pairs to join (a proxy or classifier loss)."""
+    target = str(node.get("_target_", "")).rsplit(".", 1)[-1]
+    return _build_memory(node, loss, _side("loss", target or type(loss).__name__), device)
 
 
 class Objective(nn.Module):
@@ -111,13 +126,20 @@ class Objective(nn.Module):
             declares ``returns_details`` is called with ``return_details=True``.
         autocast_dtype: bf16 / fp16 autocast for the model forward (the losses
             compute in float32 themselves), or None.
+        memory: a cross-batch memory (``loss.memory=xbm``): in training, the loss of the
+            batch against the batch and the memory joins the batch loss, and the batch is
+            enqueued (:class:`~softmine.losses.memory.CrossBatchMemory`).
     """
 
     def __init__(
-        self, model: nn.Module, loss_fn: nn.Module, autocast_dtype: torch.dtype | None = None
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        autocast_dtype: torch.dtype | None = None,
+        memory: CrossBatchMemory | None = None,
     ):
         super().__init__()
-        self.model, self.loss_fn = model, loss_fn
+        self.model, self.loss_fn, self.memory = model, loss_fn, memory
         self.autocast_dtype = autocast_dtype
         self.offers: FeatureInfo = offers_of(model)
         self.needs: LossNeeds = needs_of(loss_fn)
@@ -151,6 +173,8 @@ class Objective(nn.Module):
             loss, details = self.loss_fn(emb_all, y_all, return_details=True, **kwargs)
         else:
             loss, details = self.loss_fn(emb_all, y_all, **kwargs), {}
+        if self.memory is not None and self.training and torch.is_grad_enabled():
+            loss, details = self.memory(self.loss_fn, loss, details, emb_all, y_all)
         details = dict(details)
         details["labels"] = y_all
         if self.offers.frame_loss:

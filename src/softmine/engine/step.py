@@ -156,6 +156,8 @@ class TrainStep:
         """``on_nonfinite=skip``: drop this step's gradients, count it, say so; {} (nothing to log)."""
         pieces = ", ".join(f"{k}={float(v):.6g}" for k, v in values.items())
         self.parts.optimizer.zero_grad(set_to_none=True)
+        if self.parts.memory is not None:  # the skipped batch leaves the memory as it was
+            self.parts.memory.discard_last()
         state.skipped_steps += 1
         log.warning("non-finite %s at step %d (%s); step skipped", what, state.step + 1, pieces)
         return {}

@@ -11,7 +11,12 @@ A loss module declares, instead of letting the objective probe its methods:
 * ``classification_term``: its value includes a classification (cross-entropy) term,
   which puts it on another scale than a loss of pairs alone: ``softmine-report`` draws
   the training losses of the two kinds on separate axes (:func:`has_classification_term`
-  reads it from a loss config).
+  reads it from a loss config);
+* ``takes_memory``: a pair loss, whose ``forward(..., memory=References)`` compares the
+  batch with a cross-batch memory (``loss.memory=xbm``, :mod:`softmine.losses.memory`);
+  proxy and classifier losses do not;
+* ``memory_fields``: the per-sample entries of its details the memory stores with each
+  embedding (OSM+CAA: ``attention``).
 
 :func:`softmine.engine.objective.check_contract` holds them against the model's
 :class:`~softmine.models.FeatureInfo` once, when the run is built. A plain ``nn.Module``
@@ -40,6 +45,12 @@ class MetricLoss(nn.Module):
     #: the value holds a classification (cross-entropy) term: True, False, or the name of
     #: the argument that weighs it (the term is there when that weight is > 0)
     classification_term: bool | str = False
+    #: ``forward(..., memory=References)`` gives the pair loss of the batch against the batch
+    #: and a cross-batch memory (a pair loss; a proxy or classifier loss has no such pairs)
+    takes_memory: bool = False
+    #: per-sample (n,) entries of ``forward(..., return_details=True)``'s details the memory
+    #: stores with each embedding, and hands back in ``References.fields``
+    memory_fields: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -49,13 +60,21 @@ class LossNeeds:
     requires: tuple[str, ...] = ()
     per_frame: bool = False
     returns_details: bool = False
+    takes_memory: bool = False
+    memory_fields: tuple[str, ...] = ()
 
 
 def needs_of(loss: nn.Module) -> LossNeeds:
     """The declared needs of ``loss``; a loss that is no :class:`MetricLoss` declares none."""
     if not isinstance(loss, MetricLoss):
         return LossNeeds()
-    return LossNeeds(tuple(loss.requires), bool(loss.per_frame), bool(loss.returns_details))
+    return LossNeeds(
+        tuple(loss.requires),
+        bool(loss.per_frame),
+        bool(loss.returns_details),
+        bool(loss.takes_memory),
+        tuple(loss.memory_fields),
+    )
 
 
 def has_classification_term(loss_config: Mapping[str, Any]) -> bool | None:

@@ -15,17 +15,24 @@ from torch import Tensor
 from softmine.errors import ConfigError
 from softmine.losses.base import MetricLoss
 from softmine.losses.pairwise import (
+    References,
     check_inputs,
     full_precision,
+    pair_masks,
+    reference_rows,
     safe_sqrt,
-    same_label,
     unit_rows,
     unit_sq_distances,
 )
 
 
 def contrastive_hard_loss(
-    embeddings: Tensor, labels: Tensor, *, margin: float = 1.2, lam: float = 0.5
+    embeddings: Tensor,
+    labels: Tensor,
+    *,
+    margin: float = 1.2,
+    lam: float = 0.5,
+    memory: References | None = None,
 ) -> Tensor:
     """Contrastive loss over the binary-mined pairs of one batch.
 
@@ -39,6 +46,8 @@ def contrastive_hard_loss(
         labels: (n,) integer labels.
         margin: negatives closer than this are penalised.
         lam: weight of the negative term.
+        memory: a cross-batch memory: j then runs over the batch and the stored samples
+            (:func:`~softmine.losses.pairwise.reference_rows`), i over the batch.
 
     Returns:
         Scalar loss in float32 (float64 for float64 input).
@@ -46,10 +55,10 @@ def contrastive_hard_loss(
     check_inputs(embeddings, labels)
     with full_precision(embeddings):
         x = unit_rows(embeddings)
-        d2 = unit_sq_distances(x)
+        refs, ref_labels = reference_rows(x, labels, memory)
+        d2 = unit_sq_distances(x, refs)
         d = safe_sqrt(d2)
-        same = same_label(labels)
-        eye = torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
+        same, eye = pair_masks(labels, ref_labels)
         hinge = (margin - d).clamp_min(0.0)
         with torch.no_grad():
             closest_neg = torch.where(same, torch.inf, d).amin(dim=1, keepdim=True)
@@ -68,6 +77,8 @@ def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
 class ContrastiveHardLoss(MetricLoss):
     """Module form of :func:`contrastive_hard_loss` (config ``loss=contrastive_hard``)."""
 
+    takes_memory = True
+
     def __init__(self, margin: float = 1.2, lam: float = 0.5) -> None:
         super().__init__()
         if not margin > 0:
@@ -76,5 +87,9 @@ class ContrastiveHardLoss(MetricLoss):
             raise ConfigError(f"loss.lam must lie in [0, 1] (got {lam})")
         self.margin, self.lam = margin, lam
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        return contrastive_hard_loss(embeddings, labels, margin=self.margin, lam=self.lam)
+    def forward(
+        self, embeddings: Tensor, labels: Tensor, memory: References | None = None
+    ) -> Tensor:
+        return contrastive_hard_loss(
+            embeddings, labels, margin=self.margin, lam=self.lam, memory=memory
+        )

@@ -12,16 +12,20 @@ from torch import Tensor
 from softmine.errors import ConfigError
 from softmine.losses.base import MetricLoss
 from softmine.losses.pairwise import (
+    References,
     check_inputs,
     full_precision,
+    pair_masks,
+    reference_rows,
     safe_sqrt,
-    same_label,
     unit_rows,
     unit_sq_distances,
 )
 
 
-def lifted_structure_loss(embeddings: Tensor, labels: Tensor, *, margin: float = 1.0) -> Tensor:
+def lifted_structure_loss(
+    embeddings: Tensor, labels: Tensor, *, margin: float = 1.0, memory: References | None = None
+) -> Tensor:
     """Lifted structured loss of one batch.
 
     With D the Euclidean distance of the normalised rows and P the positive pairs,
@@ -36,19 +40,27 @@ def lifted_structure_loss(embeddings: Tensor, labels: Tensor, *, margin: float =
         embeddings: (n, dim) features (normalised here).
         labels: (n,) integer labels.
         margin: alpha of the paper (1.0).
+        memory: a cross-batch memory: j then runs over the batch and the stored samples
+            (:func:`~softmine.losses.pairwise.reference_rows`), i over the batch; a
+            reference j's negatives are then the anchors of other labels (the column of
+            the (n, n + m) matrix, as the row gives anchor i's), since the memory's own
+            pairs are never formed. Without memory both are the batch's negatives.
 
     Returns:
         Scalar loss in float32 (float64 for float64 input).
     """
     check_inputs(embeddings, labels)
     with full_precision(embeddings):
-        dist = safe_sqrt(unit_sq_distances(unit_rows(embeddings)))
-        n = dist.shape[0]
-        same = same_label(labels)
-        pos = same & ~torch.eye(n, dtype=torch.bool, device=dist.device)
+        x = unit_rows(embeddings)
+        refs, ref_labels = reference_rows(x, labels, memory)
+        dist = safe_sqrt(unit_sq_distances(x, refs))
+        same, eye = pair_masks(labels, ref_labels)
+        pos = same & ~eye
         # e_i = sum over negatives of exp(-D_ik) = exp(-margin) * sum exp(margin - D_ik)
-        e = torch.where(same, 0.0, torch.exp(-dist)).sum(dim=1)
-        s = e[:, None] + e[None, :]
+        neg_exp = torch.where(same, 0.0, torch.exp(-dist))
+        e = neg_exp.sum(dim=1)
+        e_ref = e if memory is None else neg_exp.sum(dim=0)
+        s = e[:, None] + e_ref[None, :]
         ok = pos & (s > 0)
         j = margin + torch.log(torch.where(ok, s, 1.0)) + dist
         terms = torch.where(ok, j.clamp_min(0.0).square(), 0.0)
@@ -58,11 +70,15 @@ def lifted_structure_loss(embeddings: Tensor, labels: Tensor, *, margin: float =
 class LiftedStructureLoss(MetricLoss):
     """Module form of :func:`lifted_structure_loss` (config ``loss=lifted``)."""
 
+    takes_memory = True
+
     def __init__(self, margin: float = 1.0) -> None:
         super().__init__()
         if not margin > 0:
             raise ConfigError(f"loss.margin must be > 0 (got {margin}); the paper uses 1.0")
         self.margin = margin
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        return lifted_structure_loss(embeddings, labels, margin=self.margin)
+    def forward(
+        self, embeddings: Tensor, labels: Tensor, memory: References | None = None
+    ) -> Tensor:
+        return lifted_structure_loss(embeddings, labels, margin=self.margin, memory=memory)

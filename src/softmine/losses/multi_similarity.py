@@ -12,10 +12,12 @@ from torch import Tensor
 from softmine.errors import ConfigError
 from softmine.losses.base import MetricLoss
 from softmine.losses.pairwise import (
+    References,
     check_inputs,
     full_precision,
     masked_log1p_sum_exp,
-    same_label,
+    pair_masks,
+    reference_rows,
     unit_rows,
 )
 
@@ -28,6 +30,7 @@ def multi_similarity_loss(
     beta: float = 50.0,
     base: float = 0.5,
     epsilon: float = 0.1,
+    memory: References | None = None,
 ) -> Tensor:
     """Multi-similarity loss with MS mining (Eq. 11 and Sec. 3.3 of the paper).
 
@@ -49,6 +52,8 @@ def multi_similarity_loss(
         alpha, beta: scales of the positive and negative terms.
         base: the similarity margin lambda.
         epsilon: mining margin.
+        memory: a cross-batch memory: k then runs over the batch and the stored samples
+            (:func:`~softmine.losses.pairwise.reference_rows`), i over the batch.
 
     Returns:
         Scalar loss in float32 (float64 for float64 input).
@@ -56,10 +61,11 @@ def multi_similarity_loss(
     check_inputs(embeddings, labels)
     with full_precision(embeddings):
         x = unit_rows(embeddings)
-        sim = x @ x.T
+        refs, ref_labels = reference_rows(x, labels, memory)
+        sim = x @ refs.T
         n = sim.shape[0]
-        same = same_label(labels)
-        pos = same & ~torch.eye(n, dtype=torch.bool, device=sim.device)
+        same, eye = pair_masks(labels, ref_labels)
+        pos = same & ~eye
         with torch.no_grad():
             min_pos = torch.where(pos, sim, torch.inf).amin(dim=1, keepdim=True)
             max_neg = torch.where(same, -torch.inf, sim).amax(dim=1, keepdim=True)
@@ -74,6 +80,8 @@ def multi_similarity_loss(
 class MultiSimilarityLoss(MetricLoss):
     """Module form of :func:`multi_similarity_loss` (config ``loss=multi_similarity``)."""
 
+    takes_memory = True
+
     def __init__(
         self, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5, epsilon: float = 0.1
     ) -> None:
@@ -85,7 +93,9 @@ class MultiSimilarityLoss(MetricLoss):
             raise ConfigError(f"loss.epsilon must be >= 0 (got {epsilon}); the paper uses 0.1")
         self.alpha, self.beta, self.base, self.epsilon = alpha, beta, base, epsilon
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+    def forward(
+        self, embeddings: Tensor, labels: Tensor, memory: References | None = None
+    ) -> Tensor:
         return multi_similarity_loss(
             embeddings,
             labels,
@@ -93,4 +103,5 @@ class MultiSimilarityLoss(MetricLoss):
             beta=self.beta,
             base=self.base,
             epsilon=self.epsilon,
+            memory=memory,
         )

@@ -17,6 +17,13 @@ d_ij = ||x_i - x_j||:
 With detached weights (the default) loss and gradient are written out by hand
 (:mod:`softmine.losses.fused`); attached weights use plain autograd
 (:func:`_pair_terms`); all are tested against float64 loops.
+
+With a cross-batch memory (``memory=References``, ``loss.memory=xbm``) j runs over the
+batch and the stored samples, i over the batch (plain autograd, weights detached as
+asked). A stored sample keeps the attention it had when it was stored: like its
+embedding, it is what the model of that step said of it (the slow drift the memory
+relies on, Wang et al. CVPR 2020), and recomputing it would cost an (m, num_classes)
+product per step, more than the pairs themselves on data sets with many classes.
 """
 
 from __future__ import annotations
@@ -31,9 +38,12 @@ from softmine.losses.fused import PairSetting, apply_fused
 from softmine.losses.heads import gaussian, true_class_log_prob
 from softmine.losses.pairwise import (
     EPS,
+    References,
     check_inputs,
     common_float,
     full_precision,
+    pair_masks,
+    reference_rows,
     safe_sqrt,
     same_label,
     to_float32,
@@ -64,13 +74,18 @@ def _pair_terms(
     sigma: float,
     lam: float,
     osm: bool,
+    refs: Tensor | None = None,
+    ref_attention: Tensor | None = None,
+    detach: bool = False,
 ) -> tuple[Tensor, ...]:
     """Loss pieces of unit rows ``x``: (loss, l_pos, l_neg, w).
 
-    Plain autograd, used when the weights stay attached; the detached default runs
-    :class:`_FusedOSMCAA`, which must give the same values.
+    Plain autograd, used when the weights stay attached (and with a memory); the
+    detached default runs :class:`_FusedOSMCAA`, which must give the same values.
+    ``refs``: the columns (n + m, dim) of :func:`reference_rows` (None: ``x``), with
+    their attention ``ref_attention``; ``detach``: no gradient through the weights.
     """
-    d2 = unit_sq_distances(x)
+    d2 = unit_sq_distances(x, refs)
     d = safe_sqrt(d2)
     hinge = (margin - d).clamp_min(0.0)
     if osm:
@@ -78,14 +93,43 @@ def _pair_terms(
     else:
         w = torch.ones_like(d2)
     if attention is not None:
-        w = w * torch.minimum(attention[:, None], attention[None, :])
-    w = w * (1.0 - torch.eye(x.shape[0], dtype=x.dtype, device=x.device))
+        cols = attention if ref_attention is None else ref_attention
+        w = w * torch.minimum(attention[:, None], cols[None, :])
+    w = w * (1.0 - torch.eye(*d2.shape, dtype=x.dtype, device=x.device))
+    if detach:
+        w = w.detach()
     w_pos = torch.where(same, w, 0.0)
     w_neg = torch.where(same, 0.0, w)
     l_pos = 0.5 * _ratio((w_pos * d2).sum(), w_pos.sum())
     l_neg = 0.5 * _ratio((w_neg * hinge.square()).sum(), w_neg.sum())
     loss = (1.0 - lam) * l_pos + lam * l_neg
     return loss, l_pos, l_neg, w
+
+
+def _memory_pairs(
+    x: Tensor,
+    labels: Tensor,
+    attention: Tensor | None,
+    memory: References,
+    margin: float,
+    sigma: float,
+    lam: float,
+    osm: bool,
+    detach: bool,
+) -> tuple[Tensor, ...]:
+    """:func:`_pair_terms` of the batch ``x`` against the batch and ``memory``; a stored sample's
+    attention is the one stored with it (``memory.fields["attention"]``)."""
+    refs, ref_labels = reference_rows(x, labels, memory)
+    same, _ = pair_masks(labels, ref_labels)
+    ref_attention = None
+    if attention is not None:
+        if "attention" not in memory.fields:
+            raise ValueError("with attention, the memory must hold its samples' attention")
+        stored = memory.fields["attention"].to(attention.device, attention.dtype)
+        ref_attention = torch.cat((attention.detach(), stored))
+        if detach:
+            attention = attention.detach()
+    return _pair_terms(x, same, attention, margin, sigma, lam, osm, refs, ref_attention, detach)
 
 
 def _ratio(num: Tensor, den: Tensor) -> Tensor:
@@ -105,6 +149,7 @@ def weighted_contrastive_loss(
     osm: bool = True,
     detach_weights: bool = True,
     return_details: bool = False,
+    memory: References | None = None,
 ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
     """OSM (+ optional CAA) weighted contrastive loss of one mini-batch (paper form, Eq. 1-6).
 
@@ -121,6 +166,9 @@ def weighted_contrastive_loss(
             as mining scores in the paper; False lets it flow through both.
         return_details: also return ``{"l_pos", "l_neg", "weights"}`` (weights: (n, n)
             w_ij, 0 on the diagonal), all detached.
+        memory: a cross-batch memory: j then runs over the batch and the stored samples
+            (:func:`~softmine.losses.pairwise.reference_rows`), whose attention is
+            ``memory.fields["attention"]`` when ``attention`` is given; weights (n, n + m).
 
     Returns:
         The scalar loss, computed in float32 (float64 for float64 input), also under autocast.
@@ -130,7 +178,12 @@ def weighted_contrastive_loss(
     if attention is not None and attention.shape != (n,):
         raise ValueError(f"attention must have shape ({n},), got {tuple(attention.shape)}")
     with full_precision(embeddings):
-        if detach_weights:
+        if memory is not None:
+            a = None if attention is None else to_float32(attention)
+            loss, l_pos, l_neg, w = _memory_pairs(
+                unit_rows(embeddings), labels, a, memory, margin, sigma, lam, osm, detach_weights
+            )
+        elif detach_weights:
             a = None if attention is None else to_float32(attention.detach())
             e = to_float32(embeddings)
             setting = PairSetting(margin, sigma, lam, osm)
@@ -233,6 +286,7 @@ class OSMCAALoss(MetricLoss):
 
     returns_details = True
     classification_term = "ce_weight"  # + ce_weight * CE over the class vectors
+    takes_memory = True
 
     def __init__(
         self,
@@ -272,18 +326,29 @@ class OSMCAALoss(MetricLoss):
         self.detach_weights = detach_weights
         self.compile = compile
         self.class_vectors = nn.Parameter(torch.randn(num_classes, embedding_dim) * 0.01)
+        # the memory stores each sample's attention with its embedding (see the module doc)
+        self.memory_fields = ("attention",) if caa else ()
 
     def forward(
-        self, embeddings: Tensor, labels: Tensor, return_details: bool = False
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        return_details: bool = False,
+        memory: References | None = None,
     ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         """Total loss of a batch; with ``return_details`` also ``{l_pos, l_neg, ce, attention, weights}``.
 
         ``attention`` is present only when CAA is on, ``ce`` only when ce_weight > 0.
+        With ``memory``: the memory term, the pair loss of the batch against the batch and
+        the stored samples (attention from the class vectors for the batch, stored for the
+        memory); no cross-entropy, which the batch term holds once.
         """
         check_inputs(embeddings, labels)
         labels = labels.long()
         with full_precision(embeddings):
             e, vectors = common_float(embeddings, self.class_vectors)
+            if memory is not None:
+                return self._memory_term(e, vectors, labels, memory)
             if self.detach_weights:
                 setting = PairSetting(
                     self.margin,
@@ -316,6 +381,19 @@ class OSMCAALoss(MetricLoss):
         if attention is not None:
             details["attention"] = attention.detach()
         return loss, details
+
+    def _memory_term(
+        self, e: Tensor, vectors: Tensor, labels: Tensor, memory: References
+    ) -> Tensor:
+        """The pair loss of the batch against the batch and ``memory`` (see :meth:`forward`)."""
+        x = unit_rows(e)
+        attention = None
+        if self.caa:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_weights):
+                logits = _cosine_logits(x, vectors, self.scale)
+                attention = true_class_log_prob(logits, labels).exp()
+        args = (self.margin, self.sigma, self.lam, self.osm, self.detach_weights)
+        return _memory_pairs(x, labels, attention, memory, *args)[0]
 
     def _attached(self, e: Tensor, vectors: Tensor, labels: Tensor) -> tuple[Tensor | None, ...]:
         """Plain-autograd form: gradients also flow through the OSM weights and the attention."""

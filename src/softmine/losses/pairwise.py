@@ -3,11 +3,16 @@
 Every loss in :mod:`softmine.losses` works on the (n, n) matrix of pairwise
 quantities built from one Gram matrix ``x @ x.T``; no (n, n, dim) tensor is
 ever formed. All of them compute in at least float32, also under autocast.
+
+A pair loss given a cross-batch memory (:class:`References`) works on the (n, n + m)
+matrix instead: the batch's rows are the anchors, the columns are the batch (detached)
+followed by the m stored samples (:func:`reference_rows`, :func:`pair_masks`).
 """
 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -65,19 +70,60 @@ def unit_rows(embeddings: Tensor) -> Tensor:
     return F.normalize(to_float32(embeddings), dim=1, eps=EPS)
 
 
-def same_label(labels: Tensor) -> Tensor:
-    """(n, n) bool, True where y_i == y_j, diagonal included."""
-    return labels[:, None] == labels[None, :]
+def same_label(labels: Tensor, ref_labels: Tensor | None = None) -> Tensor:
+    """(n, n) bool, True where y_i == y_j, diagonal included; (n, m) against ``ref_labels``."""
+    return labels[:, None] == (labels if ref_labels is None else ref_labels)[None, :]
 
 
-def unit_sq_distances(x: Tensor) -> Tensor:
+def unit_sq_distances(x: Tensor, refs: Tensor | None = None) -> Tensor:
     """Squared distances (n, n) between unit rows: ``2 - 2 x_i . x_j``, set to 0 at or below
-    :data:`TINY_SQ_DIST` (so also never negative).
+    :data:`TINY_SQ_DIST` (so also never negative); (n, m) to the unit rows ``refs``.
 
     Exact on the sphere; through the normalisation's backward its gradient equals
     that of ``||x_i - x_j||^2``. Entries on the diagonal are rounding noise (~0).
     """
-    return torch.threshold(torch.rsub(x @ x.T, 2.0, alpha=2.0), TINY_SQ_DIST, 0.0)
+    gram = x @ (x if refs is None else refs).T
+    return torch.threshold(torch.rsub(gram, 2.0, alpha=2.0), TINY_SQ_DIST, 0.0)
+
+
+@dataclass(frozen=True)
+class References:
+    """Samples of earlier batches a pair loss compares the batch with (a cross-batch memory).
+
+    Attributes:
+        embeddings: (m, dim) stored embeddings (any scale: the losses normalise them).
+        labels: (m,) their labels.
+        fields: per-sample values stored with them, (m,) each, named as the loss
+            declares in ``memory_fields`` (OSM+CAA: ``attention``).
+    """
+
+    embeddings: Tensor
+    labels: Tensor
+    fields: dict[str, Tensor] = field(default_factory=dict)
+
+
+def reference_rows(x: Tensor, labels: Tensor, memory: References | None) -> tuple[Tensor, Tensor]:
+    """The columns of a loss's pair matrices and their labels, for the unit rows ``x``.
+
+    Without memory: ``x`` and ``labels`` themselves (the (n, n) matrices). With memory:
+    the batch, detached, then the stored samples normalised, (n + m, dim), so the pair
+    matrices are (n, n + m) with the batch as anchors; column i < n is anchor i's own
+    copy (:func:`pair_masks` leaves it out). The memory term's gradient reaches the
+    model through the anchors only, as in the authors' code, whose memory holds a
+    detached copy of the batch (Wang et al., CVPR 2020, research-xbm trainer.py).
+    """
+    if memory is None:
+        return x, labels
+    stored = F.normalize(memory.embeddings.to(x.device, x.dtype), dim=1, eps=EPS)
+    ref_labels = torch.cat((labels, memory.labels.to(labels.device, labels.dtype)))
+    return torch.cat((x.detach(), stored)), ref_labels
+
+
+def pair_masks(labels: Tensor, ref_labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(same, self) for anchors ``labels`` (n,) against ``ref_labels`` (n + m,), both (n, n + m)
+    bool: same label (self pairs included), and the self pairs (i, i) of the first n columns."""
+    n, m = labels.shape[0], ref_labels.shape[0]
+    return same_label(labels, ref_labels), torch.eye(n, m, dtype=torch.bool, device=labels.device)
 
 
 def safe_sqrt(d2: Tensor) -> Tensor:

@@ -19,22 +19,34 @@ from torch import Tensor
 from softmine.errors import ConfigError
 from softmine.losses.base import MetricLoss
 from softmine.losses.pairwise import (
+    References,
     check_inputs,
     full_precision,
+    pair_masks,
+    reference_rows,
     safe_sqrt,
-    same_label,
     unit_rows,
     unit_sq_distances,
 )
 
 
-def _distances(embeddings: Tensor, squared: bool) -> Tensor:
-    d2 = unit_sq_distances(unit_rows(embeddings))
-    return d2 if squared else safe_sqrt(d2)
+def _distances(
+    embeddings: Tensor, labels: Tensor, memory: References | None, squared: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Distances (n, n + m) of the batch to the references, and :func:`pair_masks`' (same, self)."""
+    x = unit_rows(embeddings)
+    refs, ref_labels = reference_rows(x, labels, memory)
+    d2 = unit_sq_distances(x, refs)
+    return (d2 if squared else safe_sqrt(d2)), *pair_masks(labels, ref_labels)
 
 
 def triplet_semihard_loss(
-    embeddings: Tensor, labels: Tensor, *, margin: float = 0.2, squared: bool = True
+    embeddings: Tensor,
+    labels: Tensor,
+    *,
+    margin: float = 0.2,
+    squared: bool = True,
+    memory: References | None = None,
 ) -> Tensor:
     """Triplet loss with online semi-hard negatives (FaceNet), averaged over positive pairs.
 
@@ -50,23 +62,23 @@ def triplet_semihard_loss(
         labels: (n,) integer labels.
         margin: alpha of FaceNet (0.2 there, with squared distances).
         squared: use squared distances.
+        memory: a cross-batch memory: positives and negatives then come from the batch
+            and the stored samples (:func:`~softmine.losses.pairwise.reference_rows`).
 
     Returns:
         Scalar loss in float32 (float64 for float64 input).
     """
     check_inputs(embeddings, labels)
     with full_precision(embeddings):
-        dist = _distances(embeddings, squared)
-        n = dist.shape[0]
-        same = same_label(labels)
-        eye = torch.eye(n, dtype=torch.bool, device=dist.device)
+        dist, same, eye = _distances(embeddings, labels, memory, squared)
+        cols = dist.shape[1]
         neg_sorted, _ = torch.where(same, torch.inf, dist).sort(dim=1)
         num_neg = (~same).sum(dim=1, keepdim=True)
         with torch.no_grad():
             first_farther = torch.searchsorted(neg_sorted.detach(), dist.detach(), right=True)
         has_farther = first_farther < num_neg
-        farther = neg_sorted.gather(1, first_farther.clamp_max(n - 1))
-        farthest = neg_sorted.gather(1, (num_neg - 1).clamp_min(0)).expand(n, n)
+        farther = neg_sorted.gather(1, first_farther.clamp_max(cols - 1))
+        farthest = neg_sorted.gather(1, (num_neg - 1).clamp_min(0)).expand_as(dist)
         d_an = torch.where(has_farther, farther, farthest)
         valid = same & ~eye & (num_neg > 0)
         losses = torch.where(valid, (dist - d_an + margin).clamp_min(0.0), 0.0)
@@ -74,7 +86,12 @@ def triplet_semihard_loss(
 
 
 def triplet_batchhard_loss(
-    embeddings: Tensor, labels: Tensor, *, margin: float = 0.2, soft: bool = False
+    embeddings: Tensor,
+    labels: Tensor,
+    *,
+    margin: float = 0.2,
+    soft: bool = False,
+    memory: References | None = None,
 ) -> Tensor:
     """Batch-hard triplet loss: per anchor, its farthest positive against its closest negative.
 
@@ -87,16 +104,16 @@ def triplet_batchhard_loss(
         labels: (n,) integer labels.
         margin: hinge margin (ignored with ``soft``).
         soft: the soft-margin variant of Hermans et al.
+        memory: a cross-batch memory: positives and negatives then come from the batch
+            and the stored samples (:func:`~softmine.losses.pairwise.reference_rows`).
 
     Returns:
         Scalar loss in float32 (float64 for float64 input).
     """
     check_inputs(embeddings, labels)
     with full_precision(embeddings):
-        dist = _distances(embeddings, squared=False)
-        n = dist.shape[0]
-        same = same_label(labels)
-        pos = same & ~torch.eye(n, dtype=torch.bool, device=dist.device)
+        dist, same, eye = _distances(embeddings, labels, memory, squared=False)
+        pos = same & ~eye
         hardest_pos = torch.where(pos, dist, -torch.inf).amax(dim=1)
         hardest_neg = torch.where(same, torch.inf, dist).amin(dim=1)
         valid = pos.any(dim=1) & ~same.all(dim=1)
@@ -108,18 +125,26 @@ def triplet_batchhard_loss(
 class TripletSemiHardLoss(MetricLoss):
     """Module form of :func:`triplet_semihard_loss` (config ``loss=triplet_semihard``)."""
 
+    takes_memory = True
+
     def __init__(self, margin: float = 0.2, squared: bool = True) -> None:
         super().__init__()
         if not margin > 0:
             raise ConfigError(f"loss.margin must be > 0 (got {margin}); FaceNet uses 0.2")
         self.margin, self.squared = margin, squared
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        return triplet_semihard_loss(embeddings, labels, margin=self.margin, squared=self.squared)
+    def forward(
+        self, embeddings: Tensor, labels: Tensor, memory: References | None = None
+    ) -> Tensor:
+        return triplet_semihard_loss(
+            embeddings, labels, margin=self.margin, squared=self.squared, memory=memory
+        )
 
 
 class TripletBatchHardLoss(MetricLoss):
     """Module form of :func:`triplet_batchhard_loss` (config ``loss=triplet_batchhard``)."""
+
+    takes_memory = True
 
     def __init__(self, margin: float = 0.2, soft: bool = False) -> None:
         super().__init__()
@@ -127,5 +152,9 @@ class TripletBatchHardLoss(MetricLoss):
             raise ConfigError(f"loss.margin must be > 0 (got {margin}), or set loss.soft=true")
         self.margin, self.soft = margin, soft
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        return triplet_batchhard_loss(embeddings, labels, margin=self.margin, soft=self.soft)
+    def forward(
+        self, embeddings: Tensor, labels: Tensor, memory: References | None = None
+    ) -> Tensor:
+        return triplet_batchhard_loss(
+            embeddings, labels, margin=self.margin, soft=self.soft, memory=memory
+        )

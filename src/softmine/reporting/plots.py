@@ -25,7 +25,7 @@ from matplotlib.patches import Patch
 from softmine.evaluation.metric_names import is_metric
 
 DPI = 100
-LOSS_COLUMNS = ("loss", "l_pos", "l_neg", "ce", "frame_ce")
+LOSS_COLUMNS = ("loss", "l_pos", "l_neg", "ce", "frame_ce", "memory_loss")
 WEIGHT_COLUMNS = ("osm_weight_pos", "osm_weight_neg", "attention")
 CORRECT, WRONG, QUERY = "#1a9641", "#d7191c", "#2b83ba"
 
