@@ -13,6 +13,7 @@ from softmine.data import CSVDataset, ImageFolder
 from softmine.data.build import build_split
 from softmine.data.custom import held_out, number_names
 from softmine.data.datasets.csvlist import CSVImages, CSVTracklets, read_csv_table
+from softmine.data.image_sizes import fitting_resolution, small_images_hint
 from softmine.data.sources import natural_key
 from softmine.engine.embedding import extract_reid_embeddings
 from softmine.engine.evaluator import Evaluator
@@ -514,3 +515,32 @@ def test_without_network_the_default_backbone_says_how_to_go_on_in_one_line(
         "backbone.pretrained=false",
     ):
         assert part in err[0]
+
+
+def test_images_far_smaller_than_the_crop_get_a_resolution_that_fits_them() -> None:
+    assert fitting_resolution(12, 256, 224) == (32, 32)
+    assert fitting_resolution(100, 256, 224) == (96, 80)  # 2x upscaled at 224: fit them
+    assert fitting_resolution(150, 256, 224) is None  # photos: the DML 256 / 224 stays
+    assert fitting_resolution(12, 24, 24) is None  # already small: nothing smaller to say
+
+
+def test_small_own_images_name_the_transform_keys_before_training(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """12 px images under the default 224 px crop: one warning naming the keys that fit them."""
+    import logging
+
+    from softmine.engine.trainer import Trainer
+
+    root = make_image_folder(tmp_path / "photos", num_classes=10, images_per_class=16)
+    cfg = compose(["dataset=imagefolder", f"dataset.root={root}", *FAST])
+    assert small_images_hint(build_split(cfg.dataset, "train"), cfg.dataset.transform) is None
+    cfg = compose(["dataset=imagefolder", f"dataset.root={root}", "backbone.pretrained=false"])
+    hint = small_images_hint(build_split(cfg.dataset, "train"), cfg.dataset.transform)
+    assert hint is not None and "short side 12 px" in hint
+    assert "dataset.transform.resize=32 dataset.transform.crop_size=32 fits them (49x" in hint
+    with caplog.at_level(logging.WARNING, logger="softmine"):
+        Trainer(cfg, tmp_path / "run")
+    assert [r.getMessage() for r in caplog.records if "images are small" in r.getMessage()] == [
+        hint
+    ]
