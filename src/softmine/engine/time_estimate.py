@@ -1,11 +1,13 @@
 """One log line, early in a CPU run, that estimates how long the run takes and what cuts it.
 
 ``trainer.time_estimate``: the first step warms up (the loader's workers start, memory is
-allocated), the next one is timed, and the line extrapolates it: step time x the steps
+allocated), the next one is timed (wall time from the end of the first to the end of the
+second, the wait for its batch included), and the line extrapolates it: step time x the steps
 left, plus the evaluations (their images, each at a third of a training step's per-image
 time: a forward pass without the backward, which costs about twice the forward; Kaplan et
 al. 2020, "Scaling Laws for Neural Language Models", sec. 2.1: 2N forward vs 6N training
-FLOPs). Both timed steps are real training steps: the estimate costs nothing but the clock.
+FLOPs). The warm-up and the timed step are real training steps: the estimate costs nothing
+but the clock.
 
 ``auto`` prints it on the CPU when the estimate is at least :data:`AUTO_MIN_S` (a minute):
 a run shorter than that (the digits demo: about 30 s on 2 cores) is over before the line
@@ -92,14 +94,18 @@ def estimate_line(
     where = "on the CPU" if device.type == "cpu" else f"on {device}"
     line = (
         f"time estimate {where}: about {format_duration(total)} left "
-        f"({step_s:.2f} s a step x {plan.steps_left} steps + {plan.evaluations} "
-        f"evaluation{'s' * (plan.evaluations != 1)} of {plan.eval_items} images, "
+        f"({step_s:.2f} s a step x {_count(plan.steps_left, 'step')} + "
+        f"{_count(plan.evaluations, 'evaluation')} of {plan.eval_items} images, "
         f"~{format_duration(eval_s)} each)"
     )
     knobs = cut_knobs(cfg)
     if knobs:
         line += "; to cut it: " + ", ".join(knobs)
     return total, line
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' * (n != 1)}"
 
 
 def cut_knobs(cfg: DictConfig) -> list[str]:
