@@ -13,6 +13,7 @@ from softmine.data import CSVDataset, ImageFolder
 from softmine.data.build import build_split
 from softmine.data.custom import held_out, number_names
 from softmine.data.datasets.csvlist import CSVImages, CSVTracklets, read_csv_table
+from softmine.data.image_sizes import fitting_resolution, small_images_hint
 from softmine.data.sources import natural_key
 from softmine.engine.embedding import extract_reid_embeddings
 from softmine.engine.evaluator import Evaluator
@@ -396,6 +397,7 @@ def test_eval_protocol_needs_its_nodes() -> None:
 # --------------------------------------------------------------- end to end (CLI)
 
 FAST = [
+    "backbone.pretrained=false",  # the own-data default ResNet-50, never downloaded in a test
     "trainer.max_iters=2",
     "trainer.progress_bar=false",
     "trainer.plots=false",
@@ -453,3 +455,92 @@ def test_training_on_a_missing_csv_is_one_line_and_exit_2(tmp_path: Path) -> Non
     assert res.returncode == 2 and "Traceback" not in res.stderr
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "CSV list: missing file 'list.csv'" in errors[0]
+
+
+# ------------------------------------------------------------- own-data defaults
+
+
+@pytest.mark.parametrize("name", ["imagefolder", "csv"])
+def test_own_data_defaults_to_a_pretrained_resnet50_and_a_fitted_sampler(name: str) -> None:
+    """Composed only (no training): ImageNet ResNet-50, 512-d, the DML transform, P x K auto."""
+    cfg = compose([f"dataset={name}"])
+    b = cfg.backbone
+    assert (b.name, b.pretrained, b.embedding_dim) == ("resnet50", True, 512)
+    assert b.trunk._target_ == "softmine.models.TorchvisionTrunk" and b.trunk.pretrained is True
+    t = cfg.dataset.transform
+    assert (t.resize, t.crop_size, list(t.scale), t.flip) == (256, 224, [0.08, 1.0], 0.5)
+    assert (cfg.sampler.classes_per_batch, cfg.sampler.samples_per_class) == ("auto", "auto")
+    assert cfg.trainer.time_estimate == "auto"
+    # the command line, or an experiment, still picks any other backbone and sampler
+    assert compose([f"dataset={name}", "backbone=resnet18"]).backbone.name == "resnet18"
+    assert compose([f"dataset={name}", "backbone=tiny"]).backbone.name == "tiny"
+    fixed = compose([f"dataset={name}", "sampler=pk"]).sampler
+    assert (fixed.classes_per_batch, fixed.samples_per_class) == (8, 8)
+    modern = compose([f"dataset={name}", "experiment=modern_cub"])
+    assert modern.dataset.name == name and modern.sampler.classes_per_batch == 15
+    digits = compose([])  # the digits demo keeps its small CNN and 8 x 8 batches
+    assert digits.backbone.name == "tiny" and digits.sampler.classes_per_batch == 8
+
+
+def test_without_network_the_default_backbone_says_how_to_go_on_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """softmine-train dataset=imagefolder with the download failing (offline): exit 2, one line
+    naming the file, the TORCH_HOME cache, backbone.pretrained=<file> and pretrained=false."""
+    import sys
+    from urllib.error import URLError
+
+    import torchvision.models._api as api
+
+    from softmine.commands.train import main
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(api, "load_state_dict_from_url", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv("SOFTMINE_DEBUG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    root = make_image_folder(tmp_path / "photos", num_classes=10, images_per_class=4, size=8)
+    args = ["dataset=imagefolder", f"dataset.root={root}", "trainer.device=cpu"]
+    monkeypatch.setattr(sys, "argv", ["softmine-train", *args, f"hydra.run.dir={tmp_path / 'run'}"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: could not download the resnet50 ImageNet weights")
+    for part in (
+        "TORCH_HOME",
+        "backbone.pretrained=/path/to/resnet50-",
+        "backbone.pretrained=false",
+    ):
+        assert part in err[0]
+
+
+def test_images_far_smaller_than_the_crop_get_a_resolution_that_fits_them() -> None:
+    assert fitting_resolution(12, 256, 224) == (32, 32)
+    assert fitting_resolution(100, 256, 224) == (96, 80)  # 2x upscaled at 224: fit them
+    assert fitting_resolution(150, 256, 224) is None  # photos: the DML 256 / 224 stays
+    assert fitting_resolution(12, 24, 24) is None  # already small: nothing smaller to say
+
+
+def test_small_own_images_name_the_transform_keys_before_training(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """12 px images under the default 224 px crop: one warning naming the keys that fit them."""
+    import logging
+
+    from softmine.engine.trainer import Trainer
+
+    root = make_image_folder(tmp_path / "photos", num_classes=10, images_per_class=16)
+    cfg = compose(["dataset=imagefolder", f"dataset.root={root}", *FAST])
+    assert small_images_hint(build_split(cfg.dataset, "train"), cfg.dataset.transform) is None
+    cfg = compose(["dataset=imagefolder", f"dataset.root={root}", "backbone.pretrained=false"])
+    hint = small_images_hint(build_split(cfg.dataset, "train"), cfg.dataset.transform)
+    assert hint is not None and "short side 12 px" in hint
+    assert "dataset.transform.resize=32 dataset.transform.crop_size=32 fits them (49x" in hint
+    with caplog.at_level(logging.WARNING, logger="softmine"):
+        Trainer(cfg, tmp_path / "run")
+    assert [r.getMessage() for r in caplog.records if "images are small" in r.getMessage()] == [
+        hint
+    ]

@@ -10,6 +10,7 @@ from scipy.stats import chisquare
 
 from softmine.data import PKSampler
 from softmine.data.run_batches import RunBatchSampler
+from softmine.data.samplers import fit_pk
 from softmine.errors import ConfigError
 
 
@@ -240,3 +241,40 @@ def test_bad_draw_settings_are_config_errors() -> None:
         PKSampler(labels, 2, 2, draw="uniform")
     with pytest.raises(ConfigError, match="needs sampler.draw=uniform_classes"):
         PKSampler(labels, 2, 2, within_class="independent")
+
+
+# ------------------------------------------------------------- auto P x K (sampler=pk_auto)
+
+
+@pytest.mark.parametrize(
+    ("counts", "want"),
+    [
+        ([8] * 10, (8, 8)),  # 10 classes of 8 or more: the 8 x 8 of sampler=pk
+        ([30] * 10, (8, 8)),  # K at most 8
+        ([3] * 200, (21, 3)),  # small classes: K = 3, P = 64 // 3
+        ([5, 9, 2, 7], (4, 2)),  # the smallest class sets K; P at most the classes
+        ([40, 40], (2, 8)),
+    ],
+)
+def test_fit_pk_follows_its_rule(counts: list[int], want: tuple[int, int]) -> None:
+    assert fit_pk(np.array(counts)) == want
+    p, k = want
+    assert k == max(2, min(8, min(counts))) and p == min(len(counts), 64 // k)
+
+
+def test_auto_sizes_the_sampler_from_its_labels_and_a_number_fixes_one_side() -> None:
+    labels = np.repeat(np.arange(10), 5)  # 10 classes of 5
+    assert (PKSampler(labels, "auto", "auto").P, PKSampler(labels, "auto", "auto").K) == (10, 5)
+    fixed_k = PKSampler(labels, "auto", 4)
+    assert (fixed_k.P, fixed_k.K) == (10, 4)
+    fixed_p = PKSampler(labels, 3, "auto")
+    assert (fixed_p.P, fixed_p.K) == (3, 5)
+    batches = list(PKSampler(labels, "auto", "auto"))
+    assert batches and all(len(b) == 50 for b in batches)
+
+
+def test_auto_is_the_only_word_and_a_class_of_one_is_still_an_error() -> None:
+    with pytest.raises(ConfigError, match="whole number or auto"):
+        PKSampler(np.repeat(np.arange(4), 4), "many", 2)
+    with pytest.raises(ConfigError, match="fewer than K=2"):
+        PKSampler(np.array([0, 0, 1, 2, 2]), "auto", "auto")

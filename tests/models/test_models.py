@@ -241,6 +241,50 @@ def test_torchvision_download_failure_is_a_data_error(monkeypatch):
         TorchvisionTrunk("resnet18", pretrained=True)
 
 
+def test_offline_message_names_the_file_the_cache_and_both_ways_out(monkeypatch, tmp_path):
+    """No network (or a cache miss offline): one line with the weights file, where the torch hub
+    cache looks for it (TORCH_HOME), the backbone.pretrained=<file> key and pretrained=false."""
+    import torchvision.models as tvm
+    import torchvision.models._api as api
+
+    def offline(*args, **kwargs):
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(api, "load_state_dict_from_url", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(DataError) as e:
+        TorchvisionTrunk("resnet50", pretrained=True)
+    message = str(e.value)
+    url = tvm.ResNet50_Weights.DEFAULT.url
+    assert "\n" not in message
+    assert url in message and str(tmp_path / "torch" / "hub" / "checkpoints") in message
+    assert "TORCH_HOME" in message
+    assert f"backbone.pretrained=/path/to/{url.rsplit('/', 1)[-1]}" in message
+    assert "backbone.pretrained=false" in message
+
+
+def test_a_local_weights_file_loads_as_the_published_ones(tmp_path):
+    """backbone.pretrained=<file.pth>: a torchvision state dict (with or without its
+    classifier) is loaded without any download."""
+    import torchvision.models as tvm
+
+    torch.manual_seed(0)
+    reference = tvm.resnet18(weights=None).state_dict()
+    full = tmp_path / "resnet18-f37072fd.pth"
+    torch.save(reference, full)
+    trunk = TorchvisionTrunk("resnet18", pretrained=str(full))
+    torch.testing.assert_close(trunk.model.conv1.weight, reference["conv1.weight"])
+    assert trunk.weights == str(full)
+    headless = tmp_path / "headless.pth"
+    torch.save({k: v for k, v in reference.items() if not k.startswith("fc.")}, headless)
+    trunk = TorchvisionTrunk("resnet18", pretrained=str(headless))
+    torch.testing.assert_close(trunk.model.layer4[1].bn2.weight, reference["layer4.1.bn2.weight"])
+    with pytest.raises(DataError, match="does not exist"):
+        TorchvisionTrunk("resnet18", pretrained=str(tmp_path / "missing.pth"))
+    with pytest.raises(DataError, match="do not fit"):
+        TorchvisionTrunk("resnet50", pretrained=str(full))
+
+
 def test_torchvision_errors():
     with pytest.raises(ConfigError, match="unknown torchvision model 'resnet19'"):
         TorchvisionTrunk("resnet19")

@@ -28,6 +28,7 @@ and a resume part-way is exact as for the other draw.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -35,7 +36,12 @@ from torch.utils.data import Sampler
 
 from softmine.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 DRAWS = ("epochs", "uniform_classes")
+AUTO = "auto"
+#: ``auto`` P x K: the largest K and the batch cap (the 8 x 8 = 64 of ``sampler=pk``)
+AUTO_MAX_K, AUTO_MAX_BATCH = 8, 64
 WITHIN_CLASS = ("distinct", "independent")
 
 
@@ -56,13 +62,51 @@ def distinct_draws(rng: np.random.Generator, n: np.ndarray, k: int) -> np.ndarra
     return rng.permuted(out, axis=1)
 
 
+def fit_pk(counts: Sequence[int] | np.ndarray) -> tuple[int, int]:
+    """P and K that fit training classes of ``counts`` items (``sampler.*=auto``).
+
+    K = the smallest class's size, at most 8 (every class then gives K distinct items);
+    P = as many classes as fit a batch of 64 at that K, at most all classes:
+    ``K = min(8, min(counts))``, ``P = min(C, 64 // K)``. 10 classes of 8 or more
+    training images: 8 x 8; 200 classes of 3: 21 x 3. A class of one item has no
+    positive pair: :class:`PKSampler` then says so.
+    """
+    counts = np.asarray(counts)
+    if len(counts) == 0:
+        return 1, 2
+    k = max(2, min(AUTO_MAX_K, int(counts.min())))
+    return min(len(counts), AUTO_MAX_BATCH // k), k
+
+
+def _resolve_auto(labels: np.ndarray, p: int | str, k: int | str) -> tuple[int, int]:
+    """``classes_per_batch`` / ``samples_per_class``, an ``auto`` one replaced by :func:`fit_pk`'s."""
+    for key, value in (("classes_per_batch", p), ("samples_per_class", k)):
+        if isinstance(value, str) and value != AUTO:
+            raise ConfigError(f"sampler.{key} must be a whole number or auto (got {value!r})")
+    if p != AUTO and k != AUTO:
+        return int(p), int(k)
+    _, counts = np.unique(labels, return_counts=True)
+    k = fit_pk(counts)[1] if k == AUTO else int(k)
+    p = max(1, min(len(counts), AUTO_MAX_BATCH // k)) if p == AUTO else int(p)
+    log.info(
+        "sampler: P=%d classes x K=%d images a batch (auto: K = the smallest class's training "
+        "images, at most %d; P = the classes that fit a batch of %d)",
+        p,
+        k,
+        AUTO_MAX_K,
+        AUTO_MAX_BATCH,
+    )
+    return p, k
+
+
 class PKSampler(Sampler[list[int]]):
     """Yields lists of P*K dataset indices: P classes x K samples per class.
 
     Args:
         labels: label of every dataset item.
-        classes_per_batch: P, classes in a batch.
-        samples_per_class: K, samples of each of those classes in a batch.
+        classes_per_batch: P, classes in a batch; ``"auto"``: :func:`fit_pk`'s P.
+        samples_per_class: K, samples of each of those classes in a batch; ``"auto"``:
+            :func:`fit_pk`'s K (the smallest class, at most 8).
         seed: base seed; epoch ``e`` uses ``(seed, e)``.
         allow_replacement: let classes with fewer than K items fill their K slots by
             sampling with replacement; by default such classes are an error.
@@ -83,8 +127,8 @@ class PKSampler(Sampler[list[int]]):
     def __init__(
         self,
         labels: Sequence[int] | np.ndarray,
-        classes_per_batch: int,
-        samples_per_class: int,
+        classes_per_batch: int | str,
+        samples_per_class: int | str,
         seed: int = 0,
         allow_replacement: bool = False,
         rank: int = 0,
@@ -95,6 +139,9 @@ class PKSampler(Sampler[list[int]]):
         within_class: str = "distinct",
     ) -> None:
         labels = np.asarray(labels)
+        classes_per_batch, samples_per_class = _resolve_auto(
+            labels, classes_per_batch, samples_per_class
+        )
         if draw not in DRAWS or within_class not in WITHIN_CLASS:
             raise ConfigError(
                 f"sampler.draw must be one of {DRAWS} and sampler.within_class one of "

@@ -9,6 +9,7 @@ them. :func:`setup_process` comes first: device, seeds and backends.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from softmine.config import build
+from softmine.data.image_sizes import small_images_hint
 from softmine.data.run_batches import RunBatchSampler, SeededItems
 from softmine.data.splits import build_train_and_validation
 from softmine.engine.distributed import DistEnv
@@ -44,6 +46,8 @@ from softmine.errors import ConfigError
 from softmine.losses.memory import CrossBatchMemory
 from softmine.runs.layout import RunLayout
 from softmine.runs.signals import ignore_interrupts
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -138,6 +142,9 @@ def build_components(
     evaluator = Evaluator(cfg, device, dist=dist, validation=validation, test=mode != NEVER)
     # every split's image files, before any training: all the unreadable ones at once
     evaluator.check_files(train_set, RunLayout(run_dir).bad_images, write=dist.is_main)
+    hint = small_images_hint(train_set, OmegaConf.select(cfg, "dataset.transform"))
+    if hint and dist.is_main:  # a resolution that fits the data
+        log.warning("%s", hint)
     labels = np.asarray(train_set.labels)
     num_classes = _check_train_labels(labels)
     monitor = resolve_monitor(str(tcfg.monitor), evaluator.metric_names(test=mode == EVERY))

@@ -335,6 +335,11 @@ class Evaluator:
             slots.update(val_query=(val, "query"), val_gallery=(val, "gallery"))
         return slots
 
+    def items_per_evaluation(self) -> int:
+        """Items one evaluation embeds: every split it reads (test or query + gallery, and
+        the validation split's)."""
+        return sum(len(self._split(name)) for name in self._slots())
+
     def _missing_items(self, name: str) -> int:
         """Items split ``name`` dropped when it was built: its missing image files (one an
         item; none counted for the validation reading, whose are the whole training split's)."""

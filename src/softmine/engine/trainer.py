@@ -53,6 +53,7 @@ from softmine.engine.setup import describe_device, rank_seed
 from softmine.engine.state import TrainState
 from softmine.engine.step import TrainStep
 from softmine.engine.step_stats import EPOCH, INTERVAL, StepStats
+from softmine.engine.time_estimate import TimeEstimate, run_plan
 from softmine.engine.validate import EVERY, FINAL, validate_config
 from softmine.errors import ConfigError, DataError, StorageError, TrainingError
 from softmine.evaluation import retrieval_metrics
@@ -287,6 +288,7 @@ class Trainer:
             progress_bar(t, p.total_steps, self.state.step, p.dist.is_main) as bar,
         ):
             s = self.state
+            estimate = TimeEstimate(self.cfg, p.device, lambda step: run_plan(t, p, step), s.step)
             self._start_run_batches()
             seed = rank_seed(int(self.cfg.seed), p.dist.rank)  # workers differ per rank
             p.loader_generator.manual_seed(seed * 1_000_003 + s.epoch)
@@ -298,6 +300,8 @@ class Trainer:
                 for x, y in clock.wrap(batches, left):
                     values = self.train_step(x, y)
                     s.step += 1
+                    if p.dist.is_main:  # trainer.time_estimate: one line after the timed step
+                        estimate.after_step(s.step)
                     s.batch += 1
                     steps_here += 1
                     clock.images += len(y)

@@ -17,6 +17,7 @@ from softmine.engine.evaluator import eval_protocol, reid_variants
 from softmine.engine.logger import check_loggers
 from softmine.engine.precision import PRECISIONS
 from softmine.engine.setup import SHARING_STRATEGIES, resolve_device
+from softmine.engine.time_estimate import time_estimate_mode
 from softmine.errors import ConfigError
 from softmine.evaluation.reid import AP_TYPES
 from softmine.evaluation.rerank import EXPANSIONS
@@ -252,7 +253,8 @@ def validate_config(cfg: DictConfig, run_dir: Path | None = None) -> None:
         raise ConfigError("backbone.embedding_dim must be a positive integer (got null)")
     _int(cfg, "backbone.embedding_dim", 1, "a positive integer")
     for key in ("sampler.classes_per_batch", "sampler.samples_per_class"):
-        _int(cfg, key, 1, "a positive integer")
+        if _node(cfg, key) != "auto":  # auto: fitted to the training labels (sampler=pk_auto)
+            _int(cfg, key, 1, "a positive integer or auto")
     _check_lr(cfg)
     _check_optimizer(cfg)
     _check_evaluation(cfg)
@@ -294,6 +296,7 @@ def validate_config(cfg: DictConfig, run_dir: Path | None = None) -> None:
     if str(t.get("num_threads", "auto")) != "auto":
         _int(cfg, "trainer.num_threads", 1, "auto or a whole number >= 1")
     resolve_device(t.device, warn=False)
+    time_estimate_mode(t)
     check_loggers(t.get("loggers", ["csv"]))
     if run_dir is not None:
         check_writable(Path(run_dir))

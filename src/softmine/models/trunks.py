@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import difflib
 import warnings
+from pathlib import Path
 from typing import Any
 from urllib.error import URLError
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from softmine.errors import ConfigError, DataError
 from softmine.models.normalization import InputNormalize
+from softmine.models.weights import is_url, load_matching_state_dict, read_state_dict
 
 
 def _check_pretrained(pretrained: object) -> None:
@@ -87,6 +90,33 @@ def _set_pooling(model: nn.Module, arch: str, pooling: str) -> None:
     model.avgpool = GlobalPool(pooling)
 
 
+def is_weights_file(name: str) -> bool:
+    """Whether a ``backbone.pretrained`` string names a file or URL rather than a weights enum."""
+    return is_url(name) or "/" in name or "\\" in name or name.endswith((".pth", ".pt"))
+
+
+def offline_hint(arch: str, weights: Any, error: BaseException) -> str:
+    """The one line a failed download of torchvision weights gives: the file, where it goes,
+    and the two ways to run without the network."""
+    url = str(getattr(weights, "url", "") or "")
+    name = url.rsplit("/", 1)[-1] or f"{arch}.pth"
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    return (
+        f"could not download the {arch} ImageNet weights {weights} ({error}); without internet "
+        f"access fetch {url or name} elsewhere and either put it in {cache} (the torch hub "
+        f"cache; set TORCH_HOME to move it) or give backbone.pretrained=/path/to/{name}, "
+        "or train from random weights with backbone.pretrained=false"
+    )
+
+
+def _load_file(model: nn.Module, source: str) -> None:
+    """Load a torchvision state dict from a file or URL into ``model`` (classifier included
+    or not: a file without it leaves the classifier that is removed next at its init)."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    classifier = (f"{linears[-1]}.",) if linears else ()
+    load_matching_state_dict(model, read_state_dict(source), source=source, new_prefixes=classifier)
+
+
 class TorchvisionTrunk(nn.Module):
     """Any torchvision classification model by name, with its classifier removed.
 
@@ -95,7 +125,11 @@ class TorchvisionTrunk(nn.Module):
             e.g. ``resnet18``, ``resnet50``, ``googlenet``.
         pretrained: ``True``: the ImageNet weights torchvision recommends (``DEFAULT``);
             a string: a member of the model's weights enum (e.g. ``IMAGENET1K_V1``);
-            ``False``: random init. Weights are downloaded once into the torch hub cache.
+            a ``.pth`` file path or ``http(s)://`` URL: a state dict of the same torchvision
+            model (its classifier may be absent), for machines without internet access;
+            ``False``: random init. Weights are downloaded once into the torch hub cache
+            (``$TORCH_HOME/hub/checkpoints``); a failed download is one :class:`DataError`
+            that names the file, the URL and both offline options (:func:`offline_hint`).
         pooling: global pooling of the last feature map: ``avg`` (the model's own),
             ``max``, or ``avg+max`` (their sum, Proxy-Anchor's ResNet-50); see :class:`GlobalPool`.
         **kwargs: passed to the torchvision model constructor.
@@ -120,30 +154,33 @@ class TorchvisionTrunk(nn.Module):
             raise ConfigError(
                 f"unknown torchvision model {arch!r}; choose one of {', '.join(names)}"
             )
-        weights = None
+        weights, weights_file = None, None
         if pretrained:
             enum = tvm.get_model_weights(arch)
             key = "DEFAULT" if pretrained is True else str(pretrained)
-            if key not in enum.__members__:
+            if key in enum.__members__:
+                weights = enum[key]
+            elif is_weights_file(key):
+                weights_file = key
+            else:
                 raise ConfigError(
-                    f"{arch} has no weights {key!r}; choose true or one of {list(enum.__members__)}"
+                    f"{arch} has no weights {key!r}; choose true, one of "
+                    f"{list(enum.__members__)}, or a .pth file path or URL"
                 )
-            weights = enum[key]
         try:
             with warnings.catch_warnings():
                 # GoogLeNet warns that its default init will change; irrelevant here.
                 warnings.filterwarnings("ignore", category=FutureWarning)
                 model = tvm.get_model(arch, weights=weights, **kwargs)
         except (URLError, OSError) as e:
-            raise DataError(
-                f"could not download the {arch} weights {weights} ({e}); without internet access "
-                "put the file in the torch hub cache ($TORCH_HOME/hub/checkpoints) or set "
-                "backbone.pretrained=false"
-            ) from e
+            raise DataError(offline_hint(arch, weights, e)) from e
+        if weights_file is not None:
+            _load_file(model, weights_file)
         _drop_aux_heads(model)
         _set_pooling(model, arch, pooling)
         self.out_features = _strip_classifier(model)
-        self.arch, self.weights = arch, None if weights is None else str(weights)
+        self.arch = arch
+        self.weights = weights_file if weights is None else str(weights)
         self.model = model
 
     def forward(self, x: Tensor) -> Tensor:
