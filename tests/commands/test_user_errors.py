@@ -84,7 +84,7 @@ def test_cross_batch_memory_on_a_loss_without_pairs_is_one_line_naming_the_fix(
     )
     assert code == 2
     line = _one_line(err)
-    assert f"{overrides[0]} has no pairs for a cross-batch memory" in line
+    assert f"{overrides[0]} does not take a cross-batch memory" in line
     assert "drop loss.memory" in line and "contrastive" in line
 
 

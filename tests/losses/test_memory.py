@@ -424,8 +424,8 @@ def test_memory_with_a_proxy_or_classifier_loss_is_one_clear_line(loss, name) ->
         build_memory({"memory": "xbm", "memory_size": 10}, loss, f"loss={name}")
     message = str(err.value)
     assert "\n" not in message
-    assert message.startswith(f"loss={name} has no pairs for a cross-batch memory")
-    assert "use a pair loss" in message and "drop loss.memory" in message
+    assert message.startswith(f"loss={name} does not take a cross-batch memory")
+    assert "use one of them" in message and "drop loss.memory" in message
 
 
 @pytest.mark.parametrize(

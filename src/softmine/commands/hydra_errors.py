@@ -143,11 +143,11 @@ def memory_losses() -> list[str]:
 
 
 def _no_memory(key: str, argv: Sequence[str]) -> str:
-    """``loss.memory*`` given to a loss without pairs (a proxy or classifier loss)."""
+    """``loss.memory*`` given to a loss that takes no memory (a proxy or classifier loss, circle)."""
     words = [a for a in argv if not a.startswith(("+", "~")) and override_key(a) == "loss"]
     loss = f"loss={words[-1].partition('=')[2]}" if words else "this loss"
     return (
-        f"{loss} has no pairs for a cross-batch memory ({key} is a key of the pair losses: "
+        f"{loss} does not take a cross-batch memory ({key} is a key of the losses that do: "
         f"{', '.join(memory_losses())}); use one of them or drop {key}"
     )
 

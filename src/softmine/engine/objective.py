@@ -78,8 +78,9 @@ def build_loss(node: DictConfig, model: nn.Module, **sizes: Any) -> nn.Module:
     The cross-batch memory's keys (``loss.memory*``) are not the loss's: :func:`build_memory`
     reads them.
     """
-    if any(k in node for k in MEMORY_KEYS):
-        node = OmegaConf.masked_copy(node, [k for k in node if k not in MEMORY_KEYS])
+    if any(k in node for k in MEMORY_KEYS):  # resolved first: ``${loss.x}`` reads the run's config
+        resolved = OmegaConf.to_container(node, resolve=True)
+        node = OmegaConf.create({k: v for k, v in resolved.items() if k not in MEMORY_KEYS})
     try:
         loss = build(node, "loss", **sizes)
     except MissingFeatureError as e:

@@ -238,9 +238,9 @@ def build_memory(
     needs = needs_of(loss)
     if not needs.takes_memory:
         raise ConfigError(
-            f"{loss_side} has no pairs for a cross-batch memory (loss.memory={kind} pairs the "
-            "batch with stored embeddings, which only pair losses use); use a pair loss "
-            "(e.g. loss=contrastive, multi_similarity or osm_caa) or drop loss.memory"
+            f"{loss_side} does not take a cross-batch memory (loss.memory={kind} pairs the "
+            "batch with stored embeddings, which pair losses such as contrastive, "
+            "multi_similarity and osm_caa use); use one of them or drop loss.memory"
         )
     return CrossBatchMemory(
         size=node["memory_size"],
