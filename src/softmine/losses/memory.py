@@ -68,6 +68,10 @@ class CrossBatchMemory(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
+        # ring-buffer bookkeeping on the host: no graph for torch.compile. Wrapped here, not
+        # decorated on the class: the decorator imports torch._dynamo (1.3 s) in every
+        # command that imports the losses, memory or not
+        self.forward = torch.compiler.disable(self.forward)  # type: ignore[method-assign]
         if int(size) < 1:
             raise ConfigError(f"loss.memory_size must be >= 1 embedding (got {size})")
         if int(start) < 0:
@@ -158,7 +162,6 @@ class CrossBatchMemory(nn.Module):
         }
 
     # ------------------------------------------------------------------ training
-    @torch.compiler.disable  # ring-buffer bookkeeping on the host: no graph to compile
     def forward(
         self,
         loss_fn: nn.Module,
