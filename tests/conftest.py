@@ -14,11 +14,10 @@ import runpy
 import signal
 import subprocess
 import sys
-import tempfile
-import time
 import traceback
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,25 +28,92 @@ def run_cli(
     args: list[str], cwd: Path, timeout: float = 300, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
     """Run ``python -m <args>`` in ``cwd`` with the test interpreter (``env`` added to the
-    environment); returns the completed process.
-
-    The command runs in a child process forked from the test process (:func:`_forked`), so
-    it has its own exit status, signals and module state but does not pay the few seconds
-    of importing torch and the rest again; where a fork would differ from a fresh
-    interpreter (``env`` changes a ``PYTHON*`` variable, CUDA is initialised here) it is a
-    fresh ``python -m`` instead.
-    """
+    environment); returns the completed process (a child forked as :class:`ForkedPopen`)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "SOFTMINE_DEBUG": "", **(env or {})}
-    if _can_fork(env):
-        return _forked(args, cwd, timeout, env)
-    return subprocess.run(
-        [sys.executable, "-m", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    cmd = [sys.executable, "-m", *args]
+    pipe = subprocess.PIPE
+    with ForkedPopen(cmd, cwd=cwd, env=env, stdout=pipe, stderr=pipe, text=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+class ForkedPopen(subprocess.Popen):
+    """A ``Popen`` of ``python -m <module> ...`` whose child is forked from the test process
+    instead of a fresh interpreter: its own process (pid, exit status, signals, pipes, session)
+    that does not pay the few seconds of importing torch, Hydra and the engine again.
+
+    Where a fork would differ from a fresh interpreter (``env`` changes a ``PYTHON*``
+    variable, CUDA is initialised in this process, the command is not ``python -m``) the
+    child is a fresh interpreter, as ``Popen`` makes it.
+    """
+
+    def _execute_child(  # type: ignore[override]
+        self,
+        args: list[str],
+        executable: Any,
+        preexec_fn: Any,
+        close_fds: bool,
+        pass_fds: Any,
+        cwd: Any,
+        env: Any,
+        startupinfo: Any,
+        creationflags: int,
+        shell: bool,
+        p2cread: int,
+        p2cwrite: int,
+        c2pread: int,
+        c2pwrite: int,
+        errread: int,
+        errwrite: int,
+        restore_signals: bool,
+        gid: Any,
+        gids: Any,
+        uid: Any,
+        umask: int,
+        start_new_session: bool,
+        *rest: Any,
+    ) -> None:
+        env = dict(os.environ if env is None else env)
+        forkable = (
+            isinstance(args, list) and args[:2] == [sys.executable, "-m"] and not shell
+        ) and preexec_fn is None
+        if not (forkable and _can_fork(env)):
+            super()._execute_child(  # type: ignore[misc]
+                args, executable, preexec_fn, close_fds, pass_fds, cwd, env, startupinfo,
+                creationflags, shell, p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite,
+                restore_signals, gid, gids, uid, umask, start_new_session, *rest,
+            )  # fmt: skip
+            return
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            code = 1
+            try:
+                if start_new_session:
+                    os.setsid()
+                for fd, target in ((p2cread, 0), (c2pwrite, 1), (errwrite, 2)):
+                    if fd != -1:
+                        os.dup2(fd, target)
+                for fd in (p2cwrite, c2pread, errread):
+                    if fd != -1:
+                        os.close(fd)
+                code = _child(args[2:], Path(cwd or os.getcwd()), env)
+            finally:
+                os._exit(code)
+        self.pid = pid
+        self._child_created = True
+        if p2cread != -1 and p2cwrite != -1:
+            os.close(p2cread)
+        if c2pwrite != -1 and c2pread != -1:
+            os.close(c2pwrite)
+        if errwrite != -1 and errread != -1:
+            os.close(errwrite)
+        if hasattr(self, "_devnull"):
+            os.close(self._devnull)
 
 
 def _can_fork(env: dict[str, str]) -> bool:
@@ -61,45 +127,9 @@ def _can_fork(env: dict[str, str]) -> bool:
     return torch is None or not torch.cuda.is_initialized()
 
 
-def _forked(
-    args: list[str], cwd: Path, timeout: float, env: dict[str, str]
-) -> subprocess.CompletedProcess:
-    """``python -m <args>`` in a child forked from this process (stdout, stderr captured)."""
-    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 1
-        try:
-            code = _child(args, cwd, env, out.fileno(), err.fileno())
-        finally:
-            os._exit(code)
-    deadline = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise subprocess.TimeoutExpired(["python", "-m", *args], timeout)
-        time.sleep(0.02)
-    texts = []
-    for f in (out, err):
-        f.seek(0)
-        texts.append(f.read().decode("utf-8", "replace"))
-        f.close()
-    return subprocess.CompletedProcess(
-        ["python", "-m", *args], os.waitstatus_to_exitcode(status), texts[0], texts[1]
-    )
-
-
-def _child(args: list[str], cwd: Path, env: dict[str, str], out: int, err: int) -> int:
+def _child(args: list[str], cwd: Path, env: dict[str, str]) -> int:
     """Set the forked child up as ``python -m`` would start, run the module; its exit code."""
     try:
-        os.dup2(out, 1)
-        os.dup2(err, 2)
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
         sys.stdin = open(0, closefd=False)  # noqa: SIM115
         sys.stdout = sys.__stdout__ = _stream(1, "strict")
         sys.stderr = sys.__stderr__ = _stream(2, "backslashreplace")

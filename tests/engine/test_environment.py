@@ -30,7 +30,7 @@ from softmine.engine.distributed import export_submitit_ranks
 from softmine.engine.validate import validate_config
 from softmine.errors import ConfigError
 from softmine.runs.signals import ignore_interrupts
-from tests.conftest import FAST_DIGITS, REPO, compose
+from tests.conftest import FAST_DIGITS, REPO, ForkedPopen, compose
 
 # ------------------------------------------------------------------ Ctrl-C and workers
 
@@ -110,7 +110,7 @@ def test_ctrl_c_to_the_process_group_saves_and_exits_cleanly(tmp_path: Path) -> 
         *FAST_DIGITS,
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
+    proc = ForkedPopen(
         cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
     )  # fmt: skip
@@ -284,7 +284,7 @@ def test_two_slurm_tasks_train_as_one_data_parallel_job(tmp_path: Path) -> None:
         *FAST_DIGITS,
     ]
     procs = [
-        subprocess.Popen(
+        ForkedPopen(
             cmd,
             cwd=tmp_path,
             env={**base, **_slurm_env(r, port=port), "OMP_NUM_THREADS": "1"},

@@ -16,7 +16,7 @@ import torch
 
 from softmine.engine import Trainer
 from softmine.errors import ConfigError, TrainingError
-from tests.conftest import FAST_CUB, FAST_DIGITS, compose, run_cli
+from tests.conftest import FAST_CUB, FAST_DIGITS, ForkedPopen, compose, run_cli
 
 # Four short epochs (~45 iterations each) with a checkpoint every 7 iterations.
 RUN = [
@@ -33,7 +33,7 @@ RUN = [
 
 def _start(run_dir: Path, cwd: Path, extra: list[str] = ()) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
+    return ForkedPopen(
         [sys.executable, "-m", *RUN, f"hydra.run.dir={run_dir}", *extra],
         cwd=cwd,
         env=env,

@@ -30,7 +30,7 @@ from softmine.commands.train import train
 from softmine.engine import Trainer
 from softmine.runs.folder import Invocation
 from softmine.testing.fakes import BUILDERS
-from tests.conftest import FAST_CUB, compose, run_cli
+from tests.conftest import FAST_CUB, ForkedPopen, compose, run_cli
 
 VIDEO_SETS = ("mars", "ilidsvid", "prid2011", "lpw")
 #: A small video network and clips, so that a video set builds in a second.
@@ -169,7 +169,7 @@ def test_ctrl_c_then_the_printed_command_resumes_a_cub_run(tmp_path: Path) -> No
         f"hydra.run.dir={run_dir}",
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "SOFTMINE_DEBUG": ""}
-    proc = subprocess.Popen(
+    proc = ForkedPopen(
         [sys.executable, "-m", "softmine.commands.train", *args],
         cwd=tmp_path,
         env=env,

@@ -26,7 +26,7 @@ from softmine.runs.folder import (
     plan_run,
 )
 from softmine.runs.layout import RUN_FILES
-from tests.conftest import FAST_DIGITS, compose, run_cli
+from tests.conftest import FAST_DIGITS, ForkedPopen, compose, run_cli
 
 HOLD_LOCK = """
 import sys, time
@@ -270,7 +270,7 @@ def test_two_processes_into_one_folder(tmp_path: Path) -> None:
     run = tmp_path / "R"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "SOFTMINE_DEBUG": ""}
     first_args = [*RUN[1:], "trainer.epochs=6", "trainer.checkpoint_every=1", "seed=3"]
-    first = subprocess.Popen(
+    first = ForkedPopen(
         [sys.executable, "-m", "softmine.commands.train", *first_args, f"hydra.run.dir={run}"],
         cwd=tmp_path,
         env=env,

@@ -15,7 +15,7 @@ import pytest
 from softmine.commands.train import sweep_job
 from softmine.runs import sweep
 from softmine.runs.folder import Invocation
-from tests.conftest import FAST_DIGITS, compose, run_cli
+from tests.conftest import FAST_DIGITS, ForkedPopen, compose, run_cli
 
 
 def _inv(run_dir: Path, *overrides: str) -> Invocation:
@@ -108,7 +108,7 @@ def test_interrupted_sweep_prints_the_command_that_resumes_it(tmp_path: Path) ->
     folder = tmp_path / "S"
     args = [*SWEEP, "seed=0,1,2", "trainer.checkpoint_every=5", f"hydra.sweep.dir={folder}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "SOFTMINE_DEBUG": ""}
-    proc = subprocess.Popen(
+    proc = ForkedPopen(
         [sys.executable, "-m", *args],
         cwd=tmp_path,
         env=env,
