@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.setup-stamp
 DOCS_STAMP := $(VENV)/.docs-stamp
 
-.PHONY: setup demo test lint bench ablation noise results clean docs docs-serve tune fair \
+.PHONY: setup demo test test-fast lint bench ablation noise results clean docs docs-serve tune fair \
         authors-cub authors-cars authors-mars authors-ilidsvid authors-lpw \
         authors-cub-bbox authors-cars-bbox \
         reproduce-cub reproduce-cars reproduce-mars reproduce-ilidsvid reproduce-lpw \
@@ -22,8 +22,13 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/softmine-train experiment=demo
 
+# `test` is the whole suite as CI runs it, with its 20 slowest tests listed at the end;
+# `test-fast` leaves out the end-to-end runs marked slow (pytest -m slow selects them).
 test: setup
-	$(BIN)/python -m pytest -n auto
+	$(BIN)/python -m pytest -n auto --durations=20
+
+test-fast: setup
+	$(BIN)/python -m pytest -n auto -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check .

@@ -18,6 +18,7 @@ pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
 from softmine.commands import tune as tuning
 from softmine.reporting.fair_benchmark import BASELINES
 from softmine.runs.layout import StudyLayout
+from tests.conftest import ForkedPopen
 
 #: Metric names the test split would write (the validation split's are prefixed val/).
 TEST_METRIC = ("recall@", "map@r", "r_precision", "nmi", "mirror_confusion", "best_test")
@@ -92,8 +93,9 @@ def _compose_with_tuned(tmp_path: Path, written: Path):
 
 
 def test_a_study_resumes_runs_to_its_budget_reads_no_test_split_and_writes_its_setting(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(tuning.subprocess, "Popen", ForkedPopen)  # its sweep, without a new import
     folder = tmp_path / "studies" / "digits_pairs" / "contrastive"
     _interrupted_study(folder, "digits_pairs", "contrastive")
     result = tuning.run_study(
