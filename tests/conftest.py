@@ -30,16 +30,27 @@ def run_cli(
     """Run ``python -m <args>`` in ``cwd`` with the test interpreter (``env`` added to the
     environment); returns the completed process (a child forked as :class:`ForkedPopen`)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "SOFTMINE_DEBUG": "", **(env or {})}
-    cmd = [sys.executable, "-m", *args]
-    pipe = subprocess.PIPE
-    with ForkedPopen(cmd, cwd=cwd, env=env, stdout=pipe, stderr=pipe, text=True) as proc:
+    return run_forked(
+        [sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, timeout=timeout
+    )
+
+
+def run_forked(
+    cmd: list[str], *, capture_output: bool = False, timeout: float | None = None, **kwargs: Any
+) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, text=True, ...)`` with its child started as :class:`ForkedPopen`
+    (``check`` and ``input`` are not taken)."""
+    if capture_output:
+        kwargs.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    kwargs.setdefault("text", True)
+    with ForkedPopen(cmd, **kwargs) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
             raise
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 class ForkedPopen(subprocess.Popen):
@@ -79,10 +90,8 @@ class ForkedPopen(subprocess.Popen):
         *rest: Any,
     ) -> None:
         env = dict(os.environ if env is None else env)
-        forkable = (
-            isinstance(args, list) and args[:2] == [sys.executable, "-m"] and not shell
-        ) and preexec_fn is None
-        if not (forkable and _can_fork(env)):
+        forkable = isinstance(args, list) and args[:2] == [sys.executable, "-m"] and not shell
+        if not (forkable and _can_fork(env, cwd)):
             super()._execute_child(  # type: ignore[misc]
                 args, executable, preexec_fn, close_fds, pass_fds, cwd, env, startupinfo,
                 creationflags, shell, p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite,
@@ -95,6 +104,8 @@ class ForkedPopen(subprocess.Popen):
             try:
                 if start_new_session:
                     os.setsid()
+                if preexec_fn is not None:
+                    preexec_fn()
                 for fd, target in ((p2cread, 0), (c2pwrite, 1), (errwrite, 2)):
                     if fd != -1:
                         os.dup2(fd, target)
@@ -116,13 +127,25 @@ class ForkedPopen(subprocess.Popen):
             os.close(self._devnull)
 
 
-def _can_fork(env: dict[str, str]) -> bool:
-    """Whether a forked child runs a command as a fresh interpreter with ``env`` would."""
+def _can_fork(env: dict[str, str], cwd: Any) -> bool:
+    """Whether a forked child runs a command as a fresh interpreter with ``env`` in ``cwd`` would:
+    the ``PYTHON*`` variables read at start-up are this process's, but for a ``PYTHONPATH``
+    that adds only folders this process has on its path (or the child's working folder)."""
     if not hasattr(os, "fork"):
         return False
     read_at_start = {k for k in {*env, *os.environ} if k.startswith("PYTHON")}
-    if any(env.get(k) != os.environ.get(k) for k in read_at_start - {"PYTHONUNBUFFERED"}):
+    changed = {k for k in read_at_start if env.get(k) != os.environ.get(k)}
+    if changed - {"PYTHONUNBUFFERED", "PYTHONPATH"}:
         return False
+    if "PYTHONPATH" in changed:
+
+        def entries(value: str | None) -> set[str]:
+            return {os.path.realpath(p) for p in (value or "").split(os.pathsep) if p}
+
+        here = {os.path.realpath(p) for p in [*sys.path, cwd or os.getcwd()] if p}
+        wanted = entries(env.get("PYTHONPATH"))
+        if not (wanted <= here and entries(os.environ.get("PYTHONPATH")) <= wanted):
+            return False
     torch = sys.modules.get("torch")
     return torch is None or not torch.cuda.is_initialized()
 
@@ -149,7 +172,12 @@ def _child(args: list[str], cwd: Path, env: dict[str, str]) -> int:
             hydra.GlobalHydra.instance().clear()
         sys.path[0] = str(cwd)
         sys.argv = ["-m", *args[1:]]
-        sys.modules.pop(args[0], None)  # run as __main__, as ``python -m`` does
+        sys.modules.pop(f"{args[0]}.__main__", None)  # run as __main__, as ``python -m`` does
+        module = sys.modules.get(args[0])
+        if module is not None and not hasattr(module, "__path__"):  # a module, not a package
+            del sys.modules[args[0]]
+            if module.__name__ != args[0]:  # an old path (softmine._moved): the module it became
+                sys.modules.pop(module.__name__, None)
     except BaseException:
         traceback.print_exc()
         return 1

@@ -22,6 +22,7 @@ from softmine.data.download import DOWNLOADS
 from softmine.data.sources import SOURCES, check_root
 from softmine.errors import DataError
 from softmine.testing.fakes import BUILDERS
+from tests.conftest import run_forked
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = str(REPO / "configs")
@@ -139,7 +140,7 @@ def test_transform_group_can_be_swapped(fakes: dict[str, Path]) -> None:
 def _script(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """``softmine-data check ARGS`` (a command every install has, unlike a repository script)."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    return subprocess.run(
+    return run_forked(
         [sys.executable, "-m", "softmine.commands.data", "check", *args],
         cwd=cwd,
         env=env,
@@ -230,7 +231,7 @@ def test_check_data_missing_root_is_one_clear_failure(tmp_path: Path) -> None:
 
 def test_train_on_a_missing_dataset_is_one_line_and_exit_2(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "SOFTMINE_DEBUG": ""}
-    res = subprocess.run(
+    res = run_forked(
         [sys.executable, "-m", "softmine.commands.train", "dataset=cub", "dataset.root=/nowhere"],
         cwd=tmp_path,
         env=env,

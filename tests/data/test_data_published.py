@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from softmine.data.build import build_split
 from softmine.data.check import check
 from softmine.errors import DataError
 from softmine.testing.fakes import INSHOP_ITEMS, LPW_PEOPLE, make_inshop, make_lpw, make_sop
-from tests.conftest import REPO, compose
+from tests.conftest import REPO, compose, run_forked
 
 
 @pytest.mark.parametrize(
@@ -231,7 +230,7 @@ def test_check_passes_complete_copies(
 
 def test_softmine_data_check_knows_the_published_counts(sop: Path, tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    res = subprocess.run(
+    res = run_forked(
         [
             sys.executable,
             "-m",

@@ -43,7 +43,7 @@ from tests.caffe_files import (
     random_bn,
     write_caffemodel,
 )
-from tests.conftest import REPO
+from tests.conftest import REPO, run_forked
 
 F32 = np.float32
 
@@ -681,7 +681,7 @@ def test_loading_errors_name_the_caffe_layers(tmp_path: Path) -> None:
 
 
 def _convert(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    return run_forked(
         [sys.executable, "-m", "softmine", "data", "convert-caffemodel", *args],
         capture_output=True,
         text=True,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import subprocess
 import sys
 
 import pytest
 
 from softmine import _moved
+from tests.conftest import run_forked
 
 #: Every module of ``src/softmine`` at 5cfecf3, the commit before the new layout.
 BEFORE = (
@@ -152,7 +152,7 @@ def test_every_moved_name_points_at_a_module_that_exists() -> None:
 
 def test_python_dash_m_softmine_train_still_runs() -> None:
     """The documented torchrun entry (``torchrun ... -m softmine.train``)."""
-    out = subprocess.run(
+    out = run_forked(
         [sys.executable, "-m", "softmine.train", "--version"],
         capture_output=True,
         text=True,

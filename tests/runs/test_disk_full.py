@@ -7,7 +7,6 @@ import json
 import os
 import resource
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 from softmine.engine import Trainer
 from softmine.errors import StorageError
 from softmine.runs.atomic import write_atomic
-from tests.conftest import FAST_DIGITS, compose
+from tests.conftest import FAST_DIGITS, compose, run_forked
 
 
 def _full(f) -> None:
@@ -139,7 +138,7 @@ def test_full_disk_as_a_command_keeps_the_result(tmp_path: Path) -> None:
         *FAST_DIGITS,
     ]
     env = {**os.environ, "SOFTMINE_DEBUG": ""}
-    res = subprocess.run(
+    res = run_forked(
         args, cwd=tmp_path, env=env, capture_output=True, text=True, preexec_fn=_limit_file_size
     )
     assert res.returncode == 2, res.stderr[-3000:]
@@ -151,7 +150,7 @@ def test_full_disk_as_a_command_keeps_the_result(tmp_path: Path) -> None:
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["map@r"] > 0
     assert not list(run.rglob("*.tmp"))
-    again = subprocess.run(
+    again = run_forked(
         [*args, "resume=true"], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     # metrics.json describes a network that is not on disk: resume trains it again and saves it
