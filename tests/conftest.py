@@ -14,6 +14,7 @@ import runpy
 import signal
 import subprocess
 import sys
+import threading
 import traceback
 import warnings
 from pathlib import Path
@@ -198,7 +199,7 @@ def _child(args: list[str], cwd: Path, env: dict[str, str]) -> int:
     except BaseException:
         traceback.print_exc()
         code = 1
-    logging.shutdown()
+    _shut_down()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -209,6 +210,17 @@ def _child(args: list[str], cwd: Path, env: dict[str, str]) -> int:
         os.kill(os.getpid(), signal.SIGINT)
         code = 130
     return code
+
+
+def _shut_down() -> None:
+    """What the interpreter's exit does for the command: join its threads and run its
+    threading exit hooks (a process pool's shutdown, softmine's :func:`signals.exiting`),
+    then flush logging. ``atexit`` is left out: it holds pytest's handlers too."""
+    try:
+        threading._shutdown()  # type: ignore[attr-defined]
+    except BaseException:
+        traceback.print_exc()
+    logging.shutdown()
 
 
 def _stream(fd: int, errors: str) -> io.TextIOWrapper:
