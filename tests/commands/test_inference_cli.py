@@ -64,6 +64,7 @@ def _first_png(pngs: Path, label: int) -> Path:
     return sorted((pngs / str(label)).iterdir())[0]
 
 
+@pytest.mark.slow
 def test_embed_index_search_export_on_digits(
     run: Path, pngs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -139,6 +140,7 @@ def test_skipped_images_are_listed(
     assert len(listing) == 1 and listing[0].startswith(str(folder / "digits" / "0" / "broken.png"))
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_exit_2(
     run: Path, pngs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

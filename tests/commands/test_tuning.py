@@ -92,6 +92,7 @@ def _compose_with_tuned(tmp_path: Path, written: Path):
         )
 
 
+@pytest.mark.slow
 def test_a_study_resumes_runs_to_its_budget_reads_no_test_split_and_writes_its_setting(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

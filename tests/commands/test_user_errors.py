@@ -193,6 +193,7 @@ def test_the_suggested_quoting_is_what_hydra_reads() -> None:
         assert compose([word]).dataset.root == value
 
 
+@pytest.mark.slow
 def test_an_interpolation_in_an_override_is_kept_as_written(
     tmp_path: Path, monkeypatch, capsys
 ) -> None:
@@ -210,6 +211,7 @@ def test_a_learning_rate_that_overflows_is_one_line(tmp_path: Path, monkeypatch,
     assert "optimizer.lr=1e+38 is too large" in _one_line(err)
 
 
+@pytest.mark.slow
 def test_empty_checkpoint_on_resume(tmp_path: Path, monkeypatch, capsys) -> None:
     run = tmp_path / "R"
     args = ["trainer.epochs=1", f"hydra.run.dir={run}", *FAST_DIGITS]

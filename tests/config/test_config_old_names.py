@@ -67,6 +67,7 @@ def test_the_table_names_every_renamed_option_and_its_file() -> None:
 
 
 @pytest.mark.parametrize(("group", "old", "new"), RENAMED)
+@pytest.mark.slow
 def test_an_old_option_composes_the_new_config_and_says_so_once(
     group: str, old: str, new: str
 ) -> None:

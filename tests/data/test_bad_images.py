@@ -463,6 +463,7 @@ def _cache_leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.glob("*") if ".tmp" in p.name)
 
 
+@pytest.mark.slow
 def test_a_killed_cache_build_leaves_no_temporary_file_behind(tmp_path: Path) -> None:
     root = make_cub(tmp_path / "CUB_200_2011", num_classes=4, images_per_class=4)
     script = (

@@ -56,11 +56,13 @@ def fakes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         ("prid2011", "data/prid2011"),
     ],
 )
+@pytest.mark.slow
 def test_default_roots(name: str, root: str) -> None:
     assert _cfg(f"dataset={name}").dataset.root == root
 
 
 @pytest.mark.parametrize("name", ["cub", "cars196"])
+@pytest.mark.slow
 def test_image_configs_build_uint8_224_crops(fakes: dict[str, Path], name: str) -> None:
     cfg = _cfg(f"dataset={name}", f"dataset.root={fakes[name]}")
     train, test = build_split(cfg.dataset, "train"), build_split(cfg.dataset, "test")
@@ -271,6 +273,7 @@ def test_a_missing_set_names_the_commands_that_get_and_check_it(name: str, tmp_p
 
 
 @pytest.mark.parametrize("name", ["cub", "mars"])
+@pytest.mark.slow
 def test_label_noise_on_real_set_configs(fakes: dict[str, Path], name: str) -> None:
     root = f"dataset.root={fakes[name]}"
     clean = build_split(_cfg(f"dataset={name}", root).dataset, "train")

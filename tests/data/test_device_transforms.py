@@ -141,6 +141,7 @@ def test_fallback_box_equals_torchvision_when_no_try_fits() -> None:
     assert (got == ref).all() and tuple(ref[0]) == (0, 49, 1, 1)
 
 
+@pytest.mark.slow
 def test_whole_augmentation_matches_random_resized_crop_and_flip() -> None:
     """Outputs of the device path and of torchvision's RandomResizedCrop + flip on the cached image.
 

@@ -106,6 +106,7 @@ def test_augmentation_is_off_by_default_and_one_key_turns_it_on() -> None:
     assert any(not torch.equal(shifted[i][0], plain.images[i]) for i in range(len(shifted)))
 
 
+@pytest.mark.slow
 def test_held_out_classes_use_digit_images_no_training_pair_uses() -> None:
     from softmine.data.splits import build_train_and_validation
 

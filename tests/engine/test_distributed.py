@@ -85,6 +85,7 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_process_on_the_concatenated_batch(tmp_path: Path) -> None:
     out = tmp_path / "rank0.pt"
     _spawn(_worker, str(tmp_path / "init"), str(out))
@@ -252,6 +253,7 @@ def _one_process(case: str) -> tuple[list[int], dict]:
 
 
 @pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.slow
 def test_split_batch_with_sync_bn_equals_one_process_on_the_whole_batch(
     split_runs: list[dict], case: str
 ) -> None:

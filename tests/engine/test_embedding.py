@@ -185,6 +185,7 @@ def test_reid_tracklets_pool_their_real_frames_then_normalise(mode: str) -> None
     np.testing.assert_array_equal(camids, [0, 1, 0])
 
 
+@pytest.mark.slow
 def test_evaluation_is_numpy_and_faiss_only_and_the_old_path_imports() -> None:
     """``softmine.evaluation`` imports without torch; ``softmine.evaluation.video`` still imports."""
     import subprocess

@@ -56,6 +56,7 @@ def _interrupt_workers(worker_init_fn) -> list[int]:  # noqa: ANN001
     return seen
 
 
+@pytest.mark.slow
 def test_dataloader_workers_ignore_ctrl_c() -> None:
     # Without the fix the workers die of KeyboardInterrupt and the main process with them.
     with pytest.raises(RuntimeError, match="exited unexpectedly"):
@@ -85,6 +86,7 @@ except ValueError:
 """
 
 
+@pytest.mark.slow
 def test_exit_with_a_live_loader_does_not_wait_for_its_workers() -> None:
     """Workers ignore SIGTERM, so multiprocessing's exit would wait for them forever."""
     res = subprocess.run(

@@ -6,12 +6,14 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from tests.conftest import FAST_DIGITS, run_cli
 
 BASE = [*FAST_DIGITS, "trainer.plots=false", "trainer.device=cpu", "trainer.max_iters=7"]
 
 
+@pytest.mark.slow
 def test_every_n_iterations_from_a_start(tmp_path: Path) -> None:
     run = tmp_path / "run"
     args = ["trainer.eval_every_iters=2", "trainer.eval_start_iter=3", "trainer.monitor=recall@1"]
@@ -30,6 +32,7 @@ def test_every_n_iterations_from_a_start(tmp_path: Path) -> None:
     assert not any(k.endswith("eval_s") for k in metrics)
 
 
+@pytest.mark.slow
 def test_a_single_evaluation_adds_no_selection(tmp_path: Path) -> None:
     run = tmp_path / "run"
     res = run_cli(["softmine.commands.train", *BASE, f"hydra.run.dir={run}"], tmp_path)

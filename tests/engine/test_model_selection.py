@@ -205,6 +205,7 @@ def test_reid_validation_on_a_fake_mars(tmp_path: Path) -> None:
     assert len(val.gallery.tracklets) == len(val.gallery)
 
 
+@pytest.mark.slow
 def test_bad_options_stop_before_training(tmp_path: Path) -> None:
     run = tmp_path / "run"
     base = ["softmine.commands.train", *FAST_DIGITS, f"hydra.run.dir={run}"]

@@ -66,6 +66,7 @@ def test_guard_keeps_the_first_bad_step_its_kind_and_values() -> None:
 
 
 @pytest.mark.parametrize("on_nonfinite", ["stop", "skip"])
+@pytest.mark.slow
 def test_a_stop_mode_step_reads_nothing_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, on_nonfinite: str
 ) -> None:

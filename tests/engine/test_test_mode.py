@@ -58,6 +58,7 @@ def test_final_touches_the_test_split_once(tmp_path: Path) -> None:
     assert not [k for k in metrics if k.startswith("best_test/")]  # one test score: no choice
 
 
+@pytest.mark.slow
 def test_every_is_the_default(tmp_path: Path) -> None:
     _, log, _ = _fit(tmp_path)
     assert log["map@r"].notna().all() and log["val/map@r"].notna().all()

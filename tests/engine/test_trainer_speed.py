@@ -98,6 +98,7 @@ def _bar_writes(tmp_path: Path, capsys: pytest.CaptureFixture, interval: float) 
     return capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_progress_bar_off_a_terminal_writes_at_most_every_interval(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -313,6 +313,7 @@ def test_not_an_index_folder(tmp_path: Path) -> None:
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.load: TorchScript is deprecated
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+@pytest.mark.slow
 def test_export_matches_pytorch_on_real_digits(run: Path, tmp_path: Path, fmt: str) -> None:
     loaded = load_model(run, "cpu")
     out = tmp_path / ("m.onnx" if fmt == "onnx" else "m.pt")

@@ -35,6 +35,7 @@ def batches(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
 @pytest.mark.parametrize("name", NAMES)
 @SETTINGS
 @given(batch=batches(), scale=st.floats(0.05, 20.0))
+@pytest.mark.slow
 def test_finite_and_invariant_to_order_and_scale(name: str, batch, scale: float) -> None:
     x, dup, y, k = batch
     torch.manual_seed(0)

@@ -111,6 +111,7 @@ def test_the_layer_list_has_lim0606s_222_weighted_layers() -> None:
             assert nxt.type == "Scale" and nxt.bottom == row.top and len(nxt.shapes) == 2
 
 
+@pytest.mark.slow
 def test_every_weighted_layer_converts_and_loads(full: tuple[Path, list[Layer]]) -> None:
     """All 222 layers give tensors; all but the two ImageNet auxiliary classifiers land in
     the network, and every tensor of the network comes from the file."""
@@ -149,6 +150,7 @@ def test_every_authors_experiment_loads_its_weights_strictly(experiment: str) ->
 
 
 @pytest.mark.parametrize(("branch", "role"), [("loss1", ""), ("loss2", ", the embedding")])
+@pytest.mark.slow
 def test_a_missing_branch_is_an_error_naming_it_unless_partial_load(
     folder: Path,
     full: tuple[Path, list[Layer]],
@@ -180,6 +182,7 @@ def test_a_missing_branch_is_an_error_naming_it_unless_partial_load(
             assert key.startswith(f"{branch}_"), key  # only the branch kept its initialisation
 
 
+@pytest.mark.slow
 def test_a_batchnorm_without_its_scale_is_an_error_unless_partial_load(
     folder: Path, full: tuple[Path, list[Layer]], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -391,6 +391,7 @@ def test_torchvision_trunk_pooling_by_hand(pooling: str) -> None:
     assert trunk.out_features == 512
 
 
+@pytest.mark.slow
 def test_pooling_needs_a_global_average_pool() -> None:
     with pytest.raises(ConfigError, match="avgpool"):
         TorchvisionTrunk("vgg11", pooling="avg+max")

@@ -59,6 +59,7 @@ def test_pool_is_checked() -> None:
         TinyCNN(pool="grid", grid=(0, 4))
 
 
+@pytest.mark.slow
 def test_digits_pairs_defaults_to_the_grid_trunk_and_digits_keeps_its_own() -> None:
     pairs = compose(["dataset=digits_pairs"])
     assert pairs.backbone.name == "tiny_grid"

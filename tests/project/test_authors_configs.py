@@ -130,6 +130,7 @@ def _eval_iterations(cfg) -> list[int]:
     return due
 
 
+@pytest.mark.slow
 def test_authors_mars_runs_their_length_and_evaluates_as_they_did() -> None:
     """train.m:24-26: test_start 40000, test_interval 5000, train_maxiter 100000."""
     cfg = compose(["experiment=authors_mars"])

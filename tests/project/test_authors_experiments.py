@@ -88,6 +88,7 @@ def test_authors_without_data_is_the_clear_data_error(tmp_path: Path, experiment
     assert "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
 def test_make_authors_cub_without_data(tmp_path: Path) -> None:
     res = subprocess.run(
         ["make", "-s", "-C", str(REPO), "authors-cub", f"ARGS=dataset.root={tmp_path / 'none'}"],

@@ -100,6 +100,7 @@ def config_page() -> str:
     return _gen_config_docs().render()
 
 
+@pytest.mark.slow
 def test_configuration_page_has_every_key_of_every_composed_config(config_page: str) -> None:
     rows = _page_rows(config_page)
     # a flow mapping (`a: {x: 1}`) is one row on the page for its leaves
@@ -114,6 +115,7 @@ def test_configuration_page_has_every_key_of_every_composed_config(config_page: 
     assert not missing, f"keys absent from the configuration page: {missing}"
 
 
+@pytest.mark.slow
 def test_configuration_page_has_no_key_that_no_config_has(config_page: str) -> None:
     known: set[str] = set()
     for keys in _composed_configs().values():

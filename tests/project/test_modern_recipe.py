@@ -27,6 +27,7 @@ LOSSES = {
     ("experiment", "dataset", "epoch_iters", "decay_epochs"),
     [("modern_cub", "cub", 40, 5), ("modern_cars", "cars196", 54, 10)],
 )
+@pytest.mark.slow
 def test_modern_recipe_holds_the_published_settings(
     experiment: str, dataset: str, epoch_iters: int, decay_epochs: int
 ) -> None:

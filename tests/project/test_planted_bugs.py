@@ -152,6 +152,7 @@ def _trainer(tmp_path: Path, *overrides: str) -> Trainer:
     return Trainer(cfg, tmp_path)
 
 
+@pytest.mark.slow
 def test_save_best_keeps_the_best_evaluation(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -25,6 +25,7 @@ def _count(img: np.ndarray, color: str, tol: int = 12) -> int:
     return int((np.abs(img - rgb).max(axis=-1) <= tol).sum())
 
 
+@pytest.mark.slow
 def test_training_curves_depend_on_the_log(tmp_path: Path) -> None:
     epochs = np.arange(1, 11)
     log = pd.DataFrame(

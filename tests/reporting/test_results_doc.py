@@ -285,6 +285,7 @@ def test_distributed_table_shows_what_the_page_says_of_it() -> None:
     assert "torchrun --nproc_per_node=2 -m softmine.commands.train" in table
 
 
+@pytest.mark.slow
 def test_the_demo_gives_the_same_numbers_at_any_thread_count(tmp_path: Path) -> None:
     """`make demo` printed R@1 0.9922 / MAP@R 0.9808 on two cores where the README (one thread
     per run) says 0.9933 / 0.9797: the thread count changes the order of float sums. The demo

@@ -179,6 +179,7 @@ def test_nonfinite_loss_stops_naming_step_and_keeps_checkpoint(tmp_path: Path) -
     assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_skip_goes_on(tmp_path: Path) -> None:
     t = _trainer(tmp_path, "trainer.on_nonfinite=skip")
     _poison(t, at_call=3)
@@ -209,6 +210,7 @@ def test_nonfinite_gradient_is_caught(tmp_path: Path) -> None:
         t.fit()
 
 
+@pytest.mark.slow
 def test_resume_from_a_different_model_is_a_clear_error(tmp_path: Path) -> None:
     _trainer(tmp_path).fit()
     other = compose(

@@ -126,6 +126,7 @@ FORWARDED = ("root", "on_bad_image", "cache", "cache_size", "cache_dir")
 
 
 @pytest.mark.parametrize("name", ["cub", "mars"])
+@pytest.mark.slow
 def test_a_record_whose_splits_forward_the_loading_options_still_resumes(
     name: str, fake_roots: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -60,6 +60,7 @@ def test_changed_settings_are_refused_and_a_run_is_never_cut_short(
     assert "epochs: 3" in (tmp_path / ".hydra" / "config.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_lower_learning_rate_after_a_nonfinite_stop_is_used(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -88,6 +89,7 @@ def test_lower_learning_rate_after_a_nonfinite_stop_is_used(
     assert "optimizer.lr=0.002" in (tmp_path / ".hydra" / "overrides.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_extended_and_its_first_result_kept(tmp_path: Path) -> None:
     first = train(_inv(tmp_path, "trainer.epochs=1"))
     again = train(_inv(tmp_path, "trainer.epochs=1", "resume=true"))

@@ -64,6 +64,7 @@ def test_the_final_checkpoint_is_on_disk_before_the_final_evaluation(
     assert state["step"] == 6 and state["finished"]
 
 
+@pytest.mark.slow
 def test_a_failed_final_evaluation_keeps_the_model_and_says_how_to_evaluate_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -85,6 +86,7 @@ def test_a_failed_final_evaluation_keeps_the_model_and_says_how_to_evaluate_it(
     assert metrics == reference
 
 
+@pytest.mark.slow
 def test_a_stale_checkpoint_is_named_by_consumers_and_resume_finishes_the_job(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -124,6 +126,7 @@ def test_a_finished_run_drops_temporary_files_of_a_killed_writer(tmp_path: Path)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "not softmine's", "another model's"])
+@pytest.mark.slow
 def test_a_refused_resume_writes_nothing(tmp_path: Path, damage: str) -> None:
     train(_inv(tmp_path))
     (tmp_path / "metrics.json").unlink()  # as if stopped before the end: resume loads last.pt
