@@ -25,6 +25,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: one worker more than the usable cores. Many tests wait on a command they
+    started (a sweep, torchrun, a signal test's training process); the spare worker fills
+    those waits (the suite on 2 cores: 384 s with 2 workers, 354 s with 3)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (cores or 1) + 1
+
+
 def run_cli(
     args: list[str], cwd: Path, timeout: float = 300, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:

@@ -80,7 +80,7 @@ def cosface_loss(
         embeddings: (n, dim) features (normalised here).
         labels: (n,) integer labels in 0..C-1.
         class_weights: (C, dim) class vectors (normalised here).
-        scale: s (64 in the paper's experiments, Sec. 4).
+        scale: s (64 in the paper's experiments).
         margin: m (0.35, the same).
 
     Returns:
@@ -122,8 +122,8 @@ def arcface_loss(
         embeddings: (n, dim) features (normalised here).
         labels: (n,) integer labels in 0..C-1.
         class_weights: (C * sub_centers, dim) class vectors (normalised here).
-        scale: s (64 in the paper, Sec. 3.1).
-        margin: m in radians (0.5 in the paper, Sec. 3.1).
+        scale: s (64 in the paper's experiments).
+        margin: m in radians (0.5 in the paper's experiments).
         sub_centers: K, vectors per class (1: ArcFace; 3 in Sub-center ArcFace).
 
     Returns:
@@ -168,7 +168,7 @@ class CosFaceLoss(MetricLoss):
     Args:
         num_classes: number of training classes (labels 0..num_classes-1).
         embedding_dim: dimension of the embeddings.
-        scale: s (64, the paper's experiments, Sec. 4).
+        scale: s (64, the paper's experiments).
         margin: m (0.35, the same).
     """
 
@@ -196,8 +196,8 @@ class ArcFaceLoss(MetricLoss):
     Args:
         num_classes: number of training classes (labels 0..num_classes-1).
         embedding_dim: dimension of the embeddings.
-        scale: s (64, Sec. 3.1 of the paper).
-        margin: m in radians (0.5, Sec. 3.1 of the paper).
+        scale: s (64, the paper's experiments).
+        margin: m in radians (0.5, the paper's experiments).
         sub_centers: K vectors per class (1: ArcFace; 3: Sub-center ArcFace, ECCV 2020).
     """
 
