@@ -140,6 +140,7 @@ def _memory_worker(rank: int, world: int, init_file: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_with_a_cross_batch_memory_match_one_process(tmp_path: Path) -> None:
     """Every rank enqueues the gathered global batch: the same queue on both ranks as in one
     process, and the same loss (memory term included) and gradients."""

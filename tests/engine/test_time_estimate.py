@@ -126,6 +126,7 @@ def test_a_resumed_run_times_its_second_step(monkeypatch: pytest.MonkeyPatch) ->
     assert plans == [42] and estimate.line is not None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["imagefolder", "csv"])
 def test_own_data_prints_the_estimate_after_the_timed_step_before_the_rest(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, name: str
