@@ -228,6 +228,15 @@ class _Guarded:
             )
 
 
+def _not_installed(key: str, product: str) -> ConfigError:
+    """The one-line error of a tracker in ``trainer.loggers`` whose package is missing
+    (``key``: its name there and its pip extra)."""
+    return ConfigError(
+        f"trainer.loggers has {key} but {product} is not installed; "
+        f"pip install 'softmine[{key}]' or remove {key} from trainer.loggers"
+    )
+
+
 class MlflowLogger(_Guarded):
     """One MLflow run for one softmine run; see the module docstring for what it records.
 
@@ -251,10 +260,7 @@ class MlflowLogger(_Guarded):
             from mlflow.entities import Param
             from mlflow.tracking import MlflowClient
         except ImportError:
-            raise ConfigError(
-                "trainer.loggers has mlflow but MLflow is not installed; "
-                "pip install 'softmine[mlflow]' or remove mlflow from trainer.loggers"
-            ) from None
+            raise _not_installed("mlflow", "MLflow") from None
         run_dir = Path(run_dir)
         uri = settings.get("tracking_uri") or (Path.cwd() / "mlruns").as_uri()
         if _is_file_store(str(uri)):  # MLflow 3 keeps the file store only on request
@@ -369,10 +375,7 @@ class WandbLogger(_Guarded):
         try:
             import wandb
         except ImportError:
-            raise ConfigError(
-                "trainer.loggers has wandb but Weights & Biases is not installed; "
-                "pip install 'softmine[wandb]' or remove wandb from trainer.loggers"
-            ) from None
+            raise _not_installed("wandb", "Weights & Biases") from None
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         id_file = RunLayout(run_dir).wandb_run_id
