@@ -12,7 +12,8 @@ import torch
 from softmine.engine import Trainer
 from softmine.engine.step import TrainStep
 from softmine.errors import ConfigError
-from tests.conftest import FAST_DIGITS, compose
+from softmine.testing.fakes import make_cub
+from tests.conftest import FAST_CUB, FAST_DIGITS, compose
 
 # 6 steps of 20 digits; the memory joins after step 1 and its 50 slots wrap at step 4
 BASE = [
@@ -44,17 +45,41 @@ def _state(t: Trainer) -> dict[str, torch.Tensor]:
     return out
 
 
+# 6 steps of a fake CUB (RGB images through the DML transform, 2 x 3 a batch); the memory
+# joins after step 1 and its 20 slots wrap at step 5
+CUB = [
+    *FAST_CUB,
+    "trainer.num_workers=0",
+    "dataset.transform.resize=16",
+    "dataset.transform.crop_size=12",
+    "trainer.max_iters=6",
+    "trainer.eval_every=0",
+    "trainer.checkpoint_every=3",
+    "trainer.deterministic=true",
+    "loss=osm_caa",
+    "loss.memory=xbm",
+    "loss.memory_size=20",
+    "loss.memory_start=1",
+]
+#: data set -> (overrides, queue length, labels stored after step 3 (steps 2 and 3))
+RUNS = {"digits": (BASE, 50, 40), "fake CUB": (CUB, 20, 12)}
+
+
+@pytest.mark.parametrize("data", sorted(RUNS))
 def test_a_resumed_run_has_the_queue_and_weights_of_an_uninterrupted_one(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data: str
 ) -> None:
     """(3) The queue is checkpointed: stopped after step 3 and resumed, the run ends as one that
     ran its 6 steps through (the same queue, the same weights, bit for bit)."""
-    through = Trainer(compose(BASE), tmp_path / "through")
+    base, size, stored_at_3 = RUNS[data]
+    if base is CUB:
+        base = [*CUB, f"dataset.root={make_cub(tmp_path / 'CUB_200_2011', num_classes=4)}"]
+    through = Trainer(compose(base), tmp_path / "through")
     through.fit()
-    assert through.memory is not None and through.memory.filled == 50
+    assert through.memory is not None and through.memory.filled == size
     assert through.memory.iteration == 6
-    header = (tmp_path / "through" / "train_log.csv").read_text().splitlines()[0]
-    assert "memory_loss" in header.split(",")
+    log = (tmp_path / "through" / "train_log.csv").read_text().splitlines()
+    assert "memory_loss" in log[0].split(",")
 
     save = Trainer.save_checkpoint
 
@@ -66,13 +91,13 @@ def test_a_resumed_run_has_the_queue_and_weights_of_an_uninterrupted_one(
 
     monkeypatch.setattr(Trainer, "save_checkpoint", stop_after_step_3)
     with pytest.raises(Stop):
-        Trainer(compose(BASE), tmp_path / "stopped").fit()
+        Trainer(compose(base), tmp_path / "stopped").fit()
     monkeypatch.setattr(Trainer, "save_checkpoint", save)
     saved = torch.load(tmp_path / "stopped" / "checkpoints" / "last.pt", weights_only=True)
     assert saved["train_state"]["step"] == 3
-    assert saved["memory"]["iteration"] == 3 and len(saved["memory"]["labels"]) == 40
+    assert saved["memory"]["iteration"] == 3 and len(saved["memory"]["labels"]) == stored_at_3
 
-    resumed = Trainer(compose([*BASE, "resume=true"]), tmp_path / "stopped")
+    resumed = Trainer(compose([*base, "resume=true"]), tmp_path / "stopped")
     resumed.fit()
     want, got = _state(through), _state(resumed)
     assert want.keys() == got.keys()
