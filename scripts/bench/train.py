@@ -25,8 +25,10 @@ digits demo), both are timed by the process's CPU time, which other jobs on a
 shared machine do not lengthen (everything the trainer does runs on that thread);
 otherwise (a GPU, several threads, worker processes) by the wall clock.
 
-Settings: the digits demo (tiny CNN, P x K = 8 x 8, one CPU thread as ``make demo``;
-small enough that per-step overheads show) and, with ``--cub``, the authors-CUB
+Settings: the digits demo (``experiment=demo``: tiny CNN, P x K = 8 x 8, one CPU thread,
+no gradient clipping, as ``make demo`` runs it; small enough that per-step overheads
+show), the same with ``trainer.grad_clip=10`` (the trainer then also scales every
+gradient, which the bare step does not: for information) and, with ``--cub``, the authors-CUB
 setting (BN-Inception, 8 x 7, ``backbone.pretrained=false``) on a fake CUB folder at
 ``--cub-size`` pixels.
 Usage: ``python scripts/bench/train.py [--steps 150] [--trials 5] [--cub]``.
@@ -55,7 +57,11 @@ QUIET = ["trainer.progress_bar=false", "trainer.plots=false", "trainer.tensorboa
 
 def settings(root: Path | None, cub_size: int) -> dict[str, list[str]]:
     """Name -> config overrides of each measured setting."""
-    out = {"digits tiny CNN (P x K = 8 x 8)": ["trainer.grad_clip=10.0", "trainer.num_threads=1"]}
+    demo = ["experiment=demo", "trainer.baselines=false"]
+    out = {
+        "digits demo, tiny CNN (P x K = 8 x 8)": demo,
+        "digits demo with trainer.grad_clip=10 (for information)": [*demo, "trainer.grad_clip=10"],
+    }
     if root is not None:
         out[f"authors_cub BN-Inception (8 x 7, {cub_size} px)"] = [
             "experiment=authors_cub",

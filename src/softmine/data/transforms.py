@@ -32,10 +32,12 @@ class RandomShift:
         s, (n, h, w) = self.max_shift, (len(x), *x.shape[-2:])
         d = torch.randint(-s, s + 1, (n, 2))
         padded = torch.nn.functional.pad(x.reshape(n, -1, h, w), (s, s, s, s))
-        rows = (s + d[:, :1] + torch.arange(h))[:, :, None]  # (n, h, 1)
-        cols = (s + d[:, 1:] + torch.arange(w))[:, None, :]  # (n, 1, w)
-        out = padded[torch.arange(n)[:, None, None], :, rows, cols]  # (n, h, w, channels)
-        return out.movedim(-1, 1).reshape(x.shape)
+        rows = s + d[:, :1] + torch.arange(h)  # (n, h): source row of each output row
+        cols = s + d[:, 1:] + torch.arange(w)  # (n, w)
+        # one gather over the flattened padded pixels: (n, 1, h * w) source positions
+        at = (rows[:, :, None] * (w + 2 * s) + cols[:, None, :]).reshape(n, 1, h * w)
+        flat = padded.flatten(2)
+        return flat.gather(2, at.expand(n, flat.shape[1], h * w)).reshape(x.shape)
 
 
 class ResizeRandomResizedCrop:

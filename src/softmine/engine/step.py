@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from typing import Any
 
 import torch
@@ -45,6 +46,21 @@ def _pair_weight_means(weights: torch.Tensor, labels: torch.Tensor) -> dict[str,
     for name, mask in (("osm_weight_pos", same & off), ("osm_weight_neg", ~same)):
         out[name] = torch.where(mask, w, 0).sum() / mask.sum().clamp(min=1)
     return out
+
+
+def clip_gradients(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """The global 2-norm of ``params``' gradients, which are scaled to at most ``max_norm``.
+
+    With ``max_norm`` infinite only the norm is computed (``clip_grad_norm_`` would still
+    multiply every gradient by 1); torch < 2.6 lacks the two halves and clips in one call.
+    """
+    utils = torch.nn.utils
+    if not hasattr(utils, "get_total_norm"):
+        return utils.clip_grad_norm_(params, max_norm)
+    norm = utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if math.isfinite(max_norm):
+        utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
 
 
 def step_values(loss: torch.Tensor, details: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -105,7 +121,7 @@ class TrainStep:
         p.optimizer.zero_grad(set_to_none=True)
         p.scaler.scale(loss).backward()
         p.scaler.unscale_(p.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(p.params, self.max_norm)
+        norm = clip_gradients(p.params, self.max_norm)
         values["grad_norm"] = norm.detach()
         loss_ok = torch.isfinite(values["loss"])
         # fp16's gradient scaler skips a step with Inf gradients itself (and lowers its scale)
