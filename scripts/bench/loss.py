@@ -33,7 +33,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from _timing import MIN_TRIAL_S, Summary, interleave, run_for
+from _timing import MIN_TRIAL_S, TRIALS, Summary, interleave, run_for
 from torch import Tensor, nn
 
 from softmine.losses import OSMCAALoss
@@ -173,7 +173,7 @@ def make_step(fn: Callable[[Tensor, Tensor], Tensor], emb: Tensor, labels: Tenso
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    ap.add_argument("--trials", type=int, default=3, help="interleaved trials of each step")
+    ap.add_argument("--trials", type=int, default=TRIALS, help="interleaved trials of each step")
     ap.add_argument(
         "--min-trial-s", type=float, default=MIN_TRIAL_S, help="least clock time of one trial"
     )
