@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import struct
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -55,10 +56,31 @@ def _key(item: Any) -> str:
     return item.key or "/".join(item.nested_key)
 
 
-def read_offline_run(wandb_dir: Path) -> dict[str, Any]:
+def read_offline_run(wandb_dir: Path, timeout: float = 60.0) -> dict[str, Any]:
     """The one offline run under ``wandb_dir``: its id, name, project, config, history rows
-    (step -> values) and final summary, from its ``.wandb`` file."""
+    (step -> values) and final summary, from its ``.wandb`` file.
+
+    W&B's service writes the file after ``run.finish()`` has returned (tens of ms later on
+    an idle machine, longer under load), so the file is read until it holds the run's exit
+    record, its last.
+    """
     (run_file,) = wandb_dir.glob("offline-run-*/run-*.wandb")
+    deadline = time.monotonic() + timeout
+    from google.protobuf.message import DecodeError
+
+    while True:
+        try:
+            out = _parse_run(run_file)
+        except DecodeError:  # a record still being written
+            out = {"exit": None}
+        if out["exit"] is not None:
+            return out
+        assert time.monotonic() < deadline, f"W&B wrote no exit record to {run_file} in {timeout} s"
+        time.sleep(0.05)
+
+
+def _parse_run(run_file: Path) -> dict[str, Any]:
+    """What :func:`read_offline_run` returns, from the records written so far."""
     out: dict[str, Any] = {"config": {}, "history": {}, "summary": {}, "exit": None}
     for r in _records(run_file):
         kind = r.WhichOneof("record_type")
