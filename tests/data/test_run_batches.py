@@ -198,3 +198,62 @@ def test_one_loader_iterator_and_exact_resume_mid_epoch_with_random_crops(
     assert made == 1
     for a, b in zip(full, in_process, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.3])
+def test_an_in_memory_batch_is_its_items_collated(fraction: float) -> None:
+    """``get_batch`` of shifted, partly flipped digits: the same images, labels and random
+    draws as ``default_collate`` of the items fetched one by one."""
+    from torch.utils.data import default_collate
+
+    from softmine.data import Digits
+    from softmine.data.noise import NoisyLabels
+    from softmine.data.transforms import RandomShift
+
+    data = NoisyLabels(Digits(transform=RandomShift(1)), fraction, seed=1)
+    indices = [5, 3, 700, 5, 0, 12]
+    torch.manual_seed(1)
+    x1, y1 = default_collate([data[i] for i in indices])
+    after = torch.rand(3)
+    torch.manual_seed(1)
+    x2, y2 = data.get_batch(indices)
+    assert torch.equal(torch.rand(3), after)
+    assert torch.equal(x2, x1) and torch.equal(y2, y1) and y2.dtype == torch.long
+    assert fraction == 0 or not torch.equal(y2, torch.as_tensor(data.clean_labels[indices]))
+
+
+def test_a_view_that_maps_indices_has_no_batched_fetch_of_its_own() -> None:
+    """A class subset's items are other indices of the wrapped set: its ``get_batch`` must not
+    be the wrapped set's (forwarded, it would fetch the wrong images)."""
+    from softmine.data import Digits
+    from softmine.data.noise import NoisyLabels
+    from softmine.data.splits import ClassSubset
+
+    digits = Digits()
+    assert callable(digits.get_batch)
+    assert ClassSubset(digits, np.array([3, 4])).get_batch is None
+    assert NoisyLabels(ClassSubset(digits, np.array([3, 4]))).get_batch is None
+
+
+def test_the_trainer_reads_an_in_memory_set_a_batch_at_a_time_and_sees_the_same_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The digits loader fetches whole batches (``WholeBatches``); the batches, shifts and
+    labels are those of the item-by-item loader (a set without ``get_batch``)."""
+    from softmine.data.noise import NoisyLabels
+    from softmine.data.run_batches import WholeBatches
+
+    cfg = compose(["dataset.label_noise=0.2", "trainer.plots=false"])
+
+    def first_batches(run: str) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], object]:
+        t = Trainer(cfg, tmp_path / run)
+        torch.manual_seed(0)
+        return [b for _, b in zip(range(3), t.loader, strict=False)], t.loader.dataset
+
+    whole, dataset = first_batches("whole")
+    assert isinstance(dataset, WholeBatches)
+    monkeypatch.setattr(NoisyLabels, "get_batch", None)
+    items, dataset = first_batches("items")
+    assert not isinstance(dataset, WholeBatches)
+    for (x1, y1), (x2, y2) in zip(whole, items, strict=True):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)

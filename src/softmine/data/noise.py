@@ -9,9 +9,11 @@ The test split is never wrapped, so evaluation always uses the true labels.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import torch
 
 from softmine.data.views import DatasetView
 from softmine.errors import ConfigError
@@ -107,3 +109,16 @@ class NoisyLabels(DatasetView):
         else:
             items = [self.dataset[i] for i in indices]
         return [(it[0], int(self.labels[i]), *it[2:]) for i, it in zip(indices, items, strict=True)]
+
+    @property
+    def get_batch(self) -> Callable[[list[int]], tuple[Any, ...]] | None:  # type: ignore[override]
+        """The wrapped set's batched fetch (``get_batch``) with the noisy labels; None without one."""
+        fetch = getattr(self.dataset, "get_batch", None)
+        if fetch is None:
+            return None
+
+        def get_batch(indices: list[int]) -> tuple[Any, ...]:
+            x, _, *rest = fetch(indices)
+            return (x, torch.as_tensor(self.labels[indices], dtype=torch.long), *rest)
+
+        return get_batch

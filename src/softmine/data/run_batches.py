@@ -19,7 +19,7 @@ augmentation of an item depends on nothing else, and a resume anywhere, with any
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -100,3 +100,18 @@ class SeededItems(Dataset):
             return self.dataset[index]
         finally:
             generator.set_state(state)
+
+
+class WholeBatches(Dataset):
+    """A loader's dataset whose item is a whole batch: ``self[indices]`` is ``fetch(indices)``.
+
+    The trainer's loader reads an in-memory training set through its ``get_batch``
+    (``DataLoader(WholeBatches(...), sampler=<batches>, batch_size=None)``) in its own
+    process: the images are gathered once, not cut into items and stacked again.
+    """
+
+    def __init__(self, fetch: Callable[[list[int]], tuple[Any, ...]]) -> None:
+        self.fetch = fetch
+
+    def __getitem__(self, indices: list[int]) -> tuple[Any, ...]:
+        return self.fetch(indices)

@@ -20,6 +20,9 @@ class DatasetView(Dataset):
     """
 
     OWN: ClassVar[frozenset[str]] = frozenset({"dataset"})
+    #: A view changes indices or labels, which the wrapped set's batched fetch (``get_batch``
+    #: of an in-memory set) would bypass: a view has none unless it defines its own.
+    get_batch: Any = None
 
     def __getattr__(self, name: str) -> Any:
         # Called only for names not found on the wrapper: forward them to the dataset.

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from softmine.config import build
 from softmine.data.image_sizes import small_images_hint
-from softmine.data.run_batches import RunBatchSampler, SeededItems
+from softmine.data.run_batches import RunBatchSampler, SeededItems, WholeBatches
 from softmine.data.splits import build_train_and_validation
 from softmine.engine.distributed import DistEnv
 from softmine.engine.eval_history import resolve_monitor
@@ -243,6 +243,17 @@ def _loader(
         sampler, seed=int(cfg.seed), rank=dist.rank, seed_items=seed_items
     )
     generator = torch.Generator()
+    # an in-memory set fetched in this process gives whole batches (data/run_batches.py)
+    fetch = None if seed_items or device_transform else getattr(train_set, "get_batch", None)
+    if fetch is not None:
+        loader = DataLoader(
+            WholeBatches(fetch),
+            sampler=run_batches,
+            batch_size=None,
+            pin_memory=device.type == "cuda",
+            generator=generator,
+        )
+        return device_transform, run_batches, generator, loader
     loader = DataLoader(
         SeededItems(train_set) if seed_items else train_set,
         batch_sampler=run_batches,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from softmine.errors import ConfigError
 
@@ -60,14 +60,31 @@ class InMemoryImages(Dataset):
         """The items of ``indices`` at once (the DataLoader fetches a batch so): one gather
         and, when the transform has a ``batch`` form (:class:`~softmine.data.transforms.RandomShift`),
         one call of it; the same tensors and random draws as ``[self[i] for i in indices]``."""
+        x = self._gather(indices)
+        if x is None:
+            return [self[i] for i in indices]
+        return list(zip(x.unbind(0), self.targets[indices].tolist(), strict=True))
+
+    def get_batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch ``(x, labels)`` of ``indices``: what ``default_collate`` makes of
+        ``[self[i] for i in indices]`` (the same tensors and random draws), without cutting
+        the gathered images into items and stacking them again. The trainer's loader fetches
+        an in-memory set so (:class:`~softmine.data.run_batches.WholeBatches`)."""
+        x = self._gather(indices)
+        if x is None:
+            x, labels = default_collate([self[i] for i in indices])
+            return x, labels
+        return x, torch.as_tensor(self.targets[indices], dtype=torch.long)
+
+    def _gather(self, indices: list[int]) -> torch.Tensor | None:
+        """The transformed images of ``indices`` as one tensor, or None where the items must
+        be made one by one (a subclass's own ``__getitem__``, a transform without ``batch``)."""
         batch = getattr(self.transform, "batch", None)
         own = type(self).__getitem__ is InMemoryImages.__getitem__
         if not own or (self.transform is not None and batch is None):
-            return [self[i] for i in indices]
+            return None
         x = self.images[torch.as_tensor(indices, dtype=torch.long)]
-        if batch is not None:
-            x = batch(x)
-        return list(zip(x.unbind(0), self.targets[indices].tolist(), strict=True))
+        return x if batch is None else batch(x)
 
 
 class Digits(InMemoryImages):
