@@ -31,6 +31,7 @@ from softmine.engine.validate import validate_config
 from softmine.errors import ConfigError
 from softmine.runs.signals import ignore_interrupts
 from tests.conftest import FAST_DIGITS, REPO, ForkedPopen, compose
+from tests.run_imports import import_what_a_run_imports
 
 # ------------------------------------------------------------------ Ctrl-C and workers
 
@@ -344,7 +345,7 @@ def _rank(rank: int, world: int, init_file: str, run_dir: str, out: str) -> None
 def test_ranks_draw_their_own_augmentations_and_evaluate_rank_0s_network(tmp_path: Path) -> None:
     outs = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
     args = (2, str(tmp_path / "init"), str(tmp_path / "run"), outs)
-    _import_what_a_run_imports()  # once here, not in each rank: they fork from this process
+    import_what_a_run_imports()  # once here, not in each rank: they fork from this process
     tmp_mp.start_processes(_spawned, args=args, nprocs=2, start_method="fork")
     r0, r1 = (torch.load(o, weights_only=False) for o in outs)
     assert not torch.equal(r0["draws"], r1["draws"])  # each rank its own random stream
@@ -355,16 +356,6 @@ def test_ranks_draw_their_own_augmentations_and_evaluate_rank_0s_network(tmp_pat
     for k in r0["after"]:  # evaluation used rank 0's statistics on every rank
         assert torch.equal(r1["after"][k], r0["before"][k]), k
     assert (r0["test"] == r1["test"]).all()  # one network, one set of test embeddings
-
-
-def _import_what_a_run_imports() -> None:
-    """The trainer and what building it imports: the digits (scikit-learn), NMI (its metrics)
-    and torch._dynamo (the first optimizer imports it); seconds each on a busy machine."""
-    import sklearn.datasets  # noqa: F401
-    import sklearn.metrics  # noqa: F401
-    import torch._dynamo  # noqa: F401
-
-    from softmine.engine import Trainer  # noqa: F401
 
 
 def _spawned(rank: int, world: int, init_file: str, run_dir: str, outs: list[str]) -> None:
