@@ -16,6 +16,7 @@ from softmine.commands.train import sweep_job
 from softmine.runs import sweep
 from softmine.runs.folder import Invocation
 from tests.conftest import FAST_DIGITS, ForkedPopen, compose, run_cli
+from tests.run_imports import import_what_a_run_imports
 
 
 def _inv(run_dir: Path, *overrides: str) -> Invocation:
@@ -92,6 +93,7 @@ SWEEP = ["softmine.commands.train", "-m", "trainer.epochs=2", "trainer.device=cp
 def test_a_failing_job_does_not_stop_the_sweep(tmp_path: Path) -> None:
     """The issue's probe: -m optimizer=sgd optimizer.lr=1e9,0.001."""
     folder = tmp_path / "S"
+    import_what_a_run_imports()  # once here, not in the forked sweep
     res = run_cli(
         [*SWEEP, "optimizer=sgd", "optimizer.lr=1e9,0.001", f"hydra.sweep.dir={folder}"], tmp_path
     )
@@ -108,6 +110,7 @@ def test_interrupted_sweep_prints_the_command_that_resumes_it(tmp_path: Path) ->
     folder = tmp_path / "S"
     args = [*SWEEP, "seed=0,1,2", "trainer.checkpoint_every=5", f"hydra.sweep.dir={folder}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "SOFTMINE_DEBUG": ""}
+    import_what_a_run_imports()  # once here, not in the forked sweep
     proc = ForkedPopen(
         [sys.executable, "-m", *args],
         cwd=tmp_path,
@@ -158,7 +161,7 @@ def test_ctrl_c_stops_a_parallel_sweep_gracefully(tmp_path: Path) -> None:
         f"hydra.sweep.dir={folder}",
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "SOFTMINE_DEBUG": ""}
-    proc = subprocess.Popen(
+    proc = ForkedPopen(  # the sweep's process forked from this one; its loky workers: fresh
         [sys.executable, "-m", *args],
         cwd=tmp_path,
         env=env,
