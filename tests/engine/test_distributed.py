@@ -30,7 +30,7 @@ from softmine.engine.objective import Objective
 from softmine.engine.sync_bn import CpuSyncBatchNorm, convert_sync_batchnorm
 from softmine.losses import OSMCAAAuthorsLoss, OSMCAALoss
 from softmine.models import EmbeddingNet, TinyCNN, VideoEmbeddingNet
-from tests.conftest import FAST_DIGITS, compose
+from tests.conftest import FAST_DIGITS, ForkedPopen, compose, run_forked
 
 N, CLASSES, DIM = 16, 4, 8
 TIMEOUT_S = 90
@@ -47,8 +47,10 @@ def _init(rank: int, world: int, init_file: str) -> None:
 
 
 def _spawn(fn: Callable[..., None], *args: Any, world: int = 2) -> None:
-    """Run ``fn(rank, world, *args)`` in ``world`` processes; fail if one fails or they overrun."""
-    ctx = mp.spawn(fn, args=(world, *args), nprocs=world, join=False)
+    """Run ``fn(rank, world, *args)`` in ``world`` processes; fail if one fails or they overrun.
+
+    The ranks are forked from this process (no interpreter start and imports of their own)."""
+    ctx = mp.start_processes(fn, args=(world, *args), nprocs=world, join=False, start_method="fork")
     deadline = time.monotonic() + TIMEOUT_S
     while not ctx.join(timeout=1.0):
         if time.monotonic() > deadline:
@@ -312,7 +314,8 @@ def test_sync_bn_is_a_no_op_in_one_process() -> None:
 
 
 def _cli_rank(rank: int, port: int, overrides: list[str], cwd: Path) -> subprocess.Popen:
-    """One rank of ``softmine.commands.train`` joined by torchrun's environment variables (no torchrun)."""
+    """One rank of ``softmine.commands.train`` joined by torchrun's environment variables (no
+    torchrun), a child forked as :class:`ForkedPopen`."""
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -324,7 +327,7 @@ def _cli_rank(rank: int, port: int, overrides: list[str], cwd: Path) -> subproce
         "SOFTMINE_DEBUG": "",
     }
     cmd = [sys.executable, "-m", "softmine.commands.train", *overrides]
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stderr=subprocess.PIPE, text=True)
+    return ForkedPopen(cmd, cwd=cwd, env=env, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.slow
@@ -374,7 +377,9 @@ def test_torchrun_two_processes_train_and_evaluate(tmp_path: Path) -> None:
         *FAST_DIGITS,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    res = run_forked(
+        cmd, cwd=tmp_path, env=env, capture_output=True, timeout=300
+    )  # its ranks: fresh
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["map@r"] > 0.5  # it learned (an untrained network scores ~0.26)
@@ -418,7 +423,9 @@ def test_torchrun_split_batch_with_sync_bn_trains_on_the_one_process_schedule(
         *overrides,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    res = run_forked(
+        cmd, cwd=tmp_path, env=env, capture_output=True, timeout=300
+    )  # its ranks: fresh
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["map@r"] > 0.5  # it learned (an untrained network scores ~0.26)

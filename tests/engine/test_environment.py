@@ -31,6 +31,7 @@ from softmine.engine.validate import validate_config
 from softmine.errors import ConfigError
 from softmine.runs.signals import ignore_interrupts
 from tests.conftest import FAST_DIGITS, REPO, ForkedPopen, compose
+from tests.run_imports import import_what_a_run_imports
 
 # ------------------------------------------------------------------ Ctrl-C and workers
 
@@ -343,7 +344,9 @@ def _rank(rank: int, world: int, init_file: str, run_dir: str, out: str) -> None
 @pytest.mark.slow
 def test_ranks_draw_their_own_augmentations_and_evaluate_rank_0s_network(tmp_path: Path) -> None:
     outs = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
-    tmp_mp.spawn(_spawned, args=(2, str(tmp_path / "init"), str(tmp_path / "run"), outs), nprocs=2)
+    args = (2, str(tmp_path / "init"), str(tmp_path / "run"), outs)
+    import_what_a_run_imports()  # once here, not in each rank: they fork from this process
+    tmp_mp.start_processes(_spawned, args=args, nprocs=2, start_method="fork")
     r0, r1 = (torch.load(o, weights_only=False) for o in outs)
     assert not torch.equal(r0["draws"], r1["draws"])  # each rank its own random stream
     for k, p in r0["params"].items():  # DDP kept the parameters equal

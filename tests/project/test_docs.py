@@ -9,11 +9,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import importlib.util
 import os
 import re
 import shlex
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +73,31 @@ def _selection(group: str, option: str) -> list[str]:
     return [*base, f"{group}={option}"]
 
 
+@contextlib.contextmanager
+def _config_files_read_once() -> Iterator[None]:
+    """Hydra reads and parses each config file once for all the composes inside, not once
+    per compose (most of a compose's time): every compose gets its own deep copy of what
+    was read, as a fresh read would give it (Hydra changes what it loads)."""
+    from hydra._internal.config_repository import CachingConfigRepository
+
+    read: dict[str, Any] = {}
+    original = CachingConfigRepository.load_config
+
+    def load_config(self: CachingConfigRepository, config_path: str) -> Any:
+        key = f"config_path={config_path}"
+        if key not in self.cache:
+            if config_path not in read:
+                read[config_path] = self.delegate.load_config(config_path=config_path)
+            self.cache[key] = copy.deepcopy(read[config_path])
+        return self.cache[key]
+
+    CachingConfigRepository.load_config = load_config  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        CachingConfigRepository.load_config = original  # type: ignore[method-assign]
+
+
 def _composed_configs() -> dict[str, set[str]]:
     """Every option of every group, composed as softmine-train would: override -> its keys."""
     selections = [[]]
@@ -79,9 +107,10 @@ def _composed_configs() -> dict[str, set[str]]:
             continue
         selections.append(_selection(group, path.stem))
     out = {}
-    for overrides in selections:
-        cfg = OmegaConf.to_container(compose(overrides), resolve=False)
-        out[" ".join(overrides) or "(defaults)"] = _leaves(cfg)
+    with _config_files_read_once():
+        for overrides in map(list, dict.fromkeys(map(tuple, selections))):  # each once
+            cfg = OmegaConf.to_container(compose(overrides), resolve=False)
+            out[" ".join(overrides) or "(defaults)"] = _leaves(cfg)
     return out
 
 

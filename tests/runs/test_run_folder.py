@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from softmine.runs.folder import (
 )
 from softmine.runs.layout import RUN_FILES
 from tests.conftest import FAST_DIGITS, ForkedPopen, compose, run_cli
+from tests.run_imports import import_what_a_run_imports
 
 HOLD_LOCK = """
 import sys, time
@@ -247,6 +249,7 @@ RUN = ["softmine.commands.train", "trainer.epochs=2", "trainer.device=cpu", *FAS
 def test_refused_commands_leave_the_run_folder_unchanged(tmp_path: Path) -> None:
     """The issue's probes: each is refused and the folder, record included, stays byte for byte."""
     run = tmp_path / "R"
+    import_what_a_run_imports()  # once here, not in the forked run
     res = run_cli([*RUN, f"hydra.run.dir={run}"], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     before = _snapshot(run)
@@ -266,10 +269,15 @@ def test_refused_commands_leave_the_run_folder_unchanged(tmp_path: Path) -> None
 
 @pytest.mark.slow
 def test_two_processes_into_one_folder(tmp_path: Path) -> None:
-    """The second exits 2 at once naming the first's PID; the first finishes a consistent folder."""
+    """The second exits 2 at once naming the first's PID; the first finishes a consistent folder.
+
+    The first is stopped (SIGSTOP) from when it holds the folder's lock until the second has
+    exited: it cannot finish first, and a second that waited for the lock would wait forever.
+    """
     run = tmp_path / "R"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "SOFTMINE_DEBUG": ""}
-    first_args = [*RUN[1:], "trainer.epochs=6", "trainer.checkpoint_every=1", "seed=3"]
+    first_args = [*RUN[1:], "trainer.checkpoint_every=1", "seed=3"]
+    import_what_a_run_imports()  # once here, not in the forked run
     first = ForkedPopen(
         [sys.executable, "-m", "softmine.commands.train", *first_args, f"hydra.run.dir={run}"],
         cwd=tmp_path,
@@ -283,9 +291,13 @@ def test_two_processes_into_one_folder(tmp_path: Path) -> None:
         assert first.poll() is None, first.communicate()[1][-2000:]
         assert time.time() - t0 < 120
         time.sleep(0.05)
-    t1 = time.time()
-    second = run_cli([*RUN, "seed=4", f"hydra.run.dir={run}"], tmp_path)
-    waited = time.time() - t1
+    first.send_signal(signal.SIGSTOP)
+    try:
+        t1 = time.time()
+        second = run_cli([*RUN, "seed=4", f"hydra.run.dir={run}"], tmp_path, timeout=60)
+        waited = time.time() - t1
+    finally:
+        first.send_signal(signal.SIGCONT)
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err[-3000:]
     assert second.returncode == 2
@@ -295,5 +307,5 @@ def test_two_processes_into_one_folder(tmp_path: Path) -> None:
     overrides = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())
     assert "seed=3" in overrides and "seed=4" not in overrides
     log = pd.read_csv(run / "train_log.csv")
-    assert log["epoch"].tolist() == [1, 2, 3, 4, 5, 6]
+    assert log["epoch"].tolist() == [1, 2]
     assert not list(run.rglob("*.tmp")) and not (run / RUN_FILES.lock).exists()

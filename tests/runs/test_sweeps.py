@@ -16,6 +16,7 @@ from softmine.commands.train import sweep_job
 from softmine.runs import sweep
 from softmine.runs.folder import Invocation
 from tests.conftest import FAST_DIGITS, ForkedPopen, compose, run_cli
+from tests.run_imports import import_what_a_run_imports
 
 
 def _inv(run_dir: Path, *overrides: str) -> Invocation:
@@ -92,6 +93,7 @@ SWEEP = ["softmine.commands.train", "-m", "trainer.epochs=2", "trainer.device=cp
 def test_a_failing_job_does_not_stop_the_sweep(tmp_path: Path) -> None:
     """The issue's probe: -m optimizer=sgd optimizer.lr=1e9,0.001."""
     folder = tmp_path / "S"
+    import_what_a_run_imports()  # once here, not in the forked sweep
     res = run_cli(
         [*SWEEP, "optimizer=sgd", "optimizer.lr=1e9,0.001", f"hydra.sweep.dir={folder}"], tmp_path
     )
@@ -105,9 +107,13 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_interrupted_sweep_prints_the_command_that_resumes_it(tmp_path: Path) -> None:
+    """Jobs of one epoch (45 steps): job 1 is interrupted at its step-10 check, its first after
+    checkpoints/last.pt (step 5) shows it running; the sweep has until step 40 to see it."""
     folder = tmp_path / "S"
-    args = [*SWEEP, "seed=0,1,2", "trainer.checkpoint_every=5", f"hydra.sweep.dir={folder}"]
+    one_epoch = [a for a in SWEEP if not a.startswith("trainer.epochs=")] + ["trainer.epochs=1"]
+    args = [*one_epoch, "seed=0,1,2", "trainer.checkpoint_every=5", f"hydra.sweep.dir={folder}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "SOFTMINE_DEBUG": ""}
+    import_what_a_run_imports()  # once here, not in the forked sweep
     proc = ForkedPopen(
         [sys.executable, "-m", *args],
         cwd=tmp_path,
@@ -120,7 +126,7 @@ def test_interrupted_sweep_prints_the_command_that_resumes_it(tmp_path: Path) ->
     while not (folder / "1" / "checkpoints" / "last.pt").exists():
         assert proc.poll() is None, proc.communicate()[1][-2000:]
         assert time.time() - t0 < 200
-        time.sleep(0.05)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=200)
     assert proc.returncode == 130, err[-2000:]
@@ -158,7 +164,7 @@ def test_ctrl_c_stops_a_parallel_sweep_gracefully(tmp_path: Path) -> None:
         f"hydra.sweep.dir={folder}",
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "SOFTMINE_DEBUG": ""}
-    proc = subprocess.Popen(
+    proc = ForkedPopen(  # the sweep's process forked from this one; its loky workers: fresh
         [sys.executable, "-m", *args],
         cwd=tmp_path,
         env=env,

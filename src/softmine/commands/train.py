@@ -86,6 +86,7 @@ def train(inv: Invocation) -> dict[str, float]:
         logging.getLogger().setLevel(logging.WARNING)
     _upgrade_old_names(inv, log_them=env.is_main)
     validate_config(cfg)
+    _check_rank_split(cfg, env.world_size)
     lock = RunLock(inv.run_dir) if env.is_main else None
     plan: Plan | None = None
 
@@ -125,6 +126,17 @@ def train(inv: Invocation) -> dict[str, float]:
             handler.close()
         if lock is not None:
             lock.release()
+
+
+def _check_rank_split(cfg: DictConfig, world_size: int) -> None:
+    """A P x K batch that the ranks cannot share (``sampler.split_across_ranks``) is refused
+    at once, before the data sets and the model are built (the sampler would refuse it then)."""
+    sampler = cfg.get("sampler") or {}
+    classes_per_batch = sampler.get("classes_per_batch")
+    if world_size > 1 and sampler.get("split_across_ranks") and isinstance(classes_per_batch, int):
+        from softmine.data.samplers import check_split_across_ranks
+
+        check_split_across_ranks(classes_per_batch, world_size)
 
 
 def _upgrade_old_names(inv: Invocation, log_them: bool) -> None:

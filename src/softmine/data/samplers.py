@@ -99,6 +99,21 @@ def _resolve_auto(labels: np.ndarray, p: int | str, k: int | str) -> tuple[int, 
     return p, k
 
 
+def check_split_across_ranks(classes_per_batch: int, world_size: int) -> None:
+    """``sampler.split_across_ranks=true`` gives each of ``world_size`` ranks P/N whole classes
+    of every batch: a P that the ranks cannot share is a :class:`ConfigError`. ``softmine-train``
+    asks before it builds the data and the model, :class:`PKSampler` again when built."""
+    if classes_per_batch % world_size:
+        raise ConfigError(
+            f"sampler.split_across_ranks=true gives each of the N={world_size} ranks "
+            f"P/N whole classes of every batch, but "
+            f"P=sampler.classes_per_batch={classes_per_batch} is not divisible by "
+            f"N={world_size}; set sampler.classes_per_batch to a multiple "
+            f"of {world_size}, launch a number of processes that divides {classes_per_batch}, "
+            "or set sampler.split_across_ranks=false"
+        )
+
+
 class PKSampler(Sampler[list[int]]):
     """Yields lists of P*K dataset indices: P classes x K samples per class.
 
@@ -178,15 +193,8 @@ class PKSampler(Sampler[list[int]]):
             )
         if not 0 <= rank < world_size:
             raise ConfigError(f"sampler rank {rank} must lie in [0, world_size={world_size})")
-        if split_across_ranks and classes_per_batch % world_size:
-            raise ConfigError(
-                f"sampler.split_across_ranks=true gives each of the N={world_size} ranks "
-                f"P/N whole classes of every batch, but "
-                f"P=sampler.classes_per_batch={classes_per_batch} is not divisible by "
-                f"N={world_size}; set sampler.classes_per_batch to a multiple "
-                f"of {world_size}, launch a number of processes that divides {classes_per_batch}, "
-                "or set sampler.split_across_ranks=false"
-            )
+        if split_across_ranks:
+            check_split_across_ranks(classes_per_batch, world_size)
         self.P, self.K = int(classes_per_batch), int(samples_per_class)
         self.seed = int(seed)
         self.allow_replacement = allow_replacement
