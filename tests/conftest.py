@@ -107,6 +107,9 @@ class ForkedPopen(subprocess.Popen):
                 restore_signals, gid, gids, uid, umask, start_new_session, *rest,
             )  # fmt: skip
             return
+        from tests.run_imports import import_what_a_run_imports
+
+        import_what_a_run_imports()  # once per xdist worker: no child imports them again
         pid = os.fork()
         if pid == 0:  # the child: never returns into pytest
             code = 1
