@@ -265,6 +265,8 @@ def _noise_images(folder: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.load: TorchScript is deprecated
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the input check, a constant
 def test_authors_cub_run_embed_index_search_eval_export(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -334,11 +336,17 @@ def test_authors_cub_run_embed_index_search_eval_export(
     )
     diff = float(re.search(r"max abs difference from PyTorch on random inputs: (\S+)", out)[1])
     assert diff <= 1e-4 and "(N, 3, 96, 96)" in out
-    # the ONNX file of a BN-Inception states its preprocessing: the authors' whole-image resize,
-    # then in the network Caffe's BGR 0..255 minus their mean pixel (tests/inference/
-    # test_inference.py checks the TorchScript file's statement on the DML transform)
+    # the ONNX file of a BN-Inception states its preprocessing as the TorchScript file does:
+    # the authors' whole-image resize, then in the network Caffe's BGR 0..255 minus their mean
+    # pixel (tests/inference/test_inference.py: the statement of the DML transform)
     props = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
     spec = json.loads(props["preprocessing"])
+    _ok(
+        export_main, [str(run_dir), "--format", "torchscript", "-o", str(tmp_path / "m.pt")], capsys
+    )
+    extra = {"preprocessing.json": ""}
+    torch.jit.load(str(tmp_path / "m.pt"), map_location="cpu", _extra_files=extra)
+    assert json.loads(extra["preprocessing.json"]) == spec
     assert spec["image_mode"] == "RGB" and spec["input"]["shape"] == ["N", 3, 96, 96]
     assert spec["steps"] == [
         {
