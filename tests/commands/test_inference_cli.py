@@ -242,7 +242,8 @@ def test_as_a_process_errors_have_no_traceback(tmp_path: Path) -> None:
 # The authors' transform: whole image to 96 x 96; 4 classes x 3 images a batch (not their 8 x 7)
 IMAGE = ["dataset.transform.size=96", "sampler.classes_per_batch=4", "sampler.samples_per_class=3"]
 #: What softmine-train imports beyond this module's imports (torchvision's models alone bring
-#: in torch._dynamo, about 2 s): imported here, the training run_cli forks starts without them.
+#: in torch._dynamo, about 2 s): imported here, the training command forked by run_cli starts
+#: without importing them again.
 TRAIN_IMPORTS = (
     "torchvision.models",
     "hydra._internal.hydra",
