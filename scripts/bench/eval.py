@@ -29,30 +29,19 @@ Run: ``python scripts/bench/eval.py`` (about 5 minutes on 2 CPU cores shared wit
 from __future__ import annotations
 
 import argparse
-import ctypes
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import faiss
 import numpy as np
-from _timing import MIN_TRIAL_S, Summary, headline, interleave, run_for
+from _timing import MIN_TRIAL_S, Summary, fixed_malloc, headline, interleave, run_for
 from threadpoolctl import threadpool_limits
 
 from softmine.evaluation import cmc_map, evaluate_reid, recall_at_k
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
-
-
-def _fixed_malloc() -> None:
-    """mmap every block over 128 KiB and trim freed memory at once (glibc; no-op elsewhere)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD (fixed: no dynamic raising)
-    libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
 
 
 def _kib(field: str) -> int:
@@ -210,7 +199,7 @@ def main() -> None:
     )
     parser.add_argument("--rerank", action="store_true", help="also time re-ranking at MARS size")
     args = parser.parse_args()
-    _fixed_malloc()
+    fixed_malloc()
     if args.threads > 0:
         faiss.omp_set_num_threads(args.threads)
     one_thread = faiss.omp_get_max_threads() == 1

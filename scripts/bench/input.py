@@ -24,7 +24,11 @@ what else the machine runs; wall-clock images/s are printed beside. Also printed
 decode and pad whole images), and the cache's build rate. Each timed trial does at
 least one second of work (passes over the images are repeated until it does, after
 an untimed warm-up trial of each), the measurements take turns trial by trial, and
-each prints the best and the median of its ``--trials``. The last line is
+each prints the best and the median of its ``--trials``. glibc's malloc is told to
+serve every block over 128 KiB by mmap (``_timing.fixed_malloc``): each padded batch
+of (c) is then fresh pages, as a DataLoader worker's shared-memory batch is; with
+glibc's default, whether a freed batch was reused depended on what the process had
+done before, and (c) read 13.5 x (a) in one run and 25.4 x in the next. The last line is
 ``input: cached/decode = X.XX (median Y.YY)``, (c) / (a). Target: (c) >= 5 (a).
 (b) is printed for information: the DML recipe's antialiased crop resample sits on
 top of the decode (issue 13's measurement), so it has no target against (a).
@@ -46,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _timing import MIN_TRIAL_S, TRIALS, Summary, headline, interleave, run_for
+from _timing import MIN_TRIAL_S, TRIALS, Summary, fixed_malloc, headline, interleave, run_for
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -207,6 +211,7 @@ def main() -> None:
         "--min-trial-s", type=float, default=MIN_TRIAL_S, help="least wall time of one trial"
     )
     args = parser.parse_args()
+    fixed_malloc()  # every batch in fresh pages, as a worker's: see _timing.fixed_malloc
     min_s = args.min_trial_s
     cfg = compose_config(["dataset=cub"])
     from hydra.utils import instantiate
